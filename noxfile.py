@@ -1,0 +1,168 @@
+"""Nox sessions for the Avalon monorepo.
+
+    python3 -m nox -s tests      # every package's tests and the root tests/
+    python3 -m nox -s bench      # benchmarks (bench_cnn, bench_vae: one each)
+
+The package list is every directory under packages/ that has a pyproject.toml,
+installed in dependency order worked out from the pyprojects themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nox
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = None
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = False
+
+ROOT = Path(__file__).resolve().parent
+PACKAGES_DIR = ROOT / "packages"
+
+# Third-party requirements shared by every session. torch is the reference the
+# tests and the benchmarks compare against. setuptools builds the editable
+# installs without build isolation (70.1 and later need no separate `wheel`).
+BASE_REQUIREMENTS = [
+    "setuptools>=70.1",
+    "numpy",
+    "pluggy",
+    "pytest",
+    "hypothesis",
+    "torch==2.13.0",
+    "tqdm",
+]
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _read_project(pyproject: Path) -> tuple[str, list[str]]:
+    """Return (name, dependency requirement strings) of a pyproject.toml."""
+    text = pyproject.read_text(encoding="utf-8")
+    if tomllib is not None:
+        project = tomllib.loads(text)["project"]
+        return project["name"], list(project.get("dependencies", []))
+    section = re.search(r"^\[project\][ \t]*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    if section is None:
+        raise ValueError(f"no [project] table in {pyproject}")
+    body = section.group(1)
+    name = re.search(r'^name\s*=\s*"([^"]+)"', body, re.M)
+    if name is None:
+        raise ValueError(f"no project name in {pyproject}")
+    deps = re.search(r"^dependencies\s*=\s*\[(.*?)\]", body, re.M | re.S)
+    return name.group(1), re.findall(r'"([^"]+)"', deps.group(1)) if deps else []
+
+
+def _requirement_name(requirement: str) -> str:
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    if match is None:
+        raise ValueError(f"cannot parse requirement {requirement!r}")
+    return _canonical(match.group(1))
+
+
+def ordered_packages() -> list[str]:
+    """Package directory names under packages/, dependencies first.
+
+    A topological sort of the sibling dependencies. Among packages that are
+    ready at the same time, the one more siblings depend on (transitively)
+    goes first, then the one with fewer sibling dependencies, then by name,
+    so the order is stable.
+    """
+    dirs = {}  # canonical project name -> directory name
+    requires = {}  # canonical project name -> sibling names it depends on
+    for pyproject in sorted(PACKAGES_DIR.glob("*/pyproject.toml")):
+        name, deps = _read_project(pyproject)
+        dirs[_canonical(name)] = pyproject.parent.name
+        requires[_canonical(name)] = {_requirement_name(d) for d in deps}
+    for name in requires:
+        requires[name] &= dirs.keys()
+
+    def closure(name: str, edges: dict[str, set[str]]) -> set[str]:
+        found: set[str] = set()
+        stack = list(edges[name])
+        while stack:
+            other = stack.pop()
+            if other not in found:
+                found.add(other)
+                stack.extend(edges[other])
+        return found
+
+    required_by = {n: {o for o, deps in requires.items() if n in deps} for n in requires}
+    rank = {
+        name: (-len(closure(name, required_by)), len(closure(name, requires)), name)
+        for name in requires
+    }
+    order: list[str] = []
+    pending = dict(requires)
+    while pending:
+        ready = [name for name, deps in pending.items() if deps <= set(order)]
+        if not ready:
+            raise RuntimeError(f"dependency cycle among packages: {sorted(pending)}")
+        ready.sort(key=rank.__getitem__)
+        order.append(ready[0])
+        del pending[ready[0]]
+    return [dirs[name] for name in order]
+
+
+def install_packages(session: nox.Session) -> None:
+    """Install the third-party requirements, then every package editable."""
+    session.install(*BASE_REQUIREMENTS)
+    for directory in ordered_packages():
+        session.install(
+            "--no-deps", "--no-build-isolation", "-e", f"packages/{directory}"
+        )
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run every package's tests and the root tests/ with pytest."""
+    install_packages(session)
+    paths = [
+        str(path.relative_to(ROOT))
+        for path in sorted(PACKAGES_DIR.glob("*/tests")) + [ROOT / "tests"]
+        if path.is_dir()
+    ]
+    # --rootdir: otherwise pytest takes the first package's directory (its
+    # pyproject.toml) as rootdir. importlib import mode: several packages have
+    # test modules with the same file name (tests/test_package.py), which the
+    # default import mode cannot load side by side.
+    session.run(
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-rs",
+        f"--rootdir={ROOT}",
+        "--import-mode=importlib",
+        *paths,
+        *session.posargs,
+    )
+
+
+def _bench(session: nox.Session, which: str) -> None:
+    install_packages(session)
+    session.run("python", "-m", "avalon_bench", "--which", which, *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run all benchmarks against PyTorch."""
+    _bench(session, "all")
+
+
+@nox.session
+def bench_cnn(session: nox.Session) -> None:
+    """Run the CNN benchmark against PyTorch."""
+    _bench(session, "cnn")
+
+
+@nox.session
+def bench_vae(session: nox.Session) -> None:
+    """Run the VAE benchmark against PyTorch."""
+    _bench(session, "vae")

@@ -1,0 +1,26 @@
+"""Avalon: a tracing autograd engine with an optimizing code generator.
+
+    import avalon
+    loss, grads = avalon.grad(loss_fn, model, x, y)   # traced, compiled, cached
+    predict = avalon.jit(model_forward)
+    print(avalon.trace(loss_fn, model, x, y))         # the graph, readable
+"""
+__version__ = "0.1.0"
+
+import numpy as _np
+
+from . import tracer_methods as _tracer_methods  # noqa: F401  (installs Tracer's array surface)
+from .ops import *  # noqa: F401,F403
+from .ops import sum, max, min, abs, pow  # noqa: F401,A004
+from . import ops, passes, tree  # noqa: F401
+from .api import CompiledFunction, GradFunction, JitFunction, grad, jit, trace, value_and_grad  # noqa: F401
+from .backends import (Backend, Device, backends, best_available_device, device, manual_seed,  # noqa: F401
+                       to_device)
+from .errors import (AvalonError, ConcretizationError, DeviceError, DtypeError, GraphError,  # noqa: F401
+                     MissingRuleError, ShapeError)
+from .graph import Graph, Node  # noqa: F401
+from .plugins import hookimpl, plugin_errors  # noqa: F401
+from .primitive import PRIMITIVES, Primitive, Tracer, bind, defprim  # noqa: F401
+
+float16, float32, float64 = _np.float16, _np.float32, _np.float64
+int32, int64, bool_ = _np.int32, _np.int64, _np.bool_

@@ -1,0 +1,284 @@
+"""Tracing and compiling user functions: trace, jit, grad, value_and_grad.
+
+A compiled function keeps one compiled graph per input signature: the tree
+structure of its arguments with every non-array value, and each array's
+type, shape and dtype.  A new signature retraces, and says why.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+
+import numpy as np
+
+from . import tree
+from .autodiff import check_scalar_output, differentiable, grad_graph
+from .backends import backend_of_args
+from .codegen import generate
+from .errors import AvalonError, user_location
+from .graph import Graph
+from .passes import pipeline_version, run_pipeline
+from .primitive import Tracer, tracing
+
+log = logging.getLogger("avalon.trace")
+
+#: a compiled function warns when it has traced more than this many signatures
+RETRACE_WARNING_BUDGET = 8
+
+
+def _fname(f) -> str:
+    return getattr(f, "__qualname__", None) or getattr(f, "__name__", None) or type(f).__name__
+
+
+def _fdef(f) -> str:
+    code = getattr(f, "__code__", None) or getattr(getattr(f, "__call__", None), "__code__", None)
+    return f"{code.co_filename}:{code.co_firstlineno}" if code else "<unknown>"
+
+
+def trace(f, *args, name: str | None = None) -> Graph:
+    """Run f(*args) with a tracer in place of every array inside args (arrays,
+    lists, tuples, dicts, dataclasses, plain objects, nested) and return the
+    recorded Graph.  `graph.in_tree`/`graph.out_tree` describe the structures."""
+    leaves, treedef = tree.flatten(args)
+    return _trace(f, leaves, treedef, name or _fname(f))
+
+
+def _trace(f, leaves, treedef, name) -> Graph:
+    g = Graph(_safe_name(name))
+    paths = tree.leaf_paths(treedef, "args")
+    with tracing(g):
+        tracers = [Tracer(g, g.add_input(np.shape(x), x.dtype, p)) for x, p in zip(leaves, paths)]
+        out = f(*tree.unflatten(treedef, tracers))
+        out_leaves, out_tree = tree.flatten(out, is_leaf=lambda x: isinstance(x, Tracer))
+        outs = []
+        for x in out_leaves:
+            if isinstance(x, Tracer):
+                if x.graph is not g:
+                    raise AvalonError(f"{name} returned a value from another trace")
+                outs.append(x.node)
+            else:
+                outs.append(g.add_const(x))
+    g.outputs = outs
+    g.in_tree, g.out_tree = treedef, out_tree
+    return g
+
+
+def _safe_name(name):
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "f"
+
+
+def _leaf_key(x):
+    t = type(x)
+    if t is np.ndarray:
+        return (t, x.shape, x.dtype)
+    from .backends import backend_of
+    return (t, x.shape, x.dtype, backend_of(x).index)
+
+
+class _Entry:
+    __slots__ = ("compiled", "out_tree", "wrt", "in_tree")
+
+    def __init__(self, compiled, out_tree, wrt, in_tree):
+        self.compiled, self.out_tree, self.wrt, self.in_tree = compiled, out_tree, wrt, in_tree
+
+
+class CompiledFunction:
+    """Common machinery of jit and value_and_grad: the per-signature cache."""
+
+    kind = "jit"
+
+    def __init__(self, f, passes=None):
+        self.f = f
+        self.passes = passes
+        self._cache: dict = {}
+        self._last_key = None
+        self.traces = 0
+        self.__wrapped__ = f
+        self.__name__ = _fname(f)
+        self.__doc__ = getattr(f, "__doc__", None)
+
+    # the last compiled signature, for reading
+    @property
+    def source(self) -> str:
+        """Generated Python source of the most recently used signature."""
+        return self._last().compiled.source
+
+    @property
+    def graph(self) -> Graph:
+        """The optimized graph of the most recently used signature."""
+        return self._last().compiled.graph
+
+    @property
+    def memory_plan(self):
+        return self._last().compiled.plan
+
+    def _last(self):
+        if self._last_key is None:
+            raise AvalonError(f"{self.__name__} has not been called yet, so nothing is compiled")
+        return self._cache[self._last_key]
+
+    def _lookup(self, args):
+        leaves, treedef = tree.flatten(args)
+        key = (treedef, tuple(map(_leaf_key, leaves)), pipeline_version())
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = self._compile(key, leaves, treedef)
+        self._last_key = key
+        return entry, leaves
+
+    def _compile(self, key, leaves, treedef):
+        if self._cache:
+            self._explain_retrace(key)
+        self.traces += 1
+        backend, _ = backend_of_args(leaves, self.__name__)
+        graph = _trace(self.f, leaves, treedef, self.__name__)
+        graph, out_tree, wrt = self._transform(graph, leaves, treedef)
+        graph = run_pipeline(graph, self.passes)
+        compiled = generate(graph, backend, graph.name)
+        entry = _Entry(compiled, out_tree, wrt, treedef)
+        self._cache[key] = entry
+        return entry
+
+    def _transform(self, graph, leaves, treedef):
+        return graph, graph.out_tree, None
+
+    def _explain_retrace(self, key):
+        prev = self._last_key if self._last_key is not None else next(reversed(self._cache))
+        reason = explain_difference(prev, key)
+        where = user_location()
+        msg = (f"{self.kind}: retracing {self.__name__} (defined at {_fdef(self.f)}), called at {where}: "
+               f"{reason}")
+        log.debug(msg)
+        if self.traces >= RETRACE_WARNING_BUDGET:
+            warnings.warn(f"{msg}. It has been traced {self.traces + 1} times; each new signature "
+                          "compiles again. Keep shapes, dtypes and non-array arguments fixed between calls.",
+                          RuntimeWarning, stacklevel=4)
+
+    def clear_cache(self):
+        self._cache.clear()
+        self._last_key = None
+
+
+def explain_difference(old, new) -> str:
+    """Say what changed between two signatures: the argument, and how."""
+    (otd, oavals, over), (ntd, navals, nver) = old, new
+    if over != nver:
+        return "the pass pipeline changed"
+    if otd != ntd:
+        ostat, nstat = dict(tree.static_paths(otd, "args")), dict(tree.static_paths(ntd, "args"))
+        opaths, npaths = tree.leaf_paths(otd, "args"), tree.leaf_paths(ntd, "args")
+        if opaths == npaths and ostat.keys() == nstat.keys():
+            for p in ostat:
+                if tree.Static(ostat[p]) != tree.Static(nstat[p]):
+                    return f"static value {p} changed from {ostat[p]!r} to {nstat[p]!r}"
+        return (f"the argument structure changed: arrays at {_diff_list(opaths, npaths)}; "
+                f"non-array values at {_diff_list(sorted(ostat), sorted(nstat))}")
+    paths = tree.leaf_paths(ntd, "args")
+    changes = []
+    for p, a, b in zip(paths, oavals, navals):
+        if a == b:
+            continue
+        if a[0] is not b[0] or (len(a) > 3 and a[3:] != b[3:]):
+            changes.append(f"{p} moved from device {_dev(a)} to {_dev(b)}")
+        if a[1] != b[1]:
+            changes.append(f"{p} shape {a[1]} -> {b[1]}")
+        if a[2] != b[2]:
+            changes.append(f"{p} dtype {np.dtype(a[2]).name} -> {np.dtype(b[2]).name}")
+    return "; ".join(changes) or "the signature changed"
+
+
+def _dev(aval):
+    t = aval[0]
+    return f"{t.__module__}.{t.__name__}" + (f":{aval[3]}" if len(aval) > 3 else "")
+
+
+def _diff_list(a, b):
+    sa, sb = set(a), set(b)
+    gone, new = sorted(sa - sb), sorted(sb - sa)
+    parts = []
+    if gone:
+        parts.append("removed " + ", ".join(gone[:5]))
+    if new:
+        parts.append("added " + ", ".join(new[:5]))
+    return " / ".join(parts) or "same paths, different nesting"
+
+
+class JitFunction(CompiledFunction):
+    """f compiled for prediction: calling it runs the compiled forward graph."""
+    kind = "jit"
+
+    def __call__(self, *args):
+        entry, leaves = self._lookup(args)
+        outs = entry.compiled.fn(*leaves)
+        return tree.unflatten(entry.out_tree, outs)
+
+
+class GradFunction(CompiledFunction):
+    """f's value and its gradient with respect to every floating-point array in
+    the arguments (or in the arguments selected by `argnums`)."""
+    kind = "grad"
+
+    def __init__(self, f, argnums=None, passes=None):
+        super().__init__(f, passes)
+        self.argnums = None if argnums is None else (
+            (argnums,) if isinstance(argnums, int) else tuple(argnums))
+
+    def _transform(self, graph, leaves, treedef):
+        check_scalar_output(graph, self.__name__)
+        owners = _leaf_owner(treedef)
+        wrt = [differentiable(x.dtype) and (self.argnums is None or owners[k] in self.argnums)
+               for k, x in enumerate(leaves)]
+        return grad_graph(graph, wrt), None, wrt
+
+    def __call__(self, *args):
+        entry, leaves = self._lookup(args)
+        outs = entry.compiled.fn(*leaves)
+        grads = iter(outs[1:])
+        grad_leaves = [next(grads) if w else None for w in entry.wrt]
+        return outs[0], tree.unflatten(entry.in_tree, grad_leaves, static=None)
+
+
+def _leaf_owner(treedef):
+    """For each array leaf of the args tuple, the index of the argument holding it."""
+    owners = []
+    for k, child in enumerate(treedef.children):
+        owners.extend([k] * len(tree.leaf_paths(child)))
+    return owners
+
+
+def jit(f=None, *, passes=None):
+    """Compile f (forward only) once per input signature; usable as a decorator."""
+    if f is None:
+        return lambda g: JitFunction(g, passes)
+    return JitFunction(f, passes)
+
+
+_grad_fns: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_grad_fns_strong: dict = {}
+
+
+def value_and_grad(f, argnums=None, passes=None) -> GradFunction:
+    """The compiled function args -> (f(*args), grads), cached per f: calling it
+    again for the same f returns the same object (and its compiled signatures)."""
+    if passes is not None:
+        return GradFunction(f, argnums, passes)
+    key = argnums if not isinstance(argnums, list) else tuple(argnums)
+    try:
+        table = _grad_fns.setdefault(f, {})
+    except TypeError:
+        table = _grad_fns_strong.setdefault(f, {})
+    gf = table.get(key)
+    if gf is None:
+        gf = table[key] = GradFunction(f, argnums)
+    return gf
+
+
+def grad(f, *args, argnums=None):
+    """loss, grads = avalon.grad(f, *args).
+
+    Returns f's scalar value and one gradient per argument, each with the
+    argument's structure (same classes, arrays replaced by their gradients,
+    None for integer arrays and non-array values).  f is traced, differentiated
+    and compiled once per input signature and cached."""
+    return value_and_grad(f, argnums)(*args)

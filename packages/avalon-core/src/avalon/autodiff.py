@@ -1,0 +1,96 @@
+"""Reverse-mode differentiation as a graph-to-graph transformation.
+
+`grad_graph(fwd, wrt)` copies the forward graph, then walks it backwards
+calling each primitive's VJP rule on tracers of the new graph.  The backward
+pass is therefore an ordinary graph: every pass (CSE, folding, fusion, memory
+planning) optimizes it like any other.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import AvalonError, ShapeError, at
+from .graph import Graph, type_str
+from .primitive import PRIMITIVES, Tracer, source_location, tracing
+from . import ops
+
+
+def differentiable(dtype) -> bool:
+    return np.dtype(dtype).kind in "fc"
+
+
+def grad_graph(fwd: Graph, wrt: list[bool]) -> Graph:
+    """A graph with inputs of `fwd` and outputs (loss, grad of each input marked
+    in `wrt`).  `fwd` must have one scalar floating-point output."""
+    (loss_node,) = fwd.outputs
+    g = Graph(fwd.name + "_grad")
+    env: dict = {}
+    with tracing(g):
+        for inp in fwd.inputs:
+            env[inp] = Tracer(g, g.add_input(inp.shape, inp.dtype, inp.attrs.get("name")))
+        for n in fwd.nodes:
+            if n.op == "input":
+                continue
+            if n.op == "const":
+                env[n] = Tracer(g, g.add_const(n.value, n.loc))
+            else:
+                env[n] = Tracer(g, g.add_node(n.op, [env[i].node for i in n.inputs], n.attrs, n.shape,
+                                              n.dtype, n.loc))
+        needs = _needs_grad(fwd, wrt)
+        cts: dict = {loss_node: Tracer(g, g.add_const(np.ones((), loss_node.dtype), loss_node.loc))}
+        for n in reversed(fwd.nodes):
+            if n not in cts or not needs.get(n) or n.op in ("input", "const"):
+                continue
+            prim = PRIMITIVES[n.op]
+            rule = prim.get_vjp()
+            with source_location(n.loc):
+                in_cts = rule(cts[n], env[n], *[env[i] for i in n.inputs], **n.attrs)
+                if len(in_cts) != len(n.inputs):
+                    raise AvalonError(f"VJP of {n.op} returned {len(in_cts)} cotangents for "
+                                      f"{len(n.inputs)} inputs")
+                for i, c in zip(n.inputs, in_cts):
+                    if c is None or not needs.get(i):
+                        continue
+                    if tuple(c.shape) != i.shape:
+                        raise ShapeError(f"VJP of {n.op} gave a cotangent of shape {tuple(c.shape)} for an "
+                                         f"input of shape {i.shape}{at(n.loc)}")
+                    if c.dtype != i.dtype:
+                        c = ops.cast(c, i.dtype)
+                    cts[i] = c if i not in cts else ops.add(cts[i], c)
+        grads = []
+        for inp, w in zip(fwd.inputs, wrt):
+            if not w:
+                continue
+            c = cts.get(inp)
+            grads.append(c if c is not None else ops.zeros(inp.shape, inp.dtype))
+    g.outputs = [env[loss_node].node] + [c.node for c in grads]
+    return g
+
+
+def _needs_grad(fwd: Graph, wrt: list[bool]) -> dict:
+    needs = {}
+    for inp, w in zip(fwd.inputs, wrt):
+        needs[inp] = bool(w) and differentiable(inp.dtype)
+    for n in fwd.nodes:
+        if n.op == "input":
+            continue
+        if n.op == "const":
+            needs[n] = False
+            continue
+        prim = PRIMITIVES[n.op]
+        needs[n] = (not prim.nondiff and differentiable(n.dtype)
+                    and any(needs.get(i, False) for i in n.inputs))
+    return needs
+
+
+def check_scalar_output(g: Graph, fname: str) -> None:
+    if len(g.outputs) != 1:
+        raise AvalonError(f"grad: {fname} must return one scalar, it returned {len(g.outputs)} arrays")
+    out = g.outputs[0]
+    if out.shape != ():
+        raise ShapeError(f"grad: {fname} must return a scalar (shape ()), it returned "
+                         f"{type_str(out.shape, out.dtype)}; reduce it first, e.g. with .sum() or .mean()"
+                         f"{at(out.loc)}")
+    if not differentiable(out.dtype):
+        raise AvalonError(f"grad: {fname} returned {type_str(out.shape, out.dtype)}; it must return a "
+                          f"floating-point scalar{at(out.loc)}")

@@ -1,0 +1,158 @@
+"""The backend contract: a base class written against an array module `xp`.
+
+A backend subclass sets `xp` (numpy, cupy, ...) and its array type, and
+overrides only what it does faster: a method `k_<primitive>(self, *arrays,
+**attrs)` replaces that primitive's reference implementation, and
+`compile_fused` may turn a fused elementwise group into one kernel.  Everything
+else falls back to the primitive's xp implementation.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ..errors import MissingRuleError
+
+
+class Backend:
+    name = "base"          # the device kind: avalon.device("<name>[:index]")
+    package = "avalon-core"  # what to pip install to get it
+    priority = 0           # best_available_device() picks the highest available
+    array_types: tuple = ()
+    xp = np
+
+    def __init__(self, index: int = 0):
+        self.index = index
+        self._kernel_cache: dict = {}
+        self.rng = None
+
+    # -- discovery ------------------------------------------------------------
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        """(available, reason when not)."""
+        return True, ""
+
+    @classmethod
+    def device_index(cls, x) -> int:
+        """The device index an array of this backend lives on."""
+        return 0
+
+    @property
+    def device(self):
+        from . import Device
+        return Device(self.name, self.index)
+
+    # -- memory ---------------------------------------------------------------
+    def asarray(self, x, dtype=None):
+        """An array on this device from a host (NumPy) array or Python value."""
+        return self.xp.asarray(x, dtype=dtype)
+
+    def to_host(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+    def empty(self, shape, dtype):
+        return self.xp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def synchronize(self) -> None:
+        """Wait until queued work is done (for timing); CPU work is synchronous."""
+
+    # -- kernels --------------------------------------------------------------
+    def run(self, prim, arrays, attrs):
+        return self.kernel(prim, attrs)(*arrays)
+
+    def kernel(self, prim, attrs):
+        """A callable(*arrays[, out=]) computing `prim` with static `attrs`."""
+        key = (prim.name, _freeze(attrs))
+        try:
+            return self._kernel_cache[key]
+        except (KeyError, TypeError):
+            pass
+        k = self._make_kernel(prim, attrs)
+        try:
+            self._kernel_cache[key] = k
+        except TypeError:
+            pass
+        return k
+
+    def _make_kernel(self, prim, attrs):
+        override = getattr(self, "k_" + prim.name, None)
+        if override is not None:
+            return functools.partial(override, **attrs) if attrs else override
+        if prim.ufunc is not None and not attrs:
+            return getattr(self.xp, prim.ufunc)
+        if prim.impl is None:
+            raise MissingRuleError(f"backend {self.name!r} has no kernel for primitive {prim.name!r} "
+                                   f"and the primitive has no reference implementation")
+        return functools.partial(prim.impl, self.xp, **attrs)
+
+    def supports_out(self, prim) -> bool:
+        """Whether this backend's kernel for `prim` accepts out=."""
+        if getattr(self, "k_" + prim.name, None) is not None:
+            return prim.name in getattr(self, "out_kernels", ())
+        return prim.accepts_out
+
+    def compile_fused(self, body):
+        """Compile a fused elementwise group (a Graph) into one callable
+        f(*inputs, out=None).  This default runs the group's kernels in turn;
+        backends override it to emit a single kernel."""
+        from ..primitive import PRIMITIVES
+        steps = []
+        index = {n: ("in", k) for k, n in enumerate(body.inputs)}
+        for n in body.nodes:
+            if n.op == "input":
+                continue
+            if n.op == "const":
+                index[n] = ("const", n.value)
+                continue
+            prim = PRIMITIVES[n.op]
+            steps.append((self.kernel(prim, n.attrs), [index[i] for i in n.inputs]))
+            index[n] = ("tmp", len(steps) - 1)
+        result = index[body.outputs[0]]
+
+        def fused(*inputs, out=None):
+            tmps = []
+            def get(ref):
+                kind, v = ref
+                return inputs[v] if kind == "in" else (v if kind == "const" else tmps[v])
+            for k, refs in steps:
+                tmps.append(k(*[get(r) for r in refs]))
+            r = get(result)
+            if out is not None:
+                out[...] = r
+                return out
+            return r
+        return fused
+
+    # -- randomness -------------------------------------------------------------
+    def seed(self, seed: int) -> None:
+        self.rng = self.xp.random.default_rng(seed)
+
+    def _rng(self):
+        if self.rng is None:
+            from . import current_seed
+            self.seed(current_seed(self))
+        return self.rng
+
+    def k_random_uniform(self, *, shape, dtype):
+        return self._rng().random(shape, dtype=dtype)
+
+    def k_random_normal(self, *, shape, dtype):
+        return self._rng().standard_normal(shape, dtype=dtype)
+
+
+def _freeze(attrs):
+    return tuple(sorted((k, _hashable(v)) for k, v in attrs.items()))
+
+
+def _hashable(v):
+    if isinstance(v, np.ndarray):
+        return ("ndarray", v.shape, v.dtype.str, v.tobytes())
+    if isinstance(v, list):
+        return tuple(_hashable(x) for x in v)
+    if isinstance(v, tuple):
+        return tuple(_hashable(x) for x in v)
+    return v

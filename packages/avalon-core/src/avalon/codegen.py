@@ -1,0 +1,86 @@
+"""The code generator: a Graph becomes Python source that calls backend kernels.
+
+Every kernel is bound once, at compile time, as a global of the generated
+module; constants are moved to the device once; buffers of the memory plan are
+preallocated.  The source is readable (`compiled.source`), one line a node,
+with the graph node and the user's line as a comment.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import short_loc, type_str
+from .memory import plan_memory
+from .primitive import PRIMITIVES
+
+_UINT8 = np.dtype(np.uint8)
+
+
+class CompiledGraph:
+    """A graph compiled for one backend: call it with the graph's inputs."""
+
+    def __init__(self, fn, source, graph, plan, backend):
+        self.fn, self.source, self.graph, self.plan, self.backend = fn, source, graph, plan, backend
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def _ident(s: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in s)
+
+
+def generate(graph, backend, name: str = "compiled", plan=None) -> CompiledGraph:
+    plan = plan_memory(graph, backend) if plan is None else plan
+    env: dict = {}
+    slots = [backend.empty((nb,), _UINT8) for nb in plan.slot_nbytes]
+    names: dict = {}
+    for k, n in enumerate(graph.inputs):
+        names[n] = f"a{k}"
+    last_use = {}
+    for k, n in enumerate(graph.nodes):
+        for i in n.inputs:
+            last_use[i] = k
+    outputs = set(graph.outputs)
+    lines = []
+    for k, n in enumerate(graph.nodes):
+        if n.op == "input":
+            continue
+        var = f"v{k}"
+        if n.op == "const":
+            env[var] = backend.asarray(_host(n.value))
+            names[n] = var
+            continue
+        prim = PRIMITIVES[n.op]
+        kname = f"{_ident(n.op)}_{k}"
+        env[kname] = backend.compile_fused(n.attrs["body"]) if n.op == "fused" else backend.kernel(prim, n.attrs)
+        args = ", ".join(names[i] for i in n.inputs)
+        comment = f"  # {type_str(n.shape, n.dtype)}"
+        if n.loc:
+            comment += f" {short_loc(n.loc)}"
+        if n in plan.slot_of:
+            bname = f"b{k}"
+            s = plan.slot_of[n]
+            env[bname] = slots[s][:n.nbytes].view(n.dtype).reshape(n.shape)
+            sep = ", " if args else ""
+            lines.append(f"    {var} = {kname}({args}{sep}out={bname}){comment}")
+        else:
+            lines.append(f"    {var} = {kname}({args}){comment}")
+        names[n] = var
+        dead = [names[i] for i in set(n.inputs) if last_use.get(i) == k and i not in outputs
+                and i.op not in ("input", "const") and i not in plan.slot_of]
+        if dead:
+            lines.append(f"    del {', '.join(sorted(dead))}")
+    rets = []
+    for o in graph.outputs:
+        rets.append(f"{names[o]}.copy()" if o.op == "const" else names[o])
+    params = ", ".join(names[i] for i in graph.inputs)
+    fname = _ident(name)
+    src = f"def {fname}({params}):\n" + "\n".join(lines) + f"\n    return ({', '.join(rets)}{',' if len(rets) == 1 else ''})\n"
+    code = compile(src, f"<avalon {fname}>", "exec")
+    exec(code, env)
+    return CompiledGraph(env[fname], src, graph, plan, backend)
+
+
+def _host(v):
+    return v if isinstance(v, np.ndarray) else np.asarray(v)

@@ -1,0 +1,1 @@
+"""Array-module-generic compute kernels (NumPy on CPU, CuPy on GPU)."""

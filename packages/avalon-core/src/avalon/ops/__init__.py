@@ -1,0 +1,13 @@
+"""Avalon's ops: primitives (one registration block each) and composites."""
+from .elementwise import *  # noqa: F401,F403
+from .elementwise import (abs, add, cast, clip, div, elu, eq, exp, expm1, ge, gt, le, leaky_relu, log,  # noqa: F401
+                          log1p, log_sigmoid, logistic, lt, maximum, minimum, mul, ne, neg, pow, reciprocal,
+                          relu, sigmoid, sign, softplus, softsign, sqrt, square, stop_gradient, sub, tanh, where)
+from .shape import (broadcast_to, expand_dims, flatten, full, ones, permute, reshape, squeeze, swapaxes,  # noqa: F401
+                    transpose, zeros)
+from .reduce import (argmax, argmin, log_softmax, logsumexp, max, mean, min, softmax, sum, sum_to,  # noqa: F401
+                     var)
+from .linalg import linear, matmul  # noqa: F401
+from .random import dropout, random_normal, random_uniform  # noqa: F401
+from .indexing import *  # noqa: F401,F403
+from .nn import *  # noqa: F401,F403

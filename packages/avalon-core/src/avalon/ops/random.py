@@ -1,0 +1,62 @@
+"""Random primitives and dropout.  They are effectful: each call of a compiled
+function draws fresh numbers from its backend's generator, and the draws repeat
+after avalon.manual_seed(seed)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..primitive import Tracer, bind, bind_on, defprim
+
+
+def _random_rule(*, shape, dtype):
+    return tuple(shape), np.dtype(dtype)
+
+
+# Kernels come from Backend.k_random_uniform / k_random_normal (they own the generator).
+random_uniform_p = defprim("random_uniform", shape=_random_rule, impl=None, effectful=True, nondiff=True)
+random_normal_p = defprim("random_normal", shape=_random_rule, impl=None, effectful=True, nondiff=True)
+
+
+def _current_trace(like):
+    for x in like:
+        if isinstance(x, Tracer):
+            return x.graph
+    from ..primitive import active_graph
+    return active_graph()
+
+
+def _random(prim, shape, dtype, like, device):
+    from ..backends import backend_of, get_backend, device as to_dev
+    attrs = {"shape": tuple(int(s) for s in shape), "dtype": np.dtype(dtype)}
+    graph = _current_trace(like)
+    if graph is not None:
+        from ..primitive import current_location
+        node = graph.add_node(prim.name, (), attrs, attrs["shape"], attrs["dtype"], current_location())
+        return Tracer(graph, node)
+    if like:
+        backend = backend_of(like[0])
+    else:
+        backend = get_backend(to_dev(device or "cpu"))
+    return bind_on(backend, prim, attrs)
+
+
+def random_uniform(shape, dtype=np.float32, *, like=None, device=None):
+    """Uniform numbers in [0, 1).  Inside a traced function pass `like=x` (any
+    traced array) so the draw becomes part of the trace."""
+    return _random(random_uniform_p, shape, dtype, [like] if like is not None else [], device)
+
+
+def random_normal(shape, dtype=np.float32, *, like=None, device=None):
+    """Standard normal numbers; see random_uniform for `like`."""
+    return _random(random_normal_p, shape, dtype, [like] if like is not None else [], device)
+
+
+def dropout(x, p=0.5, training=True):
+    """Zero each element with probability p and scale the rest by 1/(1-p)."""
+    from .elementwise import ge, mul, where
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return mul(x, 0.0)
+    keep = ge(random_uniform(x.shape, x.dtype, like=x), p)
+    return where(keep, mul(x, 1.0 / (1.0 - p)), 0.0)

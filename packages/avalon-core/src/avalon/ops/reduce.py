@@ -1,0 +1,153 @@
+"""Reductions over axes (sum, max, min, argmax) and the composites built on
+them: mean, logsumexp, softmax, log_softmax."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..primitive import bind, defprim
+from ._rules import normalize_axes, reduced_shape
+from .elementwise import cast, div, eq, exp, log, mul, stop_gradient, sub, add
+from .shape import broadcast_to, reshape
+
+
+def _reduce_rule(name, int_result=False):
+    def rule(x, *, axes, keepdims):
+        shape = reduced_shape(x.shape, axes, keepdims)
+        if int_result:
+            return shape, np.dtype(np.int64)
+        dt = np.dtype(x.dtype)
+        if name == "sum" and dt.kind in "bi" and dt.itemsize < 8:
+            dt = np.dtype(np.int64)
+        return shape, dt
+    return rule
+
+
+def _expand_back(g, x_shape, axes, keepdims):
+    """Broadcast a reduced cotangent back over the reduced axes."""
+    if not keepdims:
+        g = reshape(g, reduced_shape(x_shape, axes, True))
+    return broadcast_to(g, x_shape)
+
+
+def _sum_impl(xp, x, *, axes, keepdims, out=None):
+    return xp.sum(x, axis=axes, keepdims=keepdims, out=out)
+
+
+sum_p = defprim("sum", shape=_reduce_rule("sum"), impl=_sum_impl, accepts_out=True,
+                vjp=lambda g, out, x, *, axes, keepdims: (_expand_back(g, x.shape, axes, keepdims),))
+
+
+def _extremum_vjp(g, out, x, *, axes, keepdims):
+    # Ties share the gradient evenly (as torch.amax/amin do).
+    out_b = _expand_back(out, x.shape, axes, keepdims)
+    mask = cast(eq(x, out_b), x.dtype)
+    count = _expand_back(bind(sum_p, (mask,), {"axes": axes, "keepdims": True}), x.shape, axes, True)
+    return (mul(_expand_back(g, x.shape, axes, keepdims), div(mask, count)),)
+
+
+def _max_impl(xp, x, *, axes, keepdims, out=None):
+    return xp.max(x, axis=axes, keepdims=keepdims, out=out)
+
+
+def _min_impl(xp, x, *, axes, keepdims, out=None):
+    return xp.min(x, axis=axes, keepdims=keepdims, out=out)
+
+
+max_p = defprim("max", shape=_reduce_rule("max"), impl=_max_impl, accepts_out=True, vjp=_extremum_vjp)
+min_p = defprim("min", shape=_reduce_rule("min"), impl=_min_impl, accepts_out=True, vjp=_extremum_vjp)
+
+
+def _argmax_impl(xp, x, *, axes, keepdims):
+    if len(axes) == x.ndim and x.ndim != 1:
+        r = xp.argmax(x.reshape(-1))
+        return r.reshape((1,) * x.ndim) if keepdims else r
+    return xp.argmax(x, axis=axes[0], keepdims=keepdims)
+
+
+def _argmax_rule(x, *, axes, keepdims):
+    return reduced_shape(x.shape, axes, keepdims), np.dtype(np.int64)
+
+
+argmax_p = defprim("argmax", shape=_argmax_rule, impl=_argmax_impl, nondiff=True)
+
+
+def _argmin_impl(xp, x, *, axes, keepdims):
+    return _argmax_impl(xp, -x, axes=axes, keepdims=keepdims)
+
+
+argmin_p = defprim("argmin", shape=_argmax_rule, impl=_argmin_impl, nondiff=True)
+
+
+# -- public functions ---------------------------------------------------------------
+
+def _reduce(prim, x, axis, keepdims):
+    axes = normalize_axes(prim.name, axis, len(x.shape))
+    if not axes and prim.name in ("sum", "max", "min"):
+        return x
+    return bind(prim, (x,), {"axes": axes, "keepdims": bool(keepdims)})
+
+
+def sum(x, axis=None, keepdims=False):  # noqa: A001
+    return _reduce(sum_p, x, axis, keepdims)
+
+
+def max(x, axis=None, keepdims=False):  # noqa: A001
+    return _reduce(max_p, x, axis, keepdims)
+
+
+def min(x, axis=None, keepdims=False):  # noqa: A001
+    return _reduce(min_p, x, axis, keepdims)
+
+
+def argmax(x, axis=None, keepdims=False):
+    return _reduce(argmax_p, x, axis, keepdims)
+
+
+def argmin(x, axis=None, keepdims=False):
+    return _reduce(argmin_p, x, axis, keepdims)
+
+
+def mean(x, axis=None, keepdims=False):
+    axes = normalize_axes("mean", axis, len(x.shape))
+    n = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    s = sum(x, axes, keepdims)
+    if np.dtype(x.dtype).kind not in "fc":
+        s = cast(s, np.float32)
+    return div(s, float(n)) if n != 1 else s
+
+
+def var(x, axis=None, keepdims=False, correction=0):
+    axes = normalize_axes("var", axis, len(x.shape))
+    n = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    d = sub(x, mean(x, axes, keepdims=True))
+    return div(sum(mul(d, d), axes, keepdims), float(n - correction))
+
+
+def logsumexp(x, axis=None, keepdims=False):
+    axes = normalize_axes("logsumexp", axis, len(x.shape))
+    m = stop_gradient(max(x, axes, keepdims=True))
+    s = log(sum(exp(sub(x, m)), axes, keepdims=True))
+    r = add(s, m)
+    return r if keepdims else reshape(r, reduced_shape(x.shape, axes, False))
+
+
+def log_softmax(x, axis=-1):
+    return sub(x, logsumexp(x, axis, keepdims=True))
+
+
+def softmax(x, axis=-1):
+    m = stop_gradient(max(x, axis, keepdims=True))
+    e = exp(sub(x, m))
+    return div(e, sum(e, axis, keepdims=True))
+
+
+def sum_to(x, shape):
+    """Sum `x` down to `shape` (the inverse of broadcasting; used by VJPs)."""
+    shape = tuple(shape)
+    if tuple(x.shape) == shape:
+        return x
+    lead = len(x.shape) - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, s in enumerate(shape)
+                                       if s == 1 and x.shape[lead + i] != 1)
+    r = bind(sum_p, (x,), {"axes": axes, "keepdims": True}) if axes else x
+    return reshape(r, shape)

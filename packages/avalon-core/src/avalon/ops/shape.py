@@ -1,0 +1,160 @@
+"""Shape primitives: reshape, transpose, broadcast_to; and expand_dims,
+squeeze, flatten built from them.  Each may return a view of its input."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ShapeError
+from ..primitive import bind, defprim
+from ._rules import normalize_axes
+
+
+def _reshape_rule(x, *, shape):
+    if int(np.prod(shape, dtype=np.int64)) != int(np.prod(x.shape, dtype=np.int64)):
+        raise ShapeError(f"reshape: cannot reshape an array of shape {tuple(x.shape)} "
+                         f"({int(np.prod(x.shape))} elements) into shape {tuple(shape)}")
+    return tuple(shape), x.dtype
+
+
+reshape_p = defprim("reshape", shape=_reshape_rule, view=True,
+                    impl=lambda xp, x, *, shape: xp.reshape(x, shape),
+                    vjp=lambda g, out, x, *, shape: (reshape(g, x.shape),))
+
+
+def _transpose_rule(x, *, perm):
+    if sorted(perm) != list(range(len(x.shape))):
+        raise ShapeError(f"transpose: axes {perm} are not a permutation of the {len(x.shape)} axes "
+                         f"of an array of shape {tuple(x.shape)}")
+    return tuple(x.shape[p] for p in perm), x.dtype
+
+
+transpose_p = defprim("transpose", shape=_transpose_rule, view=True,
+                      impl=lambda xp, x, *, perm: xp.transpose(x, perm),
+                      vjp=lambda g, out, x, *, perm: (transpose(g, tuple(np.argsort(perm).tolist())),))
+
+
+def _broadcast_rule(x, *, shape):
+    shape = tuple(shape)
+    lead = len(shape) - len(x.shape)
+    if lead < 0 or any(s != 1 and s != t for s, t in zip(x.shape, shape[lead:])):
+        raise ShapeError(f"broadcast_to: cannot broadcast shape {tuple(x.shape)} to {shape}")
+    return shape, x.dtype
+
+
+def _broadcast_vjp(g, out, x, *, shape):
+    from .reduce import sum_to
+    return (sum_to(g, x.shape),)
+
+
+broadcast_to_p = defprim("broadcast_to", shape=_broadcast_rule, view=True,
+                         impl=lambda xp, x, *, shape: xp.broadcast_to(x, shape), vjp=_broadcast_vjp)
+
+
+# -- public functions ---------------------------------------------------------------
+
+def _resolve_shape(size, shape, opname="reshape"):
+    shape = list(shape)
+    if shape.count(-1) > 1:
+        raise ShapeError(f"{opname}: only one dimension can be -1, got {tuple(shape)}")
+    if -1 in shape:
+        known = int(np.prod([s for s in shape if s != -1], dtype=np.int64))
+        if known == 0 or size % known:
+            raise ShapeError(f"{opname}: cannot infer the -1 in {tuple(shape)} for {size} elements")
+        shape[shape.index(-1)] = size // known
+    return tuple(int(s) for s in shape)
+
+
+def reshape(x, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = shape[0]
+    size = int(np.prod(x.shape, dtype=np.int64))
+    shape = _resolve_shape(size, shape)
+    if tuple(x.shape) == shape:
+        return x
+    return bind(reshape_p, (x,), {"shape": shape})
+
+
+def transpose(x, *axes):
+    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+        axes = axes[0]
+    nd = len(x.shape)
+    perm = tuple(int(a) % nd for a in axes) if axes else tuple(reversed(range(nd)))
+    if perm == tuple(range(nd)):
+        return x
+    return bind(transpose_p, (x,), {"perm": perm})
+
+
+def permute(x, *dims):
+    return transpose(x, *dims)
+
+
+def swapaxes(x, a, b):
+    perm = list(range(len(x.shape)))
+    perm[a], perm[b] = perm[b], perm[a]
+    return transpose(x, tuple(perm))
+
+
+def broadcast_to(x, shape):
+    shape = tuple(int(s) for s in shape)
+    if tuple(x.shape) == shape:
+        return x
+    return bind(broadcast_to_p, (x,), {"shape": shape})
+
+
+def expand_dims(x, axis):
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    nd = len(x.shape) + len(axes)
+    axes = sorted(a % nd for a in axes)
+    shape = list(x.shape)
+    for a in axes:
+        shape.insert(a, 1)
+    return reshape(x, tuple(shape))
+
+
+def squeeze(x, axis=None):
+    if axis is None:
+        axes = tuple(i for i, s in enumerate(x.shape) if s == 1)
+    else:
+        axes = normalize_axes("squeeze", axis, len(x.shape))
+        for a in axes:
+            if x.shape[a] != 1:
+                raise ShapeError(f"squeeze: axis {a} of shape {tuple(x.shape)} has size {x.shape[a]}, not 1")
+    return reshape(x, tuple(s for i, s in enumerate(x.shape) if i not in axes))
+
+
+def flatten(x, start_dim=0, end_dim=-1):
+    nd = len(x.shape)
+    s, e = start_dim % nd, end_dim % nd
+    shape = tuple(x.shape[:s]) + (int(np.prod(x.shape[s:e + 1], dtype=np.int64)),) + tuple(x.shape[e + 1:])
+    return reshape(x, shape)
+
+
+def _full_impl(xp, *, shape, dtype, value, out=None):
+    if out is None:
+        return xp.full(shape, value, dtype=dtype)
+    out.fill(value)
+    return out
+
+
+full_p = defprim("full", shape=lambda *, shape, dtype, value: (tuple(shape), np.dtype(dtype)),
+                 impl=_full_impl, accepts_out=True, foldable=False, nondiff=True)
+
+
+def full(shape, value, dtype=np.float32, *, like=None):
+    """An array filled with `value` (inside a trace, pass like=<traced array>)."""
+    from ..primitive import Tracer, active_graph, bind_on, current_location
+    attrs = {"shape": tuple(int(s) for s in shape), "dtype": np.dtype(dtype), "value": value}
+    graph = like.graph if isinstance(like, Tracer) else (active_graph() if like is None else None)
+    if graph is not None:
+        return Tracer(graph, graph.add_node("full", (), attrs, attrs["shape"], attrs["dtype"], current_location()))
+    from ..backends import backend_of, get_backend, Device
+    backend = backend_of(like) if like is not None else get_backend(Device("cpu"))
+    return bind_on(backend, full_p, attrs)
+
+
+def zeros(shape, dtype=np.float32, *, like=None):
+    return full(shape, 0, dtype, like=like)
+
+
+def ones(shape, dtype=np.float32, *, like=None):
+    return full(shape, 1, dtype, like=like)

@@ -1,0 +1,89 @@
+"""Fusion of elementwise chains.
+
+A maximal group of elementwise nodes of one output shape, whose intermediate
+values are used only inside the group, becomes one "fused" node whose `body`
+attribute is a small Graph.  Each backend compiles a body into one kernel
+(`Backend.compile_fused`): the CPU backend runs it in place in preallocated
+scratch memory, a GPU backend can emit a single elementwise kernel.
+"""
+from ..graph import Graph, Node
+from ..primitive import PRIMITIVES, defprim
+
+
+def _fused_rule(*inputs, body):
+    out = body.outputs[0]
+    return out.shape, out.dtype
+
+
+fused_p = defprim("fused", shape=_fused_rule, impl=None, accepts_out=True,
+                  doc="A group of elementwise ops compiled as one kernel (see passes.fusion).")
+
+MIN_GROUP = 2
+
+
+def _fusible(n):
+    p = PRIMITIVES.get(n.op)
+    return p is not None and p.elementwise and not p.effectful
+
+
+def fuse_elementwise(graph):
+    users = graph.uses()
+    outputs = set(graph.outputs)
+    group_of: dict = {}
+    groups = []
+    for root in reversed(graph.nodes):
+        if root in group_of or not _fusible(root):
+            continue
+        members = {root}
+        stack = [root]
+        while stack:
+            n = stack.pop()
+            for i in n.inputs:
+                if (i in members or i in group_of or not _fusible(i) or i in outputs
+                        or i.shape != root.shape):
+                    continue
+                if all(u in members for u in users.get(i, ())):
+                    members.add(i)
+                    stack.append(i)
+        if len(members) >= MIN_GROUP:
+            for m in members:
+                group_of[m] = root
+            groups.append((root, members))
+        else:
+            group_of[root] = None
+    if not groups:
+        return graph
+    replaced = {}
+    for root, members in groups:
+        replaced[root] = _make_fused(graph, root, members)
+    new_nodes = []
+    for n in graph.nodes:
+        owner = group_of.get(n)
+        if owner is None:
+            new_nodes.append(n)
+        elif n is owner:
+            new_nodes.append(replaced[n])
+    graph.nodes = new_nodes
+    graph.outputs = [replaced.get(o, o) for o in graph.outputs]
+    for n in graph.nodes:
+        n.inputs = [replaced.get(i, i) for i in n.inputs]
+    return graph
+
+
+def _make_fused(graph, root, members):
+    order = [n for n in graph.nodes if n in members]
+    body = Graph("fused")
+    env: dict = {}
+    ext_inputs = []
+    for n in order:
+        for i in n.inputs:
+            if i in members or i in env:
+                continue
+            if i.op == "const" and i.size == 1:
+                env[i] = body.add_const(i.value)
+            else:
+                env[i] = body.add_input(i.shape, i.dtype)
+                ext_inputs.append(i)
+        env[n] = body.add_node(n.op, [env[i] for i in n.inputs], n.attrs, n.shape, n.dtype, n.loc)
+    body.outputs = [env[root]]
+    return Node("fused", ext_inputs, {"body": body}, root.shape, root.dtype, root.loc)

@@ -1,0 +1,136 @@
+"""Algebraic simplification: local rewrites that remove work.
+
+Each rule looks at one node and returns a replacement (an existing node, or a
+new node to insert), or None.  A replacement always has the node's exact shape
+and dtype.  The rules are listed in RULES; add yours with `RULES.append`.
+"""
+import numpy as np
+
+from ..graph import Node
+
+
+def _const_value(n):
+    if n.op == "const" and isinstance(n.value, np.ndarray):
+        return n.value
+    return None
+
+
+def _is_scalar_const(n, value):
+    v = _const_value(n)
+    return v is not None and v.size >= 1 and bool(np.all(v == value))
+
+
+def _same_type(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype
+
+
+def add_zero(n):
+    if n.op in ("add", "sub"):
+        a, b = n.inputs
+        if _is_scalar_const(b, 0) and _same_type(a, n):
+            return a
+        if n.op == "add" and _is_scalar_const(a, 0) and _same_type(b, n):
+            return b
+
+
+def mul_one(n):
+    if n.op in ("mul", "div"):
+        a, b = n.inputs
+        if _is_scalar_const(b, 1) and _same_type(a, n):
+            return a
+        if n.op == "mul" and _is_scalar_const(a, 1) and _same_type(b, n):
+            return b
+
+
+def div_by_const(n):
+    """x / c -> x * (1/c): multiplication is cheaper than division."""
+    if n.op == "div":
+        a, b = n.inputs
+        v = _const_value(b)
+        if v is not None and v.dtype.kind == "f" and v.size == 1 and v.item() != 0:
+            recip = Node("const", (), {}, v.shape, v.dtype, value=(1 / v).astype(v.dtype))
+            return [recip, Node("mul", [a, recip], {}, n.shape, n.dtype, n.loc)]
+
+
+def double_neg(n):
+    if n.op == "neg" and n.inputs[0].op == "neg":
+        return n.inputs[0].inputs[0]
+
+
+def add_neg(n):
+    """a + (-b) -> a - b; a - (-b) -> a + b."""
+    if n.op in ("add", "sub") and n.inputs[1].op == "neg":
+        a, nb = n.inputs
+        op = "sub" if n.op == "add" else "add"
+        return Node(op, [a, nb.inputs[0]], {}, n.shape, n.dtype, n.loc)
+
+
+def identity_shape_ops(n):
+    if n.op in ("reshape", "broadcast_to") and _same_type(n.inputs[0], n):
+        return n.inputs[0]
+    if n.op == "transpose" and tuple(n.attrs["perm"]) == tuple(range(n.ndim)):
+        return n.inputs[0]
+    if n.op in ("stop_gradient",):
+        return n.inputs[0]
+    if n.op == "cast" and n.inputs[0].dtype == n.dtype:
+        return n.inputs[0]
+
+
+def reshape_chain(n):
+    if n.op == "reshape" and n.inputs[0].op == "reshape":
+        return Node("reshape", [n.inputs[0].inputs[0]], {"shape": n.shape}, n.shape, n.dtype, n.loc)
+
+
+def transpose_chain(n):
+    if n.op == "transpose" and n.inputs[0].op == "transpose":
+        inner = n.inputs[0].attrs["perm"]
+        perm = tuple(inner[p] for p in n.attrs["perm"])
+        src = n.inputs[0].inputs[0]
+        if perm == tuple(range(n.ndim)):
+            return src
+        return Node("transpose", [src], {"perm": perm}, n.shape, n.dtype, n.loc)
+
+
+def log_exp(n):
+    if n.op == "log" and n.inputs[0].op == "exp":
+        return n.inputs[0].inputs[0]
+
+
+RULES = [add_zero, mul_one, div_by_const, double_neg, add_neg, identity_shape_ops, reshape_chain,
+         transpose_chain, log_exp]
+
+
+def _first_match(rules, n):
+    for rule in rules:
+        r = rule(n)
+        if r is not None:
+            return r if isinstance(r, list) else [r]
+    return None
+
+
+def simplify(graph, rules=None):
+    rules = RULES if rules is None else rules
+    rename = {}
+    out = []
+    present = set()
+    for n in graph.nodes:
+        if rename:
+            n.inputs = [rename.get(i, i) for i in n.inputs]
+        new = None if n.op in ("input", "const") else _first_match(rules, n)
+        if new is None:
+            out.append(n)
+            present.add(n)
+            continue
+        for _ in range(8):  # a rewritten node may match a rule again
+            for m in new:
+                if m not in present:
+                    out.append(m)
+                    present.add(m)
+            target = new[-1]
+            new = None if target.op in ("input", "const") else _first_match(rules, target)
+            if new is None:
+                break
+        rename[n] = target
+    graph.nodes = out
+    graph.outputs = [rename.get(o, o) for o in graph.outputs]
+    return graph

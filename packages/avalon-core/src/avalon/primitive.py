@@ -1,0 +1,268 @@
+"""Primitives and how a call to one is carried out.
+
+A primitive is declared once, in one registration block (`defprim`): its shape
+and dtype rule, its implementation written against an array module `xp` (so it
+runs on NumPy and CuPy alike; a backend may override it with a kernel of its
+own), its VJP written in other ops (so the backward pass is an ordinary graph
+that the passes optimize), and flags the passes read (elementwise, view,
+effectful).  Composite ops (softmax, losses, ...) are plain functions over
+primitives and need no rules of their own.
+
+`bind(prim, args, attrs)` is the single entry point: on concrete arrays it runs
+the backend kernel at once (eager mode); when an argument is a `Tracer` it
+records a node in that tracer's graph instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+from .errors import AvalonError, ConcretizationError, MissingRuleError, at, user_location
+from .graph import Graph, Node, type_str
+
+PRIMITIVES: dict[str, "Primitive"] = {}
+
+
+class Primitive:
+    """One primitive op.  See `defprim` for the meaning of each field."""
+
+    def __init__(self, name, *, shape, impl, vjp=None, ufunc=None, elementwise=False, view=False,
+                 effectful=False, accepts_out=False, foldable=True, nondiff=False, expr=None, inplace=None,
+                 doc=""):
+        self.name = name
+        self.shape_rule = shape
+        self.impl = impl
+        self.vjp = vjp
+        self.ufunc = ufunc
+        self.elementwise = elementwise
+        self.view = view
+        self.effectful = effectful
+        self.accepts_out = accepts_out or ufunc is not None
+        self.foldable = foldable and not effectful
+        self.nondiff = nondiff
+        self.expr = expr
+        self.inplace = (ufunc is not None) if inplace is None else inplace
+        self.__doc__ = doc
+
+    def __repr__(self):
+        return f"<primitive {self.name}>"
+
+    def get_vjp(self):
+        if self.vjp is None:
+            raise MissingRuleError(f"primitive {self.name!r} has no VJP rule, so it cannot be differentiated; "
+                                   f"declare one with defprim({self.name!r}, vjp=...)")
+        return self.vjp
+
+
+def defprim(name, **fields) -> Primitive:
+    """Declare and register a primitive.
+
+    shape(*avals, **attrs) -> (shape, dtype): avals have .shape and .dtype;
+        raise ShapeError/DtypeError with a message naming the shapes or dtypes.
+    impl(xp, *arrays, **attrs[, out=]) -> array: the reference implementation.
+    vjp(ct, out, *inputs, **attrs) -> tuple with one cotangent (or None) per input,
+        written with avalon ops on tracers.
+    ufunc: name of an xp ufunc that computes the op directly (fast path, takes out=).
+    elementwise: output element i depends only on input elements i (after
+        broadcasting); fusion groups such ops.
+    view: the output may share memory with the first input (reshape, transpose).
+    effectful: not a pure function of its inputs (randomness): never merged or folded.
+    accepts_out: impl takes an out= array of the output's shape and dtype.
+    nondiff: the output carries no gradient (comparisons, argmax).
+    expr: C expression template ("exp({0})") a GPU backend may use to fuse the op.
+    inplace: out= may be one of the inputs (true for ufuncs; default: ufunc is set).
+    """
+    if name in PRIMITIVES:
+        raise AvalonError(f"primitive {name!r} is already registered")
+    p = Primitive(name, **fields)
+    PRIMITIVES[name] = p
+    return p
+
+
+def vjp_rules() -> dict[str, object]:
+    """The VJP table: primitive name -> rule (None where the op has none)."""
+    return {name: p.vjp for name, p in PRIMITIVES.items()}
+
+
+# -- tracing state -------------------------------------------------------------
+
+class _State(threading.local):
+    def __init__(self):
+        self.loc_override = None
+        self.graphs: list[Graph] = []  # traces in progress, innermost last
+
+
+@contextlib.contextmanager
+def tracing(graph: Graph):
+    """Mark `graph` as the trace in progress (ops with no traced operand, such
+    as random_normal(shape), record into it)."""
+    _state.graphs.append(graph)
+    try:
+        yield graph
+    finally:
+        _state.graphs.pop()
+
+
+def active_graph() -> Graph | None:
+    return _state.graphs[-1] if _state.graphs else None
+
+
+_state = _State()
+
+
+@contextlib.contextmanager
+def source_location(loc):
+    """Record `loc` as the source line of every node created inside the block
+    (autodiff uses it so backward nodes point at the forward line)."""
+    old = _state.loc_override
+    _state.loc_override = loc
+    try:
+        yield
+    finally:
+        _state.loc_override = old
+
+
+def current_location():
+    return _state.loc_override or user_location()
+
+
+class Tracer:
+    """A stand-in for an array while a function is traced: it records every op
+    applied to it as a node of `graph`.  It offers NumPy's array surface
+    (operators, methods, np.* functions); see tracer_methods.py."""
+    __slots__ = ("graph", "node")
+    __array_priority__ = 1000
+
+    def __init__(self, graph: Graph, node: Node):
+        self.graph = graph
+        self.node = node
+
+    shape = property(lambda self: self.node.shape)
+    dtype = property(lambda self: self.node.dtype)
+    ndim = property(lambda self: len(self.node.shape))
+    size = property(lambda self: self.node.size)
+
+    def __repr__(self):
+        return f"Tracer({type_str(self.shape, self.dtype)})"
+
+    __hash__ = object.__hash__
+
+    def _concrete(self, what):
+        raise ConcretizationError(
+            f"{what} needs a concrete value, but this {type_str(self.shape, self.dtype)} array is being "
+            f"traced{at(user_location())}. Python control flow cannot depend on traced values: use "
+            "avalon.where(cond, a, b) to select values, or pass the value as a static (non-array) argument.")
+
+    def __bool__(self):
+        self._concrete("`if`/`while`/`and`/`or`/bool() on an array")
+
+    def __float__(self):
+        self._concrete("float()")
+
+    def __int__(self):
+        self._concrete("int()")
+
+    def __index__(self):
+        self._concrete("using an array as an index or size")
+
+    def __array__(self, *a, **k):
+        self._concrete("converting to a NumPy array (np.asarray, .item(), printing values)")
+
+    def item(self):
+        self._concrete(".item()")
+
+    def tolist(self):
+        self._concrete(".tolist()")
+
+
+def is_tracer(x) -> bool:
+    return isinstance(x, Tracer)
+
+
+# -- binding -------------------------------------------------------------------
+
+_PY_SCALARS = (bool, int, float)
+
+
+def _reference_dtype(args):
+    for a in args:
+        if isinstance(a, Tracer) or hasattr(a, "dtype") and hasattr(a, "shape"):
+            return np.dtype(a.dtype)
+    return None
+
+
+def weak_scalar(value, ref_dtype) -> np.ndarray:
+    """A Python scalar adopts the dtype of the arrays it meets (as in NumPy 2 and
+    JAX): 2.0 * float32 stays float32; a float meeting ints becomes float32."""
+    if ref_dtype is None:
+        dtype = np.float32 if isinstance(value, float) else (np.bool_ if isinstance(value, bool) else np.int64)
+    elif isinstance(value, float) and ref_dtype.kind in "biu":
+        dtype = np.float32
+    elif isinstance(value, int) and not isinstance(value, bool) and ref_dtype.kind == "b":
+        dtype = np.int64
+    else:
+        dtype = ref_dtype
+    return np.asarray(value, dtype=dtype)
+
+
+def infer_type(prim, avals, attrs):
+    return prim.shape_rule(*avals, **attrs)
+
+
+def bind(prim: Primitive, args, attrs=None):
+    """Apply a primitive: eagerly on arrays, or by recording a node on tracers."""
+    attrs = attrs or {}
+    graph = None
+    for a in args:
+        if isinstance(a, Tracer):
+            graph = a.graph
+            break
+    if graph is None:
+        return _eager(prim, args, attrs)
+    ref = _reference_dtype(args)
+    inputs = []
+    for a in args:
+        if isinstance(a, Tracer):
+            if a.graph is not graph:
+                raise AvalonError(f"{prim.name}: operands come from two different traces{at(user_location())}")
+            inputs.append(a.node)
+        elif isinstance(a, _PY_SCALARS):
+            inputs.append(graph.add_const(weak_scalar(a, ref)))
+        else:
+            inputs.append(graph.add_const(_as_const(a)))
+    loc = current_location()
+    shape, dtype = _checked_type(prim, inputs, attrs, loc)
+    return Tracer(graph, graph.add_node(prim.name, inputs, attrs, shape, dtype, loc))
+
+
+def _as_const(a):
+    from .backends import backend_of
+    if isinstance(a, np.generic):
+        return np.asarray(a)
+    backend_of(a)  # raises a clear error for unsupported types
+    return a
+
+
+def _checked_type(prim, avals, attrs, loc):
+    try:
+        return infer_type(prim, avals, attrs)
+    except AvalonError as e:
+        if loc and "(at " not in str(e):
+            raise type(e)(f"{e}{at(loc)}") from None
+        raise
+
+
+def _eager(prim, args, attrs):
+    from .backends import backend_of_args
+    ref = _reference_dtype(args)
+    arrays = [weak_scalar(a, ref) if isinstance(a, _PY_SCALARS) else a for a in args]
+    backend, arrays = backend_of_args(arrays, prim.name)
+    _checked_type(prim, arrays, attrs, user_location() if prim.shape_rule else None)
+    return backend.run(prim, arrays, attrs)
+
+
+def bind_on(backend, prim: Primitive, attrs):
+    """Apply a primitive that has no array inputs (random, full) on a backend."""
+    return backend.run(prim, [], attrs)

@@ -1,0 +1,217 @@
+"""Walking user objects: models are plain Python objects holding arrays.
+
+`flatten(obj)` returns the array leaves of any nesting of lists, tuples, dicts,
+namedtuples, dataclasses and plain class instances, plus a hashable `TreeDef`
+that records the structure and every non-array value (ints, flags, strings,
+callables).  `unflatten(treedef, leaves)` builds the same structure again, with
+new leaves, so gradients come back with the shape of the model they belong to.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+
+import numpy as np
+
+from .errors import AvalonError
+
+# Types that are never walked into: they are static values of the signature.
+_OPAQUE = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+           types.ModuleType, functools.partial, str, bytes, int, float, complex,
+           bool, type(None), np.dtype, range, slice)
+
+_array_types: tuple[type, ...] = (np.ndarray,)
+_extra_array_types: set[type] = set()
+
+
+def register_array_type(t: type) -> None:
+    """Make instances of `t` tree leaves (backends call this for their array type)."""
+    global _array_types
+    if t not in _array_types:
+        _array_types = _array_types + (t,)
+
+
+def is_array(x) -> bool:
+    return isinstance(x, _array_types)
+
+
+class Static:
+    """A non-array leaf: compared by value when hashable, else by identity."""
+    __slots__ = ("value", "_key")
+
+    def __init__(self, value):
+        self.value = value
+        try:
+            hash(value)
+            self._key = (type(value), value)
+        except TypeError:
+            self._key = ("id", id(value))
+
+    def __eq__(self, other):
+        return isinstance(other, Static) and self._key == other._key
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __repr__(self):
+        return f"Static({self.value!r})"
+
+
+ARRAY = "*"  # marks an array leaf in a TreeDef
+
+
+class TreeDef:
+    """The structure of a flattened object; hashable and comparable."""
+    __slots__ = ("kind", "meta", "children", "_hash")
+
+    def __init__(self, kind, meta, children):
+        self.kind, self.meta, self.children = kind, meta, tuple(children)
+        self._hash = hash((kind, meta, self.children))
+
+    def __eq__(self, other):
+        return (isinstance(other, TreeDef) and self._hash == other._hash and self.kind == other.kind
+                and self.meta == other.meta and self.children == other.children)
+
+    def __hash__(self):
+        return self._hash
+
+    def __repr__(self):
+        return f"TreeDef({self.kind}, {self.meta!r}, {list(self.children)!r})"
+
+
+def flatten(obj, is_leaf=None) -> tuple[list, TreeDef]:
+    leaves: list = []
+    treedef = _flatten(obj, leaves, is_leaf, set())
+    return leaves, treedef
+
+
+def _object_fields(obj):
+    if dataclasses.is_dataclass(obj) and not hasattr(obj, "__dict__"):
+        return [f.name for f in dataclasses.fields(obj)]
+    if hasattr(obj, "__dict__"):
+        return list(vars(obj))
+    slots = []
+    for cls in type(obj).__mro__:
+        for s in getattr(cls, "__slots__", ()):
+            if s not in ("__dict__", "__weakref__") and hasattr(obj, s):
+                slots.append(s)
+    return slots
+
+
+def _flatten(obj, leaves, is_leaf, active):
+    if isinstance(obj, _array_types) or (is_leaf is not None and is_leaf(obj)):
+        leaves.append(obj)
+        return ARRAY
+    t = type(obj)
+    if isinstance(obj, _OPAQUE) or isinstance(obj, np.generic):
+        return Static(obj)
+    oid = id(obj)
+    if oid in active:
+        raise AvalonError(f"cannot walk a {t.__name__} that contains itself (a reference cycle); "
+                          "keep back-references out of models passed to avalon.grad/jit")
+    active.add(oid)
+    try:
+        if t is list or t is tuple:
+            return TreeDef(t, None, [_flatten(c, leaves, is_leaf, active) for c in obj])
+        if isinstance(obj, tuple) and hasattr(t, "_fields"):  # namedtuple
+            return TreeDef(t, None, [_flatten(c, leaves, is_leaf, active) for c in obj])
+        if isinstance(obj, dict):
+            keys = tuple(obj)
+            return TreeDef(t, keys, [_flatten(obj[k], leaves, is_leaf, active) for k in keys])
+        if isinstance(obj, (list, tuple)):
+            return TreeDef(t, None, [_flatten(c, leaves, is_leaf, active) for c in obj])
+        fields = _object_fields(obj)
+        if not fields and not hasattr(obj, "__dict__"):
+            return Static(obj)
+        return TreeDef("obj", (t, tuple(fields)),
+                       [_flatten(getattr(obj, f), leaves, is_leaf, active) for f in fields])
+    finally:
+        active.discard(oid)
+
+
+_KEEP = object()
+
+
+def unflatten(treedef, leaves, static=_KEEP):
+    """Rebuild the structure with `leaves`; non-array values are kept, or all
+    replaced by `static` when it is given (grads use None)."""
+    return _unflatten(treedef, iter(leaves), static)
+
+
+def _unflatten(td, it, static=_KEEP):
+    if td is ARRAY:
+        return next(it)
+    if isinstance(td, Static):
+        return td.value if static is _KEEP else static
+    kind = td.kind
+    if kind is list:
+        return [_unflatten(c, it, static) for c in td.children]
+    if kind is tuple:
+        return tuple(_unflatten(c, it, static) for c in td.children)
+    if kind == "obj":
+        cls, fields = td.meta
+        new = object.__new__(cls)
+        for f, c in zip(fields, td.children):
+            object.__setattr__(new, f, _unflatten(c, it, static))
+        return new
+    if isinstance(kind, type) and issubclass(kind, dict):
+        d = kind() if kind is dict else kind.__new__(kind)
+        for k, c in zip(td.meta, td.children):
+            dict.__setitem__(d, k, _unflatten(c, it, static))
+        return d
+    if hasattr(kind, "_fields"):
+        return kind(*[_unflatten(c, it, static) for c in td.children])
+    return kind([_unflatten(c, it, static) for c in td.children])
+
+
+def leaf_paths(treedef, prefix: str = "") -> list[str]:
+    """Readable paths ('.conv1.weight', '[0]', "['w']") of the array leaves, in order."""
+    out: list[str] = []
+    _paths(treedef, prefix, out, arrays=True)
+    return out
+
+
+def static_paths(treedef, prefix: str = "") -> list[tuple[str, object]]:
+    out: list = []
+    _paths(treedef, prefix, out, arrays=False)
+    return out
+
+
+def _paths(td, prefix, out, arrays):
+    if isinstance(td, str):
+        if arrays:
+            out.append(prefix)
+        return
+    if isinstance(td, Static):
+        if not arrays:
+            out.append((prefix, td.value))
+        return
+    if td.kind == "obj":
+        for f, c in zip(td.meta[1], td.children):
+            _paths(c, f"{prefix}.{f}", out, arrays)
+    elif isinstance(td.kind, type) and issubclass(td.kind, dict):
+        for k, c in zip(td.meta, td.children):
+            _paths(c, f"{prefix}[{k!r}]", out, arrays)
+    else:
+        for i, c in enumerate(td.children):
+            _paths(c, f"{prefix}[{i}]", out, arrays)
+
+
+def tree_map(fn, obj, is_leaf=None):
+    """Apply fn to every array leaf of obj and rebuild the structure."""
+    leaves, td = flatten(obj, is_leaf)
+    return unflatten(td, [fn(x) for x in leaves])
+
+
+def describe(td) -> str:
+    """A short type description of a TreeDef node (for retrace messages)."""
+    if isinstance(td, str):
+        return "array"
+    if isinstance(td, Static):
+        return f"{type(td.value).__name__} {td.value!r}"
+    if td.kind == "obj":
+        return f"{td.meta[0].__name__} with fields {list(td.meta[1])}"
+    if isinstance(td.kind, type) and issubclass(td.kind, dict):
+        return f"dict with keys {list(td.meta)}"
+    return f"{getattr(td.kind, '__name__', td.kind)} of length {len(td.children)}"

@@ -1,0 +1,3 @@
+"""PyTorch-style layers, losses, optimizers and fit for Avalon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""Predefined models and datasets for Avalon."""
+
+__version__ = "0.1.0"
