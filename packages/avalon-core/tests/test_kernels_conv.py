@@ -86,6 +86,7 @@ CONV_CASES = {
     "2d-p2-d2": (1, 3, 4, (9, 9), (3, 3), 1, 2, 2, 1),
     "2d-2x3-s2-d2": (2, 2, 4, (9, 8), (2, 3), (2, 1), (0, 1), (2, 1), 1),
     "2d-s2-p0-uneven": (2, 3, 2, (8, 9), (3, 3), 2, 0, 1, 1),
+    "2d-k1x2-p2-s2": (1, 2, 3, (4, 5), (1, 2), 2, 2, 1, 1),
     "3d-3x3x3-p1": (2, 2, 3, (5, 6, 4), (3, 3, 3), 1, 1, 1, 1),
     "3d-mixed-g2": (2, 4, 4, (6, 5, 7), (2, 3, 2), 2, (0, 1, 1), (1, 1, 2), 2),
     "3d-depthwise": (1, 3, 6, (4, 5, 5), (1, 3, 2), (1, 2, 1), (0, 1, 1), 1, 3),
@@ -214,7 +215,7 @@ MAX_POOL_CASES = {
     "3d-k3s2p1": (1, 2, (7, 6, 5), 3, 2, 1, 1),
     "3d-k2s1d2": (1, 2, (5, 6, 5), 2, 1, 0, 2),
 }
-INPUT_KINDS = ["normal", "constant", "integers"]
+INPUT_KINDS = ["normal", "constant", "integers", "nonfinite"]
 
 
 def _pool_input(kind, shape, dtype, rng):
@@ -222,7 +223,12 @@ def _pool_input(kind, shape, dtype, rng):
         return rng.standard_normal(shape).astype(dtype)
     if kind == "constant":
         return np.full(shape, 0.5, dtype=dtype)
-    return rng.integers(-2, 3, size=shape).astype(dtype)   # many ties
+    x = rng.integers(-2, 3, size=shape).astype(dtype)   # many ties
+    if kind == "nonfinite":
+        x[rng.random(shape) < 0.15] = np.nan
+        x[rng.random(shape) < 0.1] = np.inf
+        x[rng.random(shape) < 0.1] = -np.inf
+    return x
 
 
 @pytest.mark.parametrize("kind", INPUT_KINDS)
@@ -239,10 +245,12 @@ def test_max_pool_against_torch(case, kind):
         ty = MAX_POOL[nd](tx, **kw)
         y = max_pool_forward(np, x, **kw)
         assert y.dtype == dtype
-        np.testing.assert_array_equal(y, ty.detach().numpy())   # exact
+        np.testing.assert_array_equal(y, ty.detach().numpy())   # exact, NaN too
         # Integer-valued upstream gradients make accumulation order irrelevant,
         # so the routing of gradients (ties included) must match exactly.
         g = rng.integers(1, 9, size=y.shape).astype(dtype)
+        if kind == "nonfinite":
+            g[rng.random(g.shape) < 0.1] = np.inf
         ty.backward(torch.from_numpy(g))
         dx = max_pool_backward(np, x, g, **kw)
         assert dx.dtype == dtype and dx.shape == x.shape

@@ -13,7 +13,8 @@ from . import tracer_methods as _tracer_methods  # noqa: F401  (installs Tracer'
 from .ops import *  # noqa: F401,F403
 from .ops import sum, max, min, abs, pow  # noqa: F401,A004
 from . import ops, passes, tree  # noqa: F401
-from .api import CompiledFunction, GradFunction, JitFunction, grad, jit, trace, value_and_grad  # noqa: F401
+from .api import (CompiledFunction, GradFunction, JitFunction, compile_graph, grad, jit, trace,  # noqa: F401
+                  value_and_grad)
 from .backends import (Backend, Device, backends, best_available_device, device, manual_seed,  # noqa: F401
                        to_device)
 from .errors import (AvalonError, ConcretizationError, DeviceError, DtypeError, GraphError,  # noqa: F401

@@ -282,3 +282,13 @@ def grad(f, *args, argnums=None):
     None for integer arrays and non-array values).  f is traced, differentiated
     and compiled once per input signature and cached."""
     return value_and_grad(f, argnums)(*args)
+
+
+def compile_graph(graph: Graph, device="cpu", passes=(), name: str | None = None):
+    """Compile a (possibly hand-edited) graph for a device; returns a callable
+    taking the graph's inputs and returning the tuple of its outputs, with
+    `.source` and `.plan`.  `passes` defaults to none: pass None for the
+    default pipeline."""
+    from .backends import device as to_device_obj, get_backend
+    graph = run_pipeline(graph, passes) if passes != () else graph
+    return generate(graph, get_backend(to_device_obj(device)), name or graph.name)

@@ -74,9 +74,7 @@ def register(plugin, name: str | None = None) -> None:
     """Register a plugin object at run time (as an entry point would), and
     forget what was collected from the previous set of plugins."""
     manager().register(plugin, name=name)
-    from . import backends, passes
-    backends.reset()
-    passes.reset_pipeline()
+    _forget_collected()
 
 
 def unregister(name: str) -> None:
@@ -84,6 +82,11 @@ def unregister(name: str) -> None:
     plugin = pm.get_plugin(name)
     if plugin is not None:
         pm.unregister(plugin)
-    from . import backends, passes
-    backends.reset()
-    passes.reset_pipeline()
+    _forget_collected()
+
+
+def _forget_collected():
+    from .backends import reset
+    from .passes import reset_pipeline
+    reset()
+    reset_pipeline()

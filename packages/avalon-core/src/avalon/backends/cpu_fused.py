@@ -35,7 +35,7 @@ def compile_fused_numpy(body, backend):
         env[kname] = backend.kernel(prim, n.attrs)
         args = ", ".join(names[i] for i in n.inputs)
         # release scratch of inputs that die here: elementwise ops may write in place
-        dying = [i for i in n.inputs if live_until.get(i) == idx and i in owner]
+        dying = list({i: None for i in n.inputs if live_until.get(i) == idx and i in owner})
         if prim.inplace:
             free.extend(owner.pop(i) for i in dying)
         if n is out_node:

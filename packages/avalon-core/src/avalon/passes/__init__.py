@@ -22,6 +22,7 @@ BUILTIN = [
     ("constant_fold", constant_fold),
     ("simplify_2", simplify),
     ("cse_2", cse),
+    ("constant_fold_2", constant_fold),
     ("dce_2", dce),
     ("fuse_elementwise", fuse_elementwise),
     ("dce_3", dce),
