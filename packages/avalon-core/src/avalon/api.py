@@ -165,17 +165,17 @@ def explain_difference(old, new) -> str:
     (otd, oavals, over), (ntd, navals, nver) = old, new
     if over != nver:
         return "the pass pipeline changed"
+    changes = []
     if otd != ntd:
         ostat, nstat = dict(tree.static_paths(otd, "args")), dict(tree.static_paths(ntd, "args"))
         opaths, npaths = tree.leaf_paths(otd, "args"), tree.leaf_paths(ntd, "args")
-        if opaths == npaths and ostat.keys() == nstat.keys():
-            for p in ostat:
-                if tree.Static(ostat[p]) != tree.Static(nstat[p]):
-                    return f"static value {p} changed from {ostat[p]!r} to {nstat[p]!r}"
-        return (f"the argument structure changed: arrays at {_diff_list(opaths, npaths)}; "
-                f"non-array values at {_diff_list(sorted(ostat), sorted(nstat))}")
+        if opaths != npaths or ostat.keys() != nstat.keys():
+            return (f"the argument structure changed: arrays at {_diff_list(opaths, npaths)}; "
+                    f"non-array values at {_diff_list(sorted(ostat), sorted(nstat))}")
+        for p in ostat:
+            if tree.Static(ostat[p]) != tree.Static(nstat[p]):
+                changes.append(f"static value {p} changed from {ostat[p]!r} to {nstat[p]!r}")
     paths = tree.leaf_paths(ntd, "args")
-    changes = []
     for p, a, b in zip(paths, oavals, navals):
         if a == b:
             continue
