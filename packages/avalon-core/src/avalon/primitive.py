@@ -187,10 +187,15 @@ _PY_SCALARS = (bool, int, float)
 
 
 def _reference_dtype(args):
-    for a in args:
-        if isinstance(a, Tracer) or hasattr(a, "dtype") and hasattr(a, "shape"):
-            return np.dtype(a.dtype)
-    return None
+    """The dtype Python scalars adopt: that of the first float operand, else
+    of the first non-bool operand, else of the first operand."""
+    dtypes = [np.dtype(a.dtype) for a in args
+              if isinstance(a, Tracer) or (hasattr(a, "dtype") and hasattr(a, "shape"))]
+    for kinds in ("fc", "iu"):
+        for d in dtypes:
+            if d.kind in kinds:
+                return d
+    return dtypes[0] if dtypes else None
 
 
 def weak_scalar(value, ref_dtype) -> np.ndarray:
@@ -257,8 +262,9 @@ def _checked_type(prim, avals, attrs, loc):
 def _eager(prim, args, attrs):
     from .backends import backend_of_args
     ref = _reference_dtype(args)
-    arrays = [weak_scalar(a, ref) if isinstance(a, _PY_SCALARS) else a for a in args]
-    backend, arrays = backend_of_args(arrays, prim.name)
+    backend, _ = backend_of_args([a for a in args if not isinstance(a, _PY_SCALARS)], prim.name)
+    arrays = [backend.asarray(weak_scalar(a, ref)) if isinstance(a, _PY_SCALARS)
+              else (backend.asarray(a) if isinstance(a, np.generic) else a) for a in args]
     _checked_type(prim, arrays, attrs, user_location() if prim.shape_rule else None)
     return backend.run(prim, arrays, attrs)
 

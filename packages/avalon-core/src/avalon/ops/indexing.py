@@ -1,0 +1,692 @@
+"""Indexing primitives: getitem (basic and advanced indexing), concatenate,
+pad, take_along_axis; and stack, split, take, gather, one_hot built on them.
+
+Index arrays are graph inputs, never attributes: a concrete NumPy index array
+becomes a constant of the graph, a traced integer array (labels) an ordinary
+operand, so `logits[np.arange(n), labels]` traces.  The static part of an
+index is kept in the attribute `index`, normalized to one entry per indexed
+axis (Ellipsis expanded, negative ints and slice bounds resolved):
+
+    ("int", i)                   an integer, 0 <= i < size
+    ("slice", start, stop, step) range(start, stop, step) over the axis
+    ("new",)                     None / np.newaxis
+    ("arr",)                     the next index array operand
+
+Boolean masks must be concrete (their nonzero() positions become integer index
+arrays: the result shape depends on the mask's values).  The VJPs scatter-add
+the cotangent back (`getitem_grad`, `take_along_axis_grad`), accumulating over
+repeated indices; a backend may override them with kernels of its own
+(`k_getitem_grad`, `k_take_along_axis_grad`).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ..errors import AvalonError, ConcretizationError, DtypeError, MissingRuleError, ShapeError, at, user_location
+from ..primitive import Tracer, bind, defprim
+from ._rules import broadcast_shapes, result_dtype
+
+__all__ = ["getitem", "concatenate", "stack", "split", "pad", "take", "take_along_axis", "gather",
+           "one_hot"]
+
+
+def _located(fn):
+    """Errors raised by a public op name the user's line, as bind's do."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AvalonError as e:
+            loc = user_location()
+            if "(at " in str(e) or not loc:
+                raise
+            raise type(e)(f"{e}{at(loc)}") from None
+    return wrapper
+
+
+class _Aval:
+    """A shape and dtype standing in for an array in shape rules."""
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+
+def _is_array_like(a) -> bool:
+    return isinstance(a, Tracer) or (hasattr(a, "shape") and hasattr(a, "dtype"))
+
+
+def _on_backend_of(a, ref):
+    """A concrete NumPy operand moved to the device of eager array `ref` (inside
+    a trace it stays NumPy and becomes a graph constant)."""
+    if type(a) is not np.ndarray or isinstance(ref, Tracer) or not _is_array_like(ref) or type(ref) is np.ndarray:
+        return a
+    from ..backends import backend_of
+    b = backend_of(ref)
+    return a if backend_of(a) is b else b.asarray(a)
+
+
+def _host(a) -> np.ndarray:
+    if isinstance(a, np.ndarray):
+        return a
+    from ..backends import backend_of
+    return np.asarray(backend_of(a).to_host(a))
+
+
+def _check_int_index(opname, dtype):
+    if np.dtype(dtype).kind not in "iu":
+        raise DtypeError(f"{opname}: index arrays must have an integer dtype, got {np.dtype(dtype).name}")
+
+
+# -- the index: parsing and normalization --------------------------------------------------
+
+def _slice_entry(s: slice, n: int):
+    start, stop, step = s.indices(n)  # raises ValueError for step 0
+    if len(range(start, stop, step)) == 0:
+        return ("slice", 0, 0, 1)
+    return ("slice", start, stop, step)
+
+
+def _is_full(e, n) -> bool:
+    return e[0] == "slice" and e[1:] == (0, n, 1)
+
+
+def _classify(obj, shape):
+    """One item of a user index -> (kind, payload); kinds: new, ellipsis, slice,
+    int, arr (integer array, concrete or traced), mask (concrete bool array)."""
+    if obj is None:
+        return "new", None
+    if obj is Ellipsis:
+        return "ellipsis", None
+    if isinstance(obj, slice):
+        return "slice", obj
+    if isinstance(obj, (bool, np.bool_)):
+        raise AvalonError(f"getitem: a bare boolean index ({obj!r}) is not supported (array of shape "
+                          f"{tuple(shape)}); use a boolean array mask or None")
+    if isinstance(obj, (int, np.integer)):
+        return "int", int(obj)
+    if isinstance(obj, Tracer):
+        kind = np.dtype(obj.dtype).kind
+        if kind == "b":
+            raise ConcretizationError(
+                f"getitem: indexing with a traced boolean mask{at(user_location())} would give a result whose "
+                "shape depends on the mask's values; use avalon.where(mask, x, 0) instead, or pass the mask as "
+                "a concrete NumPy array")
+        _check_int_index("getitem", obj.dtype)
+        return "arr", obj
+    if not _is_array_like(obj):
+        if isinstance(obj, (list, tuple)) and any(isinstance(v, Tracer) for v in obj):
+            raise AvalonError("getitem: a list index may not contain traced values; use avalon.stack(...) "
+                              "to build a traced index array")
+        obj = np.asarray(obj)
+        if obj.size == 0 and obj.dtype.kind == "f":  # x[[]]
+            obj = obj.astype(np.intp)
+    kind = np.dtype(obj.dtype).kind
+    if kind == "b":
+        mask = _host(obj)
+        if mask.ndim == 0:
+            raise AvalonError(f"getitem: a 0-d boolean index is not supported (array of shape {tuple(shape)})")
+        return "mask", mask
+    if kind not in "iu":
+        raise DtypeError(f"getitem: only integers, slices, None, Ellipsis and integer or boolean arrays are "
+                         f"valid indices; got an array of dtype {np.dtype(obj.dtype).name}")
+    if len(obj.shape) == 0:
+        return "int", int(_host(obj))
+    return "arr", obj
+
+
+def _normalize_index(shape, index):
+    """A user index -> (entries, index arrays); see the module docstring."""
+    shape = tuple(shape)
+    items = [_classify(obj, shape) for obj in (index if isinstance(index, tuple) else (index,))]
+    if sum(k == "ellipsis" for k, _ in items) > 1:
+        raise ShapeError(f"getitem: an index can only have a single Ellipsis (...); array of shape {shape}")
+    used = sum(p.ndim if k == "mask" else (k in ("int", "slice", "arr")) for k, p in items)
+    if used > len(shape):
+        raise ShapeError(f"getitem: too many indices for an array of shape {shape}: {used} axes indexed, "
+                         f"but it has {len(shape)}")
+    entries, arrays, full = [], [], []
+    d = 0
+    for kind, p in items:
+        if kind == "new":
+            entries.append(("new",))
+            full.append(False)
+        elif kind == "ellipsis":
+            for _ in range(len(shape) - used):
+                entries.append(("slice", 0, shape[d], 1))
+                full.append(True)
+                d += 1
+        elif kind == "slice":
+            e = _slice_entry(p, shape[d])
+            entries.append(e)
+            full.append(_is_full(e, shape[d]))
+            d += 1
+        elif kind == "int":
+            n = shape[d]
+            if not -n <= p < n:
+                raise ShapeError(f"getitem: index {p} is out of range for axis {d} with size {n} "
+                                 f"(array of shape {shape})")
+            entries.append(("int", p % n))
+            full.append(False)
+            d += 1
+        elif kind == "arr":
+            if isinstance(p, np.ndarray) and p.size:
+                lo, hi = int(p.min()), int(p.max())
+                if lo < -shape[d] or hi >= shape[d]:
+                    bad = lo if lo < -shape[d] else hi
+                    raise ShapeError(f"getitem: index {bad} is out of range for axis {d} with size {shape[d]} "
+                                     f"(array of shape {shape})")
+            entries.append(("arr",))
+            full.append(False)
+            arrays.append(p)
+            d += 1
+        else:  # mask
+            k = p.ndim
+            if p.shape != shape[d:d + k]:
+                raise ShapeError(f"getitem: boolean index of shape {p.shape} does not match axes {d}..{d + k - 1} "
+                                 f"of an array of shape {shape}")
+            for nz in p.nonzero():
+                entries.append(("arr",))
+                full.append(False)
+                arrays.append(nz)
+            d += k
+    while entries and full[-1]:  # x[i, :, :] is x[i]
+        entries.pop()
+        full.pop()
+    return tuple(entries), arrays
+
+
+def _build_index(index, arrays):
+    """Normalized entries and index arrays -> a Python index tuple for xp."""
+    it = iter(arrays)
+    out = []
+    for e in index:
+        k = e[0]
+        if k == "int":
+            out.append(e[1])
+        elif k == "slice":
+            start, stop, step = e[1:]
+            out.append(slice(start, None if stop < 0 else stop, step))
+        elif k == "new":
+            out.append(None)
+        else:
+            out.append(next(it))
+    return tuple(out)
+
+
+# -- getitem ---------------------------------------------------------------------------
+
+def _getitem_rule(x, *arrays, index):
+    shape = tuple(x.shape)
+    advanced = any(e[0] == "arr" for e in index)
+    out, adv_pos, adv_shapes = [], [], []
+    insert_at = None
+    d = k = 0
+    for pos, e in enumerate(index):
+        kind = e[0]
+        if kind == "new":
+            out.append(1)
+            continue
+        if d >= len(shape):
+            raise ShapeError(f"getitem: too many indices for an array of shape {shape}")
+        n = shape[d]
+        if kind == "slice":
+            out.append(len(range(*e[1:])))
+        else:
+            if kind == "int":
+                if not 0 <= e[1] < n:
+                    raise ShapeError(f"getitem: index {e[1]} is out of range for axis {d} with size {n} "
+                                     f"(array of shape {shape})")
+                ishape = ()
+            elif kind == "arr":
+                if k >= len(arrays):
+                    raise ShapeError(f"getitem: the index needs more than the {len(arrays)} index arrays given")
+                _check_int_index("getitem", arrays[k].dtype)
+                ishape = tuple(arrays[k].shape)
+                k += 1
+            else:
+                raise ShapeError(f"getitem: bad index entry {e!r}")
+            if advanced:
+                if insert_at is None:
+                    insert_at = len(out)
+                adv_pos.append(pos)
+                adv_shapes.append(ishape)
+        d += 1
+    if k != len(arrays):
+        raise ShapeError(f"getitem: {len(arrays)} index arrays given, the index uses {k}")
+    out.extend(shape[d:])
+    if advanced:
+        bshape = broadcast_shapes("getitem: index arrays", *adv_shapes)
+        if adv_pos[-1] - adv_pos[0] + 1 != len(adv_pos):
+            insert_at = 0  # advanced indices split by a slice or None: their axes go first (NumPy's rule)
+        out[insert_at:insert_at] = bshape
+    return tuple(out), x.dtype
+
+
+def _getitem_impl(xp, x, *arrays, index):
+    return x[_build_index(index, arrays)]
+
+
+def _getitem_vjp(g, out, x, *arrays, index):
+    gx = bind(getitem_grad_p, (g, *arrays), {"index": index, "shape": tuple(x.shape)})
+    return (gx,) + (None,) * len(arrays)
+
+
+getitem_p = defprim("getitem", shape=_getitem_rule, impl=_getitem_impl, view=True, vjp=_getitem_vjp,
+                    doc="x[index]: basic indexing (a view) and advanced indexing by integer arrays.")
+
+
+def _getitem_grad_rule(g, *arrays, index, shape):
+    expect, _ = _getitem_rule(_Aval(shape, g.dtype), *arrays, index=index)
+    if tuple(g.shape) != expect:
+        raise ShapeError(f"getitem_grad: cotangent of shape {tuple(g.shape)} does not fit an index of an array "
+                         f"of shape {tuple(shape)}, which gives shape {expect}")
+    return tuple(shape), g.dtype
+
+
+def _scatter_add(xp, z, index, values):
+    """z[index] += values, accumulating over repeated indices: NumPy's add.at
+    (CuPy >= 12 has it too); for an array module without ufunc.at, the flat
+    positions of the indexed elements summed with bincount."""
+    at_ = getattr(xp.add, "at", None)
+    if at_ is not None:
+        at_(z, index, values)
+        return
+    pos = xp.arange(z.size).reshape(z.shape)[index]
+    vals = xp.broadcast_to(values, pos.shape)
+    sums = xp.bincount(pos.reshape(-1), weights=vals.reshape(-1), minlength=z.size)
+    z += sums.reshape(z.shape).astype(z.dtype)
+
+
+def _getitem_grad_impl(xp, g, *arrays, index, shape, out=None):
+    if out is None:
+        out = xp.zeros(shape, dtype=g.dtype)
+    else:
+        out.fill(0)
+    idx = _build_index(index, arrays)
+    if arrays:
+        _scatter_add(xp, out, idx, g)
+    else:
+        out[idx] = g  # basic indices never repeat an element
+    return out
+
+
+def _getitem_grad_vjp(ct, out, g, *arrays, index, shape):
+    return (bind(getitem_p, (ct, *arrays), {"index": index}),) + (None,) * len(arrays)
+
+
+getitem_grad_p = defprim("getitem_grad", shape=_getitem_grad_rule, impl=_getitem_grad_impl, accepts_out=True,
+                         vjp=_getitem_grad_vjp,
+                         doc="zeros(shape) with g added at index (repeated indices accumulate): "
+                             "the VJP of getitem.")
+
+
+@_located
+def getitem(x, index):
+    """x[index] with NumPy semantics: ints, slices (any step), None, Ellipsis,
+    integer arrays or lists (concrete or traced) and concrete boolean masks."""
+    entries, arrays = _normalize_index(x.shape, index)
+    if not entries:
+        return x
+    if not any(isinstance(a, Tracer) for a in (x, *arrays)):
+        arrays = [_on_backend_of(a, x) for a in arrays]
+    return bind(getitem_p, (x, *arrays), {"index": entries})
+
+
+def _axis_slice(ndim, axis, start, stop):
+    return (slice(None),) * axis + (slice(start, stop),) + (slice(None),) * (ndim - axis - 1)
+
+
+def _norm_axis(opname, axis, ndim, shape):
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ShapeError(f"{opname}: axis {axis} is out of range for an array of shape {tuple(shape)}")
+    return axis % ndim
+
+
+# -- concatenate, stack, split ------------------------------------------------------------
+
+def _concat_rule(*xs, axis):
+    if not xs:
+        raise ShapeError("concatenate: needs at least one array")
+    first = tuple(xs[0].shape)
+    nd = len(first)
+    if nd == 0:
+        raise ShapeError("concatenate: zero-dimensional arrays (shape ()) cannot be concatenated")
+    if not 0 <= axis < nd:
+        raise ShapeError(f"concatenate: axis {axis} is out of range for arrays of shape {first}")
+    for x in xs[1:]:
+        s = tuple(x.shape)
+        if len(s) != nd:
+            raise ShapeError(f"concatenate: all arrays must have the same number of dimensions; shapes {first} "
+                             f"and {s} differ")
+        if any(a != b for i, (a, b) in enumerate(zip(first, s)) if i != axis):
+            raise ShapeError(f"concatenate: shapes {first} and {s} differ outside axis {axis}; all sizes but the "
+                             "concatenation axis must match")
+    dtypes = {np.dtype(x.dtype) for x in xs}
+    if len(dtypes) > 1:
+        raise DtypeError(f"concatenate: operands have different dtypes {sorted(d.name for d in dtypes)}")
+    out = list(first)
+    out[axis] = sum(int(x.shape[axis]) for x in xs)
+    return tuple(out), np.dtype(xs[0].dtype)
+
+
+def _concat_impl(xp, *xs, axis, out=None):
+    return xp.concatenate(xs, axis=axis, out=out)
+
+
+def _concat_vjp(g, out, *xs, axis):
+    cts, off = [], 0
+    for x in xs:
+        n = int(x.shape[axis])
+        cts.append(getitem(g, _axis_slice(len(x.shape), axis, off, off + n)))
+        off += n
+    return tuple(cts)
+
+
+concatenate_p = defprim("concatenate", shape=_concat_rule, impl=_concat_impl, accepts_out=True,
+                        vjp=_concat_vjp)
+
+
+@_located
+def concatenate(arrays, axis=0):
+    """Join arrays along an existing axis (axis=None: flatten them first)."""
+    from .elementwise import cast
+    from .shape import reshape
+    arrays = list(arrays)
+    if not arrays:
+        raise ShapeError("concatenate: needs at least one array")
+    if axis is None:
+        arrays = [reshape(a, (-1,)) for a in arrays]
+        axis = 0
+    dtype = result_dtype("concatenate", *(a.dtype for a in arrays))
+    arrays = [cast(a, dtype) for a in arrays]
+    nd = len(arrays[0].shape)
+    if nd == 0:
+        raise ShapeError("concatenate: zero-dimensional arrays (shape ()) cannot be concatenated")
+    axis = _norm_axis("concatenate", axis, nd, arrays[0].shape)
+    if len(arrays) == 1:
+        _concat_rule(arrays[0], axis=axis)
+        return arrays[0]
+    traced = any(isinstance(a, Tracer) for a in arrays)
+    if not traced:
+        ref = next((a for a in arrays if type(a) is not np.ndarray), arrays[0])
+        arrays = [_on_backend_of(a, ref) for a in arrays]
+    return bind(concatenate_p, arrays, {"axis": axis})
+
+
+@_located
+def stack(arrays, axis=0):
+    """Join arrays of one shape along a new axis."""
+    from .shape import expand_dims
+    arrays = list(arrays)
+    if not arrays:
+        raise ShapeError("stack: needs at least one array")
+    first = tuple(arrays[0].shape)
+    for a in arrays[1:]:
+        if tuple(a.shape) != first:
+            raise ShapeError(f"stack: all arrays must have the same shape; shapes {first} and {tuple(a.shape)} "
+                             "differ")
+    nd = len(first) + 1
+    axis = int(axis)
+    if not -nd <= axis < nd:
+        raise ShapeError(f"stack: axis {axis} is out of range for stacking arrays of shape {first}")
+    axis %= nd
+    return concatenate([expand_dims(a, axis) for a in arrays], axis)
+
+
+@_located
+def split(x, indices_or_sections, axis=0):
+    """NumPy's split: an int N cuts the axis into N equal parts; a sequence of
+    increasing split points cuts it there.  Returns a list."""
+    nd = len(x.shape)
+    if nd == 0:
+        raise ShapeError("split: cannot split a zero-dimensional array")
+    axis = _norm_axis("split", axis, nd, x.shape)
+    n = int(x.shape[axis])
+    if isinstance(indices_or_sections, (int, np.integer)):
+        sections = int(indices_or_sections)
+        if sections <= 0:
+            raise ShapeError(f"split: the number of sections must be positive, got {sections}")
+        if n % sections:
+            raise ShapeError(f"split: an array of shape {tuple(x.shape)} does not split into {sections} equal "
+                             f"sections along axis {axis} (size {n})")
+        step = n // sections
+        points = [step * k for k in range(1, sections)]
+    else:
+        points = [int(p) for p in indices_or_sections]
+    bounds = [0] + points + [n]
+    return [getitem(x, _axis_slice(nd, axis, a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# -- pad ---------------------------------------------------------------------------------
+
+def _pad_rule(x, *, pad_width, value):
+    shape = tuple(x.shape)
+    if len(pad_width) != len(shape):
+        raise ShapeError(f"pad: pad_width has {len(pad_width)} (before, after) pairs for an array of shape "
+                         f"{shape}; give one pair per axis")
+    return tuple(s + b + a for s, (b, a) in zip(shape, pad_width)), x.dtype
+
+
+def _pad_impl(xp, x, *, pad_width, value, out=None):
+    shape = tuple(s + b + a for s, (b, a) in zip(x.shape, pad_width))
+    if out is None:
+        out = xp.empty(shape, dtype=x.dtype)
+    inner = tuple(slice(b, b + s) for s, (b, _) in zip(x.shape, pad_width))
+    if not isinstance(value, tuple):
+        out.fill(value)
+    else:
+        # per-axis (before, after) values, axis by axis as np.pad: a corner takes the value of its last axis
+        for ax, ((b, a), (vb, va)) in enumerate(zip(pad_width, value)):
+            lead = (slice(None),) * ax
+            rest = inner[ax + 1:]
+            out[lead + (slice(0, b),) + rest] = vb
+            out[lead + (slice(b + x.shape[ax], None),) + rest] = va
+    out[inner] = x
+    return out
+
+
+def _pad_vjp(g, out, x, *, pad_width, value):
+    return (getitem(g, tuple(slice(b, b + s) for s, (b, _) in zip(x.shape, pad_width))),)
+
+
+pad_p = defprim("pad", shape=_pad_rule, impl=_pad_impl, accepts_out=True, vjp=_pad_vjp)
+
+
+def _as_pairs(opname, value, ndim, what, integral):
+    arr = np.asarray(value)
+    if arr.dtype == object or arr.ndim > 2:
+        raise ShapeError(f"{opname}: {what} must be a number, a (before, after) pair or one pair per axis; "
+                         f"got {value!r}")
+    try:
+        pairs = np.broadcast_to(arr, (ndim, 2))
+    except ValueError:
+        raise ShapeError(f"{opname}: {what} {value!r} does not fit an array with {ndim} axes; give a number, a "
+                         "(before, after) pair or one pair per axis") from None
+    if integral:
+        if pairs.dtype.kind not in "iu" or (pairs < 0).any():
+            raise ShapeError(f"{opname}: {what} must be non-negative integers, got {value!r}")
+        return tuple((int(b), int(a)) for b, a in pairs)
+    return tuple((b.item(), a.item()) for b, a in pairs)
+
+
+@_located
+def pad(x, pad_width, mode="constant", constant_values=0, **kwargs):
+    """np.pad in "constant" mode: pad_width is an int, a (before, after) pair, or
+    one pair per axis; constant_values likewise (a number or pairs)."""
+    if mode != "constant":
+        raise MissingRuleError(f"pad: mode={mode!r} is not supported; only mode='constant' is (pad with "
+                               "constant_values=...)")
+    if kwargs:
+        raise AvalonError(f"pad: unexpected arguments {sorted(kwargs)} for mode='constant'")
+    if _is_array_like(constant_values):
+        raise AvalonError("pad: constant_values must be static numbers, not arrays")
+    nd = len(x.shape)
+    widths = _as_pairs("pad", pad_width, nd, "pad_width", integral=True)
+    values = _as_pairs("pad", constant_values, nd, "constant_values", integral=False) if nd else ()
+    flat = {v for pair in values for v in pair}
+    value = flat.pop() if len(flat) == 1 else (values or 0)
+    if all(w == (0, 0) for w in widths):
+        return x
+    return bind(pad_p, (x,), {"pad_width": widths, "value": value})
+
+
+# -- take_along_axis, gather, take -----------------------------------------------------------
+
+def _tala_shape(opname, xshape, ishape, axis):
+    xshape, ishape = tuple(xshape), tuple(ishape)
+    if len(xshape) != len(ishape):
+        raise ShapeError(f"{opname}: indices of shape {ishape} must have as many dimensions as the array of "
+                         f"shape {xshape}")
+    if not 0 <= axis < len(xshape):
+        raise ShapeError(f"{opname}: axis {axis} is out of range for an array of shape {xshape}")
+    out = []
+    for d, (a, b) in enumerate(zip(xshape, ishape)):
+        if d == axis:
+            out.append(b)
+        elif a == b or b == 1 or a == 1:
+            out.append(a if b == 1 else b)
+        else:
+            raise ShapeError(f"{opname}: indices of shape {ishape} do not broadcast against the array of shape "
+                             f"{xshape} outside axis {axis}")
+    return tuple(out)
+
+
+def _tala_rule(x, idx, *, axis):
+    _check_int_index("take_along_axis", idx.dtype)
+    return _tala_shape("take_along_axis", x.shape, idx.shape, axis), x.dtype
+
+
+def _tala_impl(xp, x, idx, *, axis):
+    return xp.take_along_axis(x, idx, axis=axis)
+
+
+def _tala_vjp(g, out, x, idx, *, axis):
+    return bind(tala_grad_p, (g, idx), {"axis": axis, "shape": tuple(x.shape)}), None
+
+
+take_along_axis_p = defprim("take_along_axis", shape=_tala_rule, impl=_tala_impl, vjp=_tala_vjp)
+
+
+def _tala_grad_rule(g, idx, *, axis, shape):
+    _check_int_index("take_along_axis_grad", idx.dtype)
+    expect = _tala_shape("take_along_axis_grad", shape, idx.shape, axis)
+    if tuple(g.shape) != expect:
+        raise ShapeError(f"take_along_axis_grad: cotangent of shape {tuple(g.shape)} does not match indices of "
+                         f"shape {tuple(idx.shape)} into an array of shape {tuple(shape)}")
+    return tuple(shape), g.dtype
+
+
+def _tala_grad_impl(xp, g, idx, *, axis, shape, out=None):
+    if out is None:
+        out = xp.zeros(shape, dtype=g.dtype)
+    else:
+        out.fill(0)
+    nd = len(shape)
+    index = tuple(idx if d == axis else xp.arange(shape[d]).reshape((1,) * d + (-1,) + (1,) * (nd - d - 1))
+                  for d in range(nd))
+    _scatter_add(xp, out, index, g)
+    return out
+
+
+def _tala_grad_vjp(ct, out, g, idx, *, axis, shape):
+    return bind(take_along_axis_p, (ct, idx), {"axis": axis}), None
+
+
+tala_grad_p = defprim("take_along_axis_grad", shape=_tala_grad_rule, impl=_tala_grad_impl, accepts_out=True,
+                      vjp=_tala_grad_vjp,
+                      doc="zeros(shape) with g added at take_along_axis's positions (repeats accumulate).")
+
+
+def _concrete_index_array(opname, idx, axis_size, shape):
+    """Validate a concrete index array (dtype, bounds); lists become arrays."""
+    if isinstance(idx, Tracer):
+        _check_int_index(opname, idx.dtype)
+        return idx
+    if not _is_array_like(idx):
+        idx = np.asarray(idx)
+        if idx.size == 0:
+            idx = idx.astype(np.intp)
+    _check_int_index(opname, idx.dtype)
+    if isinstance(idx, np.ndarray) and idx.size:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -axis_size or hi >= axis_size:
+            bad = lo if lo < -axis_size else hi
+            raise ShapeError(f"{opname}: index {bad} is out of range for an axis of size {axis_size} "
+                             f"(array of shape {tuple(shape)})")
+    return idx
+
+
+@_located
+def take_along_axis(x, indices, axis=-1):
+    """np.take_along_axis: out[..., i, ...] = x[..., indices[..., i, ...], ...]
+    along `axis` (None: of the flattened array); indices may be traced."""
+    from .shape import reshape
+    if axis is None:
+        x = reshape(x, (-1,))
+        axis = 0
+    nd = len(x.shape)
+    if nd == 0:
+        raise ShapeError("take_along_axis: x must have at least one dimension (got shape ())")
+    axis = _norm_axis("take_along_axis", axis, nd, x.shape)
+    indices = _concrete_index_array("take_along_axis", indices, x.shape[axis], x.shape)
+    if not any(isinstance(a, Tracer) for a in (x, indices)):
+        indices = _on_backend_of(indices, x)
+    return bind(take_along_axis_p, (x, indices), {"axis": axis})
+
+
+@_located
+def gather(x, dim, index):
+    """torch.gather: out[i][j][k] = x[index[i][j][k]][j][k] (dim=0), and so on.
+    index has x's rank; its size along each other axis may be smaller than x's."""
+    nd = len(x.shape)
+    ishape = tuple(index.shape) if _is_array_like(index) else np.shape(index)
+    if len(ishape) != nd:
+        raise ShapeError(f"gather: index of shape {tuple(ishape)} must have as many dimensions as the input of "
+                         f"shape {tuple(x.shape)}")
+    dim = _norm_axis("gather", dim, nd, x.shape)
+    for d in range(nd):
+        if d != dim and ishape[d] > x.shape[d]:
+            raise ShapeError(f"gather: index of shape {tuple(ishape)} is larger than the input of shape "
+                             f"{tuple(x.shape)} along dimension {d}")
+    if any(ishape[d] != x.shape[d] for d in range(nd) if d != dim):
+        x = getitem(x, tuple(slice(None) if d == dim else slice(0, ishape[d]) for d in range(nd)))
+    return take_along_axis(x, index, dim)
+
+
+@_located
+def take(x, indices, axis=None):
+    """np.take: elements of x at integer `indices` along `axis` (None: of the
+    flattened array); the result has indices' shape in place of that axis."""
+    from .shape import reshape
+    if axis is None:
+        x = reshape(x, (-1,))
+        axis = 0
+    axis = _norm_axis("take", axis, len(x.shape), x.shape)
+    if not _is_array_like(indices) and not isinstance(indices, (int, np.integer)):
+        indices = np.asarray(indices)
+    return getitem(x, (slice(None),) * axis + (indices,))
+
+
+# -- one_hot -------------------------------------------------------------------------------
+
+@_located
+def one_hot(labels, num_classes=-1, dtype=np.float32):
+    """labels[..., None] == arange(num_classes), as `dtype`.  num_classes=-1
+    takes max(labels) + 1, which needs concrete labels."""
+    from .elementwise import cast, eq
+    from .shape import expand_dims
+    if not _is_array_like(labels):
+        labels = np.asarray(labels)
+    _check_int_index("one_hot", labels.dtype)
+    if num_classes is None or int(num_classes) < 0:
+        if isinstance(labels, Tracer):
+            raise ConcretizationError(f"one_hot: num_classes=-1 needs concrete labels, but they are being traced"
+                                      f"{at(user_location())}; pass num_classes explicitly")
+        host = _host(labels)
+        num_classes = int(host.max()) + 1 if host.size else 0
+    classes = _on_backend_of(np.arange(int(num_classes), dtype=np.dtype(labels.dtype)), labels)
+    return cast(eq(expand_dims(labels, -1), classes), dtype)

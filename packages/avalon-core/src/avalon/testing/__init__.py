@@ -1,0 +1,13 @@
+"""Test support for Avalon and for third-party backends.
+
+* `avalon.testing.cases`: the primitive test table (`CASES`), one `OpCase` per
+  op and configuration, with input specs and PyTorch references.
+* `avalon.testing.conformance`: a pytest module that checks a backend against
+  the table (eager, jit and grad on the device equal the CPU backend):
+
+      AVALON_TEST_DEVICE=cuda python3 -m pytest --pyargs avalon.testing.conformance
+
+  or, without pytest: `avalon.testing.conformance.run_conformance("cuda")`.
+"""
+from .cases import (CASES, CHECKS, DOMAINS, FLOAT, Arg, Bug, OpCase, as_list, case_by_id,  # noqa: F401
+                    cases_for, index_domain, make_inputs, resolve_dtype)

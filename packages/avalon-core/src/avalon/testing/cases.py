@@ -1,0 +1,697 @@
+"""The primitive test table: one `OpCase` per (op, configuration).
+
+This table is public so that third-party backends can check themselves
+against it (see `avalon.testing.conformance`).  Each entry says:
+
+* `op`: the public avalon function it exercises (``avalon.<op>``);
+* `fn`: how to call it, a callable ``fn(*arrays, **kwargs)`` over arrays that
+  returns an array (or a list/tuple of arrays);
+* `args`: one `Arg` per array input: its shape, dtype kind and value domain
+  (``positive`` for log/sqrt, ``nonzero`` for a divisor, ``distinct`` for max
+  so there are no ties, ...);
+* `kwargs`: static (non-array) arguments, passed to both `fn` and `torch_fn`;
+* `grad`: the input positions the gradient is taken with respect to (``()``:
+  not differentiable; None: every floating-point input);
+* `torch_fn`: the PyTorch reference, ``torch_fn(torch, *tensors, **kwargs)``.
+  It receives the torch module as its first argument, so this module never
+  imports torch;
+* `random`: the op draws random numbers; only shape and dtype are compared,
+  and `check(out, *inputs)` (NumPy arrays) may assert properties of the values;
+* `fd`: whether central finite differences are a valid gradient reference
+  (False at deliberate non-differentiable points or for stop_gradient);
+* `bugs`: known defects, as `Bug` records; the test suites mark the affected
+  checks as expected failures (strictly, in avalon-core's own tests).
+
+Inputs are generated deterministically from the case id (`make_inputs`).
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+import avalon
+from avalon import ops as _ops
+
+__all__ = ["Arg", "Bug", "OpCase", "CASES", "DOMAINS", "cases_for", "case_by_id", "make_inputs",
+           "index_domain", "as_list", "resolve_dtype", "FLOAT", "CHECKS"]
+
+FLOAT = "float"   # an Arg dtype: the floating-point dtype under test (float32, float64, ...)
+
+#: the checks a `Bug` can name
+CHECKS = ("forward", "grad")
+
+
+# -- value domains -----------------------------------------------------------------------------
+
+def _real(rng, shape, dtype):
+    return rng.standard_normal(shape)
+
+
+def _positive(rng, shape, dtype):
+    return rng.uniform(0.5, 2.0, shape)
+
+
+def _nonzero(rng, shape, dtype):
+    # away from zero: |x| in [0.2, 2]
+    return rng.uniform(0.2, 2.0, shape) * rng.choice([-1.0, 1.0], shape)
+
+
+def _gt_minus_one(rng, shape, dtype):
+    return rng.uniform(-0.5, 2.0, shape)
+
+
+def _distinct(rng, shape, dtype):
+    # all values distinct and at least 0.1 apart (no ties for max/min/argmax)
+    n = int(np.prod(shape, dtype=np.int64))
+    v = (rng.permutation(n) - (n - 1) / 2.0) * 0.1
+    return v.reshape(shape)
+
+
+def _lattice_even(rng, shape, dtype):
+    # multiples of 0.2: never within 0.1 of a `_lattice_odd` value (maximum/minimum without ties)
+    return rng.integers(-8, 9, shape) * 0.2
+
+
+def _lattice_odd(rng, shape, dtype):
+    return rng.integers(-8, 8, shape) * 0.2 + 0.1
+
+
+def _ties(rng, shape, dtype):
+    # small integers as floats: many exact ties and exact zeros (comparisons, kinks)
+    return rng.integers(-2, 3, shape).astype(np.float64)
+
+
+def _wide(rng, shape, dtype):
+    return rng.uniform(-30.0, 30.0, shape)
+
+
+def _large(rng, shape, dtype):
+    return rng.uniform(50.0, 100.0, shape)
+
+
+def _distinct_int(rng, shape, dtype):
+    n = int(np.prod(shape, dtype=np.int64))
+    return (rng.permutation(n) - n // 2).reshape(shape)
+
+
+def _int(rng, shape, dtype):
+    return rng.integers(-5, 6, shape)
+
+
+def _nonzero_int(rng, shape, dtype):
+    return rng.integers(1, 6, shape) * rng.choice([-1, 1], shape)
+
+
+def _bool(rng, shape, dtype):
+    return rng.random(shape) < 0.5
+
+
+DOMAINS: dict[str, Callable] = {
+    "real": _real, "positive": _positive, "nonzero": _nonzero, "gt_minus_one": _gt_minus_one,
+    "distinct": _distinct, "distinct_int": _distinct_int, "lattice_even": _lattice_even,
+    "lattice_odd": _lattice_odd, "ties": _ties,
+    "wide": _wide, "large": _large, "int": _int, "nonzero_int": _nonzero_int, "bool": _bool,
+}
+
+
+def index_domain(n: int) -> Callable:
+    """A domain of integer indices in [0, n) (for gather-like ops)."""
+    def gen(rng, shape, dtype):
+        return rng.integers(0, n, shape)
+    gen.__name__ = f"index_{n}"
+    return gen
+
+
+# -- the records -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arg:
+    """One array input: shape, dtype (FLOAT = the float dtype under test, or a NumPy
+    dtype name such as "int64", "bool", "float32") and value domain (a key of
+    DOMAINS or a callable(rng, shape, dtype) -> values)."""
+    shape: tuple
+    dtype: str = FLOAT
+    domain: Any = None
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype == FLOAT or np.dtype(self.dtype).kind == "f"
+
+    def default_domain(self):
+        if self.domain is not None:
+            return self.domain
+        if self.dtype == FLOAT:
+            return "real"
+        kind = np.dtype(self.dtype).kind
+        return {"b": "bool", "i": "int", "u": "int"}.get(kind, "real")
+
+
+@dataclass(frozen=True)
+class Bug:
+    """A known defect: `check` ("forward" or "grad") fails for the listed float
+    dtypes (None: for every dtype).  `reason` says what is wrong."""
+    check: str
+    reason: str
+    dtypes: tuple | None = None
+
+    def applies(self, check: str, float_dtype) -> bool:
+        if check != self.check:
+            return False
+        return self.dtypes is None or np.dtype(float_dtype).name in self.dtypes
+
+
+@dataclass(frozen=True)
+class OpCase:
+    op: str
+    fn: Callable
+    args: tuple
+    torch_fn: Callable | None = None
+    kwargs: dict = field(default_factory=dict)
+    grad: tuple | None = None
+    variant: str = ""
+    random: bool = False
+    check: Callable | None = None
+    fd: bool = True
+    fd_reason: str = ""
+    rtol: float | None = None   # overrides of the float32-vs-torch tolerances
+    atol: float | None = None
+    bugs: tuple = ()
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.variant}" if self.variant else self.op
+
+    @property
+    def wrt(self) -> tuple:
+        """Positions of the inputs the gradient is checked for ( () = none )."""
+        if self.random:
+            return ()
+        if self.grad is None:
+            return tuple(i for i, a in enumerate(self.args) if a.is_float)
+        return tuple(self.grad)
+
+    @property
+    def differentiable(self) -> bool:
+        return bool(self.wrt)
+
+    def call(self, *arrays):
+        return self.fn(*arrays, **self.kwargs)
+
+    def call_torch(self, torch, *tensors):
+        return self.torch_fn(torch, *tensors, **self.kwargs)
+
+    def bug(self, check: str, float_dtype) -> Bug | None:
+        for b in self.bugs:
+            if b.applies(check, float_dtype):
+                return b
+        return None
+
+    def inputs(self, float_dtype=np.float64, seed: int | None = None) -> list:
+        return make_inputs(self, float_dtype, seed)
+
+    def __repr__(self):
+        return f"<OpCase {self.id}>"
+
+
+def resolve_dtype(arg: Arg, float_dtype) -> np.dtype:
+    return np.dtype(float_dtype) if arg.dtype == FLOAT else np.dtype(arg.dtype)
+
+
+def make_inputs(case: OpCase, float_dtype=np.float64, seed: int | None = None) -> list:
+    """The case's input arrays (NumPy, on the host), deterministic per case id."""
+    if seed is None:
+        seed = zlib.crc32(case.id.encode())
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in case.args:
+        dt = resolve_dtype(a, float_dtype)
+        dom = a.default_domain()
+        gen = DOMAINS[dom] if isinstance(dom, str) else dom
+        out.append(np.asarray(gen(rng, tuple(a.shape), dt)).astype(dt))
+    return out
+
+
+def as_list(out) -> list:
+    """An op's result as a list of arrays (ops such as split return several)."""
+    if isinstance(out, (list, tuple)):
+        return list(out)
+    return [out]
+
+
+# -- building the table ------------------------------------------------------------------------
+
+CASES: list[OpCase] = []
+
+
+def _add(op, fn, args, torch_fn, variant="", **kw):
+    args = tuple(a if isinstance(a, Arg) else Arg(tuple(a)) for a in args)
+    c = OpCase(op=op, fn=fn, args=args, torch_fn=torch_fn, variant=variant, **kw)
+    if any(x.id == c.id for x in CASES):
+        raise ValueError(f"duplicate case id {c.id}")
+    CASES.append(c)
+    return c
+
+
+def _F(shape, domain=None):
+    return Arg(tuple(shape), FLOAT, domain)
+
+
+def _I(shape, domain=None):
+    return Arg(tuple(shape), "int64", domain)
+
+
+def _B(shape):
+    return Arg(tuple(shape), "bool", "bool")
+
+
+def _dims(x, axis):
+    """avalon axis (None, int, tuple) -> torch dims tuple."""
+    if axis is None:
+        return tuple(range(x.dim()))
+    return (axis,) if isinstance(axis, int) else tuple(axis)
+
+
+def _axis_name(axis):
+    if axis is None:
+        return "all"
+    if isinstance(axis, int):
+        return f"ax{axis}"
+    return "ax" + "_".join(str(a) for a in axis)
+
+
+def _fmt_shape(s):
+    return "x".join(str(d) for d in s) if s else "0d"
+
+
+# Known defects (see the report in the avalon-core test suite).
+_BUG_WHERE_F64 = Bug("grad", "where() (used by relu's VJP, leaky_relu, elu, softplus, dropout, where's "
+                     "own VJP) takes the dtype of a Python scalar operand from the *condition* (bool), so "
+                     "`where(c, g, 0.0)` meets float32 0.0 with a float64 g and raises DtypeError: every "
+                     "float64 gradient through where/relu fails", ("float64",))
+_BUG_WHERE_F64_FWD = Bug("forward", _BUG_WHERE_F64.reason.replace("gradient", "forward"), ("float64",))
+_BUG_INT_DIV = Bug("forward", "div on integer arrays declares an int64 result but computes float64 "
+                   "(true division); a compiled graph that uses the result fails with UFuncTypeError")
+_BUG_MIXED_INT_FLOAT = Bug("forward", "a binary op on float32 and int64 arrays declares float32 (the shape rule "
+                           "lets ints join the float) but the eager kernel (NumPy promotion) returns float64; "
+                           "avalon.jit returns float32, so eager and compiled results differ in dtype",
+                           ("float32",))
+_BUG_SIGMOID_0D = Bug("forward", "sigmoid of a 0-d array raises TypeError: the kernel computes "
+                      "xp.multiply(x, 0.5) (a NumPy scalar for 0-d input) and then calls xp.tanh(s, out=s)")
+_BUG_ARGMAX_TUPLE = Bug("forward", "argmax/argmin with a tuple of axes (not all axes) declare the shape "
+                        "reduced over every listed axis but the kernel reduces only the first one")
+_BUG_ELU_AT_0 = Bug("grad", "elu(alpha=1) is differentiable at 0 with derivative 1, but its VJP gives 0.5 "
+                    "there (minimum(x, 0) splits the tie)")
+_BUG_SOFTPLUS_AT_0 = Bug("grad", "softplus'(0) must be sigmoid(0) = 0.5, but the VJP gives 0 (relu and abs "
+                         "both contribute 0 at the kink of their decomposition)")
+
+
+# -- binary elementwise ------------------------------------------------------------------------
+
+_BIN_SHAPES = [("same", (3, 4), (3, 4)), ("bcast_3d_2d", (3, 1, 4), (2, 4)), ("rhs_0d", (2, 3), ()),
+               ("lhs_0d", (), (2, 3)), ("bcast_both", (4, 1), (1, 5))]
+
+_BINARY = {
+    # op: (avalon fn, torch fn, domain a, domain b)
+    "add": (avalon.add, lambda t, a, b: t.add(a, b), "real", "real"),
+    "sub": (avalon.sub, lambda t, a, b: t.sub(a, b), "real", "real"),
+    "mul": (avalon.mul, lambda t, a, b: t.mul(a, b), "real", "real"),
+    "div": (avalon.div, lambda t, a, b: t.div(a, b), "real", "nonzero"),
+    "pow": (avalon.pow, lambda t, a, b: t.pow(a, b), "positive", "real"),
+    "maximum": (avalon.maximum, lambda t, a, b: t.maximum(a, b), "lattice_even", "lattice_odd"),
+    "minimum": (avalon.minimum, lambda t, a, b: t.minimum(a, b), "lattice_even", "lattice_odd"),
+}
+
+for _op, (_fn, _tfn, _da, _db) in _BINARY.items():
+    for _v, _sa, _sb in _BIN_SHAPES:
+        _add(_op, lambda a, b, _fn=_fn: _fn(a, b), [_F(_sa, _da), _F(_sb, _db)], _tfn, _v)
+
+# Python scalars as operands (weak scalars take the array's dtype)
+_add("add", lambda x: avalon.add(x, 2.0), [_F((3, 4))], lambda t, x: x + 2.0, "py_scalar")
+_add("sub", lambda x: avalon.sub(2.0, x), [_F((3, 4))], lambda t, x: 2.0 - x, "py_scalar_lhs")
+_add("mul", lambda x: avalon.mul(x, 3), [_F((3, 4))], lambda t, x: x * 3, "py_int")
+_add("div", lambda x: avalon.div(x, 4.0), [_F((3, 4))], lambda t, x: x / 4.0, "py_scalar")
+_add("div", lambda x: avalon.div(1.0, x), [_F((3, 4), "nonzero")], lambda t, x: 1.0 / x, "py_scalar_lhs")
+_add("pow", lambda x: avalon.pow(x, 2.0), [_F((3, 4))], lambda t, x: t.pow(x, 2.0), "square")
+_add("pow", lambda x: avalon.pow(x, 3), [_F((3, 4))], lambda t, x: t.pow(x, 3), "cube_int_exp")
+_add("pow", lambda x: avalon.pow(x, 0.5), [_F((3, 4), "positive")], lambda t, x: t.pow(x, 0.5), "sqrt")
+_add("pow", lambda x: avalon.pow(2.0, x), [_F((3, 4))], lambda t, x: t.pow(2.0, x), "py_base")
+_add("maximum", lambda x: avalon.maximum(x, 0.0), [_F((3, 4), "lattice_odd")],
+     lambda t, x: t.clamp_min(x, 0.0), "py_scalar")
+_add("minimum", lambda x: avalon.minimum(0.0, x), [_F((3, 4), "lattice_odd")],
+     lambda t, x: t.clamp_max(x, 0.0), "py_scalar_lhs")
+# ties: the gradient is split evenly between equal operands, as in PyTorch
+for _op in ("maximum", "minimum"):
+    _add(_op, lambda a, b, _fn=_BINARY[_op][0]: _fn(a, b), [_F((4, 5), "ties"), _F((4, 5), "ties")],
+         _BINARY[_op][1], "ties")
+
+# mixed dtypes: integer and bool operands join the float one (and get no gradient)
+_add("add", lambda a, b: avalon.add(a, b), [_F((3, 4)), _I((4,))], lambda t, a, b: a + b, "float_int",
+     bugs=(_BUG_MIXED_INT_FLOAT,))
+_add("mul", lambda a, b: avalon.mul(a, b), [_F((3, 4)), _B((3, 4))], lambda t, a, b: a * b, "float_bool")
+_add("add", lambda a, b: avalon.add(a, b), [_I((3, 4)), _I((3, 1))], lambda t, a, b: a + b, "int")
+_add("sub", lambda a, b: avalon.sub(a, b), [_I((3, 4)), _I(())], lambda t, a, b: a - b, "int")
+_add("mul", lambda a, b: avalon.mul(a, b), [_I((3, 4)), _I((4,))], lambda t, a, b: a * b, "int")
+_add("maximum", lambda a, b: avalon.maximum(a, b), [_I((3, 4)), _I((3, 4))], lambda t, a, b: t.maximum(a, b),
+     "int")
+_add("div", lambda a, b: avalon.div(a, b), [_I((3, 4)), _I((4,), "nonzero_int")],
+     lambda t, a, b: a.double() / b.double(), "int", bugs=(_BUG_INT_DIV,))
+
+# -- comparisons -------------------------------------------------------------------------------
+
+_CMP = {"lt": (avalon.lt, lambda t, a, b: t.lt(a, b)), "le": (avalon.le, lambda t, a, b: t.le(a, b)),
+        "gt": (avalon.gt, lambda t, a, b: t.gt(a, b)), "ge": (avalon.ge, lambda t, a, b: t.ge(a, b)),
+        "eq": (avalon.eq, lambda t, a, b: t.eq(a, b)), "ne": (avalon.ne, lambda t, a, b: t.ne(a, b))}
+
+for _op, (_fn, _tfn) in _CMP.items():
+    _add(_op, lambda a, b, _fn=_fn: _fn(a, b), [_F((3, 4), "ties"), _F((3, 4), "ties")], _tfn, "same",
+         grad=())
+    _add(_op, lambda a, b, _fn=_fn: _fn(a, b), [_F((3, 1, 4), "ties"), _F((2, 4), "ties")], _tfn, "bcast",
+         grad=())
+    _add(_op, lambda a, _fn=_fn: _fn(a, 0.0), [_F((3, 4), "ties")], lambda t, a, _tfn=_tfn: _tfn(t, a, 0.0),
+         "py_scalar", grad=())
+    _add(_op, lambda a, b, _fn=_fn: _fn(a, b), [_I((3, 4), "int"), _I((4,), "int")], _tfn, "int", grad=())
+
+# -- unary elementwise -------------------------------------------------------------------------
+
+_UNARY = [
+    # (op, avalon fn, torch fn, domain, kwargs, variant)
+    ("neg", avalon.neg, lambda t, x: t.neg(x), "real"),
+    ("exp", avalon.exp, lambda t, x: t.exp(x), "real"),
+    ("log", avalon.log, lambda t, x: t.log(x), "positive"),
+    ("log1p", avalon.log1p, lambda t, x: t.log1p(x), "gt_minus_one"),
+    ("expm1", avalon.expm1, lambda t, x: t.expm1(x), "real"),
+    ("sqrt", avalon.sqrt, lambda t, x: t.sqrt(x), "positive"),
+    ("abs", avalon.abs, lambda t, x: t.abs(x), "nonzero"),
+    ("sign", avalon.sign, lambda t, x: t.sign(x), "nonzero"),   # gradient: zero everywhere
+    ("tanh", avalon.tanh, lambda t, x: t.tanh(x), "real"),
+    ("sigmoid", avalon.sigmoid, lambda t, x: t.sigmoid(x), "real"),
+    ("relu", avalon.relu, lambda t, x: t.relu(x), "nonzero"),
+    ("softsign", avalon.softsign, lambda t, x: t.nn.functional.softsign(x), "real"),
+    ("log_sigmoid", avalon.log_sigmoid, lambda t, x: t.nn.functional.logsigmoid(x), "real"),
+    ("softplus", avalon.softplus, lambda t, x: t.nn.functional.softplus(x), "real"),
+    ("square", avalon.square, lambda t, x: t.square(x), "real"),
+    ("reciprocal", avalon.reciprocal, lambda t, x: t.reciprocal(x), "nonzero"),
+]
+
+_F64_WHERE = {"relu", "softplus"}   # their gradients go through where()
+
+for _op, _fn, _tfn, _dom in _UNARY:
+    _bugs = (_BUG_WHERE_F64,) if _op in _F64_WHERE else ()
+    _add(_op, lambda x, _fn=_fn: _fn(x), [_F((3, 4), _dom)], _tfn, "", bugs=_bugs)
+    if _op in ("exp", "tanh", "sigmoid", "log", "neg", "relu"):
+        _add(_op, lambda x, _fn=_fn: _fn(x), [_F((), _dom)], _tfn, "0d",
+             bugs=_bugs + ((_BUG_SIGMOID_0D,) if _op == "sigmoid" else ()))
+    if _op in ("sqrt", "sigmoid", "log_sigmoid"):
+        _add(_op, lambda x, _fn=_fn: _fn(x), [_F((2, 3, 4), _dom)], _tfn, "3d", bugs=_bugs)
+
+# large magnitudes: no overflow, correct saturation
+_add("sigmoid", lambda x: avalon.sigmoid(x), [_F((3, 4), "wide")], lambda t, x: t.sigmoid(x), "wide")
+_add("log_sigmoid", lambda x: avalon.log_sigmoid(x), [_F((3, 4), "wide")],
+     lambda t, x: t.nn.functional.logsigmoid(x), "wide")
+_add("tanh", lambda x: avalon.tanh(x), [_F((3, 4), "wide")], lambda t, x: t.tanh(x), "wide")
+_add("logistic", lambda x: avalon.logistic(x), [_F((3, 4))], lambda t, x: t.sigmoid(x))
+
+for _slope in (0.01, 0.2):
+    _add("leaky_relu", lambda x, negative_slope: avalon.leaky_relu(x, negative_slope), [_F((3, 4), "nonzero")],
+         lambda t, x, negative_slope: t.nn.functional.leaky_relu(x, negative_slope), f"slope{_slope}",
+         kwargs={"negative_slope": _slope}, bugs=(_BUG_WHERE_F64,))
+for _alpha in (1.0, 0.5):
+    _add("elu", lambda x, alpha: avalon.elu(x, alpha), [_F((3, 4), "nonzero")],
+         lambda t, x, alpha: t.nn.functional.elu(x, alpha), f"alpha{_alpha}", kwargs={"alpha": _alpha},
+         bugs=(_BUG_WHERE_F64,))
+_add("softplus", lambda x, beta, threshold: avalon.softplus(x, beta, threshold), [_F((4, 5), "wide")],
+     lambda t, x, beta, threshold: t.nn.functional.softplus(x, beta, threshold), "beta2_thr5_wide",
+     kwargs={"beta": 2.0, "threshold": 5.0}, bugs=(_BUG_WHERE_F64,))
+_add("softplus", lambda x: avalon.softplus(x), [_F((3, 4), "wide")],
+     lambda t, x: t.nn.functional.softplus(x), "wide", bugs=(_BUG_WHERE_F64,))
+
+# integer inputs
+_add("neg", lambda x: avalon.neg(x), [_I((3, 4))], lambda t, x: t.neg(x), "int")
+_add("abs", lambda x: avalon.abs(x), [_I((3, 4))], lambda t, x: t.abs(x), "int")
+_add("sign", lambda x: avalon.sign(x), [_I((3, 4))], lambda t, x: t.sign(x), "int")
+
+# At exact zeros (and other small integers): kinks follow PyTorch's conventions
+# (relu'(0) = abs'(0) = 0, leaky_relu'(0) = slope), and smooth functions keep
+# their true derivative.  Finite differences only apply where the function is
+# differentiable.
+_AT_0 = "a non-differentiable point: checks the subgradient convention against PyTorch only"
+_add("relu", lambda x: avalon.relu(x), [_F((4, 5), "ties")], lambda t, x: t.relu(x), "at_zero", fd=False,
+     fd_reason=_AT_0, bugs=(_BUG_WHERE_F64,))
+_add("abs", lambda x: avalon.abs(x), [_F((4, 5), "ties")], lambda t, x: t.abs(x), "at_zero", fd=False,
+     fd_reason=_AT_0)
+_add("leaky_relu", lambda x: avalon.leaky_relu(x, 0.1), [_F((4, 5), "ties")],
+     lambda t, x: t.nn.functional.leaky_relu(x, 0.1), "at_zero", fd=False, fd_reason=_AT_0,
+     bugs=(_BUG_WHERE_F64,))
+_add("elu", lambda x: avalon.elu(x), [_F((4, 5), "ties")], lambda t, x: t.nn.functional.elu(x), "at_zero",
+     bugs=(_BUG_ELU_AT_0, _BUG_WHERE_F64))
+_add("softplus", lambda x: avalon.softplus(x), [_F((4, 5), "ties")],
+     lambda t, x: t.nn.functional.softplus(x), "at_zero", bugs=(_BUG_SOFTPLUS_AT_0, _BUG_WHERE_F64))
+_add("log_sigmoid", lambda x: avalon.log_sigmoid(x), [_F((4, 5), "ties")],
+     lambda t, x: t.nn.functional.logsigmoid(x), "at_zero")
+_add("softsign", lambda x: avalon.softsign(x), [_F((4, 5), "ties")],
+     lambda t, x: t.nn.functional.softsign(x), "at_zero")
+
+_add("clip", lambda x: avalon.clip(x, -0.4, 0.6), [_F((3, 4), "lattice_odd")],
+     lambda t, x: t.clamp(x, -0.4, 0.6), "both")
+_add("clip", lambda x: avalon.clip(x, lo=0.0), [_F((3, 4), "lattice_odd")],
+     lambda t, x: t.clamp(x, min=0.0), "lo")
+_add("clip", lambda x: avalon.clip(x, hi=0.0), [_F((3, 4), "lattice_odd")],
+     lambda t, x: t.clamp(x, max=0.0), "hi")
+
+_add("stop_gradient", lambda x: avalon.mul(x, avalon.stop_gradient(x)), [_F((3, 4))],
+     lambda t, x: x * x.detach(), fd=False,
+     fd_reason="stop_gradient deliberately differs from the derivative of its forward function")
+
+# -- where, cast, full -------------------------------------------------------------------------
+
+_add("where", lambda c, a, b: avalon.where(c, a, b), [_B((3, 4)), _F((3, 4)), _F((3, 4))],
+     lambda t, c, a, b: t.where(c, a, b), "same", bugs=(_BUG_WHERE_F64,))
+_add("where", lambda c, a, b: avalon.where(c, a, b), [_B((3, 1)), _F((4,)), _F(())],
+     lambda t, c, a, b: t.where(c, a, b), "bcast", bugs=(_BUG_WHERE_F64,))
+_add("where", lambda x: avalon.where(avalon.gt(x, 0.0), x, avalon.mul(x, x)), [_F((3, 4), "nonzero")],
+     lambda t, x: t.where(x > 0, x, x * x), "traced_cond", bugs=(_BUG_WHERE_F64,))
+_add("where", lambda c, a: avalon.where(c, a, 0.0), [_B((3, 4)), _F((3, 4))],
+     lambda t, c, a: t.where(c, a, 0.0), "py_scalar", bugs=(_BUG_WHERE_F64, _BUG_WHERE_F64_FWD))
+_add("where", lambda c, a, b: avalon.where(c, a, b), [_B((3, 4)), _I((3, 4)), _I((4,))],
+     lambda t, c, a, b: t.where(c, a, b), "int")
+
+_add("cast", lambda x: avalon.cast(x, "int64"), [_F((3, 4), "wide")], lambda t, x: x.to(t.int64), "f_to_int",
+     grad=())
+_add("cast", lambda x: avalon.cast(x, "float32"), [_I((3, 4))], lambda t, x: x.to(t.float32), "int_to_f32")
+_add("cast", lambda x: avalon.cast(x, "float64"), [_B((3, 4))], lambda t, x: x.to(t.float64), "bool_to_f64")
+_add("cast", lambda x: avalon.cast(x, "float64"), [Arg((3, 4), "float32")], lambda t, x: x.to(t.float64),
+     "f32_to_f64")
+_add("cast", lambda x: avalon.cast(x, "float32"), [Arg((3, 4), "float64")], lambda t, x: x.to(t.float32),
+     "f64_to_f32")
+_add("cast", lambda x: avalon.cast(avalon.gt(x, 0.0), x.dtype), [_F((3, 4), "nonzero")],
+     lambda t, x: (x > 0).to(x.dtype), "bool_mask", grad=())
+
+_add("full", lambda x: avalon.add(x, avalon.full(x.shape, 2.5, x.dtype, like=x)), [_F((3, 4))],
+     lambda t, x: x + 2.5)
+_add("zeros", lambda x: avalon.add(x, avalon.zeros(x.shape, x.dtype, like=x)), [_F((3, 4))],
+     lambda t, x: x + 0.0)
+_add("ones", lambda x: avalon.mul(x, avalon.ones(x.shape, x.dtype, like=x)), [_F((3, 4))],
+     lambda t, x: x * 1.0)
+
+# -- reductions --------------------------------------------------------------------------------
+
+_X3 = (2, 3, 4)
+for _axis in (None, 1, -1, (0, 2)):
+    for _kd in (False, True):
+        _v = f"{_axis_name(_axis)}_kd{int(_kd)}"
+        _add("sum", lambda x, axis, keepdims: avalon.sum(x, axis, keepdims), [_F(_X3)],
+             lambda t, x, axis, keepdims: t.sum(x, dim=_dims(x, axis), keepdim=keepdims), _v,
+             kwargs={"axis": _axis, "keepdims": _kd})
+for _axis in (None, 0, (1, 2)):
+    for _kd in (False, True):
+        _v = f"{_axis_name(_axis)}_kd{int(_kd)}"
+        _add("mean", lambda x, axis, keepdims: avalon.mean(x, axis, keepdims), [_F(_X3)],
+             lambda t, x, axis, keepdims: t.mean(x, dim=_dims(x, axis), keepdim=keepdims), _v,
+             kwargs={"axis": _axis, "keepdims": _kd})
+        _add("logsumexp", lambda x, axis, keepdims: avalon.logsumexp(x, axis, keepdims), [_F(_X3)],
+             lambda t, x, axis, keepdims: t.logsumexp(x, dim=_dims(x, axis), keepdim=keepdims), _v,
+             kwargs={"axis": _axis, "keepdims": _kd})
+for _axis in (None, 2, (0, 1), -2):
+    for _kd in (False, True):
+        _v = f"{_axis_name(_axis)}_kd{int(_kd)}"
+        _add("max", lambda x, axis, keepdims: avalon.max(x, axis, keepdims), [_F(_X3, "distinct")],
+             lambda t, x, axis, keepdims: t.amax(x, dim=_dims(x, axis), keepdim=keepdims), _v,
+             kwargs={"axis": _axis, "keepdims": _kd})
+        _add("min", lambda x, axis, keepdims: avalon.min(x, axis, keepdims), [_F(_X3, "distinct")],
+             lambda t, x, axis, keepdims: t.amin(x, dim=_dims(x, axis), keepdim=keepdims), _v,
+             kwargs={"axis": _axis, "keepdims": _kd})
+for _axis in (None, 1, -1):
+    for _kd in (False, True):
+        _v = f"{_axis_name(_axis)}_kd{int(_kd)}"
+        _add("argmax", lambda x, axis, keepdims: avalon.argmax(x, axis, keepdims), [_F(_X3, "distinct")],
+             lambda t, x, axis, keepdims: t.argmax(x, dim=axis, keepdim=keepdims), _v,
+             kwargs={"axis": _axis, "keepdims": _kd}, grad=())
+        _add("argmin", lambda x, axis, keepdims: avalon.argmin(x, axis, keepdims), [_F(_X3, "distinct")],
+             lambda t, x, axis, keepdims: t.argmin(x, dim=axis, keepdim=keepdims), _v,
+             kwargs={"axis": _axis, "keepdims": _kd}, grad=())
+
+
+def _t_argmax_over(t, x, axes, largest=True):
+    """Index into the flattened `axes` block (C order) of the extreme value."""
+    rest = [d for d in range(x.dim()) if d not in axes]
+    y = x.permute(*rest, *axes).reshape(*[x.shape[d] for d in rest], -1)
+    return t.argmax(y, dim=-1) if largest else t.argmin(y, dim=-1)
+
+
+_add("argmax", lambda x: avalon.argmax(x, (0, 1)), [_F(_X3, "distinct")],
+     lambda t, x: _t_argmax_over(t, x, (0, 1)), "ax0_1", grad=(), bugs=(_BUG_ARGMAX_TUPLE,))
+_add("argmax", lambda x: avalon.argmax(x, 0), [_I((3, 4), "distinct_int")], lambda t, x: t.argmax(x, dim=0),
+     "int")
+# reductions of integer and bool arrays
+_add("sum", lambda x: avalon.sum(x, 1), [_I((3, 4))], lambda t, x: t.sum(x, dim=1), "int")
+_add("sum", lambda x: avalon.sum(x), [_B((3, 4))], lambda t, x: t.sum(x), "bool")
+_add("mean", lambda x: avalon.mean(x, 0), [_I((3, 4))], lambda t, x: t.mean(x.to(t.float32), dim=0), "int")
+_add("max", lambda x: avalon.max(x, 1), [_I((3, 4))], lambda t, x: t.amax(x, dim=1), "int")
+# ties: the gradient is shared evenly among the tied maxima (as torch.amax)
+_add("max", lambda x: avalon.max(x, 1), [_F((3, 6), "ties")], lambda t, x: t.amax(x, dim=1), "ties",
+     fd=False, fd_reason="ties make max non-differentiable; checks the even split against torch.amax")
+_add("min", lambda x: avalon.min(x), [_F((3, 6), "ties")], lambda t, x: t.amin(x), "ties",
+     fd=False, fd_reason="ties make min non-differentiable; checks the even split against torch.amin")
+# a 0-d and a 1-d input
+_add("sum", lambda x: avalon.sum(x), [_F(())], lambda t, x: t.sum(x), "0d")
+_add("max", lambda x: avalon.max(x, 0, True), [_F((5,), "distinct")],
+     lambda t, x: t.amax(x, dim=0, keepdim=True), "1d_kd1")
+_add("logsumexp", lambda x: avalon.logsumexp(x, -1), [_F((3, 4), "large")],
+     lambda t, x: t.logsumexp(x, dim=-1), "large_values")
+
+for _axis, _corr, _kd in ((None, 0, False), (1, 0, False), (1, 1, True), ((0, 2), 1, False)):
+    _add("var", lambda x, axis, correction, keepdims: avalon.var(x, axis, keepdims, correction), [_F(_X3)],
+         lambda t, x, axis, correction, keepdims: t.var(x, dim=_dims(x, axis), correction=correction,
+                                                         keepdim=keepdims),
+         f"{_axis_name(_axis)}_c{_corr}_kd{int(_kd)}",
+         kwargs={"axis": _axis, "correction": _corr, "keepdims": _kd})
+
+for _shape, _axis in (((3, 5), -1), ((3, 5), 0), ((2, 3, 4), 1)):
+    _v = f"{_fmt_shape(_shape)}_{_axis_name(_axis)}"
+    _add("softmax", lambda x, axis: avalon.softmax(x, axis), [_F(_shape)],
+         lambda t, x, axis: t.softmax(x, dim=axis), _v, kwargs={"axis": _axis})
+    _add("log_softmax", lambda x, axis: avalon.log_softmax(x, axis), [_F(_shape)],
+         lambda t, x, axis: t.log_softmax(x, dim=axis), _v, kwargs={"axis": _axis})
+_add("softmax", lambda x: avalon.softmax(x), [_F((3, 5), "large")], lambda t, x: t.softmax(x, dim=-1),
+     "large_values")
+_add("log_softmax", lambda x: avalon.log_softmax(x), [_F((3, 5), "large")],
+     lambda t, x: t.log_softmax(x, dim=-1), "large_values")
+
+_add("sum_to", lambda x: avalon.sum_to(x, (3, 1)), [_F(_X3)],
+     lambda t, x: x.sum(0).sum(-1, keepdim=True), "lead_and_inner")
+_add("sum_to", lambda x: avalon.sum_to(x, (1, 4)), [_F((3, 4))], lambda t, x: x.sum(0, keepdim=True), "keep")
+
+# -- shape ops ---------------------------------------------------------------------------------
+
+for _src, _dst in (((2, 3, 4), (6, 4)), ((2, 3, 4), (-1,)), ((2, 3, 4), (4, -1, 2)), ((), (1, 1)),
+                   ((1, 1), ()), ((6,), (2, 1, 3))):
+    _add("reshape", lambda x, shape: avalon.reshape(x, shape), [_F(_src)],
+         lambda t, x, shape: x.reshape(shape), f"{_fmt_shape(_src)}_to_{_fmt_shape(_dst)}",
+         kwargs={"shape": _dst})
+_add("reshape", lambda x: avalon.reshape(x, 4, 3), [_I((3, 4))], lambda t, x: x.reshape(4, 3), "int_varargs")
+
+for _perm in (None, (1, 0, 2), (2, 0, 1), (-1, 0, 1)):
+    _v = "reverse" if _perm is None else "p" + "".join(str(p % 3) for p in _perm)
+    _add("transpose", (lambda x: avalon.transpose(x)) if _perm is None else
+         (lambda x, _p=_perm: avalon.transpose(x, _p)), [_F((2, 3, 4))],
+         (lambda t, x: x.permute(2, 1, 0)) if _perm is None else (lambda t, x, _p=_perm: x.permute(*_p)),
+         _v + ("_neg" if _perm and min(_perm) < 0 else ""))
+_add("transpose", lambda x: avalon.transpose(x), [_F((3, 4))], lambda t, x: x.t(), "2d")
+_add("permute", lambda x: avalon.permute(x, 2, 0, 1), [_F((2, 3, 4))], lambda t, x: x.permute(2, 0, 1))
+_add("swapaxes", lambda x: avalon.swapaxes(x, 0, -1), [_F((2, 3, 4))], lambda t, x: t.swapaxes(x, 0, -1))
+
+for _src, _dst in (((3, 1), (2, 3, 4)), ((), (2, 3)), ((4,), (3, 4)), ((2, 1, 4), (2, 3, 4))):
+    _add("broadcast_to", lambda x, shape: avalon.broadcast_to(x, shape), [_F(_src)],
+         lambda t, x, shape: t.broadcast_to(x, shape), f"{_fmt_shape(_src)}_to_{_fmt_shape(_dst)}",
+         kwargs={"shape": _dst})
+
+
+def _t_expand_dims(x, axis):
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    nd = x.dim() + len(axes)
+    for a in sorted(a % nd for a in axes):
+        x = x.unsqueeze(a)
+    return x
+
+
+for _axis in (0, -1, (0, 2), 1):
+    _add("expand_dims", lambda x, axis: avalon.expand_dims(x, axis), [_F((3, 4))],
+         lambda t, x, axis: _t_expand_dims(x, axis), _axis_name(_axis), kwargs={"axis": _axis})
+
+for _axis in (None, 0, (0, 2), -2):
+    _add("squeeze", (lambda x: avalon.squeeze(x)) if _axis is None else
+         (lambda x, _a=_axis: avalon.squeeze(x, _a)), [_F((1, 3, 1, 4))],
+         (lambda t, x: x.squeeze()) if _axis is None else (lambda t, x, _a=_axis: x.squeeze(_a)),
+         _axis_name(_axis))
+
+for _s, _e in ((0, -1), (1, -1), (0, 1), (1, 2)):
+    _add("flatten", lambda x, start_dim, end_dim: avalon.flatten(x, start_dim, end_dim), [_F((2, 3, 4, 1))],
+         lambda t, x, start_dim, end_dim: t.flatten(x, start_dim, end_dim), f"s{_s}_e{_e}",
+         kwargs={"start_dim": _s, "end_dim": _e})
+
+# -- matmul, linear ----------------------------------------------------------------------------
+
+for _v, _sa, _sb in (("2d", (3, 4), (4, 5)), ("batched", (2, 3, 4), (2, 4, 5)),
+                     ("bcast_batch", (2, 1, 3, 4), (5, 4, 2)), ("2d_3d", (3, 4), (2, 4, 5)),
+                     ("1d_2d", (4,), (4, 5)), ("2d_1d", (3, 4), (4,)), ("1d_1d", (4,), (4,)),
+                     ("1d_3d", (4,), (2, 4, 5)), ("3d_1d", (2, 3, 4), (4,))):
+    _add("matmul", lambda a, b: avalon.matmul(a, b), [_F(_sa), _F(_sb)], lambda t, a, b: t.matmul(a, b), _v)
+_add("matmul", lambda a, b: avalon.matmul(a, b), [_I((3, 4)), _I((4, 2))], lambda t, a, b: t.matmul(a, b),
+     "int")
+
+_add("linear", lambda x, w, b: avalon.linear(x, w, b), [_F((2, 3, 4)), _F((5, 4)), _F((5,))],
+     lambda t, x, w, b: t.nn.functional.linear(x, w, b), "bias_3d")
+_add("linear", lambda x, w: avalon.linear(x, w), [_F((3, 4)), _F((5, 4))],
+     lambda t, x, w: t.nn.functional.linear(x, w), "no_bias")
+_add("linear", lambda x, w, b: avalon.linear(x, w, b), [_F((4,)), _F((5, 4)), _F((5,))],
+     lambda t, x, w, b: t.nn.functional.linear(x, w, b), "1d_input")
+
+# -- dropout and random ops --------------------------------------------------------------------
+
+_add("dropout", lambda x: avalon.dropout(x, 0.0), [_F((3, 4))], lambda t, x: t.nn.functional.dropout(x, 0.0),
+     "p0")
+_add("dropout", lambda x: avalon.dropout(x, 0.5, training=False), [_F((3, 4))],
+     lambda t, x: t.nn.functional.dropout(x, 0.5, training=False), "eval")
+_add("dropout", lambda x: avalon.dropout(x, 1.0), [_F((3, 4))], lambda t, x: t.nn.functional.dropout(x, 1.0),
+     "p1")
+
+
+def _check_dropout_half(out, x):
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], 2.0 * x[kept], rtol=1e-5)
+    assert 0 < kept.sum() < kept.size, "dropout(p=0.5) kept all or none of 100 elements"
+
+
+def _check_uniform(out, x):
+    assert np.all((out >= 0) & (out < 1)), "random_uniform outside [0, 1)"
+    assert out.std() > 0.1
+
+
+def _check_normal(out, x):
+    assert np.all(np.isfinite(out))
+    assert abs(out.mean()) < 0.5 and 0.6 < out.std() < 1.4, (out.mean(), out.std())
+
+
+_add("dropout", lambda x: avalon.dropout(x, 0.5), [_F((10, 10), "nonzero")],
+     lambda t, x: t.nn.functional.dropout(x, 0.5), "p0.5", random=True, check=_check_dropout_half,
+     bugs=(_BUG_WHERE_F64_FWD,))
+_add("random_uniform", lambda x: avalon.random_uniform(x.shape, x.dtype, like=x), [_F((10, 10))],
+     lambda t, x: t.rand_like(x), random=True, check=_check_uniform)
+_add("random_normal", lambda x: avalon.random_normal(x.shape, x.dtype, like=x), [_F((10, 10))],
+     lambda t, x: t.randn_like(x), random=True, check=_check_normal)
+
+
+# -- queries -----------------------------------------------------------------------------------
+
+def cases_for(op: str) -> list[OpCase]:
+    return [c for c in CASES if c.op == op]
+
+
+def case_by_id(case_id: str) -> OpCase:
+    for c in CASES:
+        if c.id == case_id:
+            return c
+    raise KeyError(case_id)
