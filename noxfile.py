@@ -36,6 +36,7 @@ BASE_REQUIREMENTS = [
     "hypothesis",
     "torch==2.13.0",
     "tqdm",
+    "threadpoolctl",
 ]
 
 

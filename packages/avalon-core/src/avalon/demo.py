@@ -44,7 +44,7 @@ def synthetic_data(n, seed=0):
     rng = np.random.default_rng(seed)
     templates = rng.random((10, 1, 28, 28)).astype(np.float32)
     labels = rng.integers(0, 10, n)
-    x = templates[labels] + 0.8 * rng.standard_normal((n, 1, 28, 28)).astype(np.float32)
+    x = templates[labels] + 0.5 * rng.standard_normal((n, 1, 28, 28)).astype(np.float32)
     return x, labels
 
 
@@ -55,10 +55,10 @@ def sgd_step(model, grads, lr):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--samples", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=0.05)
     args, _ = p.parse_known_args(argv)
     x, y = synthetic_data(args.samples)
     model = Net()
