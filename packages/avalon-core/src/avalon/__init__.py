@@ -13,6 +13,7 @@ from . import tracer_methods as _tracer_methods  # noqa: F401  (installs Tracer'
 from .ops import *  # noqa: F401,F403
 from .ops import sum, max, min, abs, pow  # noqa: F401,A004
 from . import ops, passes, tree  # noqa: F401
+from . import layersets as _layersets
 from .api import (CompiledFunction, GradFunction, JitFunction, compile_graph, grad, jit, trace,  # noqa: F401
                   value_and_grad)
 from .backends import (Backend, Device, backends, best_available_device, device, manual_seed,  # noqa: F401
@@ -25,3 +26,10 @@ from .primitive import PRIMITIVES, Primitive, Tracer, bind, defprim  # noqa: F40
 
 float16, float32, float64 = _np.float16, _np.float32, _np.float64
 int32, int64, bool_ = _np.int32, _np.int64, _np.bool_
+
+
+def __getattr__(name):
+    # Top-level helpers contributed by layer sets (avalon.fit, avalon.save, ...).
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _layersets.lookup("toplevel", name, __name__)

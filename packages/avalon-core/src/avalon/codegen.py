@@ -58,7 +58,14 @@ def generate(graph, backend, name: str = "compiled", plan=None) -> CompiledGraph
         comment = f"  # {type_str(n.shape, n.dtype)}"
         if n.loc:
             comment += f" {short_loc(n.loc)}"
-        if n in plan.slot_of:
+        if n in plan.elided:
+            names[n] = names[n.inputs[0]]
+            lines.append(f"    # {n.op}: {names[n.inputs[1]]} was written into {names[n.inputs[0]]}")
+            continue
+        if n in plan.write_into:
+            sep = ", " if args else ""
+            lines.append(f"    {var} = {kname}({args}{sep}out={names[plan.write_into[n]]}){comment}")
+        elif n in plan.slot_of:
             bname = f"b{k}"
             s = plan.slot_of[n]
             env[bname] = slots[s][:n.nbytes].view(n.dtype).reshape(n.shape)

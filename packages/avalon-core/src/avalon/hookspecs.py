@@ -38,3 +38,17 @@ def avalon_passes():
     Not firstresult: every plugin's passes are added, in plugin load order.
     Not historic: collected once when the pipeline is first built.
     """
+
+
+@hookspec(firstresult=False, historic=False)
+def avalon_layer_sets():
+    """Return a list of ``avalon.layersets.LayerSet`` objects.
+
+    A layer set fills the namespaces ``avalon.nn`` (layer classes),
+    ``avalon.nn.functional`` (functions), ``avalon.optim`` (optimizers) and
+    top-level ``avalon.<name>`` helpers (such as ``fit``).  avalon-layers is one
+    such set; a third-party set registers the same way.  Two sets defining the
+    same name in one namespace is an error that names both sets.
+    Not firstresult: every installed set contributes.
+    Not historic: sets are collected on first access to one of the namespaces.
+    """

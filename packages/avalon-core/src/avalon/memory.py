@@ -9,7 +9,9 @@ a slot in a set of buffers preallocated once per compiled signature:
   over that input: this is how gradient contributions accumulate in place
   (add(g1, g2) -> add(g1, g2, out=g1));
 * values that leave the function (outputs, and what they are views of) never
-  live in a slot: each call returns fresh arrays the caller may keep.
+  live in a slot: each call returns fresh arrays the caller may keep;
+* assign(dst, src) (an optimizer's update) lets the op computing src write
+  straight into dst, when nothing reads dst afterwards: no copy at all.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ class MemoryPlan:
     slot_of: dict = field(default_factory=dict)      # node -> slot index
     slot_nbytes: list = field(default_factory=list)  # size of each slot
     inplace: dict = field(default_factory=dict)      # node -> input node it overwrites
+    write_into: dict = field(default_factory=dict)   # node -> array node it writes (for assign)
+    elided: set = field(default_factory=set)         # assign nodes made free by write_into
 
     @property
     def total_bytes(self) -> int:
@@ -30,7 +34,8 @@ class MemoryPlan:
 
     def summary(self) -> str:
         return (f"{len(self.slot_of)} values in {len(self.slot_nbytes)} buffers "
-                f"({self.total_bytes / 2**20:.2f} MiB), {len(self.inplace)} written in place")
+                f"({self.total_bytes / 2**20:.2f} MiB), {len(self.inplace)} written in place, "
+                f"{len(self.write_into)} written straight into assigned arrays")
 
 
 def plan_memory(graph, backend) -> MemoryPlan:
@@ -51,6 +56,7 @@ def plan_memory(graph, backend) -> MemoryPlan:
         last[r] = end
 
     plan = MemoryPlan()
+    _plan_assign_targets(graph, backend, plan, root, index)
     free: list[int] = []
     dies_at: dict[int, list] = {}
     for r, k in last.items():
@@ -59,7 +65,7 @@ def plan_memory(graph, backend) -> MemoryPlan:
     for k, n in enumerate(nodes):
         prim = PRIMITIVES.get(n.op)
         plannable = (prim is not None and not prim.view and root[n] is n and n not in escaping
-                     and n.nbytes > 0 and backend.supports_out(prim))
+                     and n.nbytes > 0 and backend.supports_out(prim) and n not in plan.write_into)
         dying_here = [r for r in dies_at.get(k, ()) if r in plan.slot_of]
         if plannable:
             donor = None
@@ -98,3 +104,28 @@ def _take_slot(plan, free, nbytes):
         return s
     plan.slot_nbytes.append(nbytes)
     return len(plan.slot_nbytes) - 1
+
+
+def _plan_assign_targets(graph, backend, plan, root, index):
+    users = graph.uses()
+    outputs = set(graph.outputs)
+    readers: dict = {}  # root array -> positions of the nodes reading it or a view of it
+    for k, n in enumerate(graph.nodes):
+        for i in n.inputs:
+            readers.setdefault(root[i], []).append(k)
+    for a in graph.nodes:
+        if a.op != "assign":
+            continue
+        dst, src = a.inputs
+        prim = PRIMITIVES.get(src.op)
+        if (prim is None or prim.view or src.op in ("input", "const") or src in outputs
+                or users.get(src) != [a] or src.shape != dst.shape or src.dtype != dst.dtype
+                or not backend.supports_out(prim) or src in plan.write_into):
+            continue
+        at = index[src]
+        later = [k for k in readers.get(root[dst], ()) if k > at and graph.nodes[k] is not a]
+        reads_dst = any(root[i] is root[dst] for i in src.inputs)
+        if later or (reads_dst and not (prim.inplace or src.op == "fused")):
+            continue
+        plan.write_into[src] = dst
+        plan.elided.add(a)

@@ -87,6 +87,8 @@ def unregister(name: str) -> None:
 
 def _forget_collected():
     from .backends import reset
+    from .layersets import reset as reset_layer_sets
     from .passes import reset_pipeline
     reset()
     reset_pipeline()
+    reset_layer_sets()

@@ -30,7 +30,7 @@ class Primitive:
 
     def __init__(self, name, *, shape, impl, vjp=None, ufunc=None, elementwise=False, view=False,
                  effectful=False, accepts_out=False, foldable=True, nondiff=False, expr=None, inplace=None,
-                 doc=""):
+                 writes_input=False, doc=""):
         self.name = name
         self.shape_rule = shape
         self.impl = impl
@@ -44,6 +44,10 @@ class Primitive:
         self.nondiff = nondiff
         self.expr = expr
         self.inplace = (ufunc is not None) if inplace is None else inplace
+        self.writes_input = writes_input
+        if writes_input:
+            self.effectful = True
+            self.foldable = False
         self.__doc__ = doc
 
     def __repr__(self):
@@ -73,6 +77,8 @@ def defprim(name, **fields) -> Primitive:
     nondiff: the output carries no gradient (comparisons, argmax).
     expr: C expression template ("exp({0})") a GPU backend may use to fuse the op.
     inplace: out= may be one of the inputs (true for ufuncs; default: ufunc is set).
+    writes_input: the op writes into its first input (assign): a side effect that
+        passes keep and never move reads of that input across.
     """
     if name in PRIMITIVES:
         raise AvalonError(f"primitive {name!r} is already registered")

@@ -3,7 +3,7 @@ from .elementwise import *  # noqa: F401,F403
 from .elementwise import (abs, add, cast, clip, div, elu, eq, exp, expm1, ge, gt, le, leaky_relu, log,  # noqa: F401
                           log1p, log_sigmoid, logistic, lt, maximum, minimum, mul, ne, neg, pow, reciprocal,
                           relu, sigmoid, sign, softplus, softsign, sqrt, square, stop_gradient, sub, tanh, where)
-from .shape import (broadcast_to, expand_dims, flatten, full, ones, permute, reshape, squeeze, swapaxes,  # noqa: F401
+from .shape import (assign, broadcast_to, expand_dims, flatten, full, ones, permute, reshape, squeeze, swapaxes,  # noqa: F401
                     transpose, zeros)
 from .reduce import (argmax, argmin, log_softmax, logsumexp, max, mean, min, softmax, sum, sum_to,  # noqa: F401
                      var)

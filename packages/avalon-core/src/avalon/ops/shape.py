@@ -158,3 +158,26 @@ def zeros(shape, dtype=np.float32, *, like=None):
 
 def ones(shape, dtype=np.float32, *, like=None):
     return full(shape, 1, dtype, like=like)
+
+
+def _assign_rule(dst, src):
+    from ._rules import broadcast_shapes
+    if broadcast_shapes("assign", dst.shape, src.shape) != tuple(dst.shape):
+        raise ShapeError(f"assign: cannot write a value of shape {tuple(src.shape)} into an array of "
+                         f"shape {tuple(dst.shape)}")
+    return tuple(dst.shape), dst.dtype
+
+
+def _assign_impl(xp, dst, src):
+    xp.copyto(dst, src, casting="same_kind")
+    return dst
+
+
+assign_p = defprim("assign", shape=_assign_rule, impl=_assign_impl, writes_input=True, nondiff=True,
+                   doc="Write src into the array dst in place (optimizer updates).")
+
+
+def assign(dst, src):
+    """Write `src` into the array `dst` in place and return dst.  In a compiled
+    function the op producing src writes straight into dst when it can."""
+    return bind(assign_p, (dst, src))

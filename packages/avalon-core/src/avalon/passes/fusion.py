@@ -26,9 +26,21 @@ def _fusible(n):
     return p is not None and p.elementwise and not p.effectful
 
 
+def _write_epochs(graph):
+    """Number of input-writing nodes (assign) before each node: members of a
+    group must share it, so no read of an input moves past a write to it."""
+    epoch, count = {}, 0
+    for n in graph.nodes:
+        epoch[n] = count
+        if getattr(PRIMITIVES.get(n.op), "writes_input", False):
+            count += 1
+    return epoch
+
+
 def fuse_elementwise(graph):
     users = graph.uses()
     outputs = set(graph.outputs)
+    epoch = _write_epochs(graph)
     group_of: dict = {}
     groups = []
     for root in reversed(graph.nodes):
@@ -40,7 +52,7 @@ def fuse_elementwise(graph):
             n = stack.pop()
             for i in n.inputs:
                 if (i in members or i in group_of or not _fusible(i) or i in outputs
-                        or i.shape != root.shape):
+                        or i.shape != root.shape or epoch[i] != epoch[root]):
                     continue
                 if all(u in members for u in users.get(i, ())):
                     members.add(i)

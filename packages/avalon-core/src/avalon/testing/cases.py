@@ -287,11 +287,6 @@ def _fmt_shape(s):
 
 
 # Known defects (see the report in the avalon-core test suite).
-_BUG_WHERE_F64 = Bug("grad", "where() (used by relu's VJP, leaky_relu, elu, softplus, dropout, where's "
-                     "own VJP) takes the dtype of a Python scalar operand from the *condition* (bool), so "
-                     "`where(c, g, 0.0)` meets float32 0.0 with a float64 g and raises DtypeError: every "
-                     "float64 gradient through where/relu fails", ("float64",))
-_BUG_WHERE_F64_FWD = Bug("forward", _BUG_WHERE_F64.reason.replace("gradient", "forward"), ("float64",))
 _BUG_INT_DIV = Bug("forward", "div on integer arrays declares an int64 result but computes float64 "
                    "(true division); a compiled graph that uses the result fails with UFuncTypeError")
 _BUG_MIXED_INT_FLOAT = Bug("forward", "a binary op on float32 and int64 arrays declares float32 (the shape rule "
@@ -396,16 +391,13 @@ _UNARY = [
     ("reciprocal", avalon.reciprocal, lambda t, x: t.reciprocal(x), "nonzero"),
 ]
 
-_F64_WHERE = {"relu", "softplus"}   # their gradients go through where()
-
 for _op, _fn, _tfn, _dom in _UNARY:
-    _bugs = (_BUG_WHERE_F64,) if _op in _F64_WHERE else ()
-    _add(_op, lambda x, _fn=_fn: _fn(x), [_F((3, 4), _dom)], _tfn, "", bugs=_bugs)
+    _add(_op, lambda x, _fn=_fn: _fn(x), [_F((3, 4), _dom)], _tfn, "")
     if _op in ("exp", "tanh", "sigmoid", "log", "neg", "relu"):
         _add(_op, lambda x, _fn=_fn: _fn(x), [_F((), _dom)], _tfn, "0d",
-             bugs=_bugs + ((_BUG_SIGMOID_0D,) if _op == "sigmoid" else ()))
+             bugs=(_BUG_SIGMOID_0D,) if _op == "sigmoid" else ())
     if _op in ("sqrt", "sigmoid", "log_sigmoid"):
-        _add(_op, lambda x, _fn=_fn: _fn(x), [_F((2, 3, 4), _dom)], _tfn, "3d", bugs=_bugs)
+        _add(_op, lambda x, _fn=_fn: _fn(x), [_F((2, 3, 4), _dom)], _tfn, "3d")
 
 # large magnitudes: no overflow, correct saturation
 _add("sigmoid", lambda x: avalon.sigmoid(x), [_F((3, 4), "wide")], lambda t, x: t.sigmoid(x), "wide")
@@ -417,16 +409,15 @@ _add("logistic", lambda x: avalon.logistic(x), [_F((3, 4))], lambda t, x: t.sigm
 for _slope in (0.01, 0.2):
     _add("leaky_relu", lambda x, negative_slope: avalon.leaky_relu(x, negative_slope), [_F((3, 4), "nonzero")],
          lambda t, x, negative_slope: t.nn.functional.leaky_relu(x, negative_slope), f"slope{_slope}",
-         kwargs={"negative_slope": _slope}, bugs=(_BUG_WHERE_F64,))
+         kwargs={"negative_slope": _slope})
 for _alpha in (1.0, 0.5):
     _add("elu", lambda x, alpha: avalon.elu(x, alpha), [_F((3, 4), "nonzero")],
-         lambda t, x, alpha: t.nn.functional.elu(x, alpha), f"alpha{_alpha}", kwargs={"alpha": _alpha},
-         bugs=(_BUG_WHERE_F64,))
+         lambda t, x, alpha: t.nn.functional.elu(x, alpha), f"alpha{_alpha}", kwargs={"alpha": _alpha})
 _add("softplus", lambda x, beta, threshold: avalon.softplus(x, beta, threshold), [_F((4, 5), "wide")],
      lambda t, x, beta, threshold: t.nn.functional.softplus(x, beta, threshold), "beta2_thr5_wide",
-     kwargs={"beta": 2.0, "threshold": 5.0}, bugs=(_BUG_WHERE_F64,))
+     kwargs={"beta": 2.0, "threshold": 5.0})
 _add("softplus", lambda x: avalon.softplus(x), [_F((3, 4), "wide")],
-     lambda t, x: t.nn.functional.softplus(x), "wide", bugs=(_BUG_WHERE_F64,))
+     lambda t, x: t.nn.functional.softplus(x), "wide")
 
 # integer inputs
 _add("neg", lambda x: avalon.neg(x), [_I((3, 4))], lambda t, x: t.neg(x), "int")
@@ -439,16 +430,15 @@ _add("sign", lambda x: avalon.sign(x), [_I((3, 4))], lambda t, x: t.sign(x), "in
 # differentiable.
 _AT_0 = "a non-differentiable point: checks the subgradient convention against PyTorch only"
 _add("relu", lambda x: avalon.relu(x), [_F((4, 5), "ties")], lambda t, x: t.relu(x), "at_zero", fd=False,
-     fd_reason=_AT_0, bugs=(_BUG_WHERE_F64,))
+     fd_reason=_AT_0)
 _add("abs", lambda x: avalon.abs(x), [_F((4, 5), "ties")], lambda t, x: t.abs(x), "at_zero", fd=False,
      fd_reason=_AT_0)
 _add("leaky_relu", lambda x: avalon.leaky_relu(x, 0.1), [_F((4, 5), "ties")],
-     lambda t, x: t.nn.functional.leaky_relu(x, 0.1), "at_zero", fd=False, fd_reason=_AT_0,
-     bugs=(_BUG_WHERE_F64,))
+     lambda t, x: t.nn.functional.leaky_relu(x, 0.1), "at_zero", fd=False, fd_reason=_AT_0)
 _add("elu", lambda x: avalon.elu(x), [_F((4, 5), "ties")], lambda t, x: t.nn.functional.elu(x), "at_zero",
-     bugs=(_BUG_ELU_AT_0, _BUG_WHERE_F64))
+     bugs=(_BUG_ELU_AT_0,))
 _add("softplus", lambda x: avalon.softplus(x), [_F((4, 5), "ties")],
-     lambda t, x: t.nn.functional.softplus(x), "at_zero", bugs=(_BUG_SOFTPLUS_AT_0, _BUG_WHERE_F64))
+     lambda t, x: t.nn.functional.softplus(x), "at_zero", bugs=(_BUG_SOFTPLUS_AT_0,))
 _add("log_sigmoid", lambda x: avalon.log_sigmoid(x), [_F((4, 5), "ties")],
      lambda t, x: t.nn.functional.logsigmoid(x), "at_zero")
 _add("softsign", lambda x: avalon.softsign(x), [_F((4, 5), "ties")],
@@ -468,13 +458,13 @@ _add("stop_gradient", lambda x: avalon.mul(x, avalon.stop_gradient(x)), [_F((3, 
 # -- where, cast, full -------------------------------------------------------------------------
 
 _add("where", lambda c, a, b: avalon.where(c, a, b), [_B((3, 4)), _F((3, 4)), _F((3, 4))],
-     lambda t, c, a, b: t.where(c, a, b), "same", bugs=(_BUG_WHERE_F64,))
+     lambda t, c, a, b: t.where(c, a, b), "same")
 _add("where", lambda c, a, b: avalon.where(c, a, b), [_B((3, 1)), _F((4,)), _F(())],
-     lambda t, c, a, b: t.where(c, a, b), "bcast", bugs=(_BUG_WHERE_F64,))
+     lambda t, c, a, b: t.where(c, a, b), "bcast")
 _add("where", lambda x: avalon.where(avalon.gt(x, 0.0), x, avalon.mul(x, x)), [_F((3, 4), "nonzero")],
-     lambda t, x: t.where(x > 0, x, x * x), "traced_cond", bugs=(_BUG_WHERE_F64,))
+     lambda t, x: t.where(x > 0, x, x * x), "traced_cond")
 _add("where", lambda c, a: avalon.where(c, a, 0.0), [_B((3, 4)), _F((3, 4))],
-     lambda t, c, a: t.where(c, a, 0.0), "py_scalar", bugs=(_BUG_WHERE_F64, _BUG_WHERE_F64_FWD))
+     lambda t, c, a: t.where(c, a, 0.0), "py_scalar")
 _add("where", lambda c, a, b: avalon.where(c, a, b), [_B((3, 4)), _I((3, 4)), _I((4,))],
      lambda t, c, a, b: t.where(c, a, b), "int")
 
@@ -676,12 +666,180 @@ def _check_normal(out, x):
 
 
 _add("dropout", lambda x: avalon.dropout(x, 0.5), [_F((10, 10), "nonzero")],
-     lambda t, x: t.nn.functional.dropout(x, 0.5), "p0.5", random=True, check=_check_dropout_half,
-     bugs=(_BUG_WHERE_F64_FWD,))
+     lambda t, x: t.nn.functional.dropout(x, 0.5), "p0.5", random=True, check=_check_dropout_half)
 _add("random_uniform", lambda x: avalon.random_uniform(x.shape, x.dtype, like=x), [_F((10, 10))],
      lambda t, x: t.rand_like(x), random=True, check=_check_uniform)
 _add("random_normal", lambda x: avalon.random_normal(x.shape, x.dtype, like=x), [_F((10, 10))],
      lambda t, x: t.randn_like(x), random=True, check=_check_normal)
+
+
+# -- indexing (avalon.ops.indexing) -----------------------------------------------------------
+
+_IDX = np.array([2, 0, 2, 1])           # repeats: the gradient accumulates
+_MASK = np.array([[True, False, True, True], [False, False, True, False], [True, True, False, True]])
+for _v, _index in (("int", 1), ("neg_int", -1), ("slice", (slice(None), slice(1, None, 2))),
+                   ("ellipsis_newaxis", (Ellipsis, None, 2)),
+                   ("int_slice_newaxis", (1, None, slice(0, 3))), ("array_repeats", (_IDX,)),
+                   ("array_list", ([0, 2],)), ("array_and_slice", (slice(None), _IDX[:3])),
+                   ("arrays_split_by_slice", (np.array([0, 2]), slice(None), np.array([1, 3]))),
+                   ("arrays_broadcast", (np.array([[0], [2]]), slice(None), np.array([1, 3, 0])))):
+    _add("getitem", lambda x, index: avalon.getitem(x, index), [_F((3, 4, 4) if "split" in _v or "broadcast" in _v
+                                                                   else (3, 4))],
+         lambda t, x, index: x[tuple(t.from_numpy(i) if isinstance(i, np.ndarray) else i
+                                     for i in (index if isinstance(index, tuple) else (index,)))],
+         _v, kwargs={"index": _index})
+# negative steps (torch slicing has none: flip, then pick)
+_add("getitem", lambda x: avalon.getitem(x, (slice(None, None, -1), slice(3, 0, -2))), [_F((3, 4))],
+     lambda t, x: x.flip(0)[:, [3, 1]], "neg_step")
+_add("getitem", lambda x: avalon.getitem(x, _MASK), [_F((3, 4))], lambda t, x: x[t.from_numpy(_MASK)], "bool_mask")
+_add("getitem", lambda x, i: avalon.getitem(x, i), [_F((5, 3)), _I((2, 3), index_domain(5))],
+     lambda t, x, i: x[i], "traced_index")
+_add("getitem", lambda x, i, j: avalon.getitem(x, (i, j)), [_F((5, 3)), _I((4,), index_domain(5)),
+                                                            _I((4,), index_domain(3))],
+     lambda t, x, i, j: x[i, j], "traced_index_pair")
+_add("getitem", lambda x: avalon.getitem(x, (0, slice(1, 3))), [_I((3, 4))], lambda t, x: x[0, 1:3], "int_array")
+
+_add("concatenate", lambda a, b: avalon.concatenate([a, b]), [_F((2, 3)), _F((4, 3))],
+     lambda t, a, b: t.cat([a, b]), "axis0")
+_add("concatenate", lambda a, b, c: avalon.concatenate([a, b, c], axis=-1),
+     [_F((2, 3, 1)), _F((2, 3, 2)), _F((2, 3, 4))], lambda t, a, b, c: t.cat([a, b, c], dim=-1), "three_axis_neg")
+_add("concatenate", lambda a, b: avalon.concatenate([a, b], axis=None), [_F((2, 3)), _F((4,))],
+     lambda t, a, b: t.cat([a.reshape(-1), b.reshape(-1)]), "axis_none")
+_add("concatenate", lambda a, b: avalon.concatenate([a, b], axis=1), [_F((2, 3)), _I((2, 2))],
+     lambda t, a, b: t.cat([a, b.to(a.dtype)], dim=1), "float_int")
+_add("stack", lambda a, b, c: avalon.stack([a, b, c]), [_F((2, 3)), _F((2, 3)), _F((2, 3))],
+     lambda t, a, b, c: t.stack([a, b, c]), "axis0")
+_add("stack", lambda a, b: avalon.stack([a, b], axis=-1), [_F((2, 3)), _F((2, 3))],
+     lambda t, a, b: t.stack([a, b], dim=-1), "axis_neg")
+_add("split", lambda x: avalon.split(x, 3, axis=1), [_F((2, 6))], lambda t, x: t.tensor_split(x, 3, dim=1),
+     "sections")
+_add("split", lambda x: avalon.split(x, [1, 3]), [_F((5, 2))], lambda t, x: t.tensor_split(x, [1, 3], dim=0),
+     "points")
+
+
+def _t_pad(t, x, widths, value=0.0):
+    """np.pad(constant) in torch: F.pad axis by axis (so a corner takes its last axis' value)."""
+    for ax, (b, a) in enumerate(widths):
+        if b or a:
+            spec = [0, 0] * (x.dim() - 1 - ax) + [b, a]
+            x = t.nn.functional.pad(x, spec, value=value[ax] if isinstance(value, list) else value)
+    return x
+
+
+_add("pad", lambda x: avalon.pad(x, 1), [_F((2, 3))], lambda t, x: _t_pad(t, x, [(1, 1), (1, 1)]), "int")
+_add("pad", lambda x: avalon.pad(x, ((0, 2), (1, 0), (2, 1)), constant_values=1.5), [_F((2, 3, 2))],
+     lambda t, x: _t_pad(t, x, [(0, 2), (1, 0), (2, 1)], 1.5), "pairs_value")
+_add("pad", lambda x: avalon.pad(x, ((1, 1), (2, 0)), constant_values=((1.0, 2.0), (3.0, 4.0))), [_F((2, 3))],
+     lambda t, x: _t_pad_values(t, x), "per_side_values")
+
+
+def _t_pad_values(t, x):
+    # axis 0: (1 before with 1.0, 1 after with 2.0); then axis 1: (2 before with 3.0)
+    F = t.nn.functional
+    y = F.pad(F.pad(x, [0, 0, 1, 0], value=1.0), [0, 0, 0, 1], value=2.0)
+    return F.pad(y, [2, 0], value=3.0)
+
+
+_add("take_along_axis", lambda x, i: avalon.take_along_axis(x, i, axis=1), [_F((3, 4)), _I((3, 5), index_domain(4))],
+     lambda t, x, i: t.take_along_dim(x, i, dim=1), "axis1")
+_add("take_along_axis", lambda x, i: avalon.take_along_axis(x, i, axis=0),
+     [_F((3, 4, 2)), _I((5, 1, 2), index_domain(3))], lambda t, x, i: t.take_along_dim(x, i, dim=0),
+     "axis0_bcast")
+_add("take_along_axis", lambda x, i: avalon.take_along_axis(x, i, axis=None), [_F((3, 4)), _I((6,), index_domain(12))],
+     lambda t, x, i: t.take_along_dim(x, i), "axis_none")
+_add("gather", lambda x, i: avalon.gather(x, 1, i), [_F((3, 5)), _I((2, 4), index_domain(5))],
+     lambda t, x, i: t.gather(x, 1, i), "smaller_index")
+_add("gather", lambda x, i: avalon.gather(x, 0, i), [_F((3, 4)), _I((6, 4), index_domain(3))],
+     lambda t, x, i: t.gather(x, 0, i), "dim0")
+_add("take", lambda x: avalon.take(x, np.array([[0, 5], [11, 5]])), [_F((3, 4))],
+     lambda t, x: t.take(x, t.tensor([[0, 5], [11, 5]])), "flat")
+_add("take", lambda x, i: avalon.take(x, i, axis=1), [_F((3, 4)), _I((5,), index_domain(4))],
+     lambda t, x, i: t.index_select(x, 1, i), "axis1_traced")
+_add("one_hot", lambda y: avalon.one_hot(y, 5), [_I((2, 3), index_domain(5))],
+     lambda t, y: t.nn.functional.one_hot(y, 5).to(t.float32))
+
+# -- convolution and pooling (avalon.ops.nn) --------------------------------------------------------
+
+def _tF(name):
+    return lambda t, *a, **k: getattr(t.nn.functional, name)(*a, **k)
+
+
+for _v, _xs, _ws, _bias, _kw in (
+        ("basic", (2, 3, 7), (4, 3, 3), True, {}),
+        ("stride2_pad1_dil2", (2, 2, 9), (3, 2, 3), False, {"stride": 2, "padding": 1, "dilation": 2}),
+        ("groups2_same", (1, 4, 6), (4, 2, 4), True, {"groups": 2, "padding": "same"}),
+        ("unbatched", (3, 6), (2, 3, 2), True, {})):
+    _args = [_F(_xs), _F(_ws)] + ([_F((_ws[0],))] if _bias else [])
+    _add("conv1d", lambda *a, **k: avalon.conv1d(*a, **k), _args, _tF("conv1d"), _v, kwargs=_kw)
+for _v, _xs, _ws, _bias, _kw in (
+        ("basic", (2, 3, 5, 5), (4, 3, 3, 3), True, {}),
+        ("stride2_pad1", (2, 2, 6, 5), (3, 2, 3, 2), True, {"stride": 2, "padding": 1}),
+        ("dil2_groups2", (1, 4, 7, 7), (4, 2, 2, 3), False, {"dilation": 2, "groups": 2}),
+        ("same_even_kernel", (1, 2, 5, 6), (3, 2, 2, 4), False, {"padding": "same"}),
+        ("asym", (1, 2, 6, 7), (2, 2, 3, 1), True, {"stride": (2, 1), "padding": (0, 2)}),
+        ("unbatched", (2, 5, 5), (3, 2, 3, 3), True, {})):
+    _args = [_F(_xs), _F(_ws)] + ([_F((_ws[0],))] if _bias else [])
+    _add("conv2d", lambda *a, **k: avalon.conv2d(*a, **k), _args, _tF("conv2d"), _v, kwargs=_kw)
+_add("conv3d", lambda *a, **k: avalon.conv3d(*a, **k), [_F((1, 2, 4, 4, 3)), _F((3, 2, 2, 2, 2)), _F((3,))],
+     _tF("conv3d"), "basic")
+_add("conv3d", lambda *a, **k: avalon.conv3d(*a, **k), [_F((2, 2, 5, 4, 4)), _F((2, 1, 3, 2, 2))],
+     _tF("conv3d"), "stride_pad_groups", kwargs={"stride": (2, 1, 1), "padding": 1, "groups": 2})
+_add("conv", lambda x, w: avalon.conv(x, w, stride=2, padding=1), [_F((2, 2, 5, 5)), _F((3, 2, 3, 3))],
+     lambda t, x, w: t.nn.functional.conv2d(x, w, stride=2, padding=1), "2d")
+
+for _v, _xs, _ws, _bias, _kw in (
+        ("basic", (2, 3, 5), (3, 2, 3), True, {}),
+        ("stride2_pad1_outpad1", (1, 2, 4), (2, 3, 3), False, {"stride": 2, "padding": 1, "output_padding": 1}),
+        ("groups2_dil2", (1, 4, 5), (4, 1, 2), True, {"groups": 2, "dilation": 2})):
+    _args = [_F(_xs), _F(_ws)] + ([_F((_ws[1] * _kw.get("groups", 1),))] if _bias else [])
+    _add("conv_transpose1d", lambda *a, **k: avalon.conv_transpose1d(*a, **k), _args,
+         _tF("conv_transpose1d"), _v, kwargs=_kw)
+for _v, _xs, _ws, _bias, _kw in (
+        ("basic", (2, 3, 4, 4), (3, 2, 3, 3), True, {}),
+        ("stride2_pad1_outpad1", (1, 2, 3, 4), (2, 3, 3, 3), True,
+         {"stride": 2, "padding": 1, "output_padding": 1}),
+        ("groups2_dil2_asym", (1, 4, 3, 4), (4, 1, 2, 3), False,
+         {"groups": 2, "dilation": 2, "stride": (1, 2)}),
+        ("unbatched", (2, 3, 3), (2, 2, 2, 2), True, {})):
+    _args = [_F(_xs), _F(_ws)] + ([_F((_ws[1] * _kw.get("groups", 1),))] if _bias else [])
+    _add("conv_transpose2d", lambda *a, **k: avalon.conv_transpose2d(*a, **k), _args,
+         _tF("conv_transpose2d"), _v, kwargs=_kw)
+_add("conv_transpose3d", lambda *a, **k: avalon.conv_transpose3d(*a, **k),
+     [_F((1, 2, 3, 3, 2)), _F((2, 2, 2, 2, 2)), _F((2,))], _tF("conv_transpose3d"), "stride2",
+     kwargs={"stride": 2})
+_add("conv_transpose", lambda x, w: avalon.conv_transpose(x, w, stride=2), [_F((1, 2, 3, 3)), _F((2, 3, 2, 2))],
+     lambda t, x, w: t.nn.functional.conv_transpose2d(x, w, stride=2), "2d")
+
+for _nd, _xs in ((1, (2, 3, 8)), (2, (2, 2, 6, 5)), (3, (1, 2, 4, 4, 5))):
+    _name = f"max_pool{_nd}d"
+    for _v, _kw in (("k2", {"kernel_size": 2}), ("k3_s2_p1", {"kernel_size": 3, "stride": 2, "padding": 1}),
+                    ("k2_dil2", {"kernel_size": 2, "stride": 1, "dilation": 2})):
+        _add(_name, lambda x, _n=_name, **k: getattr(avalon, _n)(x, **k), [_F(_xs, "distinct")], _tF(_name), _v,
+             kwargs=_kw)
+    _name = f"avg_pool{_nd}d"
+    for _v, _kw in (("k2", {"kernel_size": 2}),
+                    ("k3_s2_p1", {"kernel_size": 3, "stride": 2, "padding": 1}),
+                    ("k3_s2_p1_excl_pad", {"kernel_size": 3, "stride": 2, "padding": 1, "count_include_pad": False})):
+        _add(_name, lambda x, _n=_name, **k: getattr(avalon, _n)(x, **k), [_F(_xs)], _tF(_name), _v, kwargs=_kw)
+    for _kind in ("avg", "max"):
+        _name = f"adaptive_{_kind}_pool{_nd}d"
+        _out = {1: 4, 2: (3, 1), 3: (2, 1, 5)}[_nd]
+        _add(_name, lambda x, _n=_name, **k: getattr(avalon, _n)(x, **k),
+             [_F(_xs, "distinct" if _kind == "max" else None)], _tF(_name), "", kwargs={"output_size": _out})
+_add("max_pool2d", lambda x: avalon.max_pool2d(x, (2, 3), stride=(1, 2)), [_F((2, 5, 6), "distinct")],
+     lambda t, x: t.nn.functional.max_pool2d(x, (2, 3), stride=(1, 2)), "unbatched_asym")
+_add("max_pool2d", lambda x: avalon.max_pool2d(x, 2), [_F((1, 2, 4, 4), "ties")],
+     lambda t, x: t.nn.functional.max_pool2d(x, 2), "ties", fd=False,
+     fd_reason="ties make max pooling non-differentiable; checks that, as in PyTorch, the first maximum of "
+               "each window gets the gradient")
+_add("maxpool2d", lambda x: avalon.maxpool2d(x, 2), [_F((1, 2, 4, 4), "distinct")],
+     lambda t, x: t.nn.functional.max_pool2d(x, 2))
+_add("max_pool", lambda x: avalon.max_pool(x, 2, 1), [_F((1, 2, 4, 3), "distinct")],
+     lambda t, x: t.nn.functional.max_pool2d(x, 2, 1), "2d")
+_add("avg_pool2d", lambda x: avalon.avg_pool2d(x, 2, divisor_override=3), [_F((1, 2, 4, 4))],
+     lambda t, x: t.nn.functional.avg_pool2d(x, 2, divisor_override=3), "divisor_override")
+_add("avg_pool", lambda x: avalon.avg_pool(x, 2, 1, 1, count_include_pad=False), [_F((1, 2, 4, 3))],
+     lambda t, x: t.nn.functional.avg_pool2d(x, 2, 1, 1, count_include_pad=False), "2d")
 
 
 # -- queries -----------------------------------------------------------------------------------
