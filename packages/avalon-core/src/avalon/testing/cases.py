@@ -622,6 +622,14 @@ for _s, _e in ((0, -1), (1, -1), (0, 1), (1, 2)):
          lambda t, x, start_dim, end_dim: t.flatten(x, start_dim, end_dim), f"s{_s}_e{_e}",
          kwargs={"start_dim": _s, "end_dim": _e})
 
+# in-place write (optimizer updates): the result is dst, overwritten with src (broadcast)
+_add("assign", lambda d, s: avalon.assign(d, s), [_F((3, 4)), _F((4,))], lambda t, d, s: d.copy_(s), "bcast",
+     grad=())
+_add("assign", lambda d, s: avalon.assign(d, avalon.add(avalon.mul(s, 0.5), d)), [_F((3, 4)), _F((3, 4))],
+     lambda t, d, s: d.copy_(s * 0.5 + d), "update", grad=())
+_add("assign", lambda d, s: avalon.assign(d, s), [_F((2, 3)), _I((2, 3))], lambda t, d, s: d.copy_(s), "int_src",
+     grad=())
+
 # -- matmul, linear ----------------------------------------------------------------------------
 
 for _v, _sa, _sb in (("2d", (3, 4), (4, 5)), ("batched", (2, 3, 4), (2, 4, 5)),

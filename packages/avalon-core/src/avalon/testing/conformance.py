@@ -139,27 +139,32 @@ def make_loss(case: OpCase, n_inputs: int):
 
 # -- the three checks ---------------------------------------------------------------------------
 
+# Every call gets freshly generated inputs (the same values: they depend only on
+# the case id): an op such as assign writes into its input, and its result is
+# that input.
+
+def _device_inputs(case, float_dtype, dev):
+    return [avalon.to_device(x, dev) for x in case.inputs(float_dtype)]
+
+
 def check_eager(case: OpCase, device, float_dtype="float32"):
     dev = _device(device)
-    inputs = case.inputs(float_dtype)
-    ref = _reference(case, inputs)
-    declared = declared_types(case, inputs)
-    dinputs = [avalon.to_device(x, dev) for x in inputs]
-    outs = as_list(case.call(*dinputs))
-    _check_outputs(case, outs, ref, declared, dev, inputs, "eager")
+    ref = _reference(case, case.inputs(float_dtype))
+    declared = declared_types(case, case.inputs(float_dtype))
+    outs = as_list(case.call(*_device_inputs(case, float_dtype, dev)))
+    _check_outputs(case, outs, ref, declared, dev, case.inputs(float_dtype), "eager")
 
 
 def check_jit(case: OpCase, device, float_dtype="float32"):
     dev = _device(device)
-    inputs = case.inputs(float_dtype)
-    ref = _reference(case, inputs)
-    declared = declared_types(case, inputs)
-    dinputs = [avalon.to_device(x, dev) for x in inputs]
+    ref = _reference(case, case.inputs(float_dtype))
+    declared = declared_types(case, case.inputs(float_dtype))
     f = avalon.jit(lambda *a: case.call(*a))
-    outs = as_list(f(*dinputs))
-    _check_outputs(case, outs, ref, declared, dev, inputs, "jit")
-    outs2 = as_list(f(*dinputs))   # a second call reuses the compiled function (scratch buffers)
-    _check_outputs(case, outs2, ref, declared, dev, inputs, "jit (second call)")
+    outs = as_list(f(*_device_inputs(case, float_dtype, dev)))
+    _check_outputs(case, outs, ref, declared, dev, case.inputs(float_dtype), "jit")
+    # a second call reuses the compiled function (and its scratch buffers)
+    outs2 = as_list(f(*_device_inputs(case, float_dtype, dev)))
+    _check_outputs(case, outs2, ref, declared, dev, case.inputs(float_dtype), "jit (second call)")
 
 
 def check_grad(case: OpCase, device, float_dtype="float32"):
@@ -173,7 +178,7 @@ def check_grad(case: OpCase, device, float_dtype="float32"):
     wrt = case.wrt
     host_args = inputs + cts
     ref_val, ref_grads = avalon.grad(make_loss(case, n), *host_args, argnums=wrt)
-    dargs = [avalon.to_device(x, dev) for x in host_args]
+    dargs = _device_inputs(case, float_dtype, dev) + [avalon.to_device(c, dev) for c in cts]
     val, grads = avalon.grad(make_loss(case, n), *dargs, argnums=wrt)
     _check_on_device(val, dev, f"{case.id} grad value")
     assert_close(to_host(val), to_host(ref_val), f"{case.id} loss value")
