@@ -33,7 +33,6 @@ from typing import Any, Callable
 import numpy as np
 
 import avalon
-from avalon import ops as _ops
 
 __all__ = ["Arg", "Bug", "OpCase", "CASES", "DOMAINS", "cases_for", "case_by_id", "make_inputs",
            "index_domain", "as_list", "resolve_dtype", "FLOAT", "CHECKS"]
@@ -286,7 +285,7 @@ def _fmt_shape(s):
     return "x".join(str(d) for d in s) if s else "0d"
 
 
-# Known defects (see the report in the avalon-core test suite).
+# Known defects: the tests mark the checks they break as expected failures.
 _BUG_INT_DIV = Bug("forward", "div on integer arrays declares an int64 result but computes float64 "
                    "(true division); a compiled graph that uses the result fails with UFuncTypeError")
 _BUG_MIXED_INT_FLOAT = Bug("forward", "a binary op on float32 and int64 arrays declares float32 (the shape rule "

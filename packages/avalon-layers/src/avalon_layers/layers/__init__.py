@@ -1,0 +1,1 @@
+"""Layer modules of avalon-layers (avalon.nn.*)."""
