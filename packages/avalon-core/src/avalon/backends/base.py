@@ -62,7 +62,9 @@ class Backend:
 
     # -- kernels --------------------------------------------------------------
     def run(self, prim, arrays, attrs):
-        return self.kernel(prim, attrs)(*arrays)
+        r = self.kernel(prim, attrs)(*arrays)
+        # reductions to 0-d give NumPy scalars; eager results are always arrays
+        return r if isinstance(r, self.array_types) else self.asarray(r)
 
     def kernel(self, prim, attrs):
         """A callable(*arrays[, out=]) computing `prim` with static `attrs`."""

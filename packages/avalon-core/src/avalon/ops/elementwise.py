@@ -104,7 +104,7 @@ tanh_p = defprim("tanh", shape=_float_rule("tanh"), ufunc="tanh", elementwise=Tr
 
 def _sigmoid_impl(xp, x, out=None):
     # 0.5 * tanh(x / 2) + 0.5: no overflow for large |x|, and in place in `out`.
-    out = xp.multiply(x, 0.5, out=out)
+    out = xp.multiply(x, 0.5, out=xp.empty(x.shape, x.dtype) if out is None else out)
     xp.tanh(out, out=out)
     out *= 0.5
     out += 0.5
@@ -164,56 +164,79 @@ stop_gradient_p = defprim("stop_gradient", shape=lambda x: (x.shape, x.dtype), e
 
 # -- public functions -----------------------------------------------------------------
 
+def _promote(*operands):
+    """Cast integer and bool arrays to the float dtype of the other operands, so
+    the kernel computes in the dtype the shape rule declares (NumPy would widen
+    float32 + int64 to float64)."""
+    dts = [np.dtype(o.dtype) for o in operands if hasattr(o, "dtype") and hasattr(o, "shape")]
+    floats = [d for d in dts if d.kind in "fc"]
+    if not floats or len(floats) == len(dts):
+        return operands
+    target = floats[0]
+    return tuple(cast(o, target) if (hasattr(o, "dtype") and hasattr(o, "shape")
+                                     and np.dtype(o.dtype).kind not in "fc") else o for o in operands)
+
+
+def _binary(prim, a, b):
+    return bind(prim, _promote(a, b))
+
+
 def add(a, b):
-    return bind(add_p, (a, b))
+    return _binary(add_p, a, b)
 
 
 def sub(a, b):
-    return bind(sub_p, (a, b))
+    return _binary(sub_p, a, b)
 
 
 def mul(a, b):
-    return bind(mul_p, (a, b))
+    return _binary(mul_p, a, b)
 
 
 def div(a, b):
+    a, b = _promote(a, b)
+    kinds = [np.dtype(o.dtype).kind for o in (a, b) if hasattr(o, "dtype") and hasattr(o, "shape")]
+    if kinds and all(k not in "fc" for k in kinds):
+        # true division of integers gives floats (float32, Avalon's default float)
+        a = cast(a, np.float32) if hasattr(a, "dtype") and hasattr(a, "shape") else a
+        b = cast(b, np.float32) if hasattr(b, "dtype") and hasattr(b, "shape") else b
     return bind(div_p, (a, b))
 
 
 def pow(a, b):  # noqa: A001 - mirrors numpy/torch naming
-    return bind(pow_p, (a, b))
+    return _binary(pow_p, a, b)
 
 
 def maximum(a, b):
-    return bind(maximum_p, (a, b))
+    return _binary(maximum_p, a, b)
 
 
 def minimum(a, b):
-    return bind(minimum_p, (a, b))
+    return _binary(minimum_p, a, b)
 
 
 def lt(a, b):
-    return bind(lt_p, (a, b))
+    return _binary(lt_p, a, b)
 
 
 def le(a, b):
-    return bind(le_p, (a, b))
+    return _binary(le_p, a, b)
 
 
 def gt(a, b):
-    return bind(gt_p, (a, b))
+    return _binary(gt_p, a, b)
 
 
 def ge(a, b):
-    return bind(ge_p, (a, b))
+    return _binary(ge_p, a, b)
 
 
 def eq(a, b):
-    return bind(eq_p, (a, b))
+    return _binary(eq_p, a, b)
 
 
 def ne(a, b):
-    return bind(ne_p, (a, b))
+    return _binary(ne_p, a, b)
 
 
 def neg(x):
@@ -265,7 +288,7 @@ def relu(x):
 
 def where(cond, a, b):
     """Elementwise select: a where cond is true, else b (the traced `if`)."""
-    return bind(where_p, (cond, a, b))
+    return bind(where_p, (cond, *_promote(a, b)))
 
 
 def cast(x, dtype):
@@ -287,13 +310,16 @@ def leaky_relu(x, negative_slope=0.01):
 
 
 def elu(x, alpha=1.0):
-    return where(gt(x, 0.0), x, mul(expm1(minimum(x, 0.0)), alpha))
+    # expm1 sees only x <= 0 (no overflow); its input is x itself at 0, so elu'(0) = alpha as in torch
+    neg_part = where(gt(x, 0.0), 0.0, x)
+    return where(gt(x, 0.0), x, mul(expm1(neg_part), alpha))
 
 
 def softplus(x, beta=1.0, threshold=20.0):
     """log(1 + exp(beta x)) / beta, linear above `threshold` as in PyTorch."""
     bx = mul(x, beta) if beta != 1.0 else x
-    soft = add(relu(bx), log1p(exp(neg(abs(bx)))))
+    # max(bx, 0) splits its tie at 0, which gives the true softplus'(0) = 1/2
+    soft = add(maximum(bx, 0.0), log1p(exp(neg(abs(bx)))))
     if beta != 1.0:
         soft = div(soft, beta)
     return where(gt(bx, threshold), x, soft)

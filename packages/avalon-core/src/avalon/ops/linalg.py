@@ -49,7 +49,8 @@ def matmul(a, b):
         b = reshape(b, (b.shape[0], 1))
     if a_nd == 1 and b_nd == 1 and a.shape[-1] != b.shape[-2]:
         raise ShapeError(f"matmul: shapes ({a.shape[-1]},) and ({b.shape[-2]},) do not align")
-    r = bind(matmul_p, (a, b))
+    from .elementwise import _promote
+    r = bind(matmul_p, _promote(a, b))
     if a_nd == 1:
         r = reshape(r, r.shape[:-2] + r.shape[-1:])
     if b_nd == 1:

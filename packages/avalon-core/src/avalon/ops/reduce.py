@@ -58,10 +58,13 @@ min_p = defprim("min", shape=_reduce_rule("min"), impl=_min_impl, accepts_out=Tr
 
 
 def _argmax_impl(xp, x, *, axes, keepdims):
-    if len(axes) == x.ndim and x.ndim != 1:
-        r = xp.argmax(x.reshape(-1))
-        return r.reshape((1,) * x.ndim) if keepdims else r
-    return xp.argmax(x, axis=axes[0], keepdims=keepdims)
+    """Index of the extreme value within the flattened block of `axes` (C order)."""
+    if len(axes) == 1:
+        return xp.argmax(x, axis=axes[0], keepdims=keepdims)
+    rest = [d for d in range(x.ndim) if d not in axes]
+    flat = xp.transpose(x, rest + list(axes)).reshape([x.shape[d] for d in rest] + [-1])
+    r = xp.asarray(xp.argmax(flat, axis=-1))
+    return r.reshape(reduced_shape(x.shape, axes, True)) if keepdims else r
 
 
 def _argmax_rule(x, *, axes, keepdims):
