@@ -22,6 +22,7 @@ from .errors import (AvalonError, ConcretizationError, DeviceError, DtypeError, 
                      MissingRuleError, ShapeError)
 from .graph import Graph, Node  # noqa: F401
 from .plugins import hookimpl, plugin_errors  # noqa: F401
+from .profiler import profile  # noqa: F401
 from .primitive import PRIMITIVES, Primitive, Tracer, bind, defprim  # noqa: F401
 
 float16, float32, float64 = _np.float16, _np.float32, _np.float64

@@ -30,9 +30,15 @@ def _ident(s: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in s)
 
 
-def generate(graph, backend, name: str = "compiled", plan=None) -> CompiledGraph:
+def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = False) -> CompiledGraph:
+    """Compile `graph` for `backend`.  With profile=True every kernel call is
+    timed into `compiled.timings` (node index -> seconds), for avalon.profile."""
     plan = plan_memory(graph, backend) if plan is None else plan
     env: dict = {}
+    timings: dict = {}
+    if profile:
+        import time
+        env["_clock"], env["_timings"], env["_sync"] = time.perf_counter, timings, backend.synchronize
     slots = [backend.empty((nb,), _UINT8) for nb in plan.slot_nbytes]
     names: dict = {}
     for k, n in enumerate(graph.inputs):
@@ -62,6 +68,8 @@ def generate(graph, backend, name: str = "compiled", plan=None) -> CompiledGraph
             names[n] = names[n.inputs[0]]
             lines.append(f"    # {n.op}: {names[n.inputs[1]]} was written into {names[n.inputs[0]]}")
             continue
+        if profile:
+            lines.append("    _t = _clock()")
         if n in plan.write_into:
             sep = ", " if args else ""
             lines.append(f"    {var} = {kname}({args}{sep}out={names[plan.write_into[n]]}){comment}")
@@ -73,6 +81,9 @@ def generate(graph, backend, name: str = "compiled", plan=None) -> CompiledGraph
             lines.append(f"    {var} = {kname}({args}{sep}out={bname}){comment}")
         else:
             lines.append(f"    {var} = {kname}({args}){comment}")
+        if profile:
+            timings[k] = 0.0
+            lines.append(f"    _sync(); _timings[{k}] += _clock() - _t")
         names[n] = var
         dead = [names[i] for i in set(n.inputs) if last_use.get(i) == k and i not in outputs
                 and i.op not in ("input", "const") and i not in plan.slot_of]
@@ -86,7 +97,9 @@ def generate(graph, backend, name: str = "compiled", plan=None) -> CompiledGraph
     src = f"def {fname}({params}):\n" + "\n".join(lines) + f"\n    return ({', '.join(rets)}{',' if len(rets) == 1 else ''})\n"
     code = compile(src, f"<avalon {fname}>", "exec")
     exec(code, env)
-    return CompiledGraph(env[fname], src, graph, plan, backend)
+    compiled = CompiledGraph(env[fname], src, graph, plan, backend)
+    compiled.timings = timings
+    return compiled
 
 
 def _host(v):

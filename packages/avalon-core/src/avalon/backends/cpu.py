@@ -22,8 +22,38 @@ class CpuBackend(Backend):
         super().__init__(index)
         _own_blas_threads()
 
+    out_kernels = ("where",)
+
     def compile_fused(self, body):
         return compile_fused_numpy(body, self)
+
+    def k_where(self, c, a, b, out=None):
+        """where() by bit masks: several times faster than np.where on random
+        masks, and exact for every value (inf and NaN included)."""
+        dtype = np.result_type(a, b)
+        if (dtype.itemsize not in _UINT or a.dtype != dtype or b.dtype != dtype
+                or c.dtype != np.bool_ or c.ndim == 0):
+            r = np.where(c, a, b)
+            if out is None:
+                return r
+            out[...] = r
+            return out
+        shape = np.broadcast_shapes(c.shape, a.shape, b.shape)
+        if out is None:
+            out = np.empty(shape, dtype)
+        u = _UINT[dtype.itemsize]
+        mask = np.negative(c.view(np.uint8), dtype=u, casting="unsafe")  # 0 or all ones
+        ou = out.view(u)
+        np.bitwise_and(np.asarray(a).view(u), mask, out=ou)
+        if b.ndim == 0 and not b.any():
+            return out
+        np.invert(mask, out=mask)
+        rest = np.bitwise_and(np.asarray(b).view(u), mask, out=mask if mask.shape == shape else None)
+        np.bitwise_or(ou, rest, out=ou)
+        return out
+
+
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def _own_blas_threads():
