@@ -18,6 +18,7 @@ from .backends import backend_of_args
 from .codegen import generate
 from .errors import AvalonError, user_location
 from .graph import Graph
+from .parallel import ShardedFunction, split_batch
 from .passes import pipeline_version, run_pipeline
 from .primitive import Tracer, tracing
 
@@ -88,9 +89,10 @@ class CompiledFunction:
 
     kind = "jit"
 
-    def __init__(self, f, passes=None):
+    def __init__(self, f, passes=None, parallel=True):
         self.f = f
         self.passes = passes
+        self.parallel = parallel
         self._cache: dict = {}
         self._last_key = None
         self.traces = 0
@@ -135,13 +137,31 @@ class CompiledFunction:
         graph = _trace(self.f, leaves, treedef, self.__name__)
         graph, out_tree, wrt = self._transform(graph, leaves, treedef)
         graph = run_pipeline(graph, self.passes)
-        compiled = generate(graph, backend, graph.name)
+        compiled = None
+        if self.parallel and backend.parallel_shards > 1:
+            plan = split_batch(graph, self._batch_inputs(graph, leaves, treedef), backend.parallel_shards)
+            if plan is not None:
+                compiled = ShardedFunction(plan, backend, graph.name)
+        if compiled is None:
+            compiled = generate(graph, backend, graph.name)
         entry = _Entry(compiled, out_tree, wrt, treedef)
         self._cache[key] = entry
         return entry
 
     def _transform(self, graph, leaves, treedef):
         return graph, graph.out_tree, None
+
+    def _batch_inputs(self, graph, leaves, treedef):
+        """Graph inputs that carry the batch: arrays of the arguments after the
+        first (the model), not differentiated, sharing the commonest leading size."""
+        owners = _leaf_owner(treedef)
+        skip = set(getattr(self, "argnums", None) or ()) | {0}
+        cands = [k for k, x in enumerate(leaves) if owners[k] not in skip and np.ndim(x) >= 1]
+        if not cands:
+            return set()
+        sizes = [leaves[k].shape[0] for k in cands]
+        n = max(set(sizes), key=sizes.count)
+        return {graph.inputs[k] for k in cands if leaves[k].shape[0] == n}
 
     def _explain_retrace(self, key):
         prev = self._last_key if self._last_key is not None else next(reversed(self._cache))
@@ -208,6 +228,9 @@ class JitFunction(CompiledFunction):
     """f compiled for prediction: calling it runs the compiled forward graph."""
     kind = "jit"
 
+    def __init__(self, f, passes=None, parallel=True):
+        super().__init__(f, passes, parallel)
+
     def __call__(self, *args):
         entry, leaves = self._lookup(args)
         outs = entry.compiled.fn(*leaves)
@@ -219,8 +242,8 @@ class GradFunction(CompiledFunction):
     the arguments (or in the arguments selected by `argnums`)."""
     kind = "grad"
 
-    def __init__(self, f, argnums=None, passes=None):
-        super().__init__(f, passes)
+    def __init__(self, f, argnums=None, passes=None, parallel=True):
+        super().__init__(f, passes, parallel)
         self.argnums = None if argnums is None else (
             (argnums,) if isinstance(argnums, int) else tuple(argnums))
 
@@ -247,22 +270,23 @@ def _leaf_owner(treedef):
     return owners
 
 
-def jit(f=None, *, passes=None):
-    """Compile f (forward only) once per input signature; usable as a decorator."""
+def jit(f=None, *, passes=None, parallel=True):
+    """Compile f (forward only) once per input signature; usable as a decorator.
+    parallel=False keeps the batch in one thread (see avalon.parallel)."""
     if f is None:
-        return lambda g: JitFunction(g, passes)
-    return JitFunction(f, passes)
+        return lambda g: JitFunction(g, passes, parallel)
+    return JitFunction(f, passes, parallel)
 
 
 _grad_fns: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _grad_fns_strong: dict = {}
 
 
-def value_and_grad(f, argnums=None, passes=None) -> GradFunction:
+def value_and_grad(f, argnums=None, passes=None, parallel=True) -> GradFunction:
     """The compiled function args -> (f(*args), grads), cached per f: calling it
     again for the same f returns the same object (and its compiled signatures)."""
-    if passes is not None:
-        return GradFunction(f, argnums, passes)
+    if passes is not None or not parallel:
+        return GradFunction(f, argnums, passes, parallel)
     key = argnums if not isinstance(argnums, list) else tuple(argnums)
     try:
         table = _grad_fns.setdefault(f, {})

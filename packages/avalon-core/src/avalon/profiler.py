@@ -47,10 +47,18 @@ class ProfileReport:
 
 def profile(fn, *args, repeat: int = 10, warmup: int = 2) -> ProfileReport:
     """Profile compiled function `fn` (from avalon.jit or avalon.value_and_grad) on args."""
+    from .parallel import ShardedFunction
     fn(*args)  # compile through the normal path (and warm the caches)
     compiled = fn._last().compiled
-    timed = generate(compiled.graph, compiled.backend, compiled.graph.name, plan=None, profile=True)
     leaves, _ = tree.flatten(args)
+    name = compiled.graph.name
+    if isinstance(compiled, ShardedFunction):
+        # profile one shard's kernels (each thread runs the same code on its share of the batch)
+        plan = compiled.plan
+        for i in plan.batch_input_index:
+            leaves[i] = leaves[i][:leaves[i].shape[0] // plan.shards]
+        name += f" (one of {plan.shards} shards)"
+    timed = generate(compiled.graph, compiled.backend, compiled.graph.name, plan=None, profile=True)
     for _ in range(warmup):
         timed.fn(*leaves)
     for k in timed.timings:
@@ -62,4 +70,4 @@ def profile(fn, *args, repeat: int = 10, warmup: int = 2) -> ProfileReport:
     for k, t in timed.timings.items():
         n = nodes[k]
         rows.append(ProfileRow(k, n.op, type_str(n.shape, n.dtype), n.loc or "", t / repeat))
-    return ProfileReport(rows, sum(r.seconds for r in rows), compiled.graph.name)
+    return ProfileReport(rows, sum(r.seconds for r in rows), name)

@@ -21,6 +21,7 @@ class Backend:
     priority = 0           # best_available_device() picks the highest available
     array_types: tuple = ()
     xp = np
+    parallel_shards = 1    # threads a compiled step may be split into (see avalon.parallel)
 
     def __init__(self, index: int = 0):
         self.index = index

@@ -21,6 +21,8 @@ class CpuBackend(Backend):
     def __init__(self, index: int = 0):
         super().__init__(index)
         _own_blas_threads()
+        from ..parallel import shard_count
+        self.parallel_shards = shard_count()
 
     out_kernels = ("where",)
 

@@ -1,0 +1,396 @@
+"""Engine-owned threads: a compiled step split across the batch.
+
+On the CPU the fastest schedule found for a training step is one thread per
+core, each running the whole step on its share of the batch with a
+single-threaded BLAS, and the per-shard results summed (gradients) or joined
+(per-example outputs).  `split_batch` finds out, by propagating a sharding
+through the graph, whether a graph can run that way:
+
+* batch inputs are sharded along axis 0 ("S", axis);
+* values that do not depend on them are replicated ("R");
+* a sum over the sharded axis gives a partial sum ("P") that only linear ops
+  may touch (scaling by a replicated value, adding partials, reshaping): the
+  shards' partials are added at the end;
+* broadcasts, fills and random draws whose shape has the batch size on an axis
+  become sharded on that axis (their values do not depend on the position).
+
+Anything else (a max over the batch, batch statistics mixed back into
+per-example values as in BatchNorm) leaves the graph unsplit.  The shard graph
+is the original with every sharded shape divided by the number of shards;
+constants such as the 1/N of a mean are kept, which is exactly what makes the
+partial sums add up.  The result is verified with Graph.check().
+"""
+from __future__ import annotations
+
+import copy
+import os
+import threading
+
+import numpy as np
+
+from .errors import GraphError
+from .primitive import PRIMITIVES
+
+R, P = ("R",), ("P",)
+
+# attributes that hold a node's own output shape
+SHAPE_ATTRS = {"reshape": "shape", "broadcast_to": "shape", "full": "shape", "random_uniform": "shape",
+               "random_normal": "shape", "conv_input_grad": "input_shape", "avg_pool_grad": "input_shape",
+               "take_along_axis_grad": "shape"}
+LINEAR_UNARY = {"neg", "cast", "reshape", "transpose", "sum", "broadcast_to"}
+# ops over (N, C, ...) data: which operands carry the batch on axis 0 (the rest are weights)
+BATCH_AXIS0_OPS = {"conv": (0,), "conv_input_grad": (0,), "conv_transpose": (0,), "max_pool": (0,),
+                   "max_pool_grad": (0, 1), "avg_pool": (0,), "avg_pool_grad": (0,)}
+
+MIN_SHARD_ELEMENTS = 200_000   # below this much sharded work a step is not worth two threads
+
+
+class _NoSplit(Exception):
+    pass
+
+
+def shard_count() -> int:
+    env = os.environ.get("AVALON_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(2, os.cpu_count() or 1)) if (os.cpu_count() or 1) >= 2 else 1
+
+
+def _S(axis):
+    return ("S", axis)
+
+
+def _propagate(graph, batch_inputs, n):
+    state = {}
+    for node in graph.nodes:
+        if node.op == "input":
+            state[node] = _S(0) if node in batch_inputs else R
+        elif node.op == "const":
+            state[node] = R
+        else:
+            state[node] = _rule(node, [state[i] for i in node.inputs], n)
+    return state
+
+
+def _elementwise(node, states, n):
+    if all(s == R for s in states):
+        return R
+    if any(s == P for s in states):
+        op = node.op
+        ok = (op in ("mul", "div") and states[0] == P and all(s == R for s in states[1:])) or \
+             (op == "mul" and states[1] == P and states[0] == R) or \
+             (op in ("add", "sub") and all(s == P for s in states)) or \
+             (op in LINEAR_UNARY and len(states) == 1)
+        if not ok:
+            raise _NoSplit(f"{op} mixes a partial sum non-linearly")
+        return P
+    axis = None
+    for i, s in zip(node.inputs, states):
+        if s == R:
+            continue
+        a = s[1] + (node.ndim - i.ndim)
+        if i.shape[s[1]] != n:
+            raise _NoSplit("broadcast along the batch axis")
+        if axis not in (None, a):
+            raise _NoSplit("operands sharded on different axes")
+        axis = a
+    for i, s in zip(node.inputs, states):  # replicated operands must not vary along the batch axis
+        if s == R:
+            k = axis - (node.ndim - i.ndim)
+            if k >= 0 and i.shape[k] != 1:
+                raise _NoSplit(f"{node.op}: a replicated operand spans the batch axis")
+    return _S(axis)
+
+
+def _created_shard(node, n):
+    for k, s in enumerate(node.shape):
+        if s == n:
+            return _S(k)
+    return R
+
+
+def _rule(node, states, n):
+    op = node.op
+    prim = PRIMITIVES.get(op)
+    if prim is None:
+        raise _NoSplit(f"unknown op {op}")
+    if prim.writes_input:
+        raise _NoSplit("writes into an input")
+    if op in ("full", "random_uniform", "random_normal"):
+        return _created_shard(node, n)
+    if op == "broadcast_to":
+        (s,) = states
+        if s == P:
+            raise _NoSplit("broadcast of a partial sum")
+        if s == R:
+            src = node.inputs[0]
+            lead = node.ndim - src.ndim
+            for k, size in enumerate(node.shape):
+                if size == n and (k < lead or src.shape[k - lead] == 1):
+                    return _S(k)
+            return R
+        return _S(s[1] + node.ndim - node.inputs[0].ndim)
+    if op == "fused":
+        return _fused_rule(node, states, n)
+    if prim.elementwise:
+        return _elementwise(node, states, n)
+    if all(s == R for s in states):
+        return R
+    if op in ("sum", "max", "min", "argmax", "argmin"):
+        (s,) = states
+        if s == P:
+            if op != "sum":
+                raise _NoSplit(f"{op} of a partial sum")
+            return P
+        axes, keep = node.attrs["axes"], node.attrs["keepdims"]
+        if s[1] in axes:
+            if op != "sum":
+                raise _NoSplit(f"{op} over the batch axis")
+            return P
+        return _S(s[1] if keep else s[1] - sum(1 for a in axes if a < s[1]))
+    if op == "reshape":
+        (s,) = states
+        if s == P:
+            return P
+        src = node.inputs[0]
+        before = int(np.prod(src.shape[:s[1]], dtype=np.int64))
+        acc = 1
+        for k, size in enumerate(node.shape):
+            if acc == before and size == n:
+                return _S(k)
+            acc *= size
+        raise _NoSplit("reshape merges the batch axis")
+    if op == "transpose":
+        (s,) = states
+        return P if s == P else _S(list(node.attrs["perm"]).index(s[1]))
+    if op == "matmul":
+        return _matmul_rule(node, states, n)
+    if op in BATCH_AXIS0_OPS:
+        data = BATCH_AXIS0_OPS[op]
+        if all((s == _S(0)) if k in data else (s == R) for k, s in enumerate(states)):
+            return _S(0)
+        raise _NoSplit(f"{op}: sharded weight or unsharded data")
+    if op == "conv_weight_grad":
+        if states == [_S(0), _S(0)]:
+            return P
+        raise _NoSplit("conv_weight_grad layout")
+    if op == "take_along_axis":
+        if states[0] == states[1] and states[0] != P and node.attrs["axis"] != states[0][1]:
+            return states[0]
+        raise _NoSplit("take_along_axis along the batch axis")
+    if op == "take_along_axis_grad":
+        if states[0] == states[1] and states[0] != P and node.attrs["axis"] != states[0][1]:
+            return states[0]
+        raise _NoSplit("take_along_axis_grad along the batch axis")
+    raise _NoSplit(f"no sharding rule for {op}")
+
+
+def _fused_rule(node, states, n):
+    """A fused group is sharded as its body is: propagate through the body."""
+    body = node.attrs["body"]
+    st = dict(zip(body.inputs, states))
+    for b in body.nodes:
+        if b.op == "input":
+            continue
+        st[b] = R if b.op == "const" else _rule(b, [st[i] for i in b.inputs], n)
+    _BODY_STATES[body] = st
+    return st[body.outputs[0]]
+
+
+_BODY_STATES: dict = {}  # fused body -> its nodes' states, from the latest propagation
+
+
+def _shard_copy(graph, state, shards):
+    """A copy of graph with every sharded shape (and shape attribute) divided."""
+    shard = graph.copy()
+    for old, new in zip(graph.nodes, shard.nodes):
+        s = state[old]
+        if new.op == "fused":
+            body = old.attrs["body"]
+            new.attrs = dict(new.attrs, body=_shard_copy(body, _BODY_STATES[body], shards))
+        if s in (R, P):
+            continue
+        shape = list(new.shape)
+        shape[s[1]] //= shards
+        new.shape = tuple(shape)
+        if new.op in SHAPE_ATTRS:
+            new.attrs = dict(new.attrs, **{SHAPE_ATTRS[new.op]: new.shape})
+    return shard
+
+
+def _matmul_rule(node, states, n):
+    a, b = node.inputs
+    sa, sb = states
+    if P in states:
+        if (sa == P and sb == R) or (sa == R and sb == P):
+            return P
+        raise _NoSplit("matmul of partial sums")
+    nd = node.ndim
+    if sb == R:  # rows of a (or its batch dims) are sharded
+        ax = sa[1]
+        if ax == a.ndim - 1:
+            raise _NoSplit("matmul contracts a sharded axis against a replicated one")
+        return _S(ax + nd - a.ndim)
+    if sa == R:
+        ax = sb[1]
+        if ax == b.ndim - 2:
+            raise _NoSplit("matmul contracts a sharded axis against a replicated one")
+        return _S(ax + nd - b.ndim)
+    if sa[1] == a.ndim - 1 and sb[1] == b.ndim - 2:
+        return P  # contraction over the batch: a weight gradient
+    if sa[1] + nd - a.ndim == sb[1] + nd - b.ndim and sa[1] < a.ndim - 2:
+        return _S(sa[1] + nd - a.ndim)  # batched matmul over the batch axis
+    raise _NoSplit("matmul sharding")
+
+
+class ShardPlan:
+    """How to run a graph in shards: the shard graph, the batch inputs, and
+    how to combine each output ("S", axis) / P / R."""
+
+    def __init__(self, shard_graph, batch_input_index, output_states, shards):
+        self.graph = shard_graph
+        self.batch_input_index = batch_input_index
+        self.output_states = output_states
+        self.shards = shards
+
+
+def split_batch(graph, batch_inputs, shards: int | None = None):
+    """A ShardPlan for running `graph` in `shards` pieces along the batch, or
+    None when the graph cannot be split (or is too small to gain)."""
+    shards = shard_count() if shards is None else shards
+    if shards < 2 or not batch_inputs:
+        return None
+    sizes = {i.shape[0] for i in batch_inputs if i.ndim}
+    if len(sizes) != 1:
+        return None
+    n = sizes.pop()
+    if n < 2 * shards or n % shards:
+        return None
+    try:
+        state = _propagate(graph, set(batch_inputs), n)
+    except _NoSplit:
+        _BODY_STATES.clear()
+        return None
+    work = sum(node.size for node, s in state.items() if s not in (R, P))
+    if work < MIN_SHARD_ELEMENTS:
+        _BODY_STATES.clear()
+        return None
+    shard = _shard_copy(graph, state, shards)
+    _BODY_STATES.clear()
+    try:
+        shard.check()
+    except GraphError:
+        return None
+    index = [k for k, i in enumerate(graph.inputs) if i in batch_inputs]
+    return ShardPlan(shard, index, [state[o] for o in graph.outputs], shards)
+
+
+class ShardedFunction:
+    """Runs a ShardPlan: one compiled copy of the shard graph per thread (each
+    with its own buffers and random generator), results combined."""
+
+    def __init__(self, plan, backend, name):
+        from .codegen import generate
+        self.plan = plan
+        self.backend = backend
+        self.copies = []
+        for _ in range(plan.shards):
+            b = copy.copy(backend)
+            b._kernel_cache = {}
+            self.copies.append((b, generate(plan.graph, b, name)))
+        self.compiled = self.copies[0][1]
+        self.graph, self.plan_memory = plan.graph, self.compiled.plan
+        self.source = (f"# runs in {plan.shards} threads, each on 1/{plan.shards} of the batch; outputs "
+                       f"combined as {[_describe(s) for s in plan.output_states]}\n" + self.compiled.source)
+        self.fn = self.__call__
+        self._pool = _workers(plan.shards - 1)
+
+    def __call__(self, *args):
+        plan = self.plan
+        k = plan.shards
+        seeds = self.backend._rng().integers(0, 2**63 - 1, size=k) if self._draws_random() else None
+        per_shard = []
+        for s in range(k):
+            shard_args = list(args)
+            for i in plan.batch_input_index:
+                x = args[i]
+                step = x.shape[0] // k
+                shard_args[i] = x[s * step:(s + 1) * step]
+            if seeds is not None:
+                self.copies[s][0].seed(int(seeds[s]))
+            per_shard.append(shard_args)
+        results = self._pool.run([(c.fn, a) for (_, c), a in zip(self.copies, per_shard)])
+        return tuple(self._combine(j, st, results) for j, st in enumerate(plan.output_states))
+
+    def _draws_random(self):
+        return any(n.op.startswith("random_") for n in self.plan.graph.nodes)
+
+    def _combine(self, j, st, results):
+        xp = self.backend.xp
+        if st == R:
+            return results[0][j]
+        if st == P:
+            total = results[0][j]
+            total = total.copy() if hasattr(total, "copy") else total
+            for r in results[1:]:
+                total = xp.add(total, r[j], out=total) if getattr(total, "ndim", 0) else total + r[j]
+            return total
+        return xp.concatenate([r[j] for r in results], axis=st[1])
+
+
+def _describe(state):
+    return {R: "replicated", P: "sum"}.get(state, f"concat(axis={state[1]})" if state not in (R, P) else "")
+
+
+_pools: dict = {}
+
+
+def _workers(n):
+    if n not in _pools:
+        _pools[n] = _Workers(n)
+    return _pools[n]
+
+
+class _Workers:
+    """n persistent worker threads; the calling thread runs the last task."""
+
+    def __init__(self, n):
+        self.lock = threading.Lock()
+        self.tasks = [None] * n
+        self.results = [None] * n
+        self.go = [threading.Event() for _ in range(n)]
+        self.done = [threading.Event() for _ in range(n)]
+        for k in range(n):
+            threading.Thread(target=self._loop, args=(k,), daemon=True).start()
+
+    def _loop(self, k):
+        while True:
+            self.go[k].wait()
+            self.go[k].clear()
+            fn, args = self.tasks[k]
+            try:
+                self.results[k] = (True, fn(*args))
+            except BaseException as e:  # re-raised in the caller
+                self.results[k] = (False, e)
+            self.done[k].set()
+
+    def run(self, jobs):
+        with self.lock:
+            return self._run(jobs)
+
+    def _run(self, jobs):
+        n = len(self.tasks)
+        for k in range(n):
+            self.tasks[k] = jobs[k]
+            self.done[k].clear()
+            self.go[k].set()
+        last_fn, last_args = jobs[n]
+        mine = last_fn(*last_args)
+        out = []
+        for k in range(n):
+            self.done[k].wait()
+            ok, value = self.results[k]
+            if not ok:
+                raise value
+            out.append(value)
+        return out + [mine]

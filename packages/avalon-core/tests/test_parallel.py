@@ -1,0 +1,95 @@
+"""Batch splitting across engine-owned threads (avalon.parallel)."""
+import numpy as np
+import pytest
+
+import avalon
+from avalon import parallel
+from avalon.parallel import ShardedFunction
+
+rng = np.random.default_rng(5)
+
+
+@pytest.fixture(autouse=True)
+def small_threshold(monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_SHARD_ELEMENTS", 0)
+
+
+def mlp():
+    return {"w1": rng.standard_normal((8, 16)).astype(np.float32) * 0.3,
+            "w2": rng.standard_normal((16, 4)).astype(np.float32) * 0.3}
+
+
+def mean_loss(m, x, y):
+    h = avalon.tanh(x @ m["w1"])
+    logp = avalon.log_softmax(h @ m["w2"])
+    return -avalon.mean(avalon.take_along_axis(logp, avalon.expand_dims(y, 1), axis=1))
+
+
+def compiled_kind(fn):
+    return type(fn._last().compiled)
+
+
+def test_a_batch_mean_loss_is_split_and_matches_one_thread():
+    m, x, y = mlp(), rng.standard_normal((32, 8)).astype(np.float32), rng.integers(0, 4, 32)
+    split = avalon.GradFunction(mean_loss)
+    whole = avalon.GradFunction(mean_loss, parallel=False)
+    l1, (g1, gx1, _) = split(m, x, y)
+    l0, (g0, gx0, _) = whole(m, x, y)
+    assert compiled_kind(split) is ShardedFunction and compiled_kind(whole) is not ShardedFunction
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for k in m:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gx1, gx0, rtol=1e-5, atol=1e-7)  # per-example gradients are joined
+    assert "runs in 2 threads" in split.source
+
+
+def test_batch_statistics_keep_the_graph_whole():
+    def batchnorm_like(m, x):
+        h = x @ m["w1"]
+        h = (h - avalon.mean(h, axis=0)) / avalon.sqrt(avalon.var(h, axis=0) + 1e-5)
+        return avalon.sum(h @ m["w2"])
+    m, x = mlp(), rng.standard_normal((32, 8)).astype(np.float32)
+    f = avalon.GradFunction(batchnorm_like)
+    f(m, x)
+    assert compiled_kind(f) is not ShardedFunction
+
+
+def test_a_max_over_the_batch_keeps_the_graph_whole():
+    f = avalon.GradFunction(lambda m, x: avalon.max(x @ m["w1"]))
+    f(mlp(), rng.standard_normal((32, 8)).astype(np.float32))
+    assert compiled_kind(f) is not ShardedFunction
+
+
+def test_jit_prediction_is_split_and_joined():
+    m, x = mlp(), rng.standard_normal((32, 8)).astype(np.float32)
+    f = avalon.jit(lambda m, x: avalon.softmax(avalon.tanh(x @ m["w1"]) @ m["w2"]))
+    out = f(m, x)
+    assert compiled_kind(f) is ShardedFunction
+    np.testing.assert_allclose(out, avalon.jit(f.f, parallel=False)(m, x), rtol=1e-6)
+
+
+def test_random_draws_in_shards_repeat_after_manual_seed():
+    def noisy(m, x):
+        return avalon.mean((x @ m["w1"] + avalon.random_normal((x.shape[0], 16))) ** 2)
+    m, x = mlp(), rng.standard_normal((32, 8)).astype(np.float32)
+    f = avalon.GradFunction(noisy, argnums=0)
+    avalon.manual_seed(7)
+    a = f(m, x)[0]
+    b = f(m, x)[0]
+    avalon.manual_seed(7)
+    assert compiled_kind(f) is ShardedFunction
+    assert a != b and f(m, x)[0] == a and f(m, x)[0] == b
+
+
+def test_shard_count_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("AVALON_THREADS", "1")
+    assert parallel.shard_count() == 1
+    monkeypatch.setenv("AVALON_THREADS", "3")
+    assert parallel.shard_count() == 3
+
+
+def test_an_odd_batch_is_not_split():
+    m = mlp()
+    f = avalon.GradFunction(mean_loss)
+    f(m, rng.standard_normal((33, 8)).astype(np.float32), rng.integers(0, 4, 33))
+    assert compiled_kind(f) is not ShardedFunction
