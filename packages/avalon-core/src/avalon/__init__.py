@@ -14,6 +14,7 @@ from .ops import *  # noqa: F401,F403
 from .ops import sum, max, min, abs, pow  # noqa: F401,A004
 from . import ops, passes, tree  # noqa: F401
 from . import layersets as _layersets
+from . import nn, optim  # noqa: F401  (namespaces that layer sets fill)
 from .api import (CompiledFunction, GradFunction, JitFunction, compile_graph, grad, jit, trace,  # noqa: F401
                   value_and_grad)
 from .backends import (Backend, Device, backends, best_available_device, device, manual_seed,  # noqa: F401

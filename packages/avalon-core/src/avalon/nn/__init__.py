@@ -5,6 +5,7 @@ any third-party set registered in the ``avalon`` entry-point group).
     import avalon.nn.functional as F
 """
 from .. import layersets as _ls
+from . import functional  # noqa: F401  (avalon.nn.functional after `import avalon`)
 
 
 def __getattr__(name):

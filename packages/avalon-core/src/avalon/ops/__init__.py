@@ -11,3 +11,9 @@ from .linalg import linear, matmul  # noqa: F401
 from .random import dropout, random_normal, random_uniform  # noqa: F401
 from .indexing import *  # noqa: F401,F403
 from .nn import *  # noqa: F401,F403
+
+import types as _types
+
+# the public ops only (not the submodules they live in)
+__all__ = [_n for _n, _v in list(globals().items())
+           if not _n.startswith("_") and not isinstance(_v, _types.ModuleType)]
