@@ -86,7 +86,7 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
             lines.append(f"    _sync(); _timings[{k}] += _clock() - _t")
         names[n] = var
         dead = [names[i] for i in set(n.inputs) if last_use.get(i) == k and i not in outputs
-                and i.op not in ("input", "const") and i not in plan.slot_of]
+                and i.op not in ("input", "const") and i not in plan.slot_of and i not in plan.elided]
         if dead:
             lines.append(f"    del {', '.join(sorted(dead))}")
     rets = []

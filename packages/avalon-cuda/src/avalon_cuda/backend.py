@@ -17,7 +17,6 @@ ships no cuDNN, and none is needed).  What this backend adds:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import numpy as np
@@ -179,8 +178,3 @@ class CudaBackend(Backend):
         the base Backend would return `compiled` unchanged.  Here: CUDA-graph
         replay, when enabled."""
         return self.capture(compiled)
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield

@@ -59,9 +59,12 @@ class Module:
         return [m for _, m in self.named_modules()]
 
     def _own_arrays(self, buffers: bool):
-        names = self.__dict__.get("_buffer_names", frozenset())
+        # gradients (which mirror a module) hold None for its non-array fields
+        names = self.__dict__.get("_buffer_names") or frozenset()
         for name, value in vars(self).items():
-            if _is_float_array(value) and ((name in names) == buffers):
+            if buffers and name in names and is_array(value):
+                yield name, value
+            elif not buffers and name not in names and _is_float_array(value):
                 yield name, value
 
     def named_parameters(self, prefix: str = ""):
@@ -85,7 +88,7 @@ class Module:
         """Parameters and buffers by dotted name, as in PyTorch (same names and layouts)."""
         out = OrderedDict()
         for mod_name, mod in self.named_modules():
-            names = mod.__dict__.get("_buffer_names", frozenset())
+            names = mod.__dict__.get("_buffer_names") or frozenset()
             for name, value in vars(mod).items():
                 if _is_float_array(value) or (name in names and is_array(value)):
                     out[f"{mod_name}.{name}" if mod_name else name] = value

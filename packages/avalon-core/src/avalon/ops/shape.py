@@ -123,8 +123,16 @@ def squeeze(x, axis=None):
 
 
 def flatten(x, start_dim=0, end_dim=-1):
-    nd = len(x.shape)
+    nd = max(len(x.shape), 1)
+    for d in (start_dim, end_dim):
+        if not -nd <= d < nd:
+            raise ShapeError(f"flatten: dimension {d} is out of range for an array of shape {tuple(x.shape)}")
     s, e = start_dim % nd, end_dim % nd
+    if s > e:
+        raise ShapeError(f"flatten: start_dim {start_dim} comes after end_dim {end_dim} "
+                         f"for an array of shape {tuple(x.shape)}")
+    if not x.shape:
+        return reshape(x, (1,))
     shape = tuple(x.shape[:s]) + (int(np.prod(x.shape[s:e + 1], dtype=np.int64)),) + tuple(x.shape[e + 1:])
     return reshape(x, shape)
 

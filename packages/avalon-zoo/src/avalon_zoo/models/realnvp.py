@@ -152,11 +152,12 @@ class RealNVP(nn.Module):
     def forward(self, x):
         return self.log_prob(x)
 
-    def sample(self, n: int):
-        """n draws from the flow: z ~ N(0, I) mapped back to the data space."""
+    def sample(self, n: int, temperature: float = 1.0):
+        """n draws from the flow: z ~ N(0, temperature^2 I) mapped back to the data
+        space (temperature < 1 trades variety for typical-looking samples)."""
         like = self.couplings[0].scale
         z = avalon.random_normal((int(n), self.dim), np.dtype(like.dtype), like=like)
-        return self.inverse(z)
+        return self.inverse(z if temperature == 1.0 else z * float(temperature))
 
 
 def nll_loss(model: RealNVP, x):

@@ -1,0 +1,155 @@
+"""One trainer per framework, all with the same small interface, so the
+measuring code treats them alike:
+
+    trainer.step(batch) -> float        one training step (batch: tuple of host arrays), its loss
+    trainer.predictor(x) -> callable    a no-argument call predicting x, in eval mode
+    trainer.evaluate(x, y) -> float     the workload's test metric
+    trainer.train()                     back to training mode
+
+AvalonTrainer: avalon.grad of the zoo loss (gradients for the model only) and
+an avalon.optim optimizer; predictions by avalon.jit of the forward.
+TorchTrainer: the torch twin, eager or through torch.compile.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .workloads import Workload
+
+EVAL_CHUNK = 500     # test examples per evaluation call (divides the test sets)
+
+
+def _forward(model, x):
+    return model(x)
+
+
+class AvalonTrainer:
+    key = "avalon"
+    label = "Avalon"
+
+    def __init__(self, workload: Workload, torch_model=None, device: str = "cpu"):
+        import avalon
+        self.avalon = avalon
+        self.workload = workload
+        self.model = workload.avalon_model(torch_model)
+        self.device = avalon.device(device)
+        self.on_host = device == "cpu"
+        if not self.on_host:
+            self.model.to(self.device)
+        self.loss_fn = workload.avalon_loss()
+        self.opt = workload.avalon_optimizer()
+        self.forward = avalon.jit(_forward)
+        self.eval_loss = avalon.jit(self.loss_fn)
+
+    def _put(self, arrays):
+        return arrays if self.on_host else self.avalon.to_device(arrays, self.device)
+
+    def _host(self, out):
+        if self.on_host:
+            return out
+        from avalon.backends import backend_of
+        return self.avalon.tree.tree_map(lambda a: backend_of(a).to_host(a), out)
+
+    def step(self, batch) -> float:
+        loss, grads = self.avalon.grad(self.loss_fn, self.model, *self._put(batch), argnums=0)
+        self.opt.step(self.model, grads[0])
+        return float(loss)
+
+    def predictor(self, x):
+        self.model.eval()
+        x = self._put(x)
+        return lambda: self._host(self.forward(self.model, x))
+
+    def evaluate(self, x, y=None) -> float:
+        self.model.eval()
+        values = []
+        for start in range(0, len(x), EVAL_CHUNK):
+            xb = self._put(x[start:start + EVAL_CHUNK])
+            if y is None:
+                values.append(float(self.eval_loss(self.model, xb)))
+            else:
+                logp = self._host(self.forward(self.model, xb))
+                values.append(float(np.mean(np.argmax(logp, axis=1) == y[start:start + EVAL_CHUNK])))
+        self.train()
+        return float(np.mean(values))
+
+    def train(self):
+        self.model.train()
+
+    def profile(self, batch):
+        """avalon.profile of the gradient step on one batch (the optimizer update is a second,
+        small compiled function, not included)."""
+        step = self.avalon.value_and_grad(self.loss_fn, argnums=0)
+        return self.avalon.profile(step, self.model, *self._put(batch))
+
+
+class TorchTrainer:
+    key = "torch_eager"
+    label = "PyTorch eager"
+
+    def __init__(self, workload: Workload, torch_model, device: str = "cpu", compiled: bool = False):
+        import torch
+        self.torch = torch
+        self.device = torch.device(device)
+        self.model = torch_model.to(self.device)
+        self.loss_fn = workload.torch_loss()
+        self.opt = workload.torch_optimizer(self.model.parameters())
+        if compiled:
+            self.key, self.label = "torch_compile", "torch.compile"
+            # The whole loss (model and loss function) is compiled, forward and backward;
+            # the prediction compiles the model.  The optimizer step stays eager.
+            self.train_loss = torch.compile(self.loss_fn)
+            self.forward = torch.compile(self.model)
+        else:
+            self.train_loss, self.forward = self.loss_fn, self.model
+
+    def _put(self, arrays):
+        return tuple(self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays)
+
+    def step(self, batch) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.train_loss(self.model, *self._put(batch))
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    def predictor(self, x):
+        self.model.eval()
+        (x,) = self._put((x,))
+        torch = self.torch
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+        def call():
+            with torch.no_grad():
+                out = self.forward(x)
+            sync()
+            return out
+        return call
+
+    def evaluate(self, x, y=None) -> float:
+        """With the eager model (for torch.compile too: same weights, no extra compilation)."""
+        torch = self.torch
+        self.model.eval()
+        values = []
+        with torch.no_grad():
+            for start in range(0, len(x), EVAL_CHUNK):
+                (xb,) = self._put((x[start:start + EVAL_CHUNK],))
+                if y is None:
+                    values.append(float(self.loss_fn(self.model, xb)))
+                else:
+                    pred = self.model(xb).argmax(dim=1).cpu().numpy()
+                    values.append(float(np.mean(pred == y[start:start + EVAL_CHUNK])))
+        self.train()
+        return float(np.mean(values))
+
+    def train(self):
+        self.model.train()
+
+
+def make_trainer(key: str, workload: Workload, torch_model, device: str = "cpu"):
+    """key: "avalon", "torch_eager" or "torch_compile"."""
+    if key == "avalon":
+        return AvalonTrainer(workload, torch_model, device)
+    if key in ("torch_eager", "torch_compile"):
+        return TorchTrainer(workload, torch_model, device, compiled=key == "torch_compile")
+    raise ValueError(f"unknown framework {key!r}")
