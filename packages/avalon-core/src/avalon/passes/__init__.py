@@ -10,9 +10,10 @@ from .cse import cse
 from .dce import dce
 from .fold import constant_fold
 from .fusion import fuse_elementwise
+from .layout import layout
 from .simplify import simplify
 
-__all__ = ["dce", "cse", "constant_fold", "simplify", "fuse_elementwise", "default_pipeline",
+__all__ = ["dce", "cse", "constant_fold", "simplify", "layout", "fuse_elementwise", "default_pipeline",
            "add_pass", "remove_pass", "run_pipeline", "reset_pipeline"]
 
 BUILTIN = [
@@ -24,8 +25,11 @@ BUILTIN = [
     ("cse_2", cse),
     ("constant_fold_2", constant_fold),
     ("dce_2", dce),
-    ("fuse_elementwise", fuse_elementwise),
+    ("layout", layout),
+    ("constant_fold_3", constant_fold),
     ("dce_3", dce),
+    ("fuse_elementwise", fuse_elementwise),
+    ("dce_4", dce),
 ]
 
 _pipeline: list | None = None

@@ -1,0 +1,167 @@
+"""Convolution and max pooling with the batch innermost: layout (C, *spatial, N).
+
+The layout pass (avalon.passes.layout) stores the activations of convolutional
+stacks this way.  With the batch as the contiguous axis, im2col and col2im are
+one strided copy (or add) per kernel offset, each moving runs of N contiguous
+values, and a convolution is ONE matrix product (O, C*K) @ (C*K, out*N) whose
+result is already in the same layout.  Pooling reduces over strided slices in
+the same way.  Groups are not supported here (the pass leaves grouped
+convolutions in PyTorch's layout).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+from .conv import _lowest, _select, conv_output_shape
+
+__all__ = ["conv_csn_forward", "conv_csn_input_grad", "conv_csn_weight_grad", "max_pool_csn_forward",
+           "max_pool_csn_backward"]
+
+
+def _offsets(kernel):
+    return itertools.product(*(range(k) for k in kernel))
+
+
+def _window(offset, out, stride, dilation):
+    """Slices selecting, for kernel offset `offset`, the input element under
+    every output position (over the padded spatial axes)."""
+    return tuple(slice(o * d, o * d + s * (n - 1) + 1, s) for o, n, s, d in zip(offset, out, stride, dilation))
+
+
+def _padded(xp, x, padding, value=0.0):
+    """x with its spatial axes padded (a new array; x itself when no padding)."""
+    if not any(p for pair in padding for p in pair):
+        return x
+    shape = (x.shape[0],) + tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], padding)) + (x.shape[-1],)
+    buf = xp.full(shape, value, dtype=x.dtype)
+    buf[(slice(None),) + tuple(slice(lo, lo + n) for n, (lo, _) in zip(x.shape[1:-1], padding))] = x
+    return buf
+
+
+def _pairs(padding):
+    return tuple(p if isinstance(p, tuple) else (p, p) for p in padding)
+
+
+def _columns(xp, x, kernel, stride, padding, dilation, out_spatial):
+    """(C, *K, *out, N) columns of x (C, *S, N)."""
+    xpad = _padded(xp, x, padding)
+    c, n = x.shape[0], x.shape[-1]
+    cols = xp.empty((c,) + tuple(kernel) + tuple(out_spatial) + (n,), dtype=x.dtype)
+    full = (slice(None),)
+    for offset in _offsets(kernel):
+        cols[full + offset] = xpad[full + _window(offset, out_spatial, stride, dilation)]
+    return cols
+
+
+def conv_csn_forward(xp, x, w, *, stride, padding, dilation, out=None):
+    """x (C, *S, N), w (O, C, *K) -> (O, *out, N)."""
+    kernel = tuple(w.shape[2:])
+    padding = _pairs(padding)
+    spatial = tuple(x.shape[1:-1])
+    out_spatial = conv_output_shape(tuple(s + lo + hi - 2 * lo for s, (lo, hi) in zip(spatial, padding)),
+                                    kernel, stride, tuple(lo for lo, _ in padding), dilation)
+    cols = _columns(xp, x, kernel, stride, padding, dilation, out_spatial)
+    o = w.shape[0]
+    shape = (o,) + tuple(out_spatial) + (x.shape[-1],)
+    if out is None:
+        out = xp.empty(shape, dtype=x.dtype)
+    xp.matmul(w.reshape(o, -1), cols.reshape(cols.shape[0] * math.prod(kernel), -1), out=out.reshape(o, -1))
+    return out
+
+
+def conv_csn_input_grad(xp, g, w, *, input_shape, stride, padding, dilation, out=None):
+    """g (O, *out, N), w (O, C, *K) -> dx of shape input_shape = (C, *S, N)."""
+    kernel = tuple(w.shape[2:])
+    padding = _pairs(padding)
+    o, c = w.shape[:2]
+    out_spatial = tuple(g.shape[1:-1])
+    cols = xp.matmul(w.reshape(o, -1).T, g.reshape(o, -1))          # (C*K, out*N)
+    cols = cols.reshape((c,) + kernel + out_spatial + (g.shape[-1],))
+    spatial = tuple(input_shape[1:-1])
+    padded = (c,) + tuple(s + lo + hi for s, (lo, hi) in zip(spatial, padding)) + (input_shape[-1],)
+    buf = xp.zeros(padded, dtype=g.dtype)
+    full = (slice(None),)
+    for offset in _offsets(kernel):
+        buf[full + _window(offset, out_spatial, stride, dilation)] += cols[full + offset]
+    crop = full + tuple(slice(lo, lo + s) for s, (lo, _) in zip(spatial, padding))
+    if out is None:
+        return xp.ascontiguousarray(buf[crop]) if any(p for pair in padding for p in pair) else buf
+    out[...] = buf[crop]
+    return out
+
+
+def conv_csn_weight_grad(xp, x, g, *, weight_shape, stride, padding, dilation, out=None):
+    """x (C, *S, N), g (O, *out, N) -> dw of shape weight_shape = (O, C, *K)."""
+    kernel = tuple(weight_shape[2:])
+    padding = _pairs(padding)
+    cols = _columns(xp, x, kernel, stride, padding, dilation, tuple(g.shape[1:-1]))
+    o = weight_shape[0]
+    if out is None:
+        out = xp.empty(weight_shape, dtype=g.dtype)
+    xp.matmul(g.reshape(o, -1), cols.reshape(-1, g.size // o).T, out=out.reshape(o, -1))
+    return out
+
+
+def max_pool_csn_forward(xp, x, *, kernel_size, stride, padding, dilation, out=None):
+    """x (C, *S, N) -> (C, *out, N), padding with -inf."""
+    padding = _pairs(padding)
+    spatial = tuple(x.shape[1:-1])
+    out_spatial = conv_output_shape(spatial, kernel_size, stride, tuple(lo for lo, _ in padding), dilation)
+    xpad = _padded(xp, x, padding, _lowest(xp, x.dtype))
+    full = (slice(None),)
+    y = out
+    for k, offset in enumerate(_offsets(kernel_size)):
+        v = xpad[full + _window(offset, out_spatial, stride, dilation)]
+        if k == 0:
+            y = v.copy() if y is None else xp.copyto(y, v) or y
+        else:
+            xp.maximum(y, v, out=y)
+    return y
+
+
+def max_pool_csn_backward(xp, x, g, *, kernel_size, stride, padding, dilation, out=None):
+    """Gradient of max_pool_csn_forward: each window's gradient goes to its
+    first maximal element (PyTorch's rule; NaN wins); overlaps accumulate."""
+    padding = _pairs(padding)
+    out_spatial = tuple(g.shape[1:-1])
+    xpad = _padded(xp, x, padding, _lowest(xp, x.dtype))
+    full = (slice(None),)
+    best = arg = None
+    count = math.prod(kernel_size)
+    for i, offset in enumerate(_offsets(kernel_size)):
+        v = xpad[full + _window(offset, out_spatial, stride, dilation)]
+        if best is None:
+            best = v.copy()
+            arg = xp.zeros(best.shape, dtype=xp.int8 if count < 128 else xp.int32)
+            continue
+        upd = v > best
+        if x.dtype.kind == "f":
+            upd |= xp.isnan(v)
+        xp.maximum(arg, xp.multiply(upd, i, dtype=arg.dtype), out=arg)
+        xp.maximum(best, v, out=best)
+    disjoint = all(s >= d * (k - 1) + 1 for k, s, d in zip(kernel_size, stride, dilation))
+    buf = xp.zeros(xpad.shape, dtype=g.dtype) if (out is None or xpad is not x or not disjoint) else out
+    if buf is out and disjoint:
+        # windows that tile only part of the input leave the rest at zero
+        covered = all(d * (k - 1) + s * (n - 1) + 1 == full_n for k, s, d, n, full_n in
+                      zip(kernel_size, stride, dilation, out_spatial, xpad.shape[1:-1]))
+        if not covered:
+            buf.fill(0)
+    for i, offset in enumerate(_offsets(kernel_size)):
+        idx = full + _window(offset, out_spatial, stride, dilation)
+        contrib = _select(xp, arg == i, g)
+        if disjoint:
+            buf[idx] = contrib
+        else:
+            buf[idx] += contrib
+    if xpad is not x:
+        crop = full + tuple(slice(lo, lo + s) for s, (lo, _) in zip(x.shape[1:-1], padding))
+        if out is None:
+            return xp.ascontiguousarray(buf[crop])
+        out[...] = buf[crop]
+        return out
+    if out is not None and buf is not out:
+        out[...] = buf
+        return out
+    return buf
