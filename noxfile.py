@@ -9,7 +9,9 @@ installed in dependency order worked out from the pyprojects themselves.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 
 import nox
@@ -112,9 +114,9 @@ def ordered_packages() -> list[str]:
     return [dirs[name] for name in order]
 
 
-def install_packages(session: nox.Session) -> None:
-    """Install the third-party requirements, then every package editable."""
-    session.install(*BASE_REQUIREMENTS)
+def install_packages(session: nox.Session, *extra: str) -> None:
+    """Install the third-party requirements (and `extra` ones), then every package editable."""
+    session.install(*BASE_REQUIREMENTS, *extra)
     for directory in ordered_packages():
         session.install(
             "--no-deps", "--no-build-isolation", "-e", f"packages/{directory}"
@@ -146,9 +148,31 @@ def tests(session: nox.Session) -> None:
     )
 
 
+# The benchmarks also draw their charts (matplotlib: the field's standard plotting library).
+BENCH_REQUIREMENTS = ["matplotlib"]
+BENCH_OUT = "packages/avalon-bench/results/latest"
+
+
+def _install_fashion_mnist(session: nox.Session) -> None:
+    """The benchmarks' real data, Fashion-MNIST, through the zoo's installer when
+    running as root with apt-get.  Never fatal: without the data the benchmarks
+    train on synthetic data of the same shape, and say so."""
+    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if not (as_root and shutil.which("apt-get")):
+        session.log("Fashion-MNIST is not installed by this session (needs root and apt-get); "
+                    "the benchmarks use it if present, else synthetic data")
+        return
+    session.run("bash", "packages/avalon-zoo/scripts/install_fashion_mnist.sh", external=True,
+                success_codes=list(range(256)))
+
+
 def _bench(session: nox.Session, which: str) -> None:
-    install_packages(session)
-    session.run("python", "-m", "avalon_bench", "--which", which, *session.posargs)
+    install_packages(session, *BENCH_REQUIREMENTS)
+    _install_fashion_mnist(session)
+    args = list(session.posargs)  # e.g. nox -s bench -- --epochs 3
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args += ["--out", BENCH_OUT]
+    session.run("python", "-m", "avalon_bench", "--which", which, *args)
 
 
 @nox.session

@@ -83,9 +83,12 @@ def test_an_unavailable_backend_is_listed_with_its_reason():
         plugins.unregister("fakegpu-plugin")
 
 
-def test_unknown_device_names_the_package_to_install():
-    with pytest.raises(avalon.DeviceError, match="pip install avalon-cuda"):
-        avalon.device("cuda:0")
+def test_unknown_device_names_the_package_to_install(monkeypatch):
+    from avalon.backends import KNOWN_PACKAGES
+    assert KNOWN_PACKAGES["cuda"] == "avalon-cuda"
+    monkeypatch.setitem(KNOWN_PACKAGES, "npu", "avalon-npu")
+    with pytest.raises(avalon.DeviceError, match="pip install avalon-npu"):
+        avalon.device("npu:0")
     with pytest.raises(avalon.DeviceError, match="unknown device kind 'tpu'"):
         avalon.device("tpu")
 

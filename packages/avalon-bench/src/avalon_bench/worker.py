@@ -44,16 +44,32 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _vm_hwm_mib() -> float | None:
+    """The peak RSS of this process image alone (VmHWM), a cross-check of ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def measure_memory(which: str, framework: str, steps: int, device: str = "cpu") -> dict:
     import gc
 
     import numpy as np
 
+    # Everything either framework needs is imported before the baseline.
     import avalon  # noqa: F401
     import avalon.nn  # noqa: F401
     import avalon.optim  # noqa: F401
-    import torch
+    import avalon_zoo.models.cnn  # noqa: F401
+    import avalon_zoo.models.vae  # noqa: F401
+    import torch  # noqa: F401
 
+    from . import twins  # noqa: F401
     from .frameworks import make_trainer
     from .workloads import WORKLOADS
 
@@ -70,7 +86,7 @@ def measure_memory(which: str, framework: str, steps: int, device: str = "cpu") 
 
     batches = [batch() for _ in range(4)]
     gc.collect()
-    baseline = _peak_rss_mib()
+    baseline, baseline_hwm = _peak_rss_mib(), _vm_hwm_mib()
     # The Avalon side needs no torch model: its own initialization takes the same memory.
     torch_model = workload.torch_model() if framework != "avalon" else None
     trainer = make_trainer(framework, workload, torch_model, device)
@@ -80,9 +96,10 @@ def measure_memory(which: str, framework: str, steps: int, device: str = "cpu") 
         predict = trainer.predictor(x)
         for _ in range(3):
             predict()
-    peak = _peak_rss_mib()
+    peak, peak_hwm = _peak_rss_mib(), _vm_hwm_mib()
     return {"framework": framework, "which": which, "steps": steps, "baseline_mib": baseline,
-            "peak_mib": peak, "delta_mib": peak - baseline, "torch": torch.__version__}
+            "peak_mib": peak, "delta_mib": peak - baseline,
+            "vm_hwm_delta_mib": None if peak_hwm is None else peak_hwm - baseline_hwm}
 
 
 def serve(stdin, reply):
@@ -125,8 +142,11 @@ def main(argv=None):
     sub.add_parser("serve")
     args = parser.parse_args(argv)
 
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    sys.stdout = sys.stderr
+    # Replies get a private copy of stdout; file descriptor 1 itself (Python's and C
+    # libraries' prints) is pointed at stderr, so nothing else can garble them.
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
 
     def reply(obj):
         out.write(json.dumps(obj) + "\n")

@@ -143,7 +143,7 @@ class CompiledFunction:
             if plan is not None:
                 compiled = ShardedFunction(plan, backend, graph.name)
         if compiled is None:
-            compiled = generate(graph, backend, graph.name)
+            compiled = backend.wrap_compiled(generate(graph, backend, graph.name))
         entry = _Entry(compiled, out_tree, wrt, treedef)
         self._cache[key] = entry
         return entry

@@ -62,7 +62,10 @@ class CudaBackend(Backend):
 
     # -- memory ---------------------------------------------------------------
     def asarray(self, x, dtype=None):
-        if isinstance(x, cupy.ndarray) and x.device.id == self.index:
+        if isinstance(x, cupy.ndarray):
+            if x.device.id != self.index:
+                with self._ctx():
+                    x = x.copy()        # CuPy copies another GPU's array onto the current one
             return x if dtype is None or x.dtype == np.dtype(dtype) else x.astype(dtype)
         with self._ctx():
             return cupy.asarray(x, dtype=dtype)

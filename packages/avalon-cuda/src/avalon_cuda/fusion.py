@@ -62,8 +62,8 @@ CUDA_EXPR = {
     "relu": "(({0} > ({T})0 || {0} != {0}) ? {0} : ({T})0)",
     # typed constants keep float32 math in float (a bare 0.5 is a double)
     "sigmoid": "(({T})0.5 * tanh(({T})0.5 * {0}) + ({T})0.5)",
-    # NumPy's sign keeps NaN and the sign of zero
-    "sign": "({0} > ({T})0 ? ({T})1 : ({0} < ({T})0 ? ({T})-1 : {0}))",
+    # NumPy's sign keeps NaN and gives +0 for -0
+    "sign": "({0} > ({T})0 ? ({T})1 : ({0} < ({T})0 ? ({T})-1 : ({0} == ({T})0 ? ({T})0 : {0})))",
 }
 
 

@@ -141,10 +141,23 @@ class Backend:
         return self.rng
 
     def k_random_uniform(self, *, shape, dtype):
-        return self._rng().random(shape, dtype=dtype)
+        return _drawn(self._rng().random, shape, dtype)
 
     def k_random_normal(self, *, shape, dtype):
-        return self._rng().standard_normal(shape, dtype=dtype)
+        return _drawn(self._rng().standard_normal, shape, dtype)
+
+    def wrap_compiled(self, compiled):
+        """A chance to wrap a freshly compiled graph (a GPU backend captures it
+        as a CUDA graph); the result must keep .fn, .source, .graph and .plan."""
+        return compiled
+
+
+def _drawn(draw, shape, dtype):
+    """Generators draw float32/float64 only: half precision is drawn in float32."""
+    dtype = np.dtype(dtype)
+    if dtype in (np.float32, np.float64):
+        return draw(shape, dtype=dtype)
+    return draw(shape, dtype=np.float32).astype(dtype)
 
 
 def _freeze(attrs):

@@ -1,0 +1,310 @@
+"""Turning the measurements into the outputs: the targets and whether they are
+met, the markdown tables (Avalon.jl's shape: rows are frameworks, columns the
+figures), the JSON file and the chart.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+FRAMEWORK_ORDER = ("avalon", "torch_eager", "torch_tuned_malloc", "torch_compile")
+LABELS = {"avalon": "Avalon", "torch_eager": "PyTorch eager", "torch_tuned_malloc": "PyTorch eager, tuned malloc",
+          "torch_compile": "torch.compile"}
+LOSS_TOLERANCE = 0.05          # "within noise": relative difference of mean losses
+CURVE_WINDOW = 50              # steps per window when comparing the first-epoch curves
+
+
+def fmt_seconds(s) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "—"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.0f} µs"
+
+
+def fmt_number(x) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
+def fmt_mib(x) -> str:
+    return "—" if x is None else f"{x:.0f} MiB"
+
+
+def fmt_ratio(x) -> str:
+    return "—" if x is None else f"{x:.2f}x"
+
+
+def figures(metric: str):
+    """(key, column title, formatter) of the table's columns."""
+    return [("compile_s", "compile", fmt_seconds), ("time_per_epoch_s", "time/epoch", fmt_seconds),
+            ("total_s", "total time", fmt_seconds), ("predict_batch_s", "prediction (batch)", fmt_seconds),
+            ("predict_sample_s", "prediction (sample)", fmt_seconds), ("final_loss", "final loss", fmt_number),
+            ("test_metric", metric, fmt_number), ("peak_memory_mib", "peak memory", fmt_mib)]
+
+
+def _ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def ratios(frameworks: dict, metric: str) -> dict:
+    a, t = frameworks.get("avalon", {}), frameworks.get("torch_eager", {})
+    return {key: _ratio(a.get(key), t.get(key)) for key, _, _ in figures(metric)}
+
+
+def _rel(a, b):
+    return abs(a - b) / abs(b) if b else float("inf")
+
+
+def _windows(losses, width):
+    return [statistics.fmean(losses[i:i + width]) for i in range(0, len(losses) - width + 1, width)] \
+        or [statistics.fmean(losses)]
+
+
+def loss_agreement(avalon: dict, torch_eager: dict) -> dict:
+    """How close Avalon's losses are to PyTorch eager's, trained from the same
+    weights on the same batches."""
+    ea, et = avalon["epoch_mean_losses"], torch_eager["epoch_mean_losses"]
+    first_a, first_t = avalon["losses"][:avalon["steps_per_epoch"][0]], \
+        torch_eager["losses"][:torch_eager["steps_per_epoch"][0]]
+    width = min(CURVE_WINDOW, max(1, len(first_a) // 10))
+    wa, wt = _windows(first_a, width), _windows(first_t, width)
+    return {
+        "first_step_rel_diff": _rel(avalon["losses"][0], torch_eager["losses"][0]),
+        "final_loss_rel_diff": _rel(avalon["final_loss"], torch_eager["final_loss"]),
+        "epoch_mean_max_rel_diff": max(_rel(a, t) for a, t in zip(ea, et)),
+        "first_epoch_window_steps": width,
+        "first_epoch_window_max_rel_diff": max(_rel(a, t) for a, t in zip(wa, wt)),
+        "tolerance": LOSS_TOLERANCE,
+    }
+
+
+def _target(name, goal, value_text, met):
+    return {"target": name, "goal": goal, "value": value_text, "met": met}
+
+
+def targets(result: dict, device: str, epoch_goal: float) -> list:
+    fw, r = result["frameworks"], result["ratios"]
+    avalon = fw["avalon"]
+    out = [_target("time per epoch vs PyTorch eager", f"<= {epoch_goal:.2f}x", fmt_ratio(r["time_per_epoch_s"]),
+                   r["time_per_epoch_s"] is not None and r["time_per_epoch_s"] <= epoch_goal)]
+    for key in ("torch_tuned_malloc", "torch_compile"):
+        other = fw.get(key, {})
+        ratio = _ratio(avalon.get("time_per_epoch_s"), other.get("time_per_epoch_s"))
+        if ratio is None:
+            why = result["skipped"].get(key) or other.get("failed") or "not measured"
+            out.append(_target(f"time per epoch vs {LABELS[key]}", "< 1.00x", f"not measured ({why})", None))
+        else:
+            out.append(_target(f"time per epoch vs {LABELS[key]}", "< 1.00x", fmt_ratio(ratio), ratio < 1.0))
+    out.append(_target("compile (trace + codegen of the training step)", "< 1 s",
+                       fmt_seconds(avalon["compile_s"]), avalon["compile_s"] < 1.0))
+    for key, what in (("predict_batch_s", "batch"), ("predict_sample_s", "one sample")):
+        ratio = r[key]
+        out.append(_target(f"prediction latency, {what}, vs PyTorch eager", "<= 1.00x", fmt_ratio(ratio),
+                           ratio is not None and ratio <= 1.0))
+    agree = result["loss_agreement"]
+    tol = f"{LOSS_TOLERANCE:.0%}"
+    out.append(_target("final training loss vs PyTorch eager", f"within {tol}",
+                       f"{agree['final_loss_rel_diff']:.2%} apart", agree["final_loss_rel_diff"] <= LOSS_TOLERANCE))
+    out.append(_target("per-epoch mean losses vs PyTorch eager (loss curves agree)", f"max within {tol}",
+                       f"max {agree['epoch_mean_max_rel_diff']:.2%} apart (first epoch, "
+                       f"{agree['first_epoch_window_steps']}-step windows: max "
+                       f"{agree['first_epoch_window_max_rel_diff']:.2%})",
+                       agree["epoch_mean_max_rel_diff"] <= LOSS_TOLERANCE))
+    if device != "cpu":
+        out[0]["target"] += f" (GPU: {device})"
+    return out
+
+
+def performance_missed(target_list) -> bool:
+    """Whether Avalon misses a speed target (the ones a profile explains)."""
+    return any(t["met"] is False for t in target_list if "loss" not in t["target"])
+
+
+# -- markdown --------------------------------------------------------------------------
+
+def _row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def workload_markdown(result: dict, device: str) -> str:
+    wl = result["workload"]
+    metric = wl["metric"]
+    cols = figures(metric)
+    fw = result["frameworks"]
+    where = "CPU" if device == "cpu" else "GPU"
+    lines = [f"## {wl['title']}", "",
+             f"Batch {wl['batch_size']}, {wl['optimizer']} lr {wl['lr']}, {wl['loss']}; "
+             f"{result['epochs']} epochs of {result['steps_per_epoch']} steps "
+             f"({'all' if not result['max_batches'] else 'the first'} batches of each epoch"
+             f"{'' if not result['max_batches'] else ', quick mode'}).", "",
+             _row([""] + [title for _, title, _ in cols] + []),
+             _row(["---"] * (len(cols) + 1))]
+    for key in FRAMEWORK_ORDER:
+        label = f"{LABELS[key]} ({where})"
+        if key in fw and not fw[key].get("failed"):
+            lines.append(_row([label] + [fmt(fw[key].get(k)) for k, _, fmt in cols]))
+        else:
+            why = result["skipped"].get(key) or fw.get(key, {}).get("failed") or "not run"
+            lines.append(_row([label] + [f"skipped: {why}"] + ["—"] * (len(cols) - 1)))
+    lines.append(_row(["**Avalon / PyTorch eager**"] + [fmt_ratio(result["ratios"][k]) for k, _, _ in cols]))
+    lines += ["", "Ratios, figure by figure:", "", _row(["figure", "Avalon", "PyTorch eager", "Avalon / PyTorch eager"]),
+              _row(["---"] * 4)]
+    for key, title, fmt in cols:
+        lines.append(_row([title, fmt(fw["avalon"].get(key)), fmt(fw["torch_eager"].get(key)),
+                           fmt_ratio(result["ratios"][key])]))
+    lines += ["", "Targets:", "", _row(["target", "goal", "measured", "met?"]), _row(["---"] * 4)]
+    for t in result["targets"]:
+        met = {True: "met", False: "**not met**", None: "not measured"}[t["met"]]
+        lines.append(_row([t["target"], t["goal"], t["value"], met]))
+    lines += ["", *_notes(result)]
+    if result.get("profile"):
+        lines += ["", "Where the Avalon step's time goes (top 10 kernels of `avalon.profile`, "
+                  "explaining the missed targets):", "", "```", result["profile"], "```"]
+    return "\n".join(lines)
+
+
+def _notes(result) -> list:
+    notes = []
+    for key, why in result["skipped"].items():
+        notes.append(f"- {LABELS[key]} skipped: {why}.")
+    for key, f in result["frameworks"].items():
+        if f.get("failed"):
+            notes.append(f"- {LABELS[key]} failed: {f['failed']}.")
+        mem = f.get("memory", {})
+        if mem.get("failed"):
+            notes.append(f"- {LABELS[key]} peak memory not measured: {mem['failed']}.")
+    tuned = result["frameworks"].get("torch_tuned_malloc")
+    if tuned and not tuned.get("failed"):
+        notes.append(f"- {LABELS['torch_tuned_malloc']}: a subprocess started with "
+                     f"{', '.join(f'{k}={v}' for k, v in tuned['malloc'].items())}, trained on the same data, "
+                     "weights and batch order, its epochs interleaved with the others; only its training "
+                     "figures are measured.")
+    return notes
+
+
+def header_markdown(info: dict) -> str:
+    m, v = info["machine"], info["versions"]
+    cfg = info["config"]
+    load = info["load"]
+    lines = ["# Avalon vs PyTorch", "",
+             f"- Run: {info['started']}, `{info['command']}`" + (" (quick mode: a smoke run, not a benchmark)"
+                                                                  if cfg["quick"] else ""),
+             f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}",
+             f"- Load: `{load['uptime_before']}` before; `{load['uptime_after']}` after "
+             "(the machine is shared: figures are medians of interleaved runs; compare ratios)",
+             f"- Versions: python {v['python']}, numpy {v['numpy']} ({v['numpy BLAS']}), torch {v['torch']}, "
+             f"avalon {v['avalon']}, avalon-layers {v['avalon-layers']}, avalon-zoo {v['avalon-zoo']}, "
+             f"commit {v['git commit']}",
+             f"- Data: {info['data']['description']}",
+             f"- Threads: PyTorch {info['threads']['torch']} (torch.set_num_threads; = cores); Avalon "
+             f"{info['threads']['avalon']} (its own batch-split threads, single-threaded BLAS in each)",
+             f"- Device: {cfg['device']}",
+             "",
+             "How each figure is measured (all frameworks in one process unless said otherwise):",
+             "",
+             "- compile: first training step minus the median step (Avalon: trace + differentiation + "
+             "code generation of the step; torch.compile: Dynamo/Inductor compilation; PyTorch eager: "
+             "first-call warm-up).",
+             "- time/epoch: median over epochs of the epoch's wall time (batch slicing included), the "
+             "first epoch without the compile overhead; epochs interleaved (Avalon epoch 1, PyTorch "
+             "epoch 1, ..., Avalon epoch 2, ...).",
+             "- total time: all epochs, compilation included.",
+             f"- prediction: median of {cfg['latency_repeats'][0]} (batch) and {cfg['latency_repeats'][1]} "
+             "(one sample) interleaved calls of the forward pass in eval mode (Avalon: avalon.jit; "
+             "PyTorch: torch.no_grad), after warm-up calls.",
+             "- final loss: mean training loss over the last epoch; test metric on "
+             f"{cfg['test_examples']} test examples.",
+             f"- peak memory: in a fresh subprocess per framework, the growth of the peak RSS "
+             "(getrusage ru_maxrss) from after the imports to after building the model, "
+             f"{cfg['memory_steps']} training steps and a few predictions (host memory only).",
+             ""]
+    return "\n".join(lines)
+
+
+def markdown(info: dict) -> str:
+    parts = [header_markdown(info)]
+    for name, result in info["benchmarks"].items():
+        parts.append(workload_markdown(result, info["config"]["device"]))
+    return "\n\n".join(parts) + "\n"
+
+
+# -- JSON ------------------------------------------------------------------------------
+
+def _clean(obj):
+    """JSON-safe: NaN and infinity become null (JSON has neither)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json(info: dict, path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_clean(info), f, indent=1)
+        f.write("\n")
+
+
+# -- chart -----------------------------------------------------------------------------
+
+COLORS = {"avalon": "#c0392b", "torch_eager": "#2c3e50", "torch_tuned_malloc": "#7f8c8d",
+          "torch_compile": "#2980b9"}
+
+
+def _smooth(values, width):
+    if len(values) <= width:
+        return values
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= width:
+            total -= values[i - width]
+        out.append(total / min(i + 1, width))
+    return out
+
+
+def write_chart(info: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(info["benchmarks"])
+    fig, axes = plt.subplots(len(names), 2, figsize=(12, 4.2 * len(names)), squeeze=False)
+    for row, name in zip(axes, names):
+        result = info["benchmarks"][name]
+        fw = result["frameworks"]
+        keys = [k for k in FRAMEWORK_ORDER if k in fw and not fw[k].get("failed")]
+        bars, times = row[0], [fw[k]["time_per_epoch_s"] for k in keys]
+        spread = [[t - min(fw[k]["steady_epoch_s"]) for k, t in zip(keys, times)],
+                  [max(fw[k]["steady_epoch_s"]) - t for k, t in zip(keys, times)]]
+        bars.bar([LABELS[k].replace(", ", ",\n") for k in keys], times, yerr=spread, capsize=4,
+                 color=[COLORS[k] for k in keys])
+        goal = result["epoch_goal"] * fw["torch_eager"]["time_per_epoch_s"]
+        bars.axhline(goal, color=COLORS["avalon"], linestyle="--", linewidth=1,
+                     label=f"target: {result['epoch_goal']:.2f}x PyTorch eager")
+        bars.set_ylabel("seconds per epoch (median; bars: min-max)")
+        bars.set_title(f"{name.upper()}: time per epoch")
+        bars.legend(loc="upper right", fontsize=8)
+        curves = row[1]
+        for k in keys:
+            if "curve_s" not in fw[k]:
+                continue
+            width = max(1, min(50, len(fw[k]["losses"]) // 20))
+            curves.plot(fw[k]["curve_s"], _smooth(fw[k]["losses"], width), color=COLORS[k],
+                        label=LABELS[k], linewidth=1.2)
+        curves.set_xlabel("training wall time, s (compilation included)")
+        curves.set_ylabel("training loss (running mean)")
+        curves.set_title(f"{name.upper()}: loss against wall time")
+        curves.legend(fontsize=8)
+    fig.suptitle(f"Avalon vs PyTorch ({info['data']['kind']} data, {info['machine']['cpu']}, "
+                 f"{info['machine']['cores']} cores)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
