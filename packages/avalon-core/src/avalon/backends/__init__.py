@@ -28,10 +28,10 @@ _seed: int | None = None
 
 
 def reset() -> None:
-    """Forget collected backend classes (after plugins change)."""
+    """Forget collected backend classes (after plugins change); backend
+    instances whose class is still registered afterwards are kept."""
     global _classes
     _classes = None
-    _instances.clear()
     _type_cache.clear()
 
 
@@ -52,6 +52,8 @@ def _backend_classes() -> dict[str, type]:
                 for t in cls.array_types:
                     tree.register_array_type(t)
         _classes = found
+        for key in [k for k, b in _instances.items() if found.get(k[0]) is not type(b)]:
+            del _instances[key]
     return _classes
 
 
