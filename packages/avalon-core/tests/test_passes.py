@@ -208,3 +208,47 @@ def test_a_user_pass_can_rewrite_the_graph():
 def test_a_pass_that_returns_nothing_is_an_error():
     with pytest.raises(TypeError, match="must return the graph"):
         avalon.jit(lambda x: x + 1.0, passes=[lambda g: None])(X)
+
+
+def _conv_block(x, w, b, bias_shape=(1, 4, 1, 1)):
+    h = avalon.conv2d(x, w, padding=1) + b.reshape(bias_shape)
+    return avalon.max_pool2d(avalon.relu(h), 2)
+
+
+def test_pool_first_moves_bias_and_relu_after_the_pooling():
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    g = avalon.trace(lambda x, w, b: avalon.sum(_conv_block(x, w, b) ** 2), x, w, b)
+    expected = run(g.copy(), x, w, b)[0]
+    assert ops_of(g)[:5] == ["conv", "reshape", "add", "relu", "max_pool"]
+    g = passes.pool_first(g)
+    g.check()
+    assert ops_of(g)[:5] == ["conv", "reshape", "max_pool", "add", "relu"]
+    np.testing.assert_allclose(run(g, x, w, b)[0], expected, rtol=1e-5)
+    # and gradients through the rewritten graph agree with the original
+    f = lambda x, w, b: avalon.sum(_conv_block(x, w, b) ** 2)  # noqa: E731
+    _, g1 = avalon.GradFunction(f)(x, w, b)
+    _, g0 = avalon.GradFunction(f, passes=[])(x, w, b)
+    for a, c in zip(g1, g0):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
+def test_pool_first_keeps_ops_that_vary_inside_a_window():
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    per_pixel = rng.standard_normal((8, 8)).astype(np.float32)
+    g = avalon.trace(lambda x, w, b: _conv_block(x, w, b, (8, 8)), x, w, per_pixel)
+    # the per-pixel add stays before the pooling; the relu after it may still move
+    assert ops_of(passes.pool_first(g)) == ["conv", "add", "max_pool", "relu"]
+
+
+def test_pool_first_keeps_values_that_are_used_elsewhere():
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+
+    def f(x, w):
+        h = avalon.relu(avalon.conv2d(x, w, padding=1))
+        return avalon.max_pool2d(h, 2), h
+    g = passes.pool_first(avalon.trace(f, x, w))
+    assert ops_of(g) == ["conv", "relu", "max_pool"]

@@ -19,7 +19,7 @@ from .codegen import generate
 from .errors import AvalonError, user_location
 from .graph import Graph
 from .parallel import ShardedFunction, split_batch
-from .passes import pipeline_version, run_pipeline
+from .passes import FORWARD, pipeline_version, run_pipeline
 from .primitive import Tracer, tracing
 
 log = logging.getLogger("avalon.trace")
@@ -135,6 +135,8 @@ class CompiledFunction:
         self.traces += 1
         backend, _ = backend_of_args(leaves, self.__name__)
         graph = _trace(self.f, leaves, treedef, self.__name__)
+        if self.passes is None:
+            graph = run_pipeline(graph, FORWARD)
         graph, out_tree, wrt = self._transform(graph, leaves, treedef)
         graph = run_pipeline(graph, self.passes)
         compiled = None

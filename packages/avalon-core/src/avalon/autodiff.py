@@ -64,7 +64,11 @@ def grad_graph(fwd: Graph, wrt: list[bool]) -> Graph:
             c = cts.get(inp)
             grads.append(c if c is not None else ops.zeros(inp.shape, inp.dtype))
     g.outputs = [env[loss_node].node] + [c.node for c in grads]
-    return g
+    # VJP rules give cotangents for every operand; those nobody needs go now
+    # (even when no optimization pass runs), as do forward values the
+    # backward pass does not read
+    from .passes.dce import dce
+    return dce(g)
 
 
 def _needs_grad(fwd: Graph, wrt: list[bool]) -> dict:

@@ -11,9 +11,11 @@ from .dce import dce
 from .fold import constant_fold
 from .fusion import fuse_elementwise
 from .layout import layout
+from .pool_first import pool_first
 from .simplify import simplify
 
-__all__ = ["dce", "cse", "constant_fold", "simplify", "layout", "fuse_elementwise", "default_pipeline",
+__all__ = ["dce", "cse", "constant_fold", "simplify", "layout", "pool_first", "fuse_elementwise",
+           "FORWARD", "default_pipeline",
            "add_pass", "remove_pass", "run_pipeline", "reset_pipeline"]
 
 BUILTIN = [
@@ -30,6 +32,12 @@ BUILTIN = [
     ("dce_3", dce),
     ("fuse_elementwise", fuse_elementwise),
     ("dce_4", dce),
+]
+
+#: rewrites of the forward graph, run before differentiation (their savings
+#: then carry into the backward pass); a list of (name, pass) like BUILTIN
+FORWARD = [
+    ("pool_first", pool_first),
 ]
 
 _pipeline: list | None = None

@@ -91,13 +91,21 @@ def transpose_chain(n):
         return Node("transpose", [src], {"perm": perm}, n.shape, n.dtype, n.loc)
 
 
+def square(n):
+    """x ** 2 -> x * x (one multiply instead of a pow; its gradient needs no log)."""
+    if n.op == "pow":
+        v = _const_value(n.inputs[1])
+        if v is not None and v.size == 1 and v.item() == 2 and n.inputs[0].shape == n.shape:
+            return Node("mul", [n.inputs[0], n.inputs[0]], {}, n.shape, n.dtype, n.loc)
+
+
 def log_exp(n):
     if n.op == "log" and n.inputs[0].op == "exp":
         return n.inputs[0].inputs[0]
 
 
 RULES = [add_zero, mul_one, div_by_const, double_neg, add_neg, identity_shape_ops, reshape_chain,
-         transpose_chain, log_exp]
+         transpose_chain, log_exp, square]
 
 
 def _first_match(rules, n):
