@@ -93,3 +93,21 @@ def test_an_odd_batch_is_not_split():
     f = avalon.GradFunction(mean_loss)
     f(m, rng.standard_normal((33, 8)).astype(np.float32), rng.integers(0, 4, 33))
     assert compiled_kind(f) is not ShardedFunction
+
+
+def test_a_cnn_in_batch_innermost_layout_is_split():
+    def loss(m, x, y):
+        h = avalon.max_pool2d(avalon.relu(avalon.conv2d(x, m["c"], m["b"], padding=1)), 2)
+        logp = avalon.log_softmax(h.reshape(h.shape[0], -1) @ m["fc"])
+        return -avalon.mean(avalon.take_along_axis(logp, avalon.expand_dims(y, 1), axis=1))
+    m = {"c": rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "b": np.zeros(4, np.float32),
+         "fc": rng.standard_normal((4 * 4 * 4, 3)).astype(np.float32) * 0.1}
+    x, y = rng.standard_normal((16, 1, 8, 8)).astype(np.float32), rng.integers(0, 3, 16)
+    split = avalon.GradFunction(loss, argnums=0)
+    l1, (g1, _, _) = split(m, x, y)
+    l0, (g0, _, _) = avalon.GradFunction(loss, argnums=0, parallel=False)(m, x, y)
+    assert compiled_kind(split) is ShardedFunction
+    assert "conv_csn" in {n.op for n in split.graph.nodes}
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for k in m:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-5, atol=1e-6)

@@ -36,11 +36,15 @@ R, P = ("R",), ("P",)
 # attributes that hold a node's own output shape
 SHAPE_ATTRS = {"reshape": "shape", "broadcast_to": "shape", "full": "shape", "random_uniform": "shape",
                "random_normal": "shape", "conv_input_grad": "input_shape", "avg_pool_grad": "input_shape",
-               "take_along_axis_grad": "shape"}
+               "take_along_axis_grad": "shape", "conv_csn_input_grad": "input_shape"}
 LINEAR_UNARY = {"neg", "cast", "reshape", "transpose", "sum", "broadcast_to"}
 # ops over (N, C, ...) data: which operands carry the batch on axis 0 (the rest are weights)
 BATCH_AXIS0_OPS = {"conv": (0,), "conv_input_grad": (0,), "conv_transpose": (0,), "max_pool": (0,),
                    "max_pool_grad": (0, 1), "avg_pool": (0,), "avg_pool_grad": (0,)}
+
+# the batch-innermost forms (layout pass): the batch is the last axis of activations
+BATCH_LAST_OPS = {"conv_csn": (0,), "conv_csn_input_grad": (0,), "conv_csn_weight_grad": (0, 1),
+                  "max_pool_csn": (0,), "max_pool_csn_grad": (0, 1)}
 
 MIN_SHARD_ELEMENTS = 200_000   # below this much sharded work a step is not worth two threads
 
@@ -174,6 +178,12 @@ def _rule(node, states, n):
         if states == [_S(0), _S(0)]:
             return P
         raise _NoSplit("conv_weight_grad layout")
+    if op in BATCH_LAST_OPS:
+        last = _S(node.inputs[0].ndim - 1)
+        data = BATCH_LAST_OPS[op]
+        if all((s == last) if k in data else (s == R) for k, s in enumerate(states)):
+            return P if op == "conv_csn_weight_grad" else _S(node.ndim - 1)
+        raise _NoSplit(f"{op}: the batch must be the last axis of its activations")
     if op == "take_along_axis":
         if states[0] == states[1] and states[0] != P and node.attrs["axis"] != states[0][1]:
             return states[0]
