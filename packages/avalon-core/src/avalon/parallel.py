@@ -307,6 +307,7 @@ class ShardedFunction:
         for _ in range(plan.shards):
             b = copy.copy(backend)
             b._kernel_cache = {}
+            b.__dict__.pop("_scratch", None)  # work arrays of its own
             self.copies.append((b, generate(plan.graph, b, name)))
         self.compiled = self.copies[0][1]
         self.graph, self.plan_memory = plan.graph, self.compiled.plan

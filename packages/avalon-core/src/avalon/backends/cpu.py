@@ -8,6 +8,7 @@ import numpy as np
 
 from ..plugins import hookimpl
 from .base import Backend
+from ..kernels import conv_csn
 from .cpu_fused import compile_fused_numpy
 
 
@@ -24,10 +25,31 @@ class CpuBackend(Backend):
         from ..parallel import shard_count
         self.parallel_shards = shard_count()
 
-    out_kernels = ("where",)
+    out_kernels = ("where", "conv_csn", "conv_csn_input_grad", "conv_csn_weight_grad")
 
     def compile_fused(self, body):
         return compile_fused_numpy(body, self)
+
+    # -- convolutions with work arrays from a pool: no fresh pages every step --
+    def scratch(self, tag, shape, dtype):
+        """A work array reused by every call that asks for the same (tag, shape,
+        dtype); only for use within one kernel call (the pool is per backend
+        object, and each engine thread has its own)."""
+        pool = self.__dict__.setdefault("_scratch", {})
+        key = (tag, tuple(shape), np.dtype(dtype))
+        arr = pool.get(key)
+        if arr is None:
+            arr = pool[key] = np.empty(shape, dtype)
+        return arr
+
+    def k_conv_csn(self, x, w, out=None, **attrs):
+        return conv_csn.conv_csn_forward(np, x, w, out=out, scratch=self.scratch, **attrs)
+
+    def k_conv_csn_input_grad(self, g, w, out=None, **attrs):
+        return conv_csn.conv_csn_input_grad(np, g, w, out=out, scratch=self.scratch, **attrs)
+
+    def k_conv_csn_weight_grad(self, x, g, out=None, **attrs):
+        return conv_csn.conv_csn_weight_grad(np, x, g, out=out, scratch=self.scratch, **attrs)
 
     def k_where(self, c, a, b, out=None):
         """where() by bit masks: several times faster than np.where on random

@@ -29,12 +29,13 @@ def _window(offset, out, stride, dilation):
     return tuple(slice(o * d, o * d + s * (n - 1) + 1, s) for o, n, s, d in zip(offset, out, stride, dilation))
 
 
-def _padded(xp, x, padding, value=0.0):
+def _padded(xp, x, padding, value=0.0, scratch=None):
     """x with its spatial axes padded (a new array; x itself when no padding)."""
     if not any(p for pair in padding for p in pair):
         return x
     shape = (x.shape[0],) + tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], padding)) + (x.shape[-1],)
-    buf = xp.full(shape, value, dtype=x.dtype)
+    buf = _empty(xp, scratch, "padded", shape, x.dtype)
+    buf.fill(value)
     buf[(slice(None),) + tuple(slice(lo, lo + n) for n, (lo, _) in zip(x.shape[1:-1], padding))] = x
     return buf
 
@@ -43,25 +44,31 @@ def _pairs(padding):
     return tuple(p if isinstance(p, tuple) else (p, p) for p in padding)
 
 
-def _columns(xp, x, kernel, stride, padding, dilation, out_spatial):
+def _empty(xp, scratch, tag, shape, dtype):
+    """A work array: from the caller's scratch pool (reused call after call,
+    so no fresh pages are touched), else newly allocated."""
+    return scratch(tag, shape, dtype) if scratch is not None else xp.empty(shape, dtype=dtype)
+
+
+def _columns(xp, x, kernel, stride, padding, dilation, out_spatial, scratch=None):
     """(C, *K, *out, N) columns of x (C, *S, N)."""
-    xpad = _padded(xp, x, padding)
+    xpad = _padded(xp, x, padding, scratch=scratch)
     c, n = x.shape[0], x.shape[-1]
-    cols = xp.empty((c,) + tuple(kernel) + tuple(out_spatial) + (n,), dtype=x.dtype)
+    cols = _empty(xp, scratch, "cols", (c,) + tuple(kernel) + tuple(out_spatial) + (n,), x.dtype)
     full = (slice(None),)
     for offset in _offsets(kernel):
         cols[full + offset] = xpad[full + _window(offset, out_spatial, stride, dilation)]
     return cols
 
 
-def conv_csn_forward(xp, x, w, *, stride, padding, dilation, out=None):
+def conv_csn_forward(xp, x, w, *, stride, padding, dilation, out=None, scratch=None):
     """x (C, *S, N), w (O, C, *K) -> (O, *out, N)."""
     kernel = tuple(w.shape[2:])
     padding = _pairs(padding)
     spatial = tuple(x.shape[1:-1])
     out_spatial = conv_output_shape(tuple(s + lo + hi - 2 * lo for s, (lo, hi) in zip(spatial, padding)),
                                     kernel, stride, tuple(lo for lo, _ in padding), dilation)
-    cols = _columns(xp, x, kernel, stride, padding, dilation, out_spatial)
+    cols = _columns(xp, x, kernel, stride, padding, dilation, out_spatial, scratch)
     o = w.shape[0]
     shape = (o,) + tuple(out_spatial) + (x.shape[-1],)
     if out is None:
@@ -70,32 +77,37 @@ def conv_csn_forward(xp, x, w, *, stride, padding, dilation, out=None):
     return out
 
 
-def conv_csn_input_grad(xp, g, w, *, input_shape, stride, padding, dilation, out=None):
+def conv_csn_input_grad(xp, g, w, *, input_shape, stride, padding, dilation, out=None, scratch=None):
     """g (O, *out, N), w (O, C, *K) -> dx of shape input_shape = (C, *S, N)."""
     kernel = tuple(w.shape[2:])
     padding = _pairs(padding)
     o, c = w.shape[:2]
     out_spatial = tuple(g.shape[1:-1])
-    cols = xp.matmul(w.reshape(o, -1).T, g.reshape(o, -1))          # (C*K, out*N)
+    cols = _empty(xp, scratch, "cols", (c * math.prod(kernel), g.size // o), g.dtype)
+    xp.matmul(w.reshape(o, -1).T, g.reshape(o, -1), out=cols)       # (C*K, out*N)
     cols = cols.reshape((c,) + kernel + out_spatial + (g.shape[-1],))
     spatial = tuple(input_shape[1:-1])
     padded = (c,) + tuple(s + lo + hi for s, (lo, hi) in zip(spatial, padding)) + (input_shape[-1],)
-    buf = xp.zeros(padded, dtype=g.dtype)
+    has_pad = any(p for pair in padding for p in pair)
+    buf = out if (out is not None and not has_pad) else _empty(xp, scratch, "padded", padded, g.dtype)
+    buf.fill(0)
     full = (slice(None),)
     for offset in _offsets(kernel):
         buf[full + _window(offset, out_spatial, stride, dilation)] += cols[full + offset]
+    if buf is out:
+        return out
     crop = full + tuple(slice(lo, lo + s) for s, (lo, _) in zip(spatial, padding))
     if out is None:
-        return xp.ascontiguousarray(buf[crop]) if any(p for pair in padding for p in pair) else buf
+        return xp.ascontiguousarray(buf[crop]) if has_pad else buf.copy()
     out[...] = buf[crop]
     return out
 
 
-def conv_csn_weight_grad(xp, x, g, *, weight_shape, stride, padding, dilation, out=None):
+def conv_csn_weight_grad(xp, x, g, *, weight_shape, stride, padding, dilation, out=None, scratch=None):
     """x (C, *S, N), g (O, *out, N) -> dw of shape weight_shape = (O, C, *K)."""
     kernel = tuple(weight_shape[2:])
     padding = _pairs(padding)
-    cols = _columns(xp, x, kernel, stride, padding, dilation, tuple(g.shape[1:-1]))
+    cols = _columns(xp, x, kernel, stride, padding, dilation, tuple(g.shape[1:-1]), scratch)
     o = weight_shape[0]
     if out is None:
         out = xp.empty(weight_shape, dtype=g.dtype)
