@@ -184,8 +184,7 @@ EXEMPT = {
     "fused": "internal: a group of elementwise nodes built by the fusion pass, never bound by user code",
     **{name: "internal: batch-innermost form put in by the layout pass, never bound by user code; "
              "checked against the (N, C, ...) primitives in test_layout.py"
-       for name in ("conv_csn", "conv_csn_input_grad", "conv_csn_weight_grad", "max_pool_csn",
-                    "max_pool_csn_grad")},
+       for name in ("im2col_csn", "col2im_csn", "max_pool_csn", "max_pool_csn_grad")},
 }
 
 

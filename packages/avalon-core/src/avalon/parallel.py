@@ -6,7 +6,9 @@ single-threaded BLAS, and the per-shard results summed (gradients) or joined
 (per-example outputs).  `split_batch` finds out, by propagating a sharding
 through the graph, whether a graph can run that way:
 
-* batch inputs are sharded along axis 0 ("S", axis);
+* batch inputs are sharded along axis 0: ("S", axis, stride) says the batch is
+  a factor of that axis whose consecutive entries lie `stride` apart (1: the
+  batch is the axis, or its innermost factor after a reshape merged axes);
 * values that do not depend on them are replicated ("R");
 * a sum over the sharded axis gives a partial sum ("P") that only linear ops
   may touch (scaling by a replicated value, adding partials, reshaping): the
@@ -36,15 +38,14 @@ R, P = ("R",), ("P",)
 # attributes that hold a node's own output shape
 SHAPE_ATTRS = {"reshape": "shape", "broadcast_to": "shape", "full": "shape", "random_uniform": "shape",
                "random_normal": "shape", "conv_input_grad": "input_shape", "avg_pool_grad": "input_shape",
-               "take_along_axis_grad": "shape", "conv_csn_input_grad": "input_shape"}
+               "take_along_axis_grad": "shape", "col2im_csn": "input_shape"}
 LINEAR_UNARY = {"neg", "cast", "reshape", "transpose", "sum", "broadcast_to"}
 # ops over (N, C, ...) data: which operands carry the batch on axis 0 (the rest are weights)
 BATCH_AXIS0_OPS = {"conv": (0,), "conv_input_grad": (0,), "conv_transpose": (0,), "max_pool": (0,),
                    "max_pool_grad": (0, 1), "avg_pool": (0,), "avg_pool_grad": (0,)}
 
 # the batch-innermost forms (layout pass): the batch is the last axis of activations
-BATCH_LAST_OPS = {"conv_csn": (0,), "conv_csn_input_grad": (0,), "conv_csn_weight_grad": (0, 1),
-                  "max_pool_csn": (0,), "max_pool_csn_grad": (0, 1)}
+BATCH_LAST_OPS = {"im2col_csn": (0,), "max_pool_csn": (0,), "max_pool_csn_grad": (0, 1)}
 
 MIN_SHARD_ELEMENTS = 200_000   # below this much sharded work a step is not worth two threads
 
@@ -60,8 +61,8 @@ def shard_count() -> int:
     return max(1, min(2, os.cpu_count() or 1)) if (os.cpu_count() or 1) >= 2 else 1
 
 
-def _S(axis):
-    return ("S", axis)
+def _S(axis, stride=1):
+    return ("S", axis, stride)
 
 
 def _propagate(graph, batch_inputs, n):
@@ -88,22 +89,22 @@ def _elementwise(node, states, n):
         if not ok:
             raise _NoSplit(f"{op} mixes a partial sum non-linearly")
         return P
-    axis = None
+    axis = stride = None
     for i, s in zip(node.inputs, states):
         if s == R:
             continue
         a = s[1] + (node.ndim - i.ndim)
-        if i.shape[s[1]] != n:
+        if i.shape[s[1]] != node.shape[a]:
             raise _NoSplit("broadcast along the batch axis")
-        if axis not in (None, a):
+        if axis is not None and (axis, stride) != (a, s[2]):
             raise _NoSplit("operands sharded on different axes")
-        axis = a
+        axis, stride = a, s[2]
     for i, s in zip(node.inputs, states):  # replicated operands must not vary along the batch axis
         if s == R:
             k = axis - (node.ndim - i.ndim)
             if k >= 0 and i.shape[k] != 1:
                 raise _NoSplit(f"{node.op}: a replicated operand spans the batch axis")
-    return _S(axis)
+    return _S(axis, stride)
 
 
 def _created_shard(node, n):
@@ -133,7 +134,7 @@ def _rule(node, states, n):
                 if size == n and (k < lead or src.shape[k - lead] == 1):
                     return _S(k)
             return R
-        return _S(s[1] + node.ndim - node.inputs[0].ndim)
+        return _S(s[1] + node.ndim - node.inputs[0].ndim, s[2])
     if op == "fused":
         return _fused_rule(node, states, n)
     if prim.elementwise:
@@ -151,22 +152,13 @@ def _rule(node, states, n):
             if op != "sum":
                 raise _NoSplit(f"{op} over the batch axis")
             return P
-        return _S(s[1] if keep else s[1] - sum(1 for a in axes if a < s[1]))
+        return _S(s[1] if keep else s[1] - sum(1 for a in axes if a < s[1]), s[2])
     if op == "reshape":
         (s,) = states
-        if s == P:
-            return P
-        src = node.inputs[0]
-        before = int(np.prod(src.shape[:s[1]], dtype=np.int64))
-        acc = 1
-        for k, size in enumerate(node.shape):
-            if acc == before and size == n:
-                return _S(k)
-            acc *= size
-        raise _NoSplit("reshape merges the batch axis")
+        return P if s == P else _reshape_rule(node, s, n)
     if op == "transpose":
         (s,) = states
-        return P if s == P else _S(list(node.attrs["perm"]).index(s[1]))
+        return P if s == P else _S(list(node.attrs["perm"]).index(s[1]), s[2])
     if op == "matmul":
         return _matmul_rule(node, states, n)
     if op in BATCH_AXIS0_OPS:
@@ -179,11 +171,18 @@ def _rule(node, states, n):
             return P
         raise _NoSplit("conv_weight_grad layout")
     if op in BATCH_LAST_OPS:
-        last = _S(node.inputs[0].ndim - 1)
         data = BATCH_LAST_OPS[op]
-        if all((s == last) if k in data else (s == R) for k, s in enumerate(states)):
-            return P if op == "conv_csn_weight_grad" else _S(node.ndim - 1)
-        raise _NoSplit(f"{op}: the batch must be the last axis of its activations")
+        for k, s in enumerate(states):
+            i = node.inputs[k]
+            want = _S(i.ndim - 1) if k in data else R
+            if s != want or (k in data and i.shape[-1] != n):
+                raise _NoSplit(f"{op}: the batch must be the last axis of its activations")
+        # im2col_csn puts the batch innermost in axis 1 of its (C*K, out*N) columns
+        return _S(1) if op == "im2col_csn" else _S(node.ndim - 1)
+    if op == "col2im_csn":
+        if states[0] == _S(1):
+            return _S(node.ndim - 1)
+        raise _NoSplit("col2im_csn of columns not sharded by their innermost factor")
     if op == "take_along_axis":
         if states[0] == states[1] and states[0] != P and node.attrs["axis"] != states[0][1]:
             return states[0]
@@ -240,17 +239,33 @@ def _matmul_rule(node, states, n):
         ax = sa[1]
         if ax == a.ndim - 1:
             raise _NoSplit("matmul contracts a sharded axis against a replicated one")
-        return _S(ax + nd - a.ndim)
+        return _S(ax + nd - a.ndim, sa[2])
     if sa == R:
         ax = sb[1]
         if ax == b.ndim - 2:
             raise _NoSplit("matmul contracts a sharded axis against a replicated one")
-        return _S(ax + nd - b.ndim)
-    if sa[1] == a.ndim - 1 and sb[1] == b.ndim - 2:
+        return _S(ax + nd - b.ndim, sb[2])
+    if sa[1] == a.ndim - 1 and sb[1] == b.ndim - 2 and sa[2] == sb[2]:
         return P  # contraction over the batch: a weight gradient
-    if sa[1] + nd - a.ndim == sb[1] + nd - b.ndim and sa[1] < a.ndim - 2:
-        return _S(sa[1] + nd - a.ndim)  # batched matmul over the batch axis
+    if sa[1] + nd - a.ndim == sb[1] + nd - b.ndim and sa[1] < a.ndim - 2 and sa[2] == sb[2]:
+        return _S(sa[1] + nd - a.ndim, sa[2])  # batched matmul over the batch axis
     raise _NoSplit("matmul sharding")
+
+
+def _reshape_rule(node, s, n):
+    """Where the batch factor lands when a reshape splits or merges axes."""
+    src = node.inputs[0]
+    flat = s[2] * int(np.prod(src.shape[s[1] + 1:], dtype=np.int64))  # flat distance of batch entries
+    after = 1  # product of the output axes after axis b
+    for b in range(node.ndim - 1, -1, -1):
+        size = node.shape[b]
+        if after <= flat < after * size:
+            stride = flat // after
+            if flat % after == 0 and size % (stride * n) == 0:
+                return _S(b, stride)
+            break
+        after *= size
+    raise _NoSplit("reshape splits the batch factor")
 
 
 class ShardPlan:
@@ -281,6 +296,11 @@ def split_batch(graph, batch_inputs, shards: int | None = None):
     except _NoSplit:
         _BODY_STATES.clear()
         return None
+    for o in graph.outputs:
+        st = state[o]
+        if st not in (R, P) and o.shape[st[1]] != n * st[2]:
+            _BODY_STATES.clear()
+            return None  # the batch is not the outer factor of that axis: shards cannot be joined
     work = sum(node.size for node, s in state.items() if s not in (R, P))
     if work < MIN_SHARD_ELEMENTS:
         _BODY_STATES.clear()

@@ -25,7 +25,7 @@ class CpuBackend(Backend):
         from ..parallel import shard_count
         self.parallel_shards = shard_count()
 
-    out_kernels = ("where", "conv_csn", "conv_csn_input_grad", "conv_csn_weight_grad")
+    out_kernels = ("where", "im2col_csn", "col2im_csn")
 
     def compile_fused(self, body):
         return compile_fused_numpy(body, self)
@@ -42,14 +42,11 @@ class CpuBackend(Backend):
             arr = pool[key] = np.empty(shape, dtype)
         return arr
 
-    def k_conv_csn(self, x, w, out=None, **attrs):
-        return conv_csn.conv_csn_forward(np, x, w, out=out, scratch=self.scratch, **attrs)
+    def k_im2col_csn(self, x, out=None, **attrs):
+        return conv_csn.im2col_csn(np, x, out=out, scratch=self.scratch, **attrs)
 
-    def k_conv_csn_input_grad(self, g, w, out=None, **attrs):
-        return conv_csn.conv_csn_input_grad(np, g, w, out=out, scratch=self.scratch, **attrs)
-
-    def k_conv_csn_weight_grad(self, x, g, out=None, **attrs):
-        return conv_csn.conv_csn_weight_grad(np, x, g, out=out, scratch=self.scratch, **attrs)
+    def k_col2im_csn(self, cols, out=None, **attrs):
+        return conv_csn.col2im_csn(np, cols, out=out, scratch=self.scratch, **attrs)
 
     def k_where(self, c, a, b, out=None):
         """where() by bit masks: several times faster than np.where on random

@@ -15,8 +15,8 @@ import math
 
 from .conv import _lowest, _select, conv_output_shape
 
-__all__ = ["conv_csn_forward", "conv_csn_input_grad", "conv_csn_weight_grad", "max_pool_csn_forward",
-           "max_pool_csn_backward"]
+__all__ = ["im2col_csn", "col2im_csn", "conv_csn_forward", "conv_csn_input_grad", "conv_csn_weight_grad",
+           "max_pool_csn_forward", "max_pool_csn_backward"]
 
 
 def _offsets(kernel):
@@ -59,6 +59,52 @@ def _columns(xp, x, kernel, stride, padding, dilation, out_spatial, scratch=None
     for offset in _offsets(kernel):
         cols[full + offset] = xpad[full + _window(offset, out_spatial, stride, dilation)]
     return cols
+
+
+def im2col_csn(xp, x, *, kernel, stride, padding, dilation, out=None, scratch=None):
+    """Columns of x (C, *S, N) as a matrix (C * prod(kernel), prod(out) * N)."""
+    padding = _pairs(padding)
+    spatial = tuple(x.shape[1:-1])
+    out_spatial = conv_output_shape(tuple(s + lo + hi - 2 * lo for s, (lo, hi) in zip(spatial, padding)),
+                                    kernel, stride, tuple(lo for lo, _ in padding), dilation)
+    c, n = x.shape[0], x.shape[-1]
+    shape = (c,) + tuple(kernel) + tuple(out_spatial) + (n,)
+    cols = out.reshape(shape) if out is not None else None
+    if cols is None:
+        cols = _empty(xp, None, "cols", shape, x.dtype)
+    xpad = _padded(xp, x, padding, scratch=scratch)
+    full = (slice(None),)
+    for offset in _offsets(kernel):
+        cols[full + offset] = xpad[full + _window(offset, out_spatial, stride, dilation)]
+    return cols.reshape(c * math.prod(kernel), -1)
+
+
+def col2im_csn(xp, cols, *, input_shape, kernel, stride, padding, dilation, out=None, scratch=None):
+    """The adjoint of im2col_csn: columns (C * prod(kernel), prod(out) * N) summed
+    back into an array of input_shape (C, *S, N)."""
+    padding = _pairs(padding)
+    c, n = input_shape[0], input_shape[-1]
+    spatial = tuple(input_shape[1:-1])
+    out_spatial = conv_output_shape(tuple(s + lo + hi - 2 * lo for s, (lo, hi) in zip(spatial, padding)),
+                                    kernel, stride, tuple(lo for lo, _ in padding), dilation)
+    cols = cols.reshape((c,) + tuple(kernel) + tuple(out_spatial) + (n,))
+    padded = (c,) + tuple(s + lo + hi for s, (lo, hi) in zip(spatial, padding)) + (n,)
+    has_pad = any(p for pair in padding for p in pair)
+    if not has_pad:
+        buf = out if out is not None else xp.empty(tuple(input_shape), dtype=cols.dtype)
+    else:
+        buf = _empty(xp, scratch, "padded", padded, cols.dtype)
+    buf.fill(0)
+    full = (slice(None),)
+    for offset in _offsets(kernel):
+        buf[full + _window(offset, out_spatial, stride, dilation)] += cols[full + offset]
+    if not has_pad:
+        return buf
+    crop = full + tuple(slice(lo, lo + s) for s, (lo, _) in zip(spatial, padding))
+    if out is None:
+        return xp.ascontiguousarray(buf[crop])
+    out[...] = buf[crop]
+    return out
 
 
 def conv_csn_forward(xp, x, w, *, stride, padding, dilation, out=None, scratch=None):

@@ -2,8 +2,9 @@
 
 They are not called by users: the layout pass (avalon.passes.layout) puts them
 in place of conv / max_pool and their gradients after differentiation, so they
-need no VJPs.  Each mirrors its (N, C, *spatial) counterpart in ops/nn.py,
-with the same attributes, and writes its result with out=.
+need no VJPs.  A convolution becomes im2col_csn + matmul (its input gradient
+matmul + col2im_csn): the columns of a layer's input are then one value that
+CSE shares between the forward product and the weight gradient.
 """
 from __future__ import annotations
 
@@ -22,24 +23,27 @@ def _out_spatial(spatial, kernel, stride, padding, dilation):
     return conv_output_shape(widened, kernel, stride, tuple(lo for lo, _ in pairs), dilation)
 
 
-def _conv_rule(x, w, *, stride, padding, dilation):
-    out = _out_spatial(x.shape[1:-1], w.shape[2:], stride, padding, dilation)
-    return (w.shape[0],) + tuple(out) + (x.shape[-1],), x.dtype
+def _im2col_rule(x, *, kernel, stride, padding, dilation):
+    out = _out_spatial(x.shape[1:-1], kernel, stride, padding, dilation)
+    c, n = x.shape[0], x.shape[-1]
+    return (c * _prod(kernel), _prod(out) * n), x.dtype
 
 
-conv_csn_p = defprim("conv_csn", shape=_conv_rule, accepts_out=True,
-                     impl=lambda xp, x, w, out=None, **a: K.conv_csn_forward(xp, x, w, out=out, **a),
-                     doc="conv on (C, *S, N) activations; weight (O, C, *K).")
+def _prod(t):
+    p = 1
+    for v in t:
+        p *= int(v)
+    return p
 
-conv_csn_input_grad_p = defprim(
-    "conv_csn_input_grad", shape=lambda g, w, *, input_shape, **a: (tuple(input_shape), g.dtype),
-    accepts_out=True, impl=lambda xp, g, w, out=None, **a: K.conv_csn_input_grad(xp, g, w, out=out, **a),
-    doc="gradient of conv_csn with respect to its input.")
 
-conv_csn_weight_grad_p = defprim(
-    "conv_csn_weight_grad", shape=lambda x, g, *, weight_shape, **a: (tuple(weight_shape), g.dtype),
-    accepts_out=True, impl=lambda xp, x, g, out=None, **a: K.conv_csn_weight_grad(xp, x, g, out=out, **a),
-    doc="gradient of conv_csn with respect to its weight.")
+im2col_csn_p = defprim("im2col_csn", shape=_im2col_rule, accepts_out=True,
+                       impl=lambda xp, x, out=None, **a: K.im2col_csn(xp, x, out=out, **a),
+                       doc="columns (C*K, out*N) of (C, *S, N) activations: a convolution is then one matmul.")
+
+col2im_csn_p = defprim(
+    "col2im_csn", shape=lambda cols, *, input_shape, **a: (tuple(input_shape), cols.dtype), accepts_out=True,
+    impl=lambda xp, cols, out=None, **a: K.col2im_csn(xp, cols, out=out, **a),
+    doc="the adjoint of im2col_csn: columns summed back into (C, *S, N).")
 
 
 def _pool_rule(x, *, kernel_size, stride, padding, dilation):

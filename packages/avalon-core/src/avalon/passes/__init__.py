@@ -28,6 +28,7 @@ BUILTIN = [
     ("constant_fold_2", constant_fold),
     ("dce_2", dce),
     ("layout", layout),
+    ("cse_3", cse),
     ("constant_fold_3", constant_fold),
     ("dce_3", dce),
     ("fuse_elementwise", fuse_elementwise),

@@ -27,11 +27,12 @@ from ..ops import layout_ops  # noqa: F401  (registers the primitives)
 
 NC, CSN = "NC", "CSN"
 
-# op -> (batch-innermost op, positions of activation operands, attribute renames/drops)
+# op -> (batch-innermost op, positions of activation operands); convolutions are
+# written out as im2col_csn / col2im_csn and matrix products (see _conv_family)
 CONVERT = {
-    "conv": ("conv_csn", (0,)),
-    "conv_input_grad": ("conv_csn_input_grad", (0,)),
-    "conv_weight_grad": ("conv_csn_weight_grad", (0, 1)),
+    "conv": ("im2col_csn", (0,)),
+    "conv_input_grad": ("col2im_csn", (0,)),
+    "conv_weight_grad": ("im2col_csn", (0, 1)),
     "max_pool": ("max_pool_csn", (0,)),
     "max_pool_grad": ("max_pool_csn_grad", (0, 1)),
 }
@@ -105,7 +106,9 @@ def layout(graph: Graph) -> Graph:
             rw.out.append(n)
             rw.value[n] = (n, NC)
             continue
-        if _convertible(n):
+        if _convertible(n) and n.op.startswith("conv"):
+            rw.value[n] = _conv_family(rw, n)
+        elif _convertible(n):
             op, acts = CONVERT[n.op]
             ins = [rw.get(i, CSN) if k in acts else rw.get(i, NC) for k, i in enumerate(n.inputs)]
             attrs = {k: v for k, v in n.attrs.items() if k != "groups"}
@@ -131,6 +134,54 @@ def layout(graph: Graph) -> Graph:
         if hasattr(graph, attr):
             setattr(new, attr, getattr(graph, attr))
     return new
+
+
+def _conv_family(rw, n):
+    """conv, and its two gradients, as im2col_csn / col2im_csn and one matmul each.
+    The forward product and the weight gradient read the same columns of the
+    layer input, which CSE then computes once."""
+    a = {k: n.attrs[k] for k in ("stride", "padding", "dilation")}
+    dt, loc = n.dtype, n.loc
+
+    def columns(x_old, kernel):
+        xc = rw.get(x_old, CSN)
+        shape = _im2col_shape(xc.shape, kernel, **a)
+        return rw.emit("im2col_csn", [xc], dict(kernel=tuple(kernel), **a), shape, dt, loc)
+
+    def matrix(v, shape):
+        return v if tuple(v.shape) == shape else rw.emit("reshape", [v], {"shape": shape}, shape, dt, loc)
+
+    def matmul(p, q):
+        return rw.emit("matmul", [p, q], {}, (p.shape[0], q.shape[1]), dt, loc)
+
+    def t(v):
+        return rw.emit("transpose", [v], {"perm": (1, 0)}, (v.shape[1], v.shape[0]), dt, loc)
+
+    if n.op == "conv":
+        x, w = n.inputs
+        cols = columns(x, w.shape[2:])
+        y = matmul(matrix(rw.get(w, NC), (w.shape[0], cols.shape[0])), cols)
+        return matrix(y, to_csn(n.shape)), CSN
+    if n.op == "conv_weight_grad":
+        x, g = n.inputs
+        cols = columns(x, n.shape[2:])
+        gm = matrix(rw.get(g, CSN), (g.shape[1], cols.shape[1]))
+        return matrix(matmul(gm, t(cols)), n.shape), NC
+    g, w = n.inputs  # conv_input_grad
+    gc = rw.get(g, CSN)
+    o = w.shape[0]
+    cols = matmul(t(matrix(rw.get(w, NC), (o, w.size // o))), matrix(gc, (o, gc.size // o)))
+    attrs = dict(input_shape=to_csn(n.attrs["input_shape"]), kernel=tuple(w.shape[2:]), **a)
+    return rw.emit("col2im_csn", [cols], attrs, to_csn(n.shape), dt, loc), CSN
+
+
+def _im2col_shape(xshape, kernel, *, stride, padding, dilation):
+    from ..ops.layout_ops import _im2col_rule
+
+    class _A:
+        shape = xshape
+        dtype = None
+    return _im2col_rule(_A, kernel=kernel, stride=stride, padding=padding, dilation=dilation)[0]
 
 
 def _choose(graph):
