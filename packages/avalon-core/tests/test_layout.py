@@ -55,6 +55,20 @@ def test_batch_innermost_max_pool_equals_the_nchw_one_with_ties(k, s, p, d):
     dx = NC.max_pool_backward(np, x, g, kernel_size=k, stride=s, padding=p, dilation=d)
     got = CSN.max_pool_csn_backward(np, csn(x), csn(g), kernel_size=k, stride=s, padding=p, dilation=d)
     np.testing.assert_allclose(nc(got), dx, rtol=1e-12, atol=1e-12)
+    # given the pooled output (the tiling fast path compares with it instead of searching)
+    got = CSN.max_pool_csn_backward(np, csn(x), csn(g), kernel_size=k, stride=s, padding=p, dilation=d, y=csn(y))
+    np.testing.assert_allclose(nc(got), dx, rtol=1e-12, atol=1e-12)
+
+
+def test_tiled_max_pool_gradient_with_nan_windows_matches_the_search():
+    x = rng.standard_normal((2, 3, 8, 8))
+    x[0, 1, 2, 3] = np.nan
+    y = NC.max_pool_forward(np, x, kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1))
+    g = rng.standard_normal(y.shape)
+    kw = dict(kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1))
+    dx = NC.max_pool_backward(np, x, g, **kw)
+    got = CSN.max_pool_csn_backward(np, csn(x), csn(g), y=csn(y), **kw)
+    np.testing.assert_array_equal(nc(got), dx)
 
 
 def cnn_loss(m, x, y):

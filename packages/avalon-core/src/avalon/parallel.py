@@ -45,7 +45,7 @@ BATCH_AXIS0_OPS = {"conv": (0,), "conv_input_grad": (0,), "conv_transpose": (0,)
                    "max_pool_grad": (0, 1), "avg_pool": (0,), "avg_pool_grad": (0,)}
 
 # the batch-innermost forms (layout pass): the batch is the last axis of activations
-BATCH_LAST_OPS = {"im2col_csn": (0,), "max_pool_csn": (0,), "max_pool_csn_grad": (0, 1)}
+BATCH_LAST_OPS = {"im2col_csn": (0,), "max_pool_csn": (0,), "max_pool_csn_grad": (0, 1, 2)}
 
 MIN_SHARD_ELEMENTS = 200_000   # below this much sharded work a step is not worth two threads
 

@@ -161,6 +161,29 @@ def conv_csn_weight_grad(xp, x, g, *, weight_shape, stride, padding, dilation, o
     return out
 
 
+def _tiled_max_pool_backward(xp, x, y, g, kernel, out):
+    """Windows that tile the input: the first element equal to its window's
+    maximum y takes the gradient (ties resolved by a running 'taken' mask)."""
+    out = xp.empty(x.shape, dtype=g.dtype) if out is None else out
+    out_spatial = tuple(y.shape[1:-1])
+    covered = all(k * n == s for k, n, s in zip(kernel, out_spatial, x.shape[1:-1]))
+    if not covered:
+        out.fill(0)
+    full = (slice(None),)
+    taken = None
+    ones = (1,) * len(kernel)
+    for offset in _offsets(kernel):
+        idx = full + _window(offset, out_spatial, kernel, ones)
+        hit = xp.equal(x[idx], y)
+        if taken is None:
+            taken = hit
+        else:
+            xp.greater(hit, taken, out=hit)      # hit and not yet taken
+            xp.logical_or(taken, hit, out=taken)
+        out[idx] = _select(xp, hit, g)
+    return out
+
+
 def max_pool_csn_forward(xp, x, *, kernel_size, stride, padding, dilation, out=None):
     """x (C, *S, N) -> (C, *out, N), padding with -inf."""
     padding = _pairs(padding)
@@ -178,10 +201,16 @@ def max_pool_csn_forward(xp, x, *, kernel_size, stride, padding, dilation, out=N
     return y
 
 
-def max_pool_csn_backward(xp, x, g, *, kernel_size, stride, padding, dilation, out=None):
+def max_pool_csn_backward(xp, x, g, *, kernel_size, stride, padding, dilation, out=None, y=None):
     """Gradient of max_pool_csn_forward: each window's gradient goes to its
-    first maximal element (PyTorch's rule; NaN wins); overlaps accumulate."""
+    first maximal element (PyTorch's rule; NaN wins); overlaps accumulate.
+    With the pooled output y of tiling windows, the maxima are found by
+    comparing with y instead of being searched again."""
     padding = _pairs(padding)
+    if (y is not None and not any(p for pair in padding for p in pair)
+            and all(s == k for k, s in zip(kernel_size, stride)) and all(d == 1 for d in dilation)
+            and not (x.dtype.kind == "f" and xp.isnan(y).any())):
+        return _tiled_max_pool_backward(xp, x, y, g, kernel_size, out)
     out_spatial = tuple(g.shape[1:-1])
     xpad = _padded(xp, x, padding, _lowest(xp, x.dtype))
     full = (slice(None),)

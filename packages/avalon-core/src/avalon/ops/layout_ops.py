@@ -56,6 +56,7 @@ max_pool_csn_p = defprim("max_pool_csn", shape=_pool_rule, accepts_out=True,
                          doc="max pooling of (C, *S, N) activations.")
 
 max_pool_csn_grad_p = defprim(
-    "max_pool_csn_grad", shape=lambda x, g, **a: (tuple(x.shape), g.dtype), accepts_out=True,
-    impl=lambda xp, x, g, out=None, **a: K.max_pool_csn_backward(xp, x, g, out=out, **a),
-    doc="gradient of max_pool_csn: each window's cotangent to its first maximum.")
+    "max_pool_csn_grad", shape=lambda x, y, g, **a: (tuple(x.shape), g.dtype), accepts_out=True,
+    impl=lambda xp, x, y, g, out=None, **a: K.max_pool_csn_backward(xp, x, g, out=out, y=y, **a),
+    doc="gradient of max_pool_csn (x, its pooled output y, cotangent g): each window's cotangent "
+        "to its first maximum.")

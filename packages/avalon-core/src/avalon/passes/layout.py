@@ -112,6 +112,10 @@ def layout(graph: Graph) -> Graph:
             op, acts = CONVERT[n.op]
             ins = [rw.get(i, CSN) if k in acts else rw.get(i, NC) for k, i in enumerate(n.inputs)]
             attrs = {k: v for k, v in n.attrs.items() if k != "groups"}
+            if n.op == "max_pool_grad":
+                # the pooled output, for comparison (CSE finds the forward's own)
+                y = rw.emit("max_pool_csn", [ins[0]], attrs, ins[1].shape, n.dtype, n.loc)
+                ins = [ins[0], y, ins[1]]
             if "input_shape" in attrs:
                 attrs["input_shape"] = to_csn(attrs["input_shape"])
             out_layout = NC if n.op == "conv_weight_grad" else CSN
