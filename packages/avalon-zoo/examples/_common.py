@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 import avalon  # noqa: E402
@@ -172,6 +173,7 @@ def plot_curves(curves: dict, path: Path, title: str, ylabel: str) -> Path:
     for label, values in curves.items():
         ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

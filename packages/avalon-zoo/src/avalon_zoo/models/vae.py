@@ -85,7 +85,7 @@ class VAE(nn.Module):
         mu, _ = self.encode(x)
         return self.decode(mu).reshape(tuple(x.shape))
 
-    def sample(self, n: int, device=None):
+    def sample(self, n: int):
         """n images decoded from z ~ N(0, I): (n, *image_shape), values in (0, 1)."""
         like = self.fc3.weight
         z = avalon.random_normal((int(n), self.latent), np.dtype(like.dtype), like=like)
