@@ -112,3 +112,4 @@ def stability() -> dict:
 
 
 export("toplevel", "Stability API")(stability)
+export("toplevel", "Stability API")(ExperimentalWarning)
