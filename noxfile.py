@@ -114,9 +114,21 @@ def ordered_packages() -> list[str]:
     return [dirs[name] for name in order]
 
 
+def declared_requirements() -> list[str]:
+    """The requirements the packages' pyprojects declare on distributions outside
+    packages/ (matplotlib for avalon-bench's charts, ...), each once, in order."""
+    projects = [_read_project(p) for p in sorted(PACKAGES_DIR.glob("*/pyproject.toml"))]
+    siblings = {_canonical(name) for name, _ in projects}
+    found: list[str] = []
+    for _, deps in projects:
+        found.extend(d for d in deps if _requirement_name(d) not in siblings and d not in found)
+    return found
+
+
 def install_packages(session: nox.Session, *extra: str) -> None:
-    """Install the third-party requirements (and `extra` ones), then every package editable."""
-    session.install(*BASE_REQUIREMENTS, *extra)
+    """Install the third-party requirements (shared, declared by the packages, and
+    `extra`), then every package editable (without dependencies: all are here)."""
+    session.install(*BASE_REQUIREMENTS, *declared_requirements(), *extra)
     for directory in ordered_packages():
         session.install(
             "--no-deps", "--no-build-isolation", "-e", f"packages/{directory}"

@@ -82,6 +82,32 @@ class AvalonTrainer:
         step = self.avalon.value_and_grad(self.loss_fn, argnums=0)
         return self.avalon.profile(step, self.model, *self._put(batch))
 
+    def step_breakdown(self, batch, repeats: int = 30) -> dict:
+        """Median seconds of the two halves of a training step: the compiled gradient
+        call and the optimizer update (to set against the profile's kernel time)."""
+        import statistics
+        import time
+        args = self._put(batch)
+        grad_s, update_s = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _, grads = self.avalon.grad(self.loss_fn, self.model, *args, argnums=0)
+            t1 = time.perf_counter()
+            self.opt.step(self.model, grads[0])
+            t2 = time.perf_counter()
+            grad_s.append(t1 - t0)
+            update_s.append(t2 - t1)
+        return {"gradient_s": statistics.median(grad_s), "optimizer_s": statistics.median(update_s),
+                "calls": repeats}
+
+    def profile_predict(self, x):
+        """avalon.profile of the compiled forward (eval mode) on x."""
+        self.model.eval()
+        try:
+            return self.avalon.profile(self.forward, self.model, self._put(x))
+        finally:
+            self.train()
+
 
 class TorchTrainer:
     key = "torch_eager"
@@ -96,6 +122,7 @@ class TorchTrainer:
         self.opt = workload.torch_optimizer(self.model.parameters())
         if compiled:
             self.key, self.label = "torch_compile", "torch.compile"
+            _cold_compiles()
             # The whole loss (model and loss function) is compiled, forward and backward;
             # the prediction compiles the model.  The optimizer step stays eager.
             self.train_loss = torch.compile(self.loss_fn)
@@ -144,6 +171,17 @@ class TorchTrainer:
 
     def train(self):
         self.model.train()
+
+
+def _cold_compiles():
+    """Make torch.compile compile from scratch, as Avalon does: Inductor otherwise
+    reuses what an earlier process left in its on-disk caches, and its first-call
+    time would depend on what ran before."""
+    try:
+        import torch._inductor.config as inductor_config
+        inductor_config.force_disable_caches = True
+    except (ImportError, AttributeError):
+        pass
 
 
 def make_trainer(key: str, workload: Workload, torch_model, device: str = "cpu"):

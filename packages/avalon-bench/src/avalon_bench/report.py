@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 
 FRAMEWORK_ORDER = ("avalon", "torch_eager", "torch_tuned_malloc", "torch_compile")
@@ -120,9 +121,15 @@ def targets(result: dict, device: str, epoch_goal: float) -> list:
     return out
 
 
-def performance_missed(target_list) -> bool:
-    """Whether Avalon misses a speed target (the ones a profile explains)."""
-    return any(t["met"] is False for t in target_list if "loss" not in t["target"])
+def training_missed(target_list) -> bool:
+    """Whether Avalon misses a training-speed target (explained by a profile of its step)."""
+    return any(t["met"] is False for t in target_list
+               if "time per epoch" in t["target"] or t["target"].startswith("compile"))
+
+
+def prediction_missed(target_list) -> bool:
+    """Whether Avalon misses a prediction-latency target (explained by a profile of its forward)."""
+    return any(t["met"] is False for t in target_list if t["target"].startswith("prediction"))
 
 
 # -- markdown --------------------------------------------------------------------------
@@ -157,14 +164,32 @@ def workload_markdown(result: dict, device: str) -> str:
     for key, title, fmt in cols:
         lines.append(_row([title, fmt(fw["avalon"].get(key)), fmt(fw["torch_eager"].get(key)),
                            fmt_ratio(result["ratios"][key])]))
+    # Less sensitive to a burst of load than the epoch median, with few epochs.
+    a_step, t_step = fw["avalon"].get("median_step_s"), fw["torch_eager"].get("median_step_s")
+    lines.append(_row(["training step (median of all steps)", fmt_seconds(a_step), fmt_seconds(t_step),
+                       fmt_ratio(_ratio(a_step, t_step))]))
     lines += ["", "Targets:", "", _row(["target", "goal", "measured", "met?"]), _row(["---"] * 4)]
     for t in result["targets"]:
         met = {True: "met", False: "**not met**", None: "not measured"}[t["met"]]
         lines.append(_row([t["target"], t["goal"], t["value"], met]))
     lines += ["", *_notes(result)]
     if result.get("profile"):
-        lines += ["", "Where the Avalon step's time goes (top 10 kernels of `avalon.profile`, "
-                  "explaining the missed targets):", "", "```", result["profile"], "```"]
+        lines += ["", "Where the Avalon training step's time goes (explaining the missed speed targets):", ""]
+        b = result.get("step_breakdown")
+        if b:
+            split = ("split across Avalon's threads: the kernels below are one thread's share"
+                     if "shards" in b["profiled"] else
+                     "not split across Avalon's threads: the whole step runs in one thread")
+            lines += [f"- One step = the compiled gradient call, {fmt_seconds(b['gradient_s'])}, + the optimizer "
+                      f"update, {fmt_seconds(b['optimizer_s'])} (medians of {b['calls']} calls after training).",
+                      f"- The gradient step is {split}; its kernels take {fmt_seconds(b['kernels_s'])} per call "
+                      "(timed one by one, so slightly more than in the real step); the rest of the call is "
+                      "dispatch, thread hand-offs and Python.", ""]
+        lines += ["Top 10 kernels of `avalon.profile` of the gradient step:", "", "```", result["profile"], "```"]
+    if result.get("profile_predict"):
+        lines += ["", "Where the Avalon prediction's time goes (top 10 kernels of `avalon.profile` of the "
+                  "compiled forward on one batch, explaining the missed latency targets):", "", "```",
+                  result["profile_predict"], "```"]
     return "\n".join(lines)
 
 
@@ -175,6 +200,9 @@ def _notes(result) -> list:
     for key, f in result["frameworks"].items():
         if f.get("failed"):
             notes.append(f"- {LABELS[key]} failed: {f['failed']}.")
+        for what, name in (("predict_batch", "batch"), ("predict_sample", "one-sample")):
+            if f.get(what, {}).get("failed"):
+                notes.append(f"- {LABELS[key]} {name} prediction failed: {f[what]['failed']}.")
         mem = f.get("memory", {})
         if mem.get("failed"):
             notes.append(f"- {LABELS[key]} peak memory not measured: {mem['failed']}.")
@@ -201,8 +229,9 @@ def header_markdown(info: dict) -> str:
              f"avalon {v['avalon']}, avalon-layers {v['avalon-layers']}, avalon-zoo {v['avalon-zoo']}, "
              f"commit {v['git commit']}",
              f"- Data: {info['data']['description']}",
-             f"- Threads: PyTorch {info['threads']['torch']} (torch.set_num_threads; = cores); Avalon "
-             f"{info['threads']['avalon']} (its own batch-split threads, single-threaded BLAS in each)",
+             f"- Threads: PyTorch {info['threads']['torch']} (torch.set_num_threads; = cores); Avalon up to "
+             f"{info['threads']['avalon']} (its own threads, each on a share of the batch with a "
+             "single-threaded BLAS, where it can split the step's graph)",
              f"- Device: {cfg['device']}",
              "",
              "How each figure is measured (all frameworks in one process unless said otherwise):",
@@ -246,10 +275,30 @@ def _clean(obj):
     return obj
 
 
+def _is_number_list(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in x)
+
+
 def write_json(info: dict, path) -> None:
+    """Indented, except lists of numbers (the per-step losses and times), each on one line."""
+    inline: list = []
+
+    def mark(obj):
+        if _is_number_list(obj):
+            inline.append(json.dumps(obj))
+            return f"\x00{len(inline) - 1}\x00"
+        if isinstance(obj, dict):
+            return {k: mark(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [mark(v) for v in obj]
+        return obj
+
+    text = json.dumps(mark(_clean(info)), indent=1)
+    # The markers hold characters no real string here has (json writes them as \u0000).
+    text = re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: inline[int(m.group(1))], text)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(_clean(info), f, indent=1)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 # -- chart -----------------------------------------------------------------------------
