@@ -185,6 +185,8 @@ EXEMPT = {
     **{name: "internal: batch-innermost form put in by the layout pass, never bound by user code; "
              "checked against the (N, C, ...) primitives in test_layout.py"
        for name in ("im2col_csn", "col2im_csn", "max_pool_csn", "max_pool_csn_grad")},
+    "allreduce_sum": "internal: a barrier between the engine's threads put in by avalon.parallel; "
+                     "checked in test_parallel.py",
 }
 
 

@@ -18,7 +18,7 @@ from .backends import backend_of_args
 from .codegen import generate
 from .errors import AvalonError, user_location
 from .graph import Graph
-from .parallel import ShardedFunction, split_batch
+from .parallel import Autotuned, BlasThreads, ShardedFunction, split_batch
 from .passes import FORWARD, pipeline_version, run_pipeline
 from .primitive import Tracer, tracing
 
@@ -139,19 +139,32 @@ class CompiledFunction:
             graph = run_pipeline(graph, FORWARD)
         graph, out_tree, wrt = self._transform(graph, leaves, treedef)
         graph = run_pipeline(graph, self.passes)
-        compiled = None
-        if self.parallel and backend.parallel_shards > 1:
-            plan = split_batch(graph, self._batch_inputs(graph, leaves, treedef), backend.parallel_shards)
-            if plan is not None:
-                compiled = ShardedFunction(plan, backend, graph.name)
-        if compiled is None:
-            compiled = backend.wrap_compiled(generate(graph, backend, graph.name))
+        compiled = self._schedules(graph, backend, leaves, treedef)
         entry = _Entry(compiled, out_tree, wrt, treedef)
         self._cache[key] = entry
         return entry
 
     def _transform(self, graph, leaves, treedef):
         return graph, graph.out_tree, None
+
+    def _schedules(self, graph, backend, leaves, treedef):
+        """The compiled step: one schedule, or several that the first calls time
+        (batch split across the engine's threads; BLAS on several threads)."""
+        whole = backend.wrap_compiled(generate(graph, backend, graph.name))
+        if not self.parallel:
+            return whole
+        candidates = []
+        if backend.parallel_shards > 1:
+            plan = split_batch(graph, self._batch_inputs(graph, leaves, treedef), backend.parallel_shards)
+            if plan is not None:
+                candidates.append(("batch split across threads", ShardedFunction(plan, backend, graph.name)))
+        if not candidates:
+            return whole
+        candidates.append(("one thread", whole))
+        blas = getattr(backend, "blas_threads_available", 1)
+        if blas > 1 and any(n.op == "matmul" for n in graph.nodes):
+            candidates.append((f"BLAS on {blas} threads", BlasThreads(whole, backend, blas)))
+        return Autotuned(candidates)
 
     def _batch_inputs(self, graph, leaves, treedef):
         """Graph inputs that carry the batch: arrays of the arguments after the

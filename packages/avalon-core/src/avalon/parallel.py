@@ -27,11 +27,12 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import time
 
 import numpy as np
 
 from .errors import GraphError
-from .primitive import PRIMITIVES
+from .primitive import PRIMITIVES, defprim
 
 R, P = ("R",), ("P",)
 
@@ -47,11 +48,29 @@ BATCH_AXIS0_OPS = {"conv": (0,), "conv_input_grad": (0,), "conv_transpose": (0,)
 # the batch-innermost forms (layout pass): the batch is the last axis of activations
 BATCH_LAST_OPS = {"im2col_csn": (0,), "max_pool_csn": (0,), "max_pool_csn_grad": (0, 1, 2)}
 
-MIN_SHARD_ELEMENTS = 200_000   # below this much sharded work a step is not worth two threads
+MIN_SHARD_ELEMENTS = 400_000   # below this much sharded work a step is not worth two threads
 
 
 class _NoSplit(Exception):
     pass
+
+
+class _NeedsReduce(Exception):
+    """A partial sum is used non-linearly: it must be summed over the shards
+    (an all-reduce between the threads) before that use."""
+
+    def __init__(self, node):
+        super().__init__(node)
+        self.node = node
+
+
+def _allreduce_rule(x, *, key):
+    return tuple(x.shape), x.dtype
+
+
+allreduce_sum_p = defprim("allreduce_sum", shape=_allreduce_rule, impl=None, effectful=True,
+                          doc="sum of a value over the shards of a split step (a barrier between "
+                              "the engine's threads); put in by avalon.parallel")
 
 
 def shard_count() -> int:
@@ -65,7 +84,23 @@ def _S(axis, stride=1):
     return ("S", axis, stride)
 
 
-def _propagate(graph, batch_inputs, n):
+MAX_REDUCTIONS = 8   # all-reduces (thread barriers) one step may contain
+
+
+def _propagate(graph, batch_inputs, n, reduced=None):
+    """States of every node.  Partial sums used non-linearly are summed over
+    the shards (they join `reduced` and count as replicated from there on)."""
+    reduced = set() if reduced is None else reduced
+    while True:
+        try:
+            return _propagate_once(graph, batch_inputs, n, reduced)
+        except _NeedsReduce as e:
+            if e.node in reduced or len(reduced) >= MAX_REDUCTIONS:
+                raise _NoSplit("too many partial sums used non-linearly") from None
+            reduced.add(e.node)
+
+
+def _propagate_once(graph, batch_inputs, n, reduced):
     state = {}
     for node in graph.nodes:
         if node.op == "input":
@@ -74,6 +109,10 @@ def _propagate(graph, batch_inputs, n):
             state[node] = R
         else:
             state[node] = _rule(node, [state[i] for i in node.inputs], n)
+            if node in reduced:
+                if state[node] != P:
+                    raise _NoSplit("an all-reduce of a value that is not a partial sum")
+                state[node] = R
     return state
 
 
@@ -87,7 +126,7 @@ def _elementwise(node, states, n):
              (op in ("add", "sub") and all(s == P for s in states)) or \
              (op in LINEAR_UNARY and len(states) == 1)
         if not ok:
-            raise _NoSplit(f"{op} mixes a partial sum non-linearly")
+            raise _NeedsReduce(next(i for i, st in zip(node.inputs, states) if st == P))
         return P
     axis = stride = None
     for i, s in zip(node.inputs, states):
@@ -126,7 +165,7 @@ def _rule(node, states, n):
     if op == "broadcast_to":
         (s,) = states
         if s == P:
-            raise _NoSplit("broadcast of a partial sum")
+            raise _NeedsReduce(node.inputs[0])
         if s == R:
             src = node.inputs[0]
             lead = node.ndim - src.ndim
@@ -139,13 +178,15 @@ def _rule(node, states, n):
         return _fused_rule(node, states, n)
     if prim.elementwise:
         return _elementwise(node, states, n)
+    if P in states and op not in ("sum", "max", "min", "argmax", "argmin", "reshape", "transpose", "matmul"):
+        raise _NeedsReduce(node.inputs[states.index(P)])
     if all(s == R for s in states):
         return R
     if op in ("sum", "max", "min", "argmax", "argmin"):
         (s,) = states
         if s == P:
             if op != "sum":
-                raise _NoSplit(f"{op} of a partial sum")
+                raise _NeedsReduce(node.inputs[0])
             return P
         axes, keep = node.attrs["axes"], node.attrs["keepdims"]
         if s[1] in axes:
@@ -198,21 +239,50 @@ def _fused_rule(node, states, n):
     """A fused group is sharded as its body is: propagate through the body."""
     body = node.attrs["body"]
     st = dict(zip(body.inputs, states))
+    outer = dict(zip(body.inputs, node.inputs))
     for b in body.nodes:
         if b.op == "input":
             continue
-        st[b] = R if b.op == "const" else _rule(b, [st[i] for i in b.inputs], n)
+        try:
+            st[b] = R if b.op == "const" else _rule(b, [st[i] for i in b.inputs], n)
+        except _NeedsReduce as e:
+            # a partial sum inside the group comes linearly from partial inputs:
+            # summing those inputs over the shards sums it too
+            source = _partial_source(e.node, st, outer)
+            if source is None:
+                raise _NoSplit("a partial sum used non-linearly inside a fused group") from None
+            raise _NeedsReduce(source) from None
     _BODY_STATES[body] = st
     return st[body.outputs[0]]
+
+
+def _partial_source(node, st, outer):
+    """The first group input in state P that `node` is computed from."""
+    stack, seen = [node], set()
+    while stack:
+        b = stack.pop()
+        if b in outer:
+            if st[b] == P:
+                return outer[b]
+            continue
+        if b in seen:
+            continue
+        seen.add(b)
+        stack.extend(i for i in b.inputs if st.get(i) == P)
+    return None
 
 
 _BODY_STATES: dict = {}  # fused body -> its nodes' states, from the latest propagation
 
 
-def _shard_copy(graph, state, shards):
-    """A copy of graph with every sharded shape (and shape attribute) divided."""
+def _shard_copy(graph, state, shards, reduced=()):
+    """A copy of graph with every sharded shape (and shape attribute) divided,
+    and an all-reduce after each partial sum that is used non-linearly."""
     shard = graph.copy()
-    for old, new in zip(graph.nodes, shard.nodes):
+    pairs = list(zip(graph.nodes, shard.nodes))
+    if reduced:
+        _insert_allreduces(graph, shard, reduced)
+    for old, new in pairs:
         s = state[old]
         if new.op == "fused":
             body = old.attrs["body"]
@@ -221,9 +291,11 @@ def _shard_copy(graph, state, shards):
             continue
         shape = list(new.shape)
         shape[s[1]] //= shards
-        new.shape = tuple(shape)
+        full_shape, new.shape = new.shape, tuple(shape)
         if new.op in SHAPE_ATTRS:
             new.attrs = dict(new.attrs, **{SHAPE_ATTRS[new.op]: new.shape})
+        if new.op.startswith("random_"):
+            new.attrs = dict(new.attrs, full_shape=full_shape, shard_axis=s[1])
     return shard
 
 
@@ -233,7 +305,7 @@ def _matmul_rule(node, states, n):
     if P in states:
         if (sa == P and sb == R) or (sa == R and sb == P):
             return P
-        raise _NoSplit("matmul of partial sums")
+        raise _NeedsReduce(a if sa == P else b)
     nd = node.ndim
     if sb == R:  # rows of a (or its batch dims) are sharded
         ax = sa[1]
@@ -279,6 +351,26 @@ class ShardPlan:
         self.shards = shards
 
 
+def _insert_allreduces(graph, shard, reduced):
+    from .graph import Node
+    mapping = dict(zip(graph.nodes, shard.nodes))  # shard was just copied from graph
+    sums = {}
+    for k, old in enumerate(sorted(reduced, key=graph.nodes.index)):
+        new = mapping[old]
+        sums[new] = Node("allreduce_sum", [new], {"key": k}, new.shape, new.dtype, new.loc)
+    nodes = []
+    for m in shard.nodes:
+        m.inputs = [sums.get(i, i) for i in m.inputs]
+        nodes.append(m)
+        if m in sums:
+            nodes.append(sums[m])
+    # the all-reduce itself reads the partial sum
+    for new, red in sums.items():
+        red.inputs = [new]
+    shard.nodes = nodes
+    shard.outputs = [sums.get(o, o) for o in shard.outputs]
+
+
 def split_batch(graph, batch_inputs, shards: int | None = None):
     """A ShardPlan for running `graph` in `shards` pieces along the batch, or
     None when the graph cannot be split (or is too small to gain)."""
@@ -291,8 +383,9 @@ def split_batch(graph, batch_inputs, shards: int | None = None):
     n = sizes.pop()
     if n < 2 * shards or n % shards:
         return None
+    reduced: set = set()
     try:
-        state = _propagate(graph, set(batch_inputs), n)
+        state = _propagate(graph, set(batch_inputs), n, reduced)
     except _NoSplit:
         _BODY_STATES.clear()
         return None
@@ -305,7 +398,7 @@ def split_batch(graph, batch_inputs, shards: int | None = None):
     if work < MIN_SHARD_ELEMENTS:
         _BODY_STATES.clear()
         return None
-    shard = _shard_copy(graph, state, shards)
+    shard = _shard_copy(graph, state, shards, reduced)
     _BODY_STATES.clear()
     try:
         shard.check()
@@ -324,9 +417,12 @@ class ShardedFunction:
         self.plan = plan
         self.backend = backend
         self.copies = []
-        for _ in range(plan.shards):
+        self.reducers = {n.attrs["key"]: _Reducer(plan.shards) for n in plan.graph.nodes
+                         if n.op == "allreduce_sum"}
+        for index in range(plan.shards):
             b = copy.copy(backend)
             b._kernel_cache = {}
+            b._shard_index, b._reducers = index, self.reducers
             b.__dict__.pop("_scratch", None)  # work arrays of its own
             self.copies.append((b, generate(plan.graph, b, name)))
         self.compiled = self.copies[0][1]
@@ -339,7 +435,14 @@ class ShardedFunction:
     def __call__(self, *args):
         plan = self.plan
         k = plan.shards
-        seeds = self.backend._rng().integers(0, 2**63 - 1, size=k) if self._draws_random() else None
+        random = self._draws_random()
+        if random:
+            # every shard replays the generator from where the unsplit step would
+            # start, so the draws (and what follows) equal the unsplit step's
+            state = self.backend._rng().bit_generator.state
+            for b, _ in self.copies:
+                b.rng = np.random.Generator(type(self.backend.rng.bit_generator)())
+                b.rng.bit_generator.state = state
         per_shard = []
         for s in range(k):
             shard_args = list(args)
@@ -347,11 +450,29 @@ class ShardedFunction:
                 x = args[i]
                 step = x.shape[0] // k
                 shard_args[i] = x[s * step:(s + 1) * step]
-            if seeds is not None:
-                self.copies[s][0].seed(int(seeds[s]))
             per_shard.append(shard_args)
-        results = self._pool.run([(c.fn, a) for (_, c), a in zip(self.copies, per_shard)])
+        for r in self.reducers.values():
+            r.ready()
+        self._error = None
+        try:
+            results = self._pool.run([(self._guarded, (c.fn, a)) for (_, c), a in zip(self.copies, per_shard)])
+        except threading.BrokenBarrierError:
+            if self._error is not None:  # the thread that failed first says why
+                raise self._error from None
+            raise
+        if random:
+            self.backend.rng.bit_generator.state = self.copies[0][0].rng.bit_generator.state
         return tuple(self._combine(j, st, results) for j, st in enumerate(plan.output_states))
+
+    def _guarded(self, fn, args):
+        try:
+            return fn(*args)
+        except BaseException as e:
+            if not isinstance(e, threading.BrokenBarrierError) and self._error is None:
+                self._error = e
+            for r in self.reducers.values():  # release the other threads waiting at a barrier
+                r.abort()
+            raise
 
     def _draws_random(self):
         return any(n.op.startswith("random_") for n in self.plan.graph.nodes)
@@ -367,6 +488,33 @@ class ShardedFunction:
                 total = xp.add(total, r[j], out=total) if getattr(total, "ndim", 0) else total + r[j]
             return total
         return xp.concatenate([r[j] for r in results], axis=st[1])
+
+
+class _Reducer:
+    """The rendezvous of one all-reduce: each thread brings its partial sum and
+    leaves with (a copy of) the total."""
+
+    def __init__(self, shards):
+        self.values = [None] * shards
+        self.total = None
+        self.barrier = threading.Barrier(shards)
+
+    def ready(self):
+        if self.barrier.broken:
+            self.barrier.reset()
+
+    def abort(self):
+        self.barrier.abort()
+
+    def reduce(self, index, value):
+        self.values[index] = value
+        if self.barrier.wait() == 0:
+            total = self.values[0]
+            for v in self.values[1:]:
+                total = total + v
+            self.total = total
+        self.barrier.wait()
+        return self.total.copy()
 
 
 def _describe(state):
@@ -425,3 +573,68 @@ class _Workers:
                 raise value
             out.append(value)
         return out + [mine]
+
+
+class BlasThreads:
+    """A compiled graph run with the backend's BLAS on `threads` threads (and
+    back to one afterwards): for steps whose time is mostly a few large
+    matrix products, where splitting the batch gains less."""
+
+    def __init__(self, compiled, backend, threads):
+        self.compiled, self.backend, self.threads = compiled, backend, threads
+        self.graph, self.plan, self.source = compiled.graph, compiled.plan, (
+            f"# BLAS on {threads} threads\n" + compiled.source)
+        self.fn = self.__call__
+
+    def __call__(self, *args):
+        self.backend.set_blas_threads(self.threads)
+        try:
+            return self.compiled.fn(*args)
+        finally:
+            self.backend.set_blas_threads(1)
+
+
+class Autotuned:
+    """Several compiled schedules of one graph (split across threads or not,
+    BLAS threads or not): the first calls time each in turn, then the fastest
+    runs from there on.  Every call computes the same step, so the trial calls
+    are real work."""
+
+    WARMUP, TRIALS = 1, 3
+
+    def __init__(self, candidates):
+        self.candidates = candidates          # [(label, compiled)]
+        self.calls = [0] * len(candidates)
+        self.times = [[] for _ in candidates]
+        self.choice = None
+        self.fn = self.__call__
+
+    def current(self):
+        return self.candidates[self.choice if self.choice is not None else 0][1]
+
+    graph = property(lambda self: self.current().graph)
+    plan = property(lambda self: self.current().plan)
+    source = property(lambda self: self.current().source)
+
+    @property
+    def label(self):
+        return self.candidates[self.choice][0] if self.choice is not None else "(still timing)"
+
+    def __call__(self, *args):
+        if self.choice is not None:
+            return self.candidates[self.choice][1].fn(*args)
+        k = min(range(len(self.candidates)), key=lambda i: self.calls[i])
+        self.calls[k] += 1
+        t0 = time.perf_counter()
+        out = self.candidates[k][1].fn(*args)
+        self.backend_sync()
+        if self.calls[k] > self.WARMUP:
+            self.times[k].append(time.perf_counter() - t0)
+        if all(len(t) >= self.TRIALS for t in self.times):
+            self.choice = min(range(len(self.candidates)), key=lambda i: sorted(self.times[i])[len(self.times[i]) // 2])
+        return out
+
+    def backend_sync(self):
+        b = getattr(self.candidates[0][1], "backend", None)
+        if b is not None:
+            b.synchronize()

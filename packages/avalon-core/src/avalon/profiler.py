@@ -47,9 +47,12 @@ class ProfileReport:
 
 def profile(fn, *args, repeat: int = 10, warmup: int = 2) -> ProfileReport:
     """Profile compiled function `fn` (from avalon.jit or avalon.value_and_grad) on args."""
-    from .parallel import ShardedFunction
+    from .parallel import Autotuned, ShardedFunction
     fn(*args)  # compile through the normal path (and warm the caches)
     compiled = fn._last().compiled
+    if isinstance(compiled, Autotuned):
+        compiled = compiled.current()
+    compiled = getattr(compiled, "compiled", compiled) if not isinstance(compiled, ShardedFunction) else compiled
     leaves, _ = tree.flatten(args)
     name = compiled.graph.name
     if isinstance(compiled, ShardedFunction):

@@ -140,11 +140,22 @@ class Backend:
             self.seed(current_seed(self))
         return self.rng
 
-    def k_random_uniform(self, *, shape, dtype):
-        return _drawn(self._rng().random, shape, dtype)
+    def k_random_uniform(self, *, shape, dtype, full_shape=None, shard_axis=None):
+        return self._shard_of(_drawn(self._rng().random, full_shape or shape, dtype), shape, shard_axis)
 
-    def k_random_normal(self, *, shape, dtype):
-        return _drawn(self._rng().standard_normal, shape, dtype)
+    def k_random_normal(self, *, shape, dtype, full_shape=None, shard_axis=None):
+        return self._shard_of(_drawn(self._rng().standard_normal, full_shape or shape, dtype), shape, shard_axis)
+
+    def _shard_of(self, full, shape, axis):
+        if axis is None or tuple(full.shape) == tuple(shape):
+            return full
+        k = shape[axis]
+        index = (slice(None),) * axis + (slice(self._shard_index * k, (self._shard_index + 1) * k),)
+        return full[index]
+
+    def k_allreduce_sum(self, x, *, key):
+        """Sum over the threads of a split step (see avalon.parallel)."""
+        return self._reducers[key].reduce(self._shard_index, x)
 
     def wrap_compiled(self, compiled):
         """A chance to wrap a freshly compiled graph (a GPU backend captures it

@@ -30,6 +30,15 @@ class CpuBackend(Backend):
     def compile_fused(self, body):
         return compile_fused_numpy(body, self)
 
+    def set_blas_threads(self, n: int) -> None:
+        """Threads of the BLAS library for the calls that follow (a C call: cheap)."""
+        for lib in _blas_libs:
+            lib.set_num_threads(n)
+
+    @property
+    def blas_threads_available(self) -> int:
+        return (os.cpu_count() or 1) if _blas_libs and "AVALON_BLAS_THREADS" not in os.environ else 1
+
     # -- convolutions with work arrays from a pool: no fresh pages every step --
     def scratch(self, tag, shape, dtype):
         """A work array reused by every call that asks for the same (tag, shape,
@@ -77,6 +86,9 @@ class CpuBackend(Backend):
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
+_blas_libs: list = []
+
+
 def _own_blas_threads():
     """Run BLAS single-threaded (AVALON_BLAS_THREADS overrides).
 
@@ -84,8 +96,11 @@ def _own_blas_threads():
     every other thread of the process, which made a CNN training step several
     times slower than with one BLAS thread; Avalon schedules its own threads
     instead.  threadpoolctl is the maintained way to set this at run time."""
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(limits=int(os.environ.get("AVALON_BLAS_THREADS", "1")), user_api="blas")
+    from threadpoolctl import ThreadpoolController
+    if not _blas_libs:
+        _blas_libs.extend(ThreadpoolController().select(user_api="blas").lib_controllers)
+    for lib in _blas_libs:
+        lib.set_num_threads(int(os.environ.get("AVALON_BLAS_THREADS", "1")))
 
 
 @hookimpl

@@ -8,7 +8,9 @@ import numpy as np
 from ..primitive import Tracer, bind, bind_on, defprim
 
 
-def _random_rule(*, shape, dtype):
+def _random_rule(*, shape, dtype, full_shape=None, shard_axis=None):
+    # full_shape/shard_axis: a shard of a split step draws the whole array and
+    # keeps its slice, so its numbers equal the unsplit step's (see avalon.parallel)
     return tuple(shape), np.dtype(dtype)
 
 
