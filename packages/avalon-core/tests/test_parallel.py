@@ -171,3 +171,26 @@ def test_a_cnn_in_batch_innermost_layout_is_split():
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     for k in m:
         np.testing.assert_allclose(g1[k], g0[k], rtol=1e-5, atol=1e-6)
+
+
+def test_independent_updates_run_as_parts_in_threads():
+    a, b = (np.ones((700, 700), np.float32) for _ in range(2))
+    ga, gb = (rng.standard_normal((700, 700)).astype(np.float32) for _ in range(2))
+
+    def update(ps, gs, lr):
+        for p, g in zip(ps, gs):
+            avalon.assign(p, p - lr * avalon.tanh(g) * 2.0)
+    f = avalon.jit(update)
+    lr = np.float32(0.1)
+    for _ in range(9):  # through the timing of both schedules
+        f([a, b], [ga, gb], lr)
+    compiled = f._last().compiled
+    assert any(isinstance(c, parallel.ComponentParallel) for _, c in compiled.candidates)
+    expected = 1.0 - 9 * (np.float32(0.1) * np.tanh(ga) * 2.0)
+    np.testing.assert_allclose(a, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_parts_that_share_a_written_array_stay_together():
+    a = np.ones((700, 700), np.float32)
+    g = avalon.trace(lambda a, x: (avalon.assign(a, x * 2.0), avalon.sum(a * x)), a, a.copy())
+    assert parallel.split_components(g) is None

@@ -18,7 +18,8 @@ from .backends import backend_of_args
 from .codegen import generate
 from .errors import AvalonError, user_location
 from .graph import Graph
-from .parallel import Autotuned, BlasThreads, ShardedFunction, split_batch
+from .parallel import (Autotuned, BlasThreads, ComponentParallel, ShardedFunction, split_batch,
+                       split_components)
 from .passes import FORWARD, pipeline_version, run_pipeline
 from .primitive import Tracer, tracing
 
@@ -158,6 +159,11 @@ class CompiledFunction:
             plan = split_batch(graph, self._batch_inputs(graph, leaves, treedef), backend.parallel_shards)
             if plan is not None:
                 candidates.append(("batch split across threads", ShardedFunction(plan, backend, graph.name)))
+            else:
+                parts = split_components(graph, backend.parallel_shards)
+                if parts is not None:
+                    candidates.append(("independent parts across threads",
+                                       ComponentParallel(graph, parts, backend)))
         if not candidates:
             return whole
         candidates.append(("one thread", whole))

@@ -638,3 +638,91 @@ class Autotuned:
         b = getattr(self.candidates[0][1], "backend", None)
         if b is not None:
             b.synchronize()
+
+
+# -- independent parts of a graph across threads ---------------------------------------------
+
+def split_components(graph, parts: int = 2):
+    """Subgraphs that share no intermediate value (an optimizer's update of each
+    parameter, say), grouped into `parts` groups of about equal work; None when
+    the graph has fewer independent parts or too little work to gain."""
+    from .graph import Graph
+    parent = {}
+
+    def find(a):
+        while parent.setdefault(a, a) is not a:
+            parent[a] = parent.setdefault(parent[a], parent[a])
+            a = parent[a]
+        return a
+
+    def union(a, b):
+        ra, rb = find(a), find(b)
+        if ra is not rb:
+            parent[ra] = rb
+
+    body = [n for n in graph.nodes if n.op not in ("input", "const")]
+    for n in body:
+        find(n)
+        for i in n.inputs:
+            if i.op not in ("input", "const"):
+                union(n, i)
+    # an input written by one part (assign) must not be read by another
+    written = {n.inputs[0]: n for n in body if getattr(PRIMITIVES.get(n.op), "writes_input", False)}
+    for n in body:
+        for i in n.inputs:
+            if i in written:
+                union(n, written[i])
+    groups: dict = {}
+    for n in body:
+        groups.setdefault(find(n), []).append(n)
+    if len(groups) < parts:
+        return None
+    work = {k: sum(n.size for n in v) for k, v in groups.items()}
+    if sum(work.values()) < MIN_SHARD_ELEMENTS:
+        return None
+    bins = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for k in sorted(groups, key=lambda k: -work[k]):
+        j = loads.index(min(loads))
+        bins[j].extend(groups[k])
+        loads[j] += work[k]
+    if min(loads) < 0.2 * max(loads):
+        return None
+    subgraphs = []
+    for members in bins:
+        keep = set(members)
+        g = Graph(graph.name)
+        g.inputs = list(graph.inputs)
+        g.nodes = [n for n in graph.nodes if n.op in ("input", "const") or n in keep]
+        g.outputs = [o for o in graph.outputs if o in keep or o.op in ("input", "const")]
+        subgraphs.append(g)
+    return subgraphs
+
+
+class ComponentParallel:
+    """Runs the independent parts of a graph (split_components) in the engine's
+    threads and puts their outputs back in the graph's order."""
+
+    def __init__(self, graph, parts, backend):
+        from .codegen import generate
+        self.graph = graph
+        self.parts = []
+        for g in parts:
+            b = copy.copy(backend)
+            b._kernel_cache = {}
+            b.__dict__.pop("_scratch", None)
+            self.parts.append((generate(g, b, g.name), [graph.outputs.index(o) for o in g.outputs]))
+        self.plan = self.parts[0][0].plan
+        self.source = "".join(f"# part {k} of {len(self.parts)}, in its own thread\n{c.source}"
+                              for k, (c, _) in enumerate(self.parts))
+        self.backend = backend
+        self.fn = self.__call__
+        self._pool = _workers(len(parts) - 1)
+
+    def __call__(self, *args):
+        results = self._pool.run([(c.fn, args) for c, _ in self.parts])
+        out = [None] * len(self.graph.outputs)
+        for (_, where), values in zip(self.parts, results):
+            for k, v in zip(where, values):
+                out[k] = v
+        return tuple(out)
