@@ -167,6 +167,9 @@ class CompiledFunction:
         if not candidates:
             return whole
         candidates.append(("one thread", whole))
+        # BLAS's own threads: fastest for steps made of a few large products, but
+        # they spin after each call and slow the engine's threads for a while;
+        # timing the schedules inside the real workload weighs that in
         blas = getattr(backend, "blas_threads_available", 1)
         if blas > 1 and any(n.op == "matmul" for n in graph.nodes):
             candidates.append((f"BLAS on {blas} threads", BlasThreads(whole, backend, blas)))
