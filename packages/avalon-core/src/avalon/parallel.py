@@ -623,7 +623,9 @@ class Autotuned:
     def __call__(self, *args):
         if self.choice is not None:
             return self.candidates[self.choice][1].fn(*args)
-        k = min(range(len(self.candidates)), key=lambda i: self.calls[i])
+        # one candidate after the other (not round-robin): a schedule that leaves
+        # threads spinning (BLAS) must not slow the timing of the others, so it is last
+        k = next(i for i in range(len(self.candidates)) if len(self.times[i]) < self.TRIALS)
         self.calls[k] += 1
         t0 = time.perf_counter()
         out = self.candidates[k][1].fn(*args)
