@@ -194,3 +194,13 @@ def test_parts_that_share_a_written_array_stay_together():
     a = np.ones((700, 700), np.float32)
     g = avalon.trace(lambda a, x: (avalon.assign(a, x * 2.0), avalon.sum(a * x)), a, a.copy())
     assert parallel.split_components(g) is None
+
+
+def test_profile_of_a_split_step_with_barriers_runs_one_shard():
+    def masked_mean(m, x, keep):
+        return avalon.sum(avalon.sum(avalon.tanh(x @ m["w1"]), axis=1) * keep) / avalon.sum(keep)
+    m, x = mlp(), rng.standard_normal((32, 8)).astype(np.float32)
+    keep = np.ones(32, np.float32)
+    f = avalon.GradFunction(masked_mean, argnums=0)
+    report = avalon.profile(f, m, x, keep, repeat=2)
+    assert report.total > 0

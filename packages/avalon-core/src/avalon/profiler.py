@@ -61,7 +61,10 @@ def profile(fn, *args, repeat: int = 10, warmup: int = 2) -> ProfileReport:
         for i in plan.batch_input_index:
             leaves[i] = leaves[i][:leaves[i].shape[0] // plan.shards]
         name += f" (one of {plan.shards} shards)"
-    timed = generate(compiled.graph, compiled.backend, compiled.graph.name, plan=None, profile=True)
+    backend = compiled.backend
+    if isinstance(compiled, ShardedFunction):
+        backend = _solo_shard(backend)
+    timed = generate(compiled.graph, backend, compiled.graph.name, plan=None, profile=True)
     for _ in range(warmup):
         timed.fn(*leaves)
     for k in timed.timings:
@@ -74,3 +77,20 @@ def profile(fn, *args, repeat: int = 10, warmup: int = 2) -> ProfileReport:
         n = nodes[k]
         rows.append(ProfileRow(k, n.op, type_str(n.shape, n.dtype), n.loc or "", t / repeat))
     return ProfileReport(rows, sum(r.seconds for r in rows), name)
+
+
+class _Solo:
+    """Stands in for the other threads' partial sums when one shard runs alone."""
+
+    def reduce(self, index, value):
+        return value.copy()
+
+
+def _solo_shard(backend):
+    import collections
+    import copy
+    b = copy.copy(backend)
+    b._kernel_cache = {}
+    b._shard_index = 0
+    b._reducers = collections.defaultdict(_Solo)
+    return b
