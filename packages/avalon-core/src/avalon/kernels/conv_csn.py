@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from .conv import _lowest, _select, conv_output_shape
+from .conv import _lowest, _select, conv_output_shape, max_pool_backward
 
 __all__ = ["im2col_csn", "col2im_csn", "conv_csn_forward", "conv_csn_input_grad", "conv_csn_weight_grad",
            "max_pool_csn_forward", "max_pool_csn_backward"]
@@ -211,44 +211,12 @@ def max_pool_csn_backward(xp, x, g, *, kernel_size, stride, padding, dilation, o
             and all(s == k for k, s in zip(kernel_size, stride)) and all(d == 1 for d in dilation)
             and not (x.dtype.kind == "f" and xp.isnan(y).any())):
         return _tiled_max_pool_backward(xp, x, y, g, kernel_size, out)
-    out_spatial = tuple(g.shape[1:-1])
-    xpad = _padded(xp, x, padding, _lowest(xp, x.dtype))
-    full = (slice(None),)
-    best = arg = None
-    count = math.prod(kernel_size)
-    for i, offset in enumerate(_offsets(kernel_size)):
-        v = xpad[full + _window(offset, out_spatial, stride, dilation)]
-        if best is None:
-            best = v.copy()
-            arg = xp.zeros(best.shape, dtype=xp.int8 if count < 128 else xp.int32)
-            continue
-        upd = v > best
-        if x.dtype.kind == "f":
-            upd |= xp.isnan(v)
-        xp.maximum(arg, xp.multiply(upd, i, dtype=arg.dtype), out=arg)
-        xp.maximum(best, v, out=best)
-    disjoint = all(s >= d * (k - 1) + 1 for k, s, d in zip(kernel_size, stride, dilation))
-    buf = xp.zeros(xpad.shape, dtype=g.dtype) if (out is None or xpad is not x or not disjoint) else out
-    if buf is out and disjoint:
-        # windows that tile only part of the input leave the rest at zero
-        covered = all(d * (k - 1) + s * (n - 1) + 1 == full_n for k, s, d, n, full_n in
-                      zip(kernel_size, stride, dilation, out_spatial, xpad.shape[1:-1]))
-        if not covered:
-            buf.fill(0)
-    for i, offset in enumerate(_offsets(kernel_size)):
-        idx = full + _window(offset, out_spatial, stride, dilation)
-        contrib = _select(xp, arg == i, g)
-        if disjoint:
-            buf[idx] = contrib
-        else:
-            buf[idx] += contrib
-    if xpad is not x:
-        crop = full + tuple(slice(lo, lo + s) for s, (lo, _) in zip(x.shape[1:-1], padding))
-        if out is None:
-            return xp.ascontiguousarray(buf[crop])
-        out[...] = buf[crop]
-        return out
-    if out is not None and buf is not out:
-        out[...] = buf
-        return out
-    return buf
+    # windows that overlap, pad or dilate (rare in convolutional stacks): the
+    # (N, C, *S) kernel does it, on the batch moved back to the front
+    dx = max_pool_backward(xp, xp.moveaxis(x, -1, 0), xp.moveaxis(g, -1, 0), kernel_size=kernel_size,
+                           stride=stride, padding=tuple(lo for lo, _ in padding), dilation=dilation)
+    dx = xp.moveaxis(dx, 0, -1)
+    if out is None:
+        return xp.ascontiguousarray(dx)
+    out[...] = dx
+    return out
