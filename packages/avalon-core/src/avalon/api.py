@@ -7,6 +7,7 @@ type, shape and dtype.  A new signature retraces, and says why.
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 import weakref
 
@@ -22,6 +23,7 @@ from .parallel import (Autotuned, BlasThreads, ComponentParallel, ShardedFunctio
                        split_components)
 from .passes import FORWARD, pipeline_version, run_pipeline
 from .primitive import Tracer, tracing
+from .threadsafe import SharedCompiled, private_backend
 
 log = logging.getLogger("avalon.trace")
 
@@ -79,10 +81,20 @@ def _leaf_key(x):
 
 
 class _Entry:
-    __slots__ = ("compiled", "out_tree", "wrt", "in_tree")
+    """One compiled signature.  `shared` runs it, safe for concurrent callers;
+    `compiled` is the schedule it runs when free (profiles and tests read it)."""
+    __slots__ = ("shared", "out_tree", "wrt", "in_tree")
 
-    def __init__(self, compiled, out_tree, wrt, in_tree):
-        self.compiled, self.out_tree, self.wrt, self.in_tree = compiled, out_tree, wrt, in_tree
+    def __init__(self, shared, out_tree, wrt, in_tree):
+        self.shared, self.out_tree, self.wrt, self.in_tree = shared, out_tree, wrt, in_tree
+
+    @property
+    def compiled(self):
+        return self.shared.primary
+
+    @compiled.setter
+    def compiled(self, value):
+        self.shared.primary = value
 
 
 class CompiledFunction:
@@ -95,6 +107,7 @@ class CompiledFunction:
         self.passes = passes
         self.parallel = parallel
         self._cache: dict = {}
+        self._compiling = threading.Lock()
         self._last_key = None
         self.traces = 0
         self.__wrapped__ = f
@@ -126,7 +139,8 @@ class CompiledFunction:
         key = (treedef, tuple(map(_leaf_key, leaves)), pipeline_version())
         entry = self._cache.get(key)
         if entry is None:
-            entry = self._compile(key, leaves, treedef)
+            with self._compiling:  # two threads missing at once compile once
+                entry = self._cache.get(key) or self._compile(key, leaves, treedef)
         self._last_key = key
         return entry, leaves
 
@@ -140,8 +154,9 @@ class CompiledFunction:
             graph = run_pipeline(graph, FORWARD)
         graph, out_tree, wrt = self._transform(graph, leaves, treedef)
         graph = run_pipeline(graph, self.passes)
-        compiled = self._schedules(graph, backend, leaves, treedef)
-        entry = _Entry(compiled, out_tree, wrt, treedef)
+        shared = SharedCompiled(self._schedules(graph, backend, leaves, treedef),
+                                lambda: _spare_copy(graph, backend))
+        entry = _Entry(shared, out_tree, wrt, treedef)
         self._cache[key] = entry
         return entry
 
@@ -204,6 +219,12 @@ class CompiledFunction:
         self._last_key = None
 
 
+def _spare_copy(graph, backend):
+    """The graph compiled once more, with buffers of its own, for a concurrent caller."""
+    own = private_backend(backend)
+    return own.wrap_compiled(generate(graph, own, graph.name))
+
+
 def explain_difference(old, new) -> str:
     """Say what changed between two signatures: the argument, and how."""
     (otd, oavals, over), (ntd, navals, nver) = old, new
@@ -257,7 +278,7 @@ class JitFunction(CompiledFunction):
 
     def __call__(self, *args):
         entry, leaves = self._lookup(args)
-        outs = entry.compiled.fn(*leaves)
+        outs = entry.shared.fn(*leaves)
         return tree.unflatten(entry.out_tree, outs)
 
 
@@ -280,7 +301,7 @@ class GradFunction(CompiledFunction):
 
     def __call__(self, *args):
         entry, leaves = self._lookup(args)
-        outs = entry.compiled.fn(*leaves)
+        outs = entry.shared.fn(*leaves)
         grads = iter(outs[1:])
         grad_leaves = [next(grads) if w else None for w in entry.wrt]
         return outs[0], tree.unflatten(entry.in_tree, grad_leaves, static=None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import GraphError, at
 from .graph import short_loc, type_str
 from .memory import plan_memory
 from .primitive import PRIMITIVES
@@ -59,7 +60,7 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
             continue
         prim = PRIMITIVES[n.op]
         kname = f"{_ident(n.op)}_{k}"
-        env[kname] = backend.compile_fused(n.attrs["body"]) if n.op == "fused" else backend.kernel(prim, n.attrs)
+        env[kname] = _compile_fused(backend, n, k) if n.op == "fused" else backend.kernel(prim, n.attrs)
         args = ", ".join(names[i] for i in n.inputs)
         comment = f"  # {type_str(n.shape, n.dtype)}"
         if n.loc:
@@ -100,6 +101,16 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
     compiled = CompiledGraph(env[fname], src, graph, plan, backend)
     compiled.timings = timings
     return compiled
+
+
+def _compile_fused(backend, node, k):
+    body = node.attrs["body"]
+    if not body.inputs or not node.inputs:
+        made_by = getattr(body, "made_by", "an unknown pass")
+        raise GraphError(f"internal error: node {k} is a fused group with no inputs, made by the pass "
+                         f"{made_by!r}{at(node.loc)}; a group of constants must be folded instead. "
+                         "Please report this with the graph (print(avalon.trace(f, *args))).")
+    return backend.compile_fused(body)
 
 
 def _host(v):

@@ -21,6 +21,15 @@ DTYPE_NAMES = {"float16": "f16", "float32": "f32", "float64": "f64", "int8": "i8
                "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "bool"}
 
 
+def as_const_value(value):
+    """Constants are arrays: NumPy scalars and Python numbers become 0-d
+    NumPy arrays, so every pass (folding, CSE, simplification, fusion) sees
+    one kind of value; device arrays are kept as they are."""
+    if isinstance(value, (np.generic, bool, int, float, complex)):
+        return np.asarray(value)
+    return value
+
+
 def type_str(shape, dtype) -> str:
     d = DTYPE_NAMES.get(np.dtype(dtype).name, np.dtype(dtype).name)
     return f"{d}[{','.join(str(s) for s in shape)}]"
@@ -37,7 +46,7 @@ class Node:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.loc = loc
-        self.value = value
+        self.value = as_const_value(value) if op == "const" else value
 
     @property
     def ndim(self):
@@ -172,8 +181,7 @@ class Graph:
                 if n not in self.inputs:
                     raise GraphError(f"node {idx} is an input node missing from graph.inputs")
             elif n.op == "const":
-                if n.value is None or tuple(n.value.shape) != n.shape:
-                    raise GraphError(f"const node {idx} has no value of shape {n.shape}")
+                _check_const(idx, n)
             elif n.op not in PRIMITIVES:
                 raise GraphError(f"node {idx} has unknown op {n.op!r}")
             else:
@@ -222,6 +230,15 @@ class Graph:
         lines.append(f"{indent}  return ({', '.join(names.get(o, '?') for o in self.outputs)})")
         lines.append(f"{indent}}}")
         return "\n".join(lines)
+
+
+def _check_const(idx, n):
+    v = n.value
+    if v is None or isinstance(v, np.generic) or not hasattr(v, "shape"):
+        raise GraphError(f"const node {idx} holds {type(v).__name__}, not an array")
+    if tuple(v.shape) != n.shape or np.dtype(v.dtype) != n.dtype:
+        raise GraphError(f"const node {idx} records {type_str(n.shape, n.dtype)} but holds "
+                         f"{type_str(v.shape, v.dtype)}")
 
 
 def short_loc(loc: str) -> str:

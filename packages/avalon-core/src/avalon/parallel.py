@@ -24,7 +24,6 @@ partial sums add up.  The result is verified with Graph.check().
 """
 from __future__ import annotations
 
-import copy
 import os
 import threading
 import time
@@ -33,6 +32,7 @@ import numpy as np
 
 from .errors import GraphError
 from .primitive import PRIMITIVES, defprim
+from .threadsafe import private_backend
 
 R, P = ("R",), ("P",)
 
@@ -420,10 +420,8 @@ class ShardedFunction:
         self.reducers = {n.attrs["key"]: _Reducer(plan.shards) for n in plan.graph.nodes
                          if n.op == "allreduce_sum"}
         for index in range(plan.shards):
-            b = copy.copy(backend)
-            b._kernel_cache = {}
+            b = private_backend(backend)
             b._shard_index, b._reducers = index, self.reducers
-            b.__dict__.pop("_scratch", None)  # work arrays of its own
             self.copies.append((b, generate(plan.graph, b, name)))
         self.compiled = self.copies[0][1]
         self.graph, self.plan_memory = plan.graph, self.compiled.plan
@@ -710,9 +708,7 @@ class ComponentParallel:
         self.graph = graph
         self.parts = []
         for g in parts:
-            b = copy.copy(backend)
-            b._kernel_cache = {}
-            b.__dict__.pop("_scratch", None)
+            b = private_backend(backend)
             self.parts.append((generate(g, b, g.name), [graph.outputs.index(o) for o in g.outputs]))
         self.plan = self.parts[0][0].plan
         self.source = "".join(f"# part {k} of {len(self.parts)}, in its own thread\n{c.source}"

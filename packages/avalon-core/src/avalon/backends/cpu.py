@@ -3,6 +3,7 @@ entry-point group, exactly as a third-party backend registers."""
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -42,9 +43,15 @@ class CpuBackend(Backend):
     # -- convolutions with work arrays from a pool: no fresh pages every step --
     def scratch(self, tag, shape, dtype):
         """A work array reused by every call that asks for the same (tag, shape,
-        dtype); only for use within one kernel call (the pool is per backend
-        object, and each engine thread has its own)."""
-        pool = self.__dict__.setdefault("_scratch", {})
+        dtype); only for use within one kernel call.  The pool is per thread
+        (two threads running kernels at once never share a work array) and
+        per backend copy (see avalon.threadsafe.private_backend)."""
+        local = self.__dict__.get("_scratch")
+        if local is None:
+            local = self.__dict__.setdefault("_scratch", threading.local())
+        pool = getattr(local, "pool", None)
+        if pool is None:
+            pool = local.pool = {}
         key = (tag, tuple(shape), np.dtype(dtype))
         arr = pool.get(key)
         if arr is None:

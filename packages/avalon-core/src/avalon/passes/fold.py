@@ -1,12 +1,11 @@
 """Constant folding: a pure node whose inputs are all constants is computed at
-compile time (on the CPU) and becomes a constant.  Results much larger than
-their inputs (a broadcast of a scalar) are left to run, to keep graphs small."""
+compile time (on the CPU) and becomes a constant.  Results larger than their
+inputs (a broadcast of a scalar) are left to run: they keep graphs small, and a
+broadcast stays a free view whose shape passes can still reason about (the
+batch split of avalon.parallel shards it; it cannot shard a folded array)."""
 import numpy as np
 
 from ..primitive import PRIMITIVES
-
-_MIN_SIZE = 64
-
 
 def _host(v):
     return v if isinstance(v, np.ndarray) else None
@@ -24,7 +23,7 @@ def constant_fold(graph):
         values = [_host(i.value) for i in n.inputs]
         if any(v is None for v in values):
             continue
-        if n.size > max(_MIN_SIZE, *(v.size for v in values)):
+        if n.size > max(v.size for v in values):
             continue
         result = np.asarray(cpu.run(prim, values, n.attrs))
         if result.shape != n.shape or result.dtype != n.dtype:

@@ -57,7 +57,7 @@ def fuse_elementwise(graph):
                 if all(u in members for u in users.get(i, ())):
                     members.add(i)
                     stack.append(i)
-        if len(members) >= MIN_GROUP:
+        if len(members) >= MIN_GROUP and _reads_an_array(members):
             for m in members:
                 group_of[m] = root
             groups.append((root, members))
@@ -82,9 +82,16 @@ def fuse_elementwise(graph):
     return graph
 
 
+def _reads_an_array(members):
+    """A group of constants only is left to folding (a fused kernel needs an input)."""
+    return any(i not in members and not (i.op == "const" and i.size == 1)
+               for n in members for i in n.inputs)
+
+
 def _make_fused(graph, root, members):
     order = [n for n in graph.nodes if n in members]
     body = Graph("fused")
+    body.made_by = "fuse_elementwise"  # named by codegen's internal errors
     env: dict = {}
     ext_inputs = []
     for n in order:

@@ -10,6 +10,10 @@ from ..graph import Node
 
 
 def _const_value(n):
+    """The value of a constant, seen through a broadcast of it (the rules only
+    ask which values it holds; every rule keeps the node's own shape)."""
+    if n.op == "broadcast_to":
+        n = n.inputs[0]
     if n.op == "const" and isinstance(n.value, np.ndarray):
         return n.value
     return None
@@ -48,7 +52,7 @@ def div_by_const(n):
         a, b = n.inputs
         v = _const_value(b)
         if v is not None and v.dtype.kind == "f" and v.size == 1 and v.item() != 0:
-            recip = Node("const", (), {}, v.shape, v.dtype, value=(1 / v).astype(v.dtype))
+            recip = Node("const", (), {}, v.shape, v.dtype, value=np.asarray(1 / v, dtype=v.dtype))
             return [recip, Node("mul", [a, recip], {}, n.shape, n.dtype, n.loc)]
 
 

@@ -1,0 +1,185 @@
+"""Reliability of the core: compiled functions shared by threads, constants
+through every pass, anomaly detection, errors that point at the user's line,
+and bad input refused with a clear error."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import avalon
+import avalon.nn.functional as F
+
+
+# -- compiled functions called from several threads at once ---------------------------------
+
+@pytest.fixture(autouse=False)
+def fast_thread_switches():
+    """Switch threads as often as the interpreter can, so calls interleave
+    inside one another and a shared buffer shows at once."""
+    import sys
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)
+
+
+def _run_in_threads(fn, inputs, threads=4, rounds=30):
+    """Call fn on each input from `threads` threads at once, `rounds` times; the
+    results of every call, per input."""
+    results = [[] for _ in inputs]
+    errors = []
+    start = threading.Barrier(threads)
+
+    def worker(t):
+        try:
+            start.wait()
+            for _ in range(rounds):
+                for k in range(t % len(inputs), len(inputs)):
+                    results[k].append(fn(inputs[k]))
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+def _mlp_inputs(n=4, batch=256, seed=0):
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((64, 128)).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((128, 32)).astype(np.float32) * 0.1
+    return [(w1, w2, rng.standard_normal((batch, 64)).astype(np.float32) * (k + 1)) for k in range(n)]
+
+
+def _mlp(params):
+    w1, w2, x = params
+    h = avalon.tanh(x @ w1) * 2.0 + 1.0
+    return avalon.exp(-(h @ w2) ** 2).sum(axis=1)
+
+
+def test_jit_function_is_safe_to_call_from_threads(fast_thread_switches):
+    f = avalon.jit(_mlp)
+    inputs = _mlp_inputs()
+    expected = [f(p)[...] .copy() for p in inputs]
+    for k, outs in enumerate(_run_in_threads(f, inputs)):
+        for out in outs:
+            np.testing.assert_array_equal(out, expected[k])
+
+
+def test_grad_function_is_safe_to_call_from_threads(fast_thread_switches):
+    def loss(params):
+        return _mlp(params).mean()
+
+    inputs = _mlp_inputs()
+    gf = avalon.value_and_grad(loss)
+    expected = [gf(p) for p in inputs]
+    for k, outs in enumerate(_run_in_threads(gf, inputs)):
+        for value, (grads,) in outs:
+            np.testing.assert_array_equal(value, expected[k][0])
+            for g, e in zip(grads, expected[k][1][0]):
+                if e is not None:
+                    np.testing.assert_array_equal(g, e)
+
+
+def test_different_convolution_functions_in_threads_keep_their_work_arrays(fast_thread_switches):
+    """Two compiled functions, each in its own thread, share the CPU backend's
+    work-array pool (im2col columns): each call must see only its own."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 4, 5, 5)).astype(np.float32)
+    xs = [rng.standard_normal((32, 4, 16, 16)).astype(np.float32) * (k + 1) for k in range(2)]
+
+    def net(x):
+        return F.max_pool2d(F.relu(F.conv2d(x, w, padding=2)), 2)
+
+    fns = [avalon.jit(lambda x: net(x)), avalon.jit(lambda x: net(x) * 1.0)]
+    expected = [fn(x).copy() for fn, x in zip(fns, xs)]
+    errors = []
+
+    def worker(k):
+        try:
+            for _ in range(100):
+                np.testing.assert_array_equal(fns[k](xs[k]), expected[k])
+        except BaseException as e:
+            errors.append(e)
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors, errors[0]
+
+
+# -- constants are one kind of value through every pass -------------------------------------
+
+def test_scalar_chain_after_a_mean_compiles_and_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(2).standard_normal((3, 4))
+    value, (g,) = avalon.grad(lambda x: x.mean() * 0.5 / 2, x)
+    t = torch.tensor(x, requires_grad=True)
+    (t.mean() * 0.5 / 2).backward()
+    np.testing.assert_allclose(value, (x.mean() * 0.5 / 2), rtol=1e-12)
+    np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("scalar", [np.float32(2.0), 2.0, np.int64(3), True])
+def test_const_nodes_hold_arrays_whatever_scalar_they_are_made_from(scalar):
+    from avalon.graph import Node
+    n = Node("const", (), {}, (), np.asarray(scalar).dtype, value=scalar)
+    assert isinstance(n.value, np.ndarray) and n.value.shape == ()
+    assert n.value.item() == scalar
+
+
+def test_graph_check_rejects_a_const_that_is_not_an_array():
+    g = avalon.trace(lambda x: x * 2.0, np.ones(3, np.float32))
+    const = next(n for n in g.nodes if n.op == "const")
+    const.value = np.float32(2.0)  # what a pass might leave behind
+    with pytest.raises(avalon.GraphError, match="holds float32, not an array"):
+        g.check()
+
+
+def test_every_pass_keeps_constants_arrays():
+    from avalon.passes import BUILTIN
+    g = avalon.trace(lambda x: (x.mean() * 0.5 / 2 + 1.0) / 3.0, np.ones((3, 4), np.float32))
+    for name, p in BUILTIN:
+        g = p(g).check()
+        for n in g.nodes:
+            if n.op == "const":
+                assert isinstance(n.value, np.ndarray), f"{name} left {type(n.value)}"
+
+
+def test_fusion_alone_leaves_a_group_of_constants_unfused():
+    """With only fuse_elementwise (no folding first), a chain over constants
+    has no array input: it must not become an input-less fused kernel."""
+    from avalon.api import compile_graph
+    from avalon.graph import Graph
+    from avalon.passes import fuse_elementwise
+    g = Graph("g")
+    x = g.add_input((4,), np.float32)
+    c1, c2 = g.add_const(np.asarray(2.0, np.float32)), g.add_const(np.asarray(3.0, np.float32))
+    product = g.add_node("mul", [c1, c2], {}, (), np.float32)
+    negated = g.add_node("neg", [product], {}, (), np.float32)
+    g.outputs = [g.add_node("add", [x, negated], {}, (4,), np.float32)]
+    f = compile_graph(g, passes=[fuse_elementwise])
+    np.testing.assert_array_equal(f(np.arange(4, dtype=np.float32))[0], np.arange(4) - 6.0)
+
+
+def test_codegen_refuses_an_input_less_fused_group_naming_the_pass():
+    from avalon.api import compile_graph
+    from avalon.graph import Graph, Node
+    body = Graph("fused")
+    body.made_by = "my_pass"
+    c = body.add_const(np.asarray(2.0, np.float32))
+    body.outputs = [body.add_node("neg", [c], {}, (), np.float32)]
+    g = Graph("g")
+    x = g.add_input((), np.float32)
+    fused = g.add_node("fused", [], {"body": body}, (), np.float32)
+    g.outputs = [g.add_node("add", [x, fused], {}, (), np.float32)]
+    with pytest.raises(avalon.GraphError, match="fused group with no inputs, made by the pass 'my_pass'"):
+        compile_graph(g)
