@@ -183,3 +183,128 @@ def test_codegen_refuses_an_input_less_fused_group_naming_the_pass():
     g.outputs = [g.add_node("add", [x, fused], {}, (), np.float32)]
     with pytest.raises(avalon.GraphError, match="fused group with no inputs, made by the pass 'my_pass'"):
         compile_graph(g)
+
+
+# -- detect_anomaly -------------------------------------------------------------------------
+
+def _line_of(fn, text):
+    """'file:line' of the first line of fn's source containing text."""
+    import inspect
+    lines, first = inspect.getsourcelines(fn)
+    k = next(i for i, line in enumerate(lines) if text in line)
+    return f"{inspect.getsourcefile(fn)}:{first + k}"
+
+
+def _log_loss(w, x):
+    h = avalon.log(x @ w)
+    return (h * h).mean()
+
+
+def _sqrt_loss(w, x):
+    h = avalon.sqrt(x @ w)
+    return h.sum()
+
+
+def test_detect_anomaly_names_the_forward_op_and_the_users_line():
+    w, x = np.ones((3, 2)), np.random.default_rng(3).random((4, 3))
+    x[1] = -1.0
+    with np.errstate(all="ignore"):
+        value, _ = avalon.grad(_log_loss, w, x)
+        assert np.isnan(value)  # off: the NaN goes through, as in NumPy
+        with avalon.detect_anomaly():
+            with pytest.raises(avalon.AnomalyError) as err:
+                avalon.grad(_log_loss, w, x)
+    msg = str(err.value)
+    assert "log produced nan (2 of 8 values, the first at index (1, 0))" in msg
+    assert "forward pass" in msg and _line_of(_log_loss, "avalon.log") in msg
+    assert "f64[4,2] in [-3, " in msg  # the operand, as it was
+
+
+def test_detect_anomaly_names_the_backward_op():
+    w, x = np.ones((3, 2)), np.random.default_rng(4).random((4, 3))
+    x[0] = 0.0
+    with np.errstate(all="ignore"), avalon.detect_anomaly():
+        with pytest.raises(avalon.AnomalyError, match="backward pass") as err:
+            avalon.grad(_sqrt_loss, w, x)
+    assert _line_of(_sqrt_loss, "avalon.sqrt") in str(err.value)
+
+
+def test_detect_anomaly_names_a_non_finite_input_and_checks_jit_and_eager():
+    x = np.array([1.0, np.inf])
+    f = avalon.jit(lambda x: x * 2.0)
+    with avalon.detect_anomaly():
+        with pytest.raises(avalon.AnomalyError, match=r"called with args\[0\] holding inf"):
+            f(x)
+        with np.errstate(all="ignore"), pytest.raises(avalon.AnomalyError, match="log produced nan") as err:
+            avalon.log(np.array([-1.0, 2.0]))
+    assert __file__ in str(err.value)
+
+
+def test_detect_anomaly_off_again_runs_the_optimized_code_without_retracing():
+    w, x = np.ones((3, 2)), np.random.default_rng(5).random((4, 3))
+    gf = avalon.value_and_grad(_sqrt_loss)
+    expected = gf(w, x)[0]
+    with avalon.detect_anomaly():
+        np.testing.assert_allclose(gf(w, x)[0], expected)
+        assert "_check.value" in gf.source
+    traces = gf.traces
+    np.testing.assert_allclose(gf(w, x)[0], expected)
+    assert gf.traces == traces and "_check" not in gf.source
+
+
+def test_detect_anomaly_from_the_environment(tmp_path):
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "nan_step.py"
+    script.write_text("import numpy as np, avalon\n"
+                      "np.seterr(all='ignore')\n"
+                      "f = avalon.jit(lambda x: avalon.log(x) + 1.0)\n"
+                      "f(np.array([-1.0, 1.0]))\n")
+    env = dict(os.environ, AVALON_DETECT_ANOMALY="1")
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "AnomalyError" in run.stderr and f"{script}:3" in run.stderr
+    env["AVALON_DETECT_ANOMALY"] = "0"
+    assert subprocess.run([sys.executable, str(script)], env=env, timeout=120).returncode == 0
+
+
+# -- warnings and errors point at the user's line -------------------------------------------
+
+def test_the_retrace_warning_points_at_the_callers_line():
+    f = avalon.jit(lambda x: x + 1.0)
+    with pytest.warns(RuntimeWarning, match="retracing") as record:
+        for n in range(1, avalon.api.RETRACE_WARNING_BUDGET + 3):
+            f(np.ones(n, np.float32))
+    assert {w.filename for w in record} == {__file__}
+
+
+def test_model_code_in_the_zoo_or_bench_is_the_users_line():
+    """Nodes made inside avalon_zoo's models or avalon_bench's steps are
+    attributed to their lines there (the profile's line column), not to the
+    script that started the run."""
+    namespace = {"__name__": "avalon_bench.fake_steps", "avalon": avalon}
+    exec(compile("def step(x):\n    return avalon.exp(x) * 2.0\n", "/bench/fake_steps.py", "exec"), namespace)
+    g = avalon.trace(namespace["step"], np.ones(3, np.float32))
+    assert {n.loc for n in g.nodes if n.op in ("exp", "mul")} == {"/bench/fake_steps.py:2"}
+
+
+def test_a_memory_plan_too_large_names_the_value_and_the_line():
+    def outer_sum(x):
+        return (x[:, None] * x[None, :]).sum()
+
+    f = avalon.jit(outer_sum)
+    with pytest.raises(avalon.OutOfMemoryError) as err:
+        f(np.ones(400_000))
+    msg = str(err.value)
+    assert "f64[400000,400000]" in msg and _line_of(outer_sum, "x[:, None]") in msg
+    assert "smaller batch" in msg and isinstance(err.value, MemoryError)
+
+
+def test_running_out_of_memory_inside_a_kernel_names_the_node():
+    def outer(x):
+        return x[:, None] * x[None, :]
+
+    f = avalon.jit(outer)
+    with pytest.raises(avalon.OutOfMemoryError, match=r"out of memory in mul making f64\[400000,400000\]") as err:
+        f(np.ones(400_000))
+    assert _line_of(outer, "x[:, None]") in str(err.value)

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 import weakref
 
 import numpy as np
 
-from . import tree
+from . import anomaly, tree
 from .autodiff import check_scalar_output, differentiable, grad_graph
 from .backends import backend_of_args
 from .codegen import generate
-from .errors import AvalonError, user_location
+from .errors import AvalonError, user_location, warn_at_user
 from .graph import Graph
 from .parallel import (Autotuned, BlasThreads, ComponentParallel, ShardedFunction, split_batch,
                        split_components)
@@ -136,7 +135,7 @@ class CompiledFunction:
 
     def _lookup(self, args):
         leaves, treedef = tree.flatten(args)
-        key = (treedef, tuple(map(_leaf_key, leaves)), pipeline_version())
+        key = (treedef, tuple(map(_leaf_key, leaves)), (pipeline_version(), anomaly.is_enabled()))
         entry = self._cache.get(key)
         if entry is None:
             with self._compiling:  # two threads missing at once compile once
@@ -150,15 +149,29 @@ class CompiledFunction:
         self.traces += 1
         backend, _ = backend_of_args(leaves, self.__name__)
         graph = _trace(self.f, leaves, treedef, self.__name__)
+        checked = key[2][1]
+        build = self._compile_checked if checked else self._compile_optimized
+        shared, out_tree, wrt = build(graph, backend, leaves, treedef)
+        entry = _Entry(shared, out_tree, wrt, treedef)
+        self._cache[key] = entry
+        return entry
+
+    def _compile_optimized(self, graph, backend, leaves, treedef):
         if self.passes is None:
             graph = run_pipeline(graph, FORWARD)
         graph, out_tree, wrt = self._transform(graph, leaves, treedef)
         graph = run_pipeline(graph, self.passes)
         shared = SharedCompiled(self._schedules(graph, backend, leaves, treedef),
                                 lambda: _spare_copy(graph, backend))
-        entry = _Entry(shared, out_tree, wrt, treedef)
-        self._cache[key] = entry
-        return entry
+        return shared, out_tree, wrt
+
+    def _compile_checked(self, graph, backend, leaves, treedef):
+        """detect_anomaly: the graph as traced (no pass), one kernel per value,
+        every value checked as it is made."""
+        graph, out_tree, wrt = self._transform(graph, leaves, treedef)
+        shared = SharedCompiled(generate(graph, backend, graph.name, check_finite=True),
+                                lambda: generate(graph, private_backend(backend), graph.name, check_finite=True))
+        return shared, out_tree, wrt
 
     def _transform(self, graph, leaves, treedef):
         return graph, graph.out_tree, None
@@ -210,9 +223,9 @@ class CompiledFunction:
                f"{reason}")
         log.debug(msg)
         if self.traces >= RETRACE_WARNING_BUDGET:
-            warnings.warn(f"{msg}. It has been traced {self.traces + 1} times; each new signature "
-                          "compiles again. Keep shapes, dtypes and non-array arguments fixed between calls.",
-                          RuntimeWarning, stacklevel=4)
+            warn_at_user(f"{msg}. It has been traced {self.traces + 1} times; each new signature "
+                         "compiles again. Keep shapes, dtypes and non-array arguments fixed between calls.",
+                         RuntimeWarning)
 
     def clear_cache(self):
         self._cache.clear()
@@ -227,7 +240,9 @@ def _spare_copy(graph, backend):
 
 def explain_difference(old, new) -> str:
     """Say what changed between two signatures: the argument, and how."""
-    (otd, oavals, over), (ntd, navals, nver) = old, new
+    (otd, oavals, (over, ochecked)), (ntd, navals, (nver, nchecked)) = old, new
+    if ochecked != nchecked:
+        return f"anomaly detection was switched {'on' if nchecked else 'off'}"
     if over != nver:
         return "the pass pipeline changed"
     changes = []

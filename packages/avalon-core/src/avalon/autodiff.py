@@ -36,6 +36,7 @@ def grad_graph(fwd: Graph, wrt: list[bool]) -> Graph:
             else:
                 env[n] = Tracer(g, g.add_node(n.op, [env[i].node for i in n.inputs], n.attrs, n.shape,
                                               n.dtype, n.loc))
+        forward_nodes = set(g.nodes)
         needs = _needs_grad(fwd, wrt)
         cts: dict = {loss_node: Tracer(g, g.add_const(np.ones((), loss_node.dtype), loss_node.loc))}
         for n in reversed(fwd.nodes):
@@ -68,7 +69,10 @@ def grad_graph(fwd: Graph, wrt: list[bool]) -> Graph:
     # (even when no optimization pass runs), as do forward values the
     # backward pass does not read
     from .passes.dce import dce
-    return dce(g)
+    g = dce(g)
+    # what detect_anomaly reports as the backward pass (kept only until passes rewrite the graph)
+    g.backward_nodes = frozenset(n for n in g.nodes if n not in forward_nodes)
+    return g
 
 
 def _needs_grad(fwd: Graph, wrt: list[bool]) -> dict:

@@ -7,11 +7,13 @@ with the graph node and the user's line as a comment.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
-from .errors import GraphError, at
+from .errors import GraphError, OutOfMemoryError, at
 from .graph import short_loc, type_str
-from .memory import plan_memory
+from .memory import MemoryPlan, plan_memory
 from .primitive import PRIMITIVES
 
 _UINT8 = np.dtype(np.uint8)
@@ -31,16 +33,26 @@ def _ident(s: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in s)
 
 
-def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = False) -> CompiledGraph:
+def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = False,
+             check_finite: bool = False) -> CompiledGraph:
     """Compile `graph` for `backend`.  With profile=True every kernel call is
-    timed into `compiled.timings` (node index -> seconds), for avalon.profile."""
-    plan = plan_memory(graph, backend) if plan is None else plan
-    env: dict = {}
+    timed into `compiled.timings` (node index -> seconds), for avalon.profile.
+    With check_finite=True every input and every value computed is checked,
+    and the first non-finite one raises (avalon.detect_anomaly)."""
+    if plan is None:
+        # checked code keeps every value in its own array, so an error can show
+        # the operands as they were (no result written over an operand)
+        plan = MemoryPlan() if check_finite else plan_memory(graph, backend)
+    fname = _ident(name)
+    env: dict = {"_out_of_memory": _OutOfMemory(graph, f"<avalon {fname}>")}
     timings: dict = {}
     if profile:
         import time
         env["_clock"], env["_timings"], env["_sync"] = time.perf_counter, timings, backend.synchronize
-    slots = [backend.empty((nb,), _UINT8) for nb in plan.slot_nbytes]
+    if check_finite:
+        from .anomaly import FiniteChecker
+        env["_check"] = FiniteChecker(graph, backend)
+    slots = _allocate_slots(graph, plan, backend)
     names: dict = {}
     for k, n in enumerate(graph.inputs):
         names[n] = f"a{k}"
@@ -85,6 +97,8 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
         if profile:
             timings[k] = 0.0
             lines.append(f"    _sync(); _timings[{k}] += _clock() - _t")
+        if check_finite:
+            lines.append(f"    _check.value({var}, {k}{', ' if args else ''}{args})")
         names[n] = var
         dead = [names[i] for i in set(n.inputs) if last_use.get(i) == k and i not in outputs
                 and i.op not in ("input", "const") and i not in plan.slot_of and i not in plan.elided]
@@ -94,13 +108,79 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
     for o in graph.outputs:
         rets.append(f"{names[o]}.copy()" if o.op == "const" else names[o])
     params = ", ".join(names[i] for i in graph.inputs)
-    fname = _ident(name)
-    src = f"def {fname}({params}):\n" + "\n".join(lines) + f"\n    return ({', '.join(rets)}{',' if len(rets) == 1 else ''})\n"
+    if check_finite:
+        lines.insert(0, f"    _check.inputs({params})")
+    lines.append(f"    return ({', '.join(rets)}{',' if len(rets) == 1 else ''})")
+    # try costs nothing until something raises; then the node that ran out of
+    # memory is named (its line of the source says which)
+    body = "\n".join("    " + line for line in lines)
+    src = (f"def {fname}({params}):\n    try:\n{body}\n"
+           f"    except MemoryError as e:\n        raise _out_of_memory(e) from e\n")
     code = compile(src, f"<avalon {fname}>", "exec")
+    env["__avalon_source__"] = src
     exec(code, env)
     compiled = CompiledGraph(env[fname], src, graph, plan, backend)
     compiled.timings = timings
     return compiled
+
+
+def _allocate_slots(graph, plan, backend):
+    slots = []
+    for s, nbytes in enumerate(plan.slot_nbytes):
+        try:
+            slots.append(backend.empty((nbytes,), _UINT8))
+        except MemoryError as e:
+            users = [n for n, slot in plan.slot_of.items() if slot == s]
+            raise OutOfMemoryError(
+                f"compiling {graph.name}: cannot allocate buffer {s} of its memory plan ({_size(nbytes)}; the "
+                f"plan holds {_size(plan.total_bytes)} in {len(plan.slot_nbytes)} buffers). Its largest "
+                f"values: {_largest(users)}. Make these values smaller (a smaller batch, fewer features) or "
+                f"run on a device with more memory.") from e
+    return slots
+
+
+class _OutOfMemory:
+    """Turns a MemoryError raised inside generated code into an OutOfMemoryError
+    naming the node whose kernel could not allocate its result."""
+
+    def __init__(self, graph, filename):
+        self.graph, self.filename = graph, filename
+
+    def __call__(self, error):
+        node = self._failed_node(error)
+        where = f"{node.op} making {type_str(node.shape, node.dtype)} ({_size(node.nbytes)}){at(node.loc)}" \
+            if node is not None else "a kernel"
+        return OutOfMemoryError(f"{self.graph.name}: out of memory in {where}: {error}. Make the value "
+                                "smaller (a smaller batch, fewer features) or free other arrays first.")
+
+    def _failed_node(self, error):
+        tb, line = error.__traceback__, None
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == self.filename:
+                line = _source_line(tb)
+            tb = tb.tb_next
+        match = _ASSIGNED.match(line or "")
+        return self.graph.nodes[int(match.group(1))] if match else None
+
+
+def _source_line(tb):
+    """The generated source line a traceback entry points at."""
+    source = tb.tb_frame.f_globals.get("__avalon_source__", "")
+    lines = source.splitlines()
+    k = tb.tb_lineno - 1
+    return lines[k] if 0 <= k < len(lines) else None
+
+
+_ASSIGNED = re.compile(r"\s*v(\d+) = ")
+
+
+def _size(nbytes):
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _largest(nodes, count=3):
+    nodes = sorted(nodes, key=lambda n: -n.nbytes)[:count]
+    return "; ".join(f"{n.op} {type_str(n.shape, n.dtype)} ({_size(n.nbytes)}){at(n.loc)}" for n in nodes)
 
 
 def _compile_fused(backend, node, k):

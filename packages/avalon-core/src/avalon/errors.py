@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 
 class AvalonError(Exception):
@@ -32,22 +33,58 @@ class MissingRuleError(AvalonError, NotImplementedError):
     """A primitive lacks the rule a transformation needs (a VJP, a kernel)."""
 
 
+class OutOfMemoryError(AvalonError, MemoryError):
+    """A compiled function's buffers (or a value) do not fit in the device's memory."""
+
+
+#: the engine and library packages.  Model code in the others (avalon_zoo's
+#: models, avalon_bench's steps) is where graph nodes are attributed (the
+#: profile's line column), while errors and warnings point past every Avalon
+#: package, at the line that called into Avalon.
+LIBRARY_PACKAGES = ("avalon", "avalon_layers", "avalon_cuda")
+
+
+def _is_frozen(frame) -> bool:
+    return frame.f_code.co_filename.startswith("<frozen")
+
+
 def _is_internal(frame) -> bool:
     name = frame.f_globals.get("__name__", "")
-    return name == "avalon" or name.startswith(("avalon.", "avalon_")) and not name.startswith("avalon_zoo.examples")
+    return (name == "avalon" or name.startswith(("avalon.", "avalon_"))
+            and not name.startswith("avalon_zoo.examples")) or _is_frozen(frame)
+
+
+def _is_library(frame) -> bool:
+    return frame.f_globals.get("__name__", "").partition(".")[0] in LIBRARY_PACKAGES or _is_frozen(frame)
 
 
 def user_location(skip_internal: bool = True) -> str | None:
     """'file:line' of the innermost frame outside Avalon's own packages, or None."""
-    frame = sys._getframe(1)
+    return _first_frame(_is_internal if skip_internal else _is_frozen)
+
+
+def model_location() -> str | None:
+    """'file:line' of the innermost frame outside Avalon's library packages
+    (model code in avalon_zoo or avalon_bench counts as the user's)."""
+    return _first_frame(_is_library)
+
+
+def _first_frame(skip) -> str | None:
+    frame = sys._getframe(2)
     while frame is not None:
-        if not (skip_internal and _is_internal(frame)):
-            if frame.f_code.co_filename.startswith("<frozen"):
-                frame = frame.f_back
-                continue
+        if not skip(frame):
             return f"{frame.f_code.co_filename}:{frame.f_lineno}"
         frame = frame.f_back
     return None
+
+
+def warn_at_user(message: str, category=UserWarning) -> None:
+    """warnings.warn attributed to the innermost frame outside Avalon's library
+    packages (the user's line), however deep inside Avalon the caller is."""
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and _is_internal(frame):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)
 
 
 def at(loc: str | None) -> str:

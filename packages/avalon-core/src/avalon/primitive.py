@@ -19,7 +19,8 @@ import threading
 
 import numpy as np
 
-from .errors import AvalonError, ConcretizationError, MissingRuleError, at, user_location
+from . import anomaly
+from .errors import AvalonError, ConcretizationError, MissingRuleError, at, model_location, user_location
 from .graph import Graph, Node, type_str
 
 PRIMITIVES: dict[str, "Primitive"] = {}
@@ -131,7 +132,8 @@ def source_location(loc):
 
 
 def current_location():
-    return _state.loc_override or user_location()
+    """Where a node being traced now comes from: model code, not Avalon's library."""
+    return _state.loc_override or model_location()
 
 
 class Tracer:
@@ -272,7 +274,10 @@ def _eager(prim, args, attrs):
     arrays = [backend.asarray(weak_scalar(a, ref)) if isinstance(a, _PY_SCALARS)
               else (backend.asarray(a) if isinstance(a, np.generic) else a) for a in args]
     _checked_type(prim, arrays, attrs, user_location() if prim.shape_rule else None)
-    return backend.run(prim, arrays, attrs)
+    result = backend.run(prim, arrays, attrs)
+    if anomaly.is_enabled():
+        anomaly.check_eager(prim, arrays, result, backend.xp, user_location())
+    return result
 
 
 def bind_on(backend, prim: Primitive, attrs):
