@@ -308,3 +308,82 @@ def test_running_out_of_memory_inside_a_kernel_names_the_node():
     with pytest.raises(avalon.OutOfMemoryError, match=r"out of memory in mul making f64\[400000,400000\]") as err:
         f(np.ones(400_000))
     assert _line_of(outer, "x[:, None]") in str(err.value)
+
+
+# -- bad input gets an Avalon error that says what, where and what to do ---------------------
+
+def test_a_torch_tensor_passed_to_grad_jit_or_an_op_is_refused_with_a_hint():
+    torch = pytest.importorskip("torch")
+    t = torch.ones(3)
+    with pytest.raises(avalon.AvalonError, match=r"args\[1\]\['w'\] is a torch.Tensor") as err:
+        avalon.grad(lambda x, m: (x * m["w"]).sum(), np.ones(3, np.float32), {"w": t})
+    assert "tensor.detach().cpu().numpy()" in str(err.value) and __file__ in str(err.value)
+    with pytest.raises(avalon.AvalonError, match=r"args\[0\] is a torch.Tensor"):
+        avalon.jit(lambda x: x * 2.0)(t)
+    with pytest.raises(avalon.AvalonError, match="torch.Tensor is not an array type") as err:
+        avalon.exp(t)
+    assert __file__ in str(err.value)
+
+
+def test_grad_of_python_numbers_only_says_there_is_nothing_to_differentiate():
+    with pytest.raises(avalon.AvalonError, match=r"nothing to differentiate.*args\[0\] holds no floating-point "
+                                                 r"array.*np.asarray"):
+        avalon.grad(lambda xs: sum(v * v for v in xs), [1.0, 2.0])
+
+
+def test_item_assignment_on_a_traced_array_suggests_the_functional_form():
+    def f(x):
+        x[0] = 5.0
+        return x.sum()
+
+    with pytest.raises(avalon.AvalonError, match=r"item assignment on a traced f32\[3\] array") as err:
+        avalon.grad(f, np.ones(3, np.float32))
+    assert "avalon.where" in str(err.value) and _line_of(f, "x[0] = 5.0") in str(err.value)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: avalon.zeros((-1, 3)), r"full: dimension 0 of shape \(-1, 3\) is -1"),
+    (lambda: avalon.ones((2, 2.5)), r"dimension 1 of shape \(2, 2.5\) is 2.5 \(float\)"),
+    (lambda: avalon.full((2.0,), 1.0), r"dimension 0 of shape \(2.0,\) is 2.0 \(float\)"),
+    (lambda: avalon.random_normal((3, -2)), r"random_normal: dimension 1 of shape \(3, -2\) is -2"),
+    (lambda: avalon.reshape(np.ones(6), (-2, -3)), r"reshape: dimension 0 of shape \(-2, -3\) is -2"),
+    (lambda: avalon.reshape(np.ones(6), (2, 1.5)), r"reshape: dimension 1 of shape \(2, 1.5\) is 1.5"),
+])
+def test_negative_or_fractional_dimensions_are_refused(make, message):
+    with pytest.raises(avalon.ShapeError, match=message) as err:
+        make()
+    assert __file__ in str(err.value) and "non-negative integers" in str(err.value)
+
+
+def test_dimensions_inside_a_trace_are_checked_too():
+    with pytest.raises(avalon.ShapeError, match=r"dimension 0 of shape \(1.5, 3\)"):
+        avalon.jit(lambda x: x + avalon.zeros((1.5, 3), like=x))(np.ones((1, 3), np.float32))
+
+
+# -- a failed split step leaves the engine's threads ready for the next -------------------------
+
+def test_a_split_step_that_fails_in_the_calling_thread_leaves_the_next_call_right(monkeypatch):
+    from avalon import parallel
+    if parallel.shard_count() < 2:
+        pytest.skip("the engine runs one thread here")
+    monkeypatch.setattr(parallel, "MIN_SHARD_ELEMENTS", 0)
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((256, 64)).astype(np.float32) * 0.1
+    x = rng.standard_normal((4096, 256)).astype(np.float32)
+
+    def loss(w, x, y):
+        y = avalon.check_labels(y, 64, ignore_index=-100)  # fails at once; the other thread works on
+        logp = avalon.log_softmax(avalon.tanh(avalon.tanh(x @ w) @ w.T @ w))
+        return -avalon.mean(avalon.take_along_axis(logp, avalon.expand_dims(y, 1), axis=1))
+
+    good = rng.integers(0, 64, 4096)
+    split, whole = avalon.GradFunction(loss, argnums=0), avalon.GradFunction(loss, argnums=0, parallel=False)
+    expected = whole(w, x, good)
+    for _ in range(6):  # through the schedules' timing calls too
+        bad = good.copy()
+        bad[4000] = 99  # in the last share: the calling thread's own
+        with pytest.raises(avalon.LabelError):
+            split(w, x * 2.0, bad)  # the other thread's share differs from the next call's
+        value, (g, _, _) = split(w, x, good)
+        np.testing.assert_allclose(value, expected[0], rtol=1e-6)
+        np.testing.assert_allclose(g, expected[1][0], rtol=1e-5, atol=1e-6)

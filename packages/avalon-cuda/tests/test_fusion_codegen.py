@@ -107,7 +107,7 @@ def test_the_kernel_text_types_every_value_and_inlines_constants():
     assert "tanh(" in op and "((float)1.0)" in op and "((float)2.0)" in op
     assert "bool t" in op                                        # the comparison is a bool local
     assert "in0 != in0" in op                                    # maximum propagates NaN
-    assert "(float)0.5 * tanh((float)0.5 * in0)" in op           # sigmoid stays in float
+    assert "((float)1 / ((float)1 + exp(-in0)))" in op           # sigmoid stays in float, exact in the tail
     assert op.splitlines()[-1].startswith("out = t")
     assert src.text.startswith(f"// avalon fused kernel {src.name}: float32[6,5]")
     # one statement a node of the body, plus the store

@@ -425,6 +425,9 @@ def test_torch_state_dict_of_a_small_cnn_loads_and_matches():
     m.load_state_dict(sd)
     x = _randn((4, 1, 10, 10))
     check_parity(m, tm, x, atol=ATOL_SUM)          # training mode (batch statistics)
+    # check_parity ran the model twice (eagerly, then under grad) and torch's once:
+    # once more for torch, so both running statistics saw the batch twice
+    tm(torch.from_numpy(x))
     _check_running_stats(m[1], tm[1])
     m.eval(), tm.eval()
     check_parity(m, tm, x, atol=ATOL_SUM)          # eval mode (running statistics)

@@ -21,7 +21,7 @@ from .backends import (Backend, Device, backends, best_available_device, device,
                        to_device)
 from .anomaly import AnomalyError, detect_anomaly  # noqa: F401
 from .errors import (AvalonError, ConcretizationError, DeviceError, DtypeError, GraphError,  # noqa: F401
-                     MissingRuleError, OutOfMemoryError, ShapeError)
+                     LabelError, MissingRuleError, OutOfMemoryError, ShapeError)
 from .graph import Graph, Node  # noqa: F401
 from .plugins import hookimpl, plugin_errors  # noqa: F401
 from .profiler import profile  # noqa: F401

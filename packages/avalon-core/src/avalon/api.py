@@ -16,7 +16,7 @@ from . import anomaly, tree
 from .autodiff import check_scalar_output, differentiable, grad_graph
 from .backends import backend_of_args
 from .codegen import generate
-from .errors import AvalonError, user_location, warn_at_user
+from .errors import AvalonError, at, user_location, warn_at_user
 from .graph import Graph
 from .parallel import (Autotuned, BlasThreads, ComponentParallel, ShardedFunction, split_batch,
                        split_components)
@@ -308,11 +308,21 @@ class GradFunction(CompiledFunction):
             (argnums,) if isinstance(argnums, int) else tuple(argnums))
 
     def _transform(self, graph, leaves, treedef):
-        check_scalar_output(graph, self.__name__)
         owners = _leaf_owner(treedef)
         wrt = [differentiable(x.dtype) and (self.argnums is None or owners[k] in self.argnums)
                for k, x in enumerate(leaves)]
+        if not any(wrt):
+            raise AvalonError(f"grad: nothing to differentiate{at(user_location())}: "
+                              f"{self._differentiable_args_text(treedef)} holds no floating-point array. "
+                              "Gradients are taken with respect to NumPy (or backend) float arrays; "
+                              "Python numbers and lists are constants: pass np.asarray(x, dtype=np.float32).")
+        check_scalar_output(graph, self.__name__)
         return grad_graph(graph, wrt), None, wrt
+
+    def _differentiable_args_text(self, treedef):
+        chosen = self.argnums if self.argnums is not None else range(len(treedef.children))
+        names = [f"args[{k}]" for k in chosen]
+        return "none of " + ", ".join(names) if len(names) > 1 else (names[0] if names else "no argument")
 
     def __call__(self, *args):
         entry, leaves = self._lookup(args)

@@ -33,6 +33,10 @@ class MissingRuleError(AvalonError, NotImplementedError):
     """A primitive lacks the rule a transformation needs (a VJP, a kernel)."""
 
 
+class LabelError(AvalonError, IndexError):
+    """A class label outside [0, num_classes) that is not the ignore_index."""
+
+
 class OutOfMemoryError(AvalonError, MemoryError):
     """A compiled function's buffers (or a value) do not fit in the device's memory."""
 

@@ -562,10 +562,15 @@ class _Workers:
             self.done[k].clear()
             self.go[k].set()
         last_fn, last_args = jobs[n]
-        mine = last_fn(*last_args)
+        try:
+            mine = last_fn(*last_args)
+        finally:
+            # even when the caller's own share failed: a worker still running
+            # this call's task must finish before the next call hands it another
+            for k in range(n):
+                self.done[k].wait()
         out = []
         for k in range(n):
-            self.done[k].wait()
             ok, value = self.results[k]
             if not ok:
                 raise value

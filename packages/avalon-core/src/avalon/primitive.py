@@ -181,6 +181,14 @@ class Tracer:
     def item(self):
         self._concrete(".item()")
 
+    def __setitem__(self, index, value):
+        raise AvalonError(
+            f"item assignment on a traced {type_str(self.shape, self.dtype)} array{at(user_location())}: "
+            "traced arrays are immutable, so `x[...] = v` cannot be recorded. Build a new array instead: "
+            "x = avalon.where(mask, v, x) with a boolean mask of the positions to replace (for x[0] = v: "
+            "mask = np.arange(x.shape[0]) == 0, shaped to broadcast), or join pieces with "
+            "avalon.concatenate.")
+
     def tolist(self):
         self._concrete(".tolist()")
 
@@ -269,8 +277,9 @@ def _checked_type(prim, avals, attrs, loc):
 
 def _eager(prim, args, attrs):
     from .backends import backend_of_args
-    ref = _reference_dtype(args)
+    # the backend first: it refuses a foreign array (a torch tensor) with a clear error
     backend, _ = backend_of_args([a for a in args if not isinstance(a, _PY_SCALARS)], prim.name)
+    ref = _reference_dtype(args)
     arrays = [backend.asarray(weak_scalar(a, ref)) if isinstance(a, _PY_SCALARS)
               else (backend.asarray(a) if isinstance(a, np.generic) else a) for a in args]
     _checked_type(prim, arrays, attrs, user_location() if prim.shape_rule else None)

@@ -36,6 +36,28 @@ def is_array(x) -> bool:
     return isinstance(x, _array_types)
 
 
+def looks_like_foreign_array(x) -> bool:
+    """An array of another library (a torch tensor, a JAX array...): something
+    NumPy could convert, that no installed backend holds as its own."""
+    return not isinstance(x, _array_types) and any(
+        hasattr(type(x), a) for a in ("__array__", "__dlpack__", "__array_interface__",
+                                      "__cuda_array_interface__"))
+
+
+def conversion_hint(x) -> str:
+    """What to do with a value Avalon cannot take as an array."""
+    t = type(x)
+    if t.__module__.partition(".")[0] == "torch":
+        return "convert it with tensor.detach().cpu().numpy()"
+    if isinstance(x, (list, tuple)):
+        return "convert it with np.asarray(x, dtype=np.float32)"
+    return "convert it with np.asarray(x)"
+
+
+class ForeignArrayError(AvalonError, TypeError):
+    """A value of another array library where Avalon needs one of its own."""
+
+
 class Static:
     """A non-array leaf: compared by value when hashable, else by identity."""
     __slots__ = ("value", "_key")
@@ -80,10 +102,46 @@ class TreeDef:
         return f"TreeDef({self.kind}, {self.meta!r}, {list(self.children)!r})"
 
 
-def flatten(obj, is_leaf=None) -> tuple[list, TreeDef]:
+class _Foreign(Exception):
+    def __init__(self, value):
+        self.value = value
+
+
+def flatten(obj, is_leaf=None, name: str = "args") -> tuple[list, TreeDef]:
+    """The array leaves of `obj` and its TreeDef.  An array of another library
+    inside it raises ForeignArrayError naming where (`name` is obj's own name)."""
     leaves: list = []
-    treedef = _flatten(obj, leaves, is_leaf, set())
+    try:
+        treedef = _flatten(obj, leaves, is_leaf, set())
+    except _Foreign as e:
+        from .errors import at, user_location
+        t = type(e.value)
+        path = _path_to(obj, e.value, name) or "a value"
+        raise ForeignArrayError(f"{path} is a {t.__module__}.{t.__qualname__}, not an array of an installed "
+                                f"Avalon backend{at(user_location())}; {conversion_hint(e.value)}") from None
     return leaves, treedef
+
+
+def _path_to(obj, target, path, depth=0):
+    """The path of `target` inside obj, for error messages (not on a hot path)."""
+    if obj is target:
+        return path
+    if depth > 32 or isinstance(obj, _OPAQUE) or isinstance(obj, np.generic):
+        return None
+    if isinstance(obj, dict):
+        children = ((f"{path}[{k!r}]", v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        children = ((f"{path}[{k}]", v) for k, v in enumerate(obj))
+    else:
+        try:
+            children = ((f"{path}.{f}", getattr(obj, f)) for f in _object_fields(obj))
+        except Exception:
+            return None
+    for child_path, child in children:
+        found = _path_to(child, target, child_path, depth + 1)
+        if found:
+            return found
+    return None
 
 
 def _object_fields(obj):
@@ -106,6 +164,8 @@ def _flatten(obj, leaves, is_leaf, active):
     t = type(obj)
     if isinstance(obj, _OPAQUE) or isinstance(obj, np.generic):
         return Static(obj)
+    if looks_like_foreign_array(obj):
+        raise _Foreign(obj)
     oid = id(obj)
     if oid in active:
         raise AvalonError(f"cannot walk a {t.__name__} that contains itself (a reference cycle); "

@@ -61,7 +61,9 @@ CUDA_EXPR = {
     "minimum": "(({0} < {1} || {0} != {0}) ? {0} : {1})",
     "relu": "(({0} > ({T})0 || {0} != {0}) ? {0} : ({T})0)",
     # typed constants keep float32 math in float (a bare 0.5 is a double)
-    "sigmoid": "(({T})0.5 * tanh(({T})0.5 * {0}) + ({T})0.5)",
+    # 1 / (1 + exp(-x)): exact in the far negative tail, as the CPU kernel
+    # (0.5 tanh(x / 2) + 0.5 rounds to 0 there)
+    "sigmoid": "(({T})1 / (({T})1 + exp(-{0})))",
     # NumPy's sign keeps NaN and gives +0 for -0
     "sign": "({0} > ({T})0 ? ({T})1 : ({0} < ({T})0 ? ({T})-1 : ({0} == ({T})0 ? ({T})0 : {0})))",
 }

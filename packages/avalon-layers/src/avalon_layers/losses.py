@@ -139,16 +139,15 @@ def _class_shapes(name, input, target):
                             if np.dtype(target.dtype).kind == "f" else ""))
 
 
-def _check_labels(name, target, num_classes, ignore_index):
-    """Concrete labels are range-checked as PyTorch does (a traced one cannot be)."""
-    if not _is_concrete(target):
-        return
-    from avalon.backends import backend_of
-    host = backend_of(target).to_host(target)
-    bad = host[(host != ignore_index) & ((host < 0) | (host >= num_classes))]
-    if bad.size:
-        raise IndexError(f"{name}: target {int(bad.flat[0])} is out of bounds for {num_classes} classes "
-                         f"(valid: 0..{num_classes - 1}, or ignore_index={ignore_index})")
+def _class_target(name, input, target, ignore_index):
+    """The class-index target, its shape checked against the input's and its
+    labels range-checked as PyTorch does, eagerly or when the compiled step runs
+    (the check is a kernel of the graph): an out-of-range label raises
+    avalon.LabelError (an IndexError) naming the loss, the label, its position
+    and the caller's line."""
+    target = _as_array(target)
+    _class_shapes(name, input, target)
+    return avalon.check_labels(target, _shape(input)[_class_axis(input)], ignore_index, name=name)
 
 
 def _class_weight(name, weight, input):
@@ -179,11 +178,8 @@ def _nll_terms(logp, target, weight, ignore_index):
     return -picked * w, w
 
 
-def _nll(name, logp, target, weight, ignore_index, reduction):
-    target = _as_array(target)
-    _class_shapes(name, logp, target)
-    weight = _class_weight(name, weight, logp)
-    _check_labels(name, target, _shape(logp)[0 if len(_shape(logp)) == 1 else 1], ignore_index)
+def _nll(logp, target, weight, ignore_index, reduction):
+    """nll_loss of a checked target (_class_target) with checked weights."""
     logp, target, single = _batched(logp, target)
     loss, w = _nll_terms(logp, target, weight, ignore_index)
     if reduction == "none":
@@ -202,7 +198,9 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
     reduction = _legacy_reduction(size_average, reduce, reduction)
     _check_reduction("nll_loss", reduction)
     _check_float("nll_loss", "input", input)
-    return _nll("nll_loss", input, target, weight, ignore_index, reduction)
+    target = _class_target("nll_loss", input, target, ignore_index)
+    weight = _class_weight("nll_loss", weight, input)
+    return _nll(input, target, weight, ignore_index, reduction)
 
 
 def _class_axis(input):
@@ -266,9 +264,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     weight = _class_weight("cross_entropy", weight, input)
     if np.dtype(target.dtype).kind == "f" and _shape(target) == _shape(input):
         return _cross_entropy_probs("cross_entropy", input, target, weight, reduction, label_smoothing)
-    _class_shapes("cross_entropy", input, target)
+    target = _class_target("cross_entropy", input, target, ignore_index)
     logp = avalon.log_softmax(input, axis=_class_axis(input))
-    nll = _nll("cross_entropy", logp, target, weight, ignore_index, reduction)
+    nll = _nll(logp, target, weight, ignore_index, reduction)
     if label_smoothing == 0:
         return nll
     c = _shape(input)[_class_axis(input)]
@@ -327,13 +325,6 @@ def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mea
 
 # -- binary classification -------------------------------------------------------------
 
-def _clamped_log(x):
-    """log(x) clamped to >= -100 as PyTorch's BCE does; the inner where keeps
-    the gradient finite (not 0/0) where x is exactly 0."""
-    pos = x > 0
-    return avalon.maximum(avalon.where(pos, avalon.log(avalon.where(pos, x, 1.0)), -100.0), -100.0)
-
-
 def _check_probabilities(name, x):
     if not _is_concrete(x):
         return
@@ -348,7 +339,8 @@ def _check_probabilities(name, x):
 @export("functional", "Losses", level="stable")
 def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None, reduction="mean"):
     """-w (t log(x) + (1 - t) log(1 - x)) for probabilities x in [0, 1]; both
-    logs are clamped to >= -100 so that x = 0 or 1 gives a finite loss."""
+    logs are clamped to >= -100 so that x = 0 or 1 gives a finite loss, and the
+    gradient there is PyTorch's, (x - t) / max(x (1 - x), 1e-12)."""
     reduction = _legacy_reduction(size_average, reduce, reduction)
     name = "binary_cross_entropy"
     _check_reduction(name, reduction)
@@ -356,7 +348,7 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     target = _float_like(name, "target", target, input)
     _same_shape(name, input, target)
     _check_probabilities(name, input)
-    loss = -(target * _clamped_log(input) + (1.0 - target) * _clamped_log(1.0 - input))
+    loss = avalon.binary_cross_entropy(input, target)
     if weight is not None:
         loss = loss * _broadcast_weight(name, weight, input)
     return _reduce(loss, reduction)
@@ -377,8 +369,8 @@ def _broadcast_weight(name, weight, input, what="weight"):
 @export("functional", "Losses", level="stable")
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
                                      reduction="mean", pos_weight=None):
-    """binary_cross_entropy(sigmoid(input), target) computed stably from logits:
-    (1 - t) x - (1 + (pos_weight - 1) t) log_sigmoid(x).  pos_weight weighs the
+    """binary_cross_entropy(sigmoid(input), target) computed stably from logits,
+    exact in both tails (value and gradient).  pos_weight weighs the
     positive class and broadcasts along the last (class) dimension."""
     reduction = _legacy_reduction(size_average, reduce, reduction)
     name = "binary_cross_entropy_with_logits"
@@ -386,15 +378,25 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     _check_float(name, "input", input)
     target = _float_like(name, "target", target, input)
     _same_shape(name, input, target)
-    log_sig = avalon.log_sigmoid(input)
     if pos_weight is not None:
         pos_weight = _broadcast_weight(name, pos_weight, input, "pos_weight")
-        loss = (1.0 - target) * input - ((pos_weight - 1.0) * target + 1.0) * log_sig
-    else:
-        loss = (1.0 - target) * input - log_sig
+    loss = _bce_with_logits_terms(input, target, pos_weight)
     if weight is not None:
         loss = loss * _broadcast_weight(name, weight, input)
     return _reduce(loss, reduction)
+
+
+def _bce_with_logits_terms(x, t, pos_weight):
+    """-(pw t log sigmoid(x) + (1 - t) log(1 - sigmoid(x))), written as
+    (1 - t) max(x, 0) + pw t max(-x, 0) + (1 - t + pw t) log1p(exp(-|x|)).
+    Every term stays exact in both tails, value and gradient: the gradient
+    (1 - t) sigmoid(x) - pw t sigmoid(-x) does not cancel, where PyTorch's
+    form (1 - t) x - log_sigmoid(x) gives 1 - (1 - 2e-9) = 0 at x = -20, t = 0."""
+    positive = t if pos_weight is None else pos_weight * t
+    # maximum splits its tie at 0, which gives the true gradient 1/2 - t there
+    hinge = (1.0 - t) * avalon.maximum(x, 0.0) + positive * avalon.maximum(-x, 0.0)
+    tail = avalon.log1p(avalon.exp(-avalon.abs(x)))
+    return hinge + (tail if pos_weight is None else ((1.0 - t) + positive) * tail)
 
 
 # -- distributions -------------------------------------------------------------------------

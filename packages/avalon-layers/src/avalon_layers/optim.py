@@ -17,23 +17,52 @@ into its parameter or state array with avalon.assign.  Values that change from
 step to step (the learning rate a scheduler sets, Adam's bias corrections) are
 passed as 0-d arrays, so they never retrace; fixed hyperparameters (betas,
 momentum, ...) are static arguments, so changing one retraces once.
+
+Hyperparameters are checked where they are set (the constructor,
+load_state_dict) with PyTorch's rules and wording ("Invalid epsilon value:
+-1.0"), and a failed check changes nothing.
 """
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import math
+import numbers
+from collections.abc import Iterable
 
 import numpy as np
 
 import avalon
 from avalon import tree
 from avalon.backends import backend_of
-from avalon.errors import AvalonError, DtypeError, ShapeError
+from avalon.errors import AvalonError, DtypeError, ShapeError, at, user_location
 
 from .module import Module
 from .registry import export
 
 _MISSING = object()
+
+
+class OptimizerError(AvalonError, ValueError):
+    """An optimizer or scheduler argument out of range (a negative learning
+    rate, betas outside [0, 1), ...), a schedule that would make the learning
+    rate negative, or an optimizer state that does not fit."""
+
+
+# How each hyperparameter is checked: PyTorch's name for it in messages, and the rule.
+_RULES = {
+    "lr": ("lr (learning rate)", "non-negative"),
+    "initial_lr": ("initial_lr (learning rate)", "non-negative"),
+    "eps": ("epsilon value", "non-negative"),
+    "weight_decay": ("weight_decay value", "non-negative"),
+    "momentum": ("momentum value", "non-negative"),
+    "alpha": ("alpha value", "non-negative"),
+    "lr_decay": ("lr_decay value", "non-negative"),
+    "initial_accumulator_value": ("initial_accumulator_value value", "non-negative"),
+    "dampening": ("dampening value", "finite"),
+    "betas": ("betas", "betas"),
+}
 
 
 class _Entry:
@@ -54,8 +83,13 @@ class Optimizer:
     hyperparameters: tuple = ("lr",)
     state_names: tuple = ()
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _refusing_parameters(cls.__dict__["__init__"])
+
     def __init__(self, lr):
-        _check_nonneg("lr", lr)
+        self._validate({"lr": lr})
         self.lr = float(lr)
         self.state: dict = {}  # path -> {"step": int, name: array}
         self._plans: dict = {}
@@ -69,6 +103,7 @@ class Optimizer:
         avalon.grad returns it).  Paths in `ignore` are not updated."""
         entries = self._collect(model, grads, frozenset(ignore))
         if not entries:
+            self._check_has_parameters(model)
             return
         hp = self._static()
         if hp != self._complete_for:
@@ -96,22 +131,90 @@ class Optimizer:
         return {"optimizer": type(self).__name__, "hyperparameters": hp, "state": state}
 
     def load_state_dict(self, state_dict) -> None:
-        """Restore what state_dict() returned; arrays move to the parameters'
-        device at the next step."""
+        """Restore what state_dict() returned (or avalon.load read back); arrays
+        move to the parameters' device at the next step.  Everything is checked
+        before anything is set: a bad state leaves the optimizer as it was."""
+        name = type(self).__name__
         kind = state_dict.get("optimizer")
-        if kind is not None and kind != type(self).__name__:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: the state was saved by {kind}")
+        if kind is not None and kind != name:
+            raise OptimizerError(f"{name}.load_state_dict: the state was saved by {kind}{at(user_location())}; "
+                                 f"load it into a {kind}")
+        loaded = {}
         for k, v in state_dict.get("hyperparameters", {}).items():
             if k not in self.hyperparameters and k != "initial_lr":
-                raise ValueError(f"{type(self).__name__}.load_state_dict: unknown hyperparameter {k!r}")
-            setattr(self, k, tuple(v) if isinstance(v, list) else v)
+                raise OptimizerError(f"{name}.load_state_dict: unknown hyperparameter {k!r}{at(user_location())}; "
+                                     f"{name} has {', '.join(self.hyperparameters)}")
+            loaded[k] = tuple(v) if isinstance(v, list) else v
+        self._validate({**{k: getattr(self, k) for k in self.hyperparameters}, **loaded})
+        state = {path: {k: (np.array(v) if tree.is_array(v) else copy.deepcopy(v)) for k, v in st.items()}
+                 for path, st in state_dict.get("state", {}).items()}
+        for k, v in loaded.items():
+            setattr(self, k, v)
         self._complete = set()
-        self.state = {path: {k: (np.array(v) if tree.is_array(v) else copy.deepcopy(v)) for k, v in st.items()}
-                      for path, st in state_dict.get("state", {}).items()}
+        self.state = state
 
     def __repr__(self):
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.hyperparameters)
         return f"{type(self).__name__}({args})"
+
+    # -- checking hyperparameters -----------------------------------------------------------
+    def _validate(self, values: dict) -> None:
+        """Raise OptimizerError for the first invalid value of `values` (name -> value)."""
+        for name, value in values.items():
+            rule = _RULES.get(name)
+            if rule is not None:
+                self._check_value(name, value, *rule)
+        self._check_together(values)
+
+    def _check_together(self, values: dict) -> None:
+        """Rules that tie hyperparameters together (SGD's Nesterov momentum)."""
+
+    def _check_value(self, name, value, label, rule) -> None:
+        if name == "lr" and _looks_like_parameters(value):
+            raise self._parameters_given(value)
+        if rule == "betas":
+            self._check_betas(value)
+            return
+        x = _real_number(value)
+        if x is None:
+            raise self._invalid(name, label, value, f"it must be a number, not {type(value).__name__}")
+        if not math.isfinite(x) or (rule == "non-negative" and x < 0):
+            need = "a non-negative finite number" if rule == "non-negative" else "a finite number"
+            raise self._invalid(name, label, value, f"it must be {need}")
+
+    def _check_betas(self, betas) -> None:
+        try:
+            pair = len(betas) == 2
+        except TypeError:
+            pair = False
+        if not pair:
+            raise self._invalid("betas", "betas", betas, "betas must be a pair (beta1, beta2) of numbers in [0, 1)")
+        for i, b in enumerate(betas):
+            x = _real_number(b)
+            if x is None or not 0.0 <= x < 1.0:
+                raise self._invalid("betas", f"beta parameter at index {i}", b, "each beta must be in [0, 1)")
+
+    def _invalid(self, name, label, value, requirement) -> OptimizerError:
+        default = _default_of(type(self), name)
+        hint = "" if default is _MISSING else f"; the default is {name}={default!r}"
+        return _invalid_argument(type(self).__name__, label, value, requirement + hint)
+
+    def _parameters_given(self, value) -> OptimizerError:
+        name = type(self).__name__
+        empty = isinstance(value, (list, tuple, dict)) and not value
+        got = "an empty parameter list" if empty else f"parameters ({type(value).__name__})"
+        return OptimizerError(
+            f"{name} got {got} as its first argument, lr{at(user_location())}; {name} takes no parameters at "
+            f"construction (unlike torch.optim.{name}(model.parameters(), lr=...)): create it with "
+            f"{name}(lr=...) and pass the model and its gradients at each step: opt.step(model, grads)")
+
+    def _check_has_parameters(self, model) -> None:
+        leaves, _ = tree.flatten(model)
+        if not any(np.dtype(x.dtype).kind == "f" for x in leaves):
+            raise OptimizerError(
+                f"{type(self).__name__}.step got an empty parameter list: the model holds no floating-point "
+                f"arrays to update{at(user_location())}; pass the model being trained (what avalon.grad "
+                f"differentiated) and its gradients")
 
     # -- for subclasses -----------------------------------------------------------------
     def _init_state(self, p) -> dict:
@@ -247,15 +350,50 @@ def _zeros_like(p, value=0.0):
     return z
 
 
-def _check_nonneg(name, value):
-    if not value >= 0.0:
-        raise ValueError(f"Invalid {name} value: {value}")
+def _invalid_argument(owner: str, label: str, value, requirement: str) -> OptimizerError:
+    """The error for an invalid argument, in PyTorch's words ("Invalid epsilon
+    value: -1.0"), with the caller's line and what is required."""
+    return OptimizerError(f"{owner}: Invalid {label}: {value!r}{at(user_location())}; {requirement}")
 
 
-def _check_betas(betas):
-    for i, b in enumerate(betas):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+def _real_number(value):
+    """float(value) for a real number (Python or NumPy, or a 0-d numeric
+    array), else None: strings, booleans and sequences are not numbers here."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if getattr(value, "ndim", None) == 0 and getattr(getattr(value, "dtype", None), "kind", "") in ("i", "u", "f"):
+        return float(value)
+    return None
+
+
+def _looks_like_parameters(value) -> bool:
+    """What PyTorch's habit passes first: model.parameters(), a list of arrays, a model."""
+    if isinstance(value, (str, bytes)) or _real_number(value) is not None:
+        return False
+    return isinstance(value, (Iterable, Module))
+
+
+def _refusing_parameters(init):
+    """`init`, first refusing parameters given as its first argument.  PyTorch's
+    habit, Adam(model.parameters(), lr=1e-3), would otherwise fail in Python's
+    argument binding ("got multiple values for argument 'lr'"), before any check
+    could explain it.  functools.wraps keeps init's signature for inspect."""
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs):
+        if args and _looks_like_parameters(args[0]):
+            raise self._parameters_given(args[0])
+        init(self, *args, **kwargs)
+    return checked_init
+
+
+def _default_of(cls, name):
+    try:
+        param = inspect.signature(cls.__init__).parameters.get(name)
+    except (TypeError, ValueError):
+        return _MISSING
+    return _MISSING if param is None or param.default is param.empty else param.default
 
 
 # -- SGD -----------------------------------------------------------------------------------
@@ -270,13 +408,17 @@ class SGD(Optimizer):
     state_names = ("momentum_buffer",)
 
     def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
-        _check_nonneg("momentum", momentum)
-        _check_nonneg("weight_decay", weight_decay)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        self._validate({"lr": lr, "momentum": momentum, "dampening": dampening, "nesterov": nesterov,
+                        "weight_decay": weight_decay})
         super().__init__(lr)
         self.momentum, self.dampening = momentum, dampening
         self.nesterov, self.weight_decay = nesterov, weight_decay
+
+    def _check_together(self, values):
+        if values.get("nesterov") and (values["momentum"] <= 0 or values["dampening"] != 0):
+            raise OptimizerError(f"SGD: Nesterov momentum requires a momentum and zero dampening (got momentum="
+                                 f"{values['momentum']!r}, dampening={values['dampening']!r}){at(user_location())}; "
+                                 f"pass momentum > 0 and dampening=0, or nesterov=False")
 
     def _init_state(self, p):
         return {"momentum_buffer": _zeros_like(p)} if self.momentum != 0 else {}
@@ -309,9 +451,7 @@ class Adam(Optimizer):
     decoupled = False
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False):
-        _check_nonneg("epsilon", eps)
-        _check_nonneg("weight_decay", weight_decay)
-        _check_betas(betas)
+        self._validate({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         super().__init__(lr)
         self.betas, self.eps = tuple(float(b) for b in betas), eps
         self.weight_decay, self.amsgrad = weight_decay, amsgrad
@@ -369,10 +509,7 @@ class RMSprop(Optimizer):
     state_names = ("square_avg", "grad_avg", "momentum_buffer")
 
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False):
-        _check_nonneg("epsilon", eps)
-        _check_nonneg("momentum", momentum)
-        _check_nonneg("weight_decay", weight_decay)
-        _check_nonneg("alpha", alpha)
+        self._validate({"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay, "momentum": momentum})
         super().__init__(lr)
         self.alpha, self.eps, self.weight_decay = alpha, eps, weight_decay
         self.momentum, self.centered = momentum, centered
@@ -412,10 +549,8 @@ class Adagrad(Optimizer):
     state_names = ("sum",)
 
     def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10):
-        _check_nonneg("lr_decay", lr_decay)
-        _check_nonneg("weight_decay", weight_decay)
-        _check_nonneg("initial_accumulator_value", initial_accumulator_value)
-        _check_nonneg("epsilon", eps)
+        self._validate({"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay,
+                        "initial_accumulator_value": initial_accumulator_value, "eps": eps})
         super().__init__(lr)
         self.lr_decay, self.weight_decay = lr_decay, weight_decay
         self.initial_accumulator_value, self.eps = initial_accumulator_value, eps

@@ -131,8 +131,9 @@ def backend_of(x) -> Backend:
                     cls = c
                     break
         if cls is None:
-            raise DeviceError(f"{t.__name__} is not an array type of any installed backend "
-                              f"({', '.join(sorted(classes)) or 'none installed'}){at(user_location())}")
+            raise DeviceError(f"{t.__module__}.{t.__qualname__} is not an array type of any installed backend "
+                              f"({', '.join(sorted(classes)) or 'none installed'}){at(user_location())}; "
+                              f"{tree.conversion_hint(x)}")
         _type_cache[t] = cls
     return get_backend(Device(cls.name, cls.device_index(x)))
 

@@ -7,6 +7,24 @@ from ..errors import DtypeError, ShapeError
 from ..graph import type_str
 
 
+def checked_shape(opname, shape, allow_infer=False):
+    """`shape` as a tuple of Python ints; a negative, fractional or non-numeric
+    dimension raises (NumPy would truncate 2.5 to 2, or fail without saying where)."""
+    from ..errors import at, user_location
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, (bool, np.bool_)):
+        shape = (shape,)
+    dims = []
+    for k, d in enumerate(shape):
+        whole = isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_))
+        if not whole or (d < 0 and not (allow_infer and d == -1)):
+            what = f"{d!r} ({type(d).__name__})" if not whole else repr(d)
+            rule = "non-negative integers" + (" (or one -1, inferred)" if allow_infer else "")
+            raise ShapeError(f"{opname}: dimension {k} of shape {tuple(shape)!r} is {what}; dimensions are "
+                             f"{rule}{at(user_location())}")
+        dims.append(int(d))
+    return tuple(dims)
+
+
 def broadcast_shapes(opname, *shapes):
     try:
         return tuple(np.broadcast_shapes(*shapes))

@@ -103,16 +103,18 @@ tanh_p = defprim("tanh", shape=_float_rule("tanh"), ufunc="tanh", elementwise=Tr
 
 
 def _sigmoid_impl(xp, x, out=None):
-    # 0.5 * tanh(x / 2) + 0.5: no overflow for large |x|, and in place in `out`.
-    out = xp.multiply(x, 0.5, out=xp.empty(x.shape, x.dtype) if out is None else out)
-    xp.tanh(out, out=out)
-    out *= 0.5
-    out += 0.5
-    return out
+    # 1 / (1 + exp(-x)), torch's formula, in place in `out`.  Both tails keep their
+    # precision: sigmoid(-20) is 2.06e-9 in float32, where 0.5 tanh(x/2) + 0.5 rounds
+    # to 0.  For very negative x, exp(-x) overflows to inf and the result is 0.
+    out = xp.negative(x, out=xp.empty(x.shape, x.dtype) if out is None else out)
+    with np.errstate(over="ignore"):
+        xp.exp(out, out=out)
+    out += 1
+    return xp.reciprocal(out, out=out)
 
 
 sigmoid_p = defprim("sigmoid", shape=_float_rule("sigmoid"), elementwise=True, accepts_out=True, inplace=True,
-                    expr="(0.5 * tanh(0.5 * {0}) + 0.5)", impl=_sigmoid_impl,
+                    expr="(1 / (1 + exp(-{0})))", impl=_sigmoid_impl,
                     vjp=lambda g, out, x: (mul(g, mul(out, sub(1.0, out))),))
 
 

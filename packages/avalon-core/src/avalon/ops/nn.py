@@ -12,6 +12,8 @@ Primitives (one registration block each; attributes are static tuples/ints):
 * max_pool_grad(x, g)         the same attributes
 * avg_pool(x)                 kernel_size, stride, padding, count_include_pad
 * avg_pool_grad(g)            input_shape + avg_pool's attributes
+* check_labels(t)             num_classes, ignore_index, name, loc, traced_shape
+* binary_cross_entropy(x, t)  (elementwise)
 
 The convolution attribute ``padding`` holds one entry per spatial axis: an int
 (the same on both sides) or a (low, high) pair (padding="same" with an even
@@ -32,10 +34,12 @@ import operator
 
 import numpy as np
 
-from ..errors import DtypeError, MissingRuleError, ShapeError, at, user_location
+from ..errors import AvalonError, DtypeError, LabelError, MissingRuleError, ShapeError, at, user_location
 from ..kernels import conv as K
-from ..primitive import bind, defprim
-from .elementwise import add, mul
+from ..primitive import Tracer, bind, current_location, defprim
+from ._rules import elementwise_rule
+from .elementwise import _promote, add, div, gt, log, maximum, mul, sub, where
+from .reduce import sum_to
 from .shape import reshape
 
 __all__ = [
@@ -44,6 +48,7 @@ __all__ = [
     "max_pool1d", "max_pool2d", "max_pool3d", "maxpool2d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
     "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "check_labels", "LabelError", "binary_cross_entropy",
 ]
 
 _SPATIAL = {1: "(L)", 2: "(H, W)", 3: "(D, H, W)"}
@@ -380,6 +385,89 @@ avg_pool_grad_p = defprim("avg_pool_grad", shape=_avg_pool_grad_rule,
                           doc="Gradient of avg_pool w.r.t. its input.")
 
 
+# -- loss building blocks ------------------------------------------------------------------------------
+
+def _check_labels_rule(target, *, num_classes, ignore_index, name, loc, traced_shape):
+    if np.dtype(target.dtype).kind not in "iu":
+        raise DtypeError(f"{name}: class labels must be an integer array, got {np.dtype(target.dtype).name}")
+    return _t(target.shape), target.dtype
+
+
+def _check_labels_impl(xp, target, *, num_classes, ignore_index, name, loc, traced_shape):
+    # the common case costs two reductions and no temporaries
+    if target.size == 0 or (target.min() >= 0 and target.max() < num_classes):
+        return target
+    bad = (target < 0) | (target >= num_classes)
+    if ignore_index is not None:
+        bad &= target != ignore_index
+    if bad.any():
+        raise LabelError(_bad_label_message(xp, target, bad, num_classes, ignore_index, name, loc, traced_shape))
+    return target
+
+
+def _bad_label_message(xp, target, bad, num_classes, ignore_index, name, loc, traced_shape):
+    first = int(xp.argmax(bad.reshape(-1)))
+    value = int(target.reshape(-1)[first])
+    count = int(bad.sum())
+    valid = f"0..{num_classes - 1}" + ("" if ignore_index is None else f", or ignore_index={ignore_index}")
+    found = ""
+    if target.ndim:
+        found = f"; found at target[{', '.join(str(int(i)) for i in np.unravel_index(first, target.shape))}]"
+    if count > 1:
+        found += f" and {count - 1} more out-of-range label{'s' if count > 2 else ''}"
+    if tuple(target.shape) != tuple(traced_shape):
+        # a step split across the engine's threads checks each thread's share of the
+        # batch, and the kernel does not know which share it has
+        shares = math.prod(traced_shape) // max(target.size, 1)
+        found += (f" (the step ran split across {shares} threads: a position within one thread's share "
+                  "of the batch)")
+    return f"{name}: target {value} is out of bounds for {num_classes} classes (valid: {valid}){found}{at(loc)}"
+
+
+check_labels_p = defprim(
+    "check_labels", shape=_check_labels_rule, impl=_check_labels_impl, nondiff=True,
+    # elementwise: the batch split shards it with the labels and fusion may group it;
+    # view: it returns its input, so the memory plan gives it no buffer of its own
+    elementwise=True, view=True,
+    doc="The class labels themselves, checked when the kernel runs (eagerly or in compiled code): "
+        "a label outside [0, num_classes) that is not ignore_index raises LabelError naming the loss "
+        "(attribute name), the label, its position and the user's line (attribute loc).")
+
+
+def _bce_impl(xp, x, t):
+    # torch's formula: each log is clamped to >= -100, so x = 0 or 1 gives a finite loss
+    with np.errstate(divide="ignore"):
+        log_x = xp.maximum(xp.log(x), -100.0)
+        log_1mx = xp.maximum(xp.log1p(-x), -100.0)
+    return (t - 1) * log_1mx - t * log_x
+
+
+def _log_or_minus_inf(v):
+    """log(v), -inf at v = 0 without a divide-by-zero warning from the kernel."""
+    pos = gt(v, 0.0)
+    return where(pos, log(where(pos, v, 1.0)), -np.inf)
+
+
+_BCE_EPS = float(np.float32(1e-12))  # torch's EPSILON is a float constant, in float64 too
+
+
+def _bce_vjp(g, out, x, t):
+    # torch's backward.  The clamped forward is flat at x = 0 and 1, but torch's input
+    # gradient (x - t) / max(x (1 - x), 1e-12) is not: -1e12 at x = 0, t = 1.  The
+    # target's gradient is -logit(x) = log(1 - x) - log(x), unclamped (inf at x = 0).
+    gx = div(mul(g, sub(x, t)), maximum(mul(sub(1.0, x), x), _BCE_EPS))
+    gt_ = mul(g, sub(_log_or_minus_inf(sub(1.0, x)), _log_or_minus_inf(x)))
+    return sum_to(gx, x.shape), sum_to(gt_, t.shape)
+
+
+binary_cross_entropy_p = defprim(
+    "binary_cross_entropy", shape=elementwise_rule("binary_cross_entropy", float_only=True),
+    impl=_bce_impl, vjp=_bce_vjp, elementwise=True,
+    expr="(({1} - 1) * max(log1p(-{0}), ({T})-100) - {1} * max(log({0}), ({T})-100))",
+    doc="Elementwise binary cross entropy -(t log(x) + (1 - t) log(1 - x)) of probabilities x, each "
+        "log clamped to >= -100, with torch's gradient (finite at x = 0 and 1).")
+
+
 # -- public functions --------------------------------------------------------------------------------------
 
 def _fail(cls, msg):
@@ -706,3 +794,24 @@ def adaptive_max_pool2d(x, output_size, return_indices=False):
 def adaptive_max_pool3d(x, output_size, return_indices=False):
     """As torch.nn.functional.adaptive_max_pool3d, for input sizes divisible by output_size."""
     return _adaptive_max(3, x, output_size, return_indices)
+
+
+def check_labels(target, num_classes, ignore_index=None, *, name="check_labels"):
+    """`target` itself, its class labels checked when the kernel runs, eagerly or
+    inside compiled code (avalon.grad, avalon.jit, fit): a label outside
+    [0, num_classes) that is not `ignore_index` raises LabelError (an IndexError)
+    naming `name`, the label, its position and the calling line.  Use the
+    returned array: the check runs only where its result is used."""
+    if not isinstance(target, Tracer) and not hasattr(target, "shape"):
+        target = np.asarray(target)
+    attrs = dict(num_classes=int(num_classes), ignore_index=None if ignore_index is None else int(ignore_index),
+                 name=str(name), loc=current_location(), traced_shape=_t(target.shape))
+    return bind(check_labels_p, (target,), attrs)
+
+
+def binary_cross_entropy(input, target):  # noqa: A002 - torch's argument names
+    """Elementwise (unreduced) binary cross entropy of probabilities `input` in
+    [0, 1] against `target`, as torch.nn.functional.binary_cross_entropy with
+    reduction='none': each log is clamped to >= -100 and the gradient at 0 and 1
+    is torch's, (x - t) / max(x (1 - x), 1e-12)."""
+    return bind(binary_cross_entropy_p, _promote(input, target))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..primitive import Tracer, bind, bind_on, defprim
+from ._rules import checked_shape
 
 
 def _random_rule(*, shape, dtype, full_shape=None, shard_axis=None):
@@ -29,7 +30,7 @@ def _current_trace(like):
 
 def _random(prim, shape, dtype, like, device):
     from ..backends import backend_of, get_backend, device as to_dev
-    attrs = {"shape": tuple(int(s) for s in shape), "dtype": np.dtype(dtype)}
+    attrs = {"shape": checked_shape(prim.name, shape), "dtype": np.dtype(dtype)}
     graph = _current_trace(like)
     if graph is not None:
         from ..primitive import current_location

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..primitive import bind, defprim
 from ._rules import normalize_axes, reduced_shape
-from .elementwise import cast, div, eq, exp, log, mul, stop_gradient, sub, add
+from .elementwise import abs, add, cast, div, eq, exp, log, mul, stop_gradient, sub, where
 from .shape import broadcast_to, reshape
 
 
@@ -126,16 +126,27 @@ def var(x, axis=None, keepdims=False, correction=0):
     return div(sum(mul(d, d), axes, keepdims), float(n - correction))
 
 
+def _logsumexp_shift(x, axes):
+    """The max over `axes` that logsumexp subtracts before exp, replaced by 0
+    where it is infinite (as torch does): all -inf then gives log(0) = -inf,
+    not -inf - -inf = nan, and a +inf entry gives +inf."""
+    m = max(x, axes, keepdims=True)
+    return stop_gradient(where(eq(abs(m), np.inf), 0.0, m))
+
+
 def logsumexp(x, axis=None, keepdims=False):
     axes = normalize_axes("logsumexp", axis, len(x.shape))
-    m = stop_gradient(max(x, axes, keepdims=True))
-    s = log(sum(exp(sub(x, m)), axes, keepdims=True))
-    r = add(s, m)
+    m = _logsumexp_shift(x, axes)
+    r = add(log(sum(exp(sub(x, m)), axes, keepdims=True)), m)
     return r if keepdims else reshape(r, reduced_shape(x.shape, axes, False))
 
 
 def log_softmax(x, axis=-1):
-    return sub(x, logsumexp(x, axis, keepdims=True))
+    # (x - m) - log(sum(exp(x - m))), torch's order: x - logsumexp(x) would round
+    # m + log(sum) first and lose log 2 at logits of 1e7 in float32.  The shift is
+    # the plain max, as in torch: a +inf logit, or a slice of only -inf, gives nan.
+    shifted = sub(x, stop_gradient(max(x, axis, keepdims=True)))
+    return sub(shifted, log(sum(exp(shifted), axis, keepdims=True)))
 
 
 def softmax(x, axis=-1):

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..errors import ShapeError
 from ..primitive import bind, defprim
-from ._rules import normalize_axes
+from ._rules import checked_shape, normalize_axes
 
 
 def _reshape_rule(x, *, shape):
@@ -53,7 +53,7 @@ broadcast_to_p = defprim("broadcast_to", shape=_broadcast_rule, view=True,
 # -- public functions ---------------------------------------------------------------
 
 def _resolve_shape(size, shape, opname="reshape"):
-    shape = list(shape)
+    shape = list(checked_shape(opname, shape, allow_infer=True))
     if shape.count(-1) > 1:
         raise ShapeError(f"{opname}: only one dimension can be -1, got {tuple(shape)}")
     if -1 in shape:
@@ -151,7 +151,7 @@ full_p = defprim("full", shape=lambda *, shape, dtype, value: (tuple(shape), np.
 def full(shape, value, dtype=np.float32, *, like=None):
     """An array filled with `value` (inside a trace, pass like=<traced array>)."""
     from ..primitive import Tracer, active_graph, bind_on, current_location
-    attrs = {"shape": tuple(int(s) for s in shape), "dtype": np.dtype(dtype), "value": value}
+    attrs = {"shape": checked_shape("full", shape), "dtype": np.dtype(dtype), "value": value}
     graph = like.graph if isinstance(like, Tracer) else (active_graph() if like is None else None)
     if graph is not None:
         return Tracer(graph, graph.add_node("full", (), attrs, attrs["shape"], attrs["dtype"], current_location()))

@@ -8,6 +8,12 @@
       AVALON_TEST_DEVICE=cuda python3 -m pytest --pyargs avalon.testing.conformance
 
   or, without pytest: `avalon.testing.conformance.run_conformance("cuda")`.
+  A device the suite cannot test is reported once: an unknown name is one error,
+  an installed backend that is not usable here skips every test with its reason.
+* `avalon.testing.random_programs`: seeded random programs (small DAGs of ops
+  over random shapes) as Avalon and PyTorch source, and `check_against_torch`,
+  which compares avalon.grad and avalon.jit with torch.autograd.
 """
 from .cases import (CASES, CHECKS, DOMAINS, FLOAT, Arg, Bug, OpCase, as_list, case_by_id,  # noqa: F401
                     cases_for, index_domain, make_inputs, resolve_dtype)
+from .random_programs import RandomProgram, check_against_torch, random_program  # noqa: F401

@@ -568,6 +568,20 @@ _add("softmax", lambda x: avalon.softmax(x), [_F((3, 5), "large")], lambda t, x:
 _add("log_softmax", lambda x: avalon.log_softmax(x), [_F((3, 5), "large")],
      lambda t, x: t.log_softmax(x, dim=-1), "large_values")
 
+def _probability(rng, shape, dtype):
+    return rng.uniform(0.05, 0.95, shape)
+
+
+def _unit(rng, shape, dtype):
+    return rng.uniform(0.0, 1.0, shape)
+
+
+_add("binary_cross_entropy", lambda x, t: avalon.binary_cross_entropy(x, t),
+     [_F((3, 4), _probability), _F((3, 4), _unit)],
+     lambda t, x, y: t.nn.functional.binary_cross_entropy(x, y, reduction="none"))
+_add("check_labels", lambda y: avalon.check_labels(y, 5, ignore_index=-100), [_I((3, 4), index_domain(5))],
+     lambda t, y: y)
+
 _add("sum_to", lambda x: avalon.sum_to(x, (3, 1)), [_F(_X3)],
      lambda t, x: x.sum(0).sum(-1, keepdim=True), "lead_and_inner")
 _add("sum_to", lambda x: avalon.sum_to(x, (1, 4)), [_F((3, 4))], lambda t, x: x.sum(0, keepdim=True), "keep")

@@ -10,14 +10,20 @@ For each case and float dtype it checks
 * grad: `avalon.grad` on the device gives the CPU value and gradients.
 
 Run it with pytest (the device comes from the fixture `avalon_device`: the
-environment variable AVALON_TEST_DEVICE, else "cpu"; a backend's conftest.py
-may override the fixture; AVALON_TEST_DTYPES lists the float dtypes, default
+environment variable AVALON_TEST_DEVICE, else "cpu"; a backend's test module
+that does `from avalon.testing.conformance import *` may override the fixture
+after the import; AVALON_TEST_DTYPES lists the float dtypes, default
 "float32,float64"):
 
     AVALON_TEST_DEVICE=cuda python3 -m pytest --pyargs avalon.testing.conformance
 
 or without pytest: `failures = run_conformance("cuda")`.  A case's known bugs
 (`OpCase.bugs`) turn its failures into expected failures.
+
+A device the suite cannot test is reported once, not once per case: an
+unknown device name (no installed backend provides it, or it is malformed) is
+one error; a device whose backend is installed but not usable here (no GPU, no
+driver) skips every test with the backend's reason (`require_device`).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import numpy as np
 
 import avalon
 from avalon.backends import backend_of
+from avalon.errors import DeviceError
 
 from .cases import CASES, FLOAT, OpCase, as_list
 
@@ -37,8 +44,9 @@ try:
 except ImportError:  # run_conformance() needs no pytest
     pytest = None
 
-__all__ = ["TOLERANCES", "FLOAT_DTYPES", "run_conformance", "check_eager", "check_jit", "check_grad",
-           "conformance_params", "assert_close", "to_host", "make_loss", "cotangents", "declared_types"]
+__all__ = ["TOLERANCES", "FLOAT_DTYPES", "DeviceUnavailable", "require_device", "run_conformance", "check_eager",
+           "check_jit", "check_grad", "conformance_params", "assert_close", "to_host", "make_loss", "cotangents",
+           "declared_types"]
 if pytest is not None:
     __all__ += ["avalon_device", "test_eager", "test_jit", "test_grad"]
 
@@ -51,6 +59,30 @@ FLOAT_DTYPES = tuple(d.strip() for d in os.environ.get("AVALON_TEST_DTYPES", "fl
 
 class ConformanceFailure(AssertionError):
     pass
+
+
+class DeviceUnavailable(DeviceError):
+    """The device's backend is installed but cannot run here (no GPU, no driver,
+    ...); the message carries the backend's own reason."""
+
+
+# -- the device under test ------------------------------------------------------------------
+
+def _kind(device) -> str:
+    if isinstance(device, avalon.Device):
+        return device.kind
+    return str(device).partition(":")[0].strip().lower()
+
+
+def require_device(device) -> "avalon.Device":
+    """The device to test, if it can be tested here.  Raises DeviceUnavailable
+    when an installed backend provides it but is not usable (its availability
+    reason in the message), DeviceError when no installed backend provides it
+    or the name is malformed."""
+    status = {b.name: b for b in avalon.backends()}.get(_kind(device))
+    if status is not None and not status.available:
+        raise DeviceUnavailable(f"device {str(device)!r} is not available: {status.reason}")
+    return avalon.device(device)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -219,7 +251,8 @@ def conformance_params(dtypes=None, cases=None):
 def run_conformance(device, dtypes=None, cases=None, checks=("eager", "jit", "grad")) -> list[str]:
     """Run the conformance checks without pytest.  Returns one line per failure
     (empty when the backend conforms); failures of a case's known bugs are not
-    reported."""
+    reported.  A device that cannot be tested raises once (see require_device)."""
+    require_device(device)
     failures = []
     for case, dtype in conformance_params(dtypes, cases):
         for name in checks:
@@ -236,7 +269,45 @@ def run_conformance(device, dtypes=None, cases=None, checks=("eager", "jit", "gr
 
 # -- pytest ---------------------------------------------------------------------------------------
 
+# Devices found unknown in this session: the first test that meets one fails with
+# the reason, the rest are skipped, so a wrong name is one failure, not thousands.
+_reported_unknown_devices: set[str] = set()
+
+
+def _device_from_env() -> str:
+    return os.environ.get("AVALON_TEST_DEVICE", "cpu")
+
+
+def _device_problem(device) -> tuple[bool, str] | None:
+    """None when `device` can be tested; else (unusable, why).  Computed outside
+    any `except` block so that pytest reports the message alone, without the
+    DeviceError's chained traceback."""
+    try:
+        require_device(device)
+    except DeviceUnavailable as e:
+        return True, str(e)
+    except DeviceError as e:
+        return False, f"the conformance suite cannot test device {str(device)!r}: {e}"
+    return None
+
+
+def _require_device_in_test(device):
+    """Skip (unusable device) or fail once (unknown device) before a check runs;
+    otherwise a known bug's xfail would also swallow the device error."""
+    problem = _device_problem(device)
+    if problem is None:
+        return
+    unusable, why = problem
+    if unusable:
+        pytest.skip(why)
+    if str(device) in _reported_unknown_devices:
+        pytest.skip(f"not run (reported once, by the first test that met it): {why}")
+    _reported_unknown_devices.add(str(device))
+    pytest.fail(why, pytrace=False)
+
+
 def _run_check(name, case, device, dtype):
+    _require_device_in_test(device)
     fn, kind = CHECKERS[name]
     bug = case.bug(kind, dtype)
     if bug is None:
@@ -251,6 +322,18 @@ def _run_check(name, case, device, dtype):
         pytest.skip(f"{case.id} is not differentiable")
 
 
+def pytest_generate_tests(metafunc):
+    """Collected directly (`pytest --pyargs avalon.testing.conformance`), the
+    module's own avalon_device fixture reads AVALON_TEST_DEVICE, so an unknown
+    device is known before any test runs: it is a single collection error.  (An
+    unusable device is not an error: its tests run and skip with the reason.)
+    Not in __all__: a module that imports the suite and overrides avalon_device
+    is checked test by test instead (_require_device_in_test)."""
+    problem = _device_problem(_device_from_env())
+    if problem is not None and not problem[0]:
+        pytest.fail(f"{problem[1]} (the device comes from AVALON_TEST_DEVICE)", pytrace=False)
+
+
 if pytest is not None:
     _PARAMS = [pytest.param(c, d, id=f"{c.id}-{d}") for c, d in conformance_params()]
     _GRAD_PARAMS = [p for p in _PARAMS if p.values[0].differentiable]
@@ -258,8 +341,8 @@ if pytest is not None:
     @pytest.fixture
     def avalon_device():
         """The device under test: AVALON_TEST_DEVICE, else "cpu".  Override this
-        fixture in a conftest.py to test another device."""
-        return os.environ.get("AVALON_TEST_DEVICE", "cpu")
+        fixture in the test module that imports the suite to test another device."""
+        return _device_from_env()
 
     @pytest.mark.parametrize("case,dtype", _PARAMS)
     def test_eager(case, dtype, avalon_device):

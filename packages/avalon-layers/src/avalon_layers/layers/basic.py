@@ -134,6 +134,8 @@ class Linear(Module):
 class Identity(Module):
     """Returns its input; accepts and ignores any constructor arguments, as in PyTorch."""
 
+    _array_arguments = ()  # returns anything it is given, as torch.nn.Identity does
+
     def __init__(self, *args, **kwargs):
         super().__init__()
 
@@ -320,6 +322,8 @@ class _Container(Module):
 class Sequential(_Container):
     """Calls its layers in order.  Sequential(l1, l2, ...) names them "0", "1", ...;
     Sequential(OrderedDict([("conv", ...), ...])) uses the given names."""
+
+    _array_arguments = ()  # its first layer checks the input: whatever that layer takes, Sequential takes
 
     def __init__(self, *args):
         super().__init__()
