@@ -48,6 +48,24 @@ def test_json_holds_machine_and_versions(run):
     assert info["data"]["kind"] == "synthetic" and "synthetic" in info["data"]["description"]
     assert info["threads"]["torch"] == info["machine"]["cores"]
     assert set(info["benchmarks"]) == {"cnn", "vae"}
+    assert set(info["steps"]) == {"resnet", "lstm"}
+
+
+@pytest.mark.parametrize("name", ["resnet", "lstm"])
+def test_step_rows_compare_models_the_benchmarks_never_saw(run, name):
+    """The zoo's ResNet and LSTM classifier: one training step each side, same
+    weights and batches, so the losses agree step by step; the ratio is the
+    median step time of Avalon over PyTorch eager's."""
+    out, info, _ = run
+    row = info["steps"][name]
+    a, t = row["frameworks"]["avalon"], row["frameworks"]["torch_eager"]
+    assert a["step_s"] > 0 and t["step_s"] > 0 and a["steps_timed"] == t["steps_timed"] > 0
+    assert row["ratio"] == pytest.approx(a["step_s"] / t["step_s"])
+    assert row["met"] == (row["ratio"] <= row["goal"]) and row["goal"] == 1.0
+    assert len(a["losses"]) == len(t["losses"]) and row["losses_agree"], row["max_relative_loss_difference"]
+    table = (out / "results.md").read_text(encoding="utf-8")
+    assert "## Training steps of models the benchmarks never saw" in table
+    assert row["workload"]["title"] in table
 
 
 @pytest.mark.parametrize("name", ["cnn", "vae"])

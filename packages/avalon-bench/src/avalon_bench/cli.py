@@ -18,20 +18,22 @@ from .frameworks import AvalonTrainer, TorchTrainer
 from .machine import load_average, machine, uptime, versions
 from .measure import latencies, train_interleaved
 from .remote import TunedAllocatorTrainer, peak_memory
+from .steps import run_step_workload, selected_steps
 from .worker import cpu_cores, set_torch_threads
 from .workloads import GPU_EPOCH_GOAL, selected
 
 # What a full run and a quick (smoke) run do.
 FULL = {"epochs": 3, "max_batches": None, "test_examples": None, "latency_repeats": (50, 200),
-        "memory_steps": 20}
+        "memory_steps": 20, "step_warmup": 5, "steps": 40}
 QUICK = {"epochs": 2, "max_batches": 8, "test_examples": 1000, "latency_repeats": (10, 20),
-         "memory_steps": 3}
+         "memory_steps": 3, "step_warmup": 2, "steps": 4}
 PROFILE_LINES = 10
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m avalon_bench", description=__doc__)
-    p.add_argument("--which", choices=("all", "cnn", "vae"), default="all", help="which benchmark (default: all)")
+    p.add_argument("--which", choices=("all", "cnn", "vae", "resnet", "lstm"), default="all",
+                   help="which benchmark (default: all); resnet and lstm time training steps only")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"training epochs (default: {FULL['epochs']}; {QUICK['epochs']} with --quick)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -196,13 +198,17 @@ def main(argv=None) -> int:
     progress(f"avalon_bench: {data.description}; results go to {out}")
     t0 = time.perf_counter()
     info["benchmarks"] = {wl.name: run_workload(wl, data, args, cfg) for wl in selected(args.which)}
+    info["steps"] = {wl.name: run_step_workload(wl, data, cfg["steps"], cfg["step_warmup"], args.device, progress)
+                     for wl in selected_steps(args.which)}
     info["wall_s"] = time.perf_counter() - t0
     info["load"].update(uptime_after=uptime(), loadavg_after=load_average())
 
     text = report.markdown(info)
     (out / "results.md").write_text(text, encoding="utf-8")
     report.write_json(info, out / "results.json")
-    report.write_chart(info, out / "results.png")
+    written = [out / "results.md", out / "results.json"]
+    if report.write_chart(info, out / "results.png"):
+        written.append(out / "results.png")
     progress("\n" + text)
-    progress(f"avalon_bench: wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}")
+    progress(f"avalon_bench: wrote {', '.join(map(str, written))}")
     return 0

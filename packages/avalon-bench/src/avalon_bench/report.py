@@ -259,6 +259,9 @@ def markdown(info: dict) -> str:
     parts = [header_markdown(info)]
     for name, result in info["benchmarks"].items():
         parts.append(workload_markdown(result, info["config"]["device"]))
+    if info.get("steps"):
+        from .steps import markdown as steps_markdown
+        parts.append(steps_markdown(info["steps"]))
     return "\n\n".join(parts) + "\n"
 
 
@@ -319,12 +322,16 @@ def _smooth(values, width):
     return out
 
 
-def write_chart(info: dict, path) -> None:
+def write_chart(info: dict, path) -> bool:
+    """The epoch-time and loss-curve chart of the epoch benchmarks; False when
+    there are none (the step rows have their table only)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(info["benchmarks"])
+    if not names:
+        return False
     fig, axes = plt.subplots(len(names), 2, figsize=(12, 4.2 * len(names)), squeeze=False)
     for row, name in zip(axes, names):
         result = info["benchmarks"][name]
@@ -357,3 +364,4 @@ def write_chart(info: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

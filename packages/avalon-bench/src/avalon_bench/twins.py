@@ -4,6 +4,8 @@ parameter names (so state dicts move between the two), same losses.
     TorchBenchCNN   <-> avalon_zoo.models.cnn.BenchCNN
     TorchVAE        <-> avalon_zoo.models.vae.VAE
     torch_vae_loss  <-> avalon_zoo.models.vae.vae_loss (reduction="mean")
+    TorchResNet     <-> avalon_zoo.models.resnet.ResNet
+    TorchSequenceClassifier <-> avalon_zoo.models.rnn.SequenceClassifier
 """
 from __future__ import annotations
 
@@ -72,3 +74,67 @@ def torch_vae_loss(model, x):
     bce = F.binary_cross_entropy_with_logits(logits, target)
     kl = -0.5 * torch.mean(1.0 + logvar - mu * mu - torch.exp(logvar))
     return bce + kl
+
+
+class TorchBasicBlock(tnn.Module):
+    """Two 3x3 convolutions with BatchNorm and a residual connection (1x1 strided
+    conv + BN on the skip path where the shape changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = tnn.BatchNorm2d(out_channels)
+        self.conv2 = tnn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = tnn.BatchNorm2d(out_channels)
+        self.shortcut = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = tnn.Sequential(tnn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                           tnn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class TorchResNet(tnn.Module):
+    """stem conv 3x3 + BN + relu, stages of BasicBlocks (stride 2 from the second),
+    global average pool, linear: logits."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, channels=(16, 32, 64), blocks=(2, 2, 2)):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False)
+        self.bn1 = tnn.BatchNorm2d(channels[0])
+        layers, width = [], channels[0]
+        for stage, (out, count) in enumerate(zip(channels, blocks)):
+            for i in range(count):
+                layers.append(TorchBasicBlock(width, out, stride=2 if stage > 0 and i == 0 else 1))
+                width = out
+        self.layers = tnn.Sequential(*layers)
+        self.fc = tnn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class TorchSequenceClassifier(tnn.Module):
+    """An LSTM (or GRU) reading a 28x28 image row by row, batch_first; logits from
+    the last layer's final hidden state."""
+
+    def __init__(self, kind: str = "lstm", hidden: int = 128, num_layers: int = 1, input_size: int = 28,
+                 seq_len: int = 28, num_classes: int = 10):
+        super().__init__()
+        self.kind, self.input_size, self.seq_len = kind, input_size, seq_len
+        rnn = tnn.LSTM if kind == "lstm" else tnn.GRU
+        self.rnn = rnn(input_size, hidden, num_layers=num_layers, batch_first=True)
+        self.fc = tnn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        _, state = self.rnn(x.reshape(x.shape[0], self.seq_len, self.input_size))
+        h_n = state[0] if self.kind == "lstm" else state
+        return self.fc(h_n[-1])
+
+
+def torch_cross_entropy_loss(model, x, y):
+    return F.cross_entropy(model(x), y)

@@ -119,4 +119,6 @@ GPU_EPOCH_GOAL = 0.5
 
 
 def selected(which: str) -> list[Workload]:
-    return list(WORKLOADS.values()) if which == "all" else [WORKLOADS[which]]
+    if which == "all":
+        return list(WORKLOADS.values())
+    return [WORKLOADS[which]] if which in WORKLOADS else []

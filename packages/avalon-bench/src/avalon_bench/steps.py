@@ -1,0 +1,166 @@
+"""Training steps of models the CNN and VAE benchmarks never saw: the zoo's
+ResNet and LSTM classifier against their PyTorch twins, from the same weights
+on the same batches.  The code generator's rules must hold for any model, so
+these rows carry the same kind of goal as the benchmarks (a ratio of step
+times), without tuning for them.
+
+Each step of the two frameworks runs interleaved (their order alternating),
+the first steps are warm-up (Avalon compiles there), and the figure is the
+median of the timed steps: time per training step, gradient and optimizer
+update together.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from avalon_zoo.datasets import Batches
+
+from .data import BenchData
+from .workloads import BATCH_SEED, WEIGHT_SEED
+
+
+@dataclass(frozen=True)
+class StepWorkload:
+    """A model trained by steps: the interface AvalonTrainer and TorchTrainer use."""
+    name: str
+    title: str
+    batch_size: int
+    optimizer: str
+    lr: float
+    step_goal: float        # target: Avalon's time per step / PyTorch eager's
+    make_torch: Callable    # () -> the PyTorch twin
+    make_avalon: Callable   # () -> the zoo model
+
+    def torch_model(self):
+        import torch
+        torch.manual_seed(WEIGHT_SEED)
+        return self.make_torch()
+
+    def avalon_model(self, torch_model=None):
+        model = self.make_avalon()
+        if torch_model is not None:
+            model.load_state_dict({k: v.detach().cpu().numpy().copy()
+                                   for k, v in torch_model.state_dict().items()})
+        return model
+
+    def avalon_loss(self):
+        return _avalon_cross_entropy
+
+    def torch_loss(self):
+        from .twins import torch_cross_entropy_loss
+        return torch_cross_entropy_loss
+
+    def avalon_optimizer(self):
+        import avalon.optim as optim
+        return getattr(optim, self.optimizer)(lr=self.lr)
+
+    def torch_optimizer(self, params):
+        import torch
+        return getattr(torch.optim, self.optimizer)(params, lr=self.lr)
+
+    def batches(self, data: BenchData) -> Batches:
+        return Batches(data.x_train, data.y_train, batch_size=self.batch_size, seed=BATCH_SEED,
+                       drop_last=True, normalize=(data.mean, data.std))
+
+
+def _avalon_cross_entropy(model, x, y):
+    import avalon.nn.functional as F
+    return F.cross_entropy(model(x), y)
+
+
+def _torch_resnet():
+    from .twins import TorchResNet
+    return TorchResNet()
+
+
+def _avalon_resnet():
+    from avalon_zoo.models.resnet import ResNet
+    return ResNet()
+
+
+def _torch_lstm():
+    from .twins import TorchSequenceClassifier
+    return TorchSequenceClassifier("lstm")
+
+
+def _avalon_lstm():
+    from avalon_zoo.models.rnn import SequenceClassifier
+    return SequenceClassifier("lstm")
+
+
+RESNET = StepWorkload("resnet", "ResNet-14 (3 stages of 2 BasicBlocks, 16/32/64 channels, BatchNorm), "
+                      "batch 64, SGD lr 0.01", batch_size=64, optimizer="SGD", lr=0.01, step_goal=1.0,
+                      make_torch=_torch_resnet, make_avalon=_avalon_resnet)
+LSTM = StepWorkload("lstm", "LSTM classifier (28 rows of 28 pixels, hidden 128, linear 128->10), "
+                    "batch 64, Adam lr 1e-3", batch_size=64, optimizer="Adam", lr=1e-3, step_goal=1.0,
+                    make_torch=_torch_lstm, make_avalon=_avalon_lstm)
+STEP_WORKLOADS = {"resnet": RESNET, "lstm": LSTM}
+
+
+def selected_steps(which: str) -> list[StepWorkload]:
+    if which == "all":
+        return list(STEP_WORKLOADS.values())
+    return [STEP_WORKLOADS[which]] if which in STEP_WORKLOADS else []
+
+
+def measure_steps(trainers: dict, batches: list, warmup: int) -> dict:
+    """Run every batch through each trainer, interleaved with alternating order;
+    per trainer key: seconds of each step and its loss."""
+    seconds = {k: [] for k in trainers}
+    losses = {k: [] for k in trainers}
+    keys = list(trainers)
+    for i, batch in enumerate(batches):
+        for key in (keys if i % 2 == 0 else keys[::-1]):
+            t0 = time.perf_counter()
+            loss = trainers[key].step(batch)
+            seconds[key].append(time.perf_counter() - t0)
+            losses[key].append(loss)
+    return {k: {"first_step_s": seconds[k][0],
+                "step_s": statistics.median(seconds[k][warmup:]),
+                "steps_timed": len(seconds[k]) - warmup,
+                "losses": [float(f"{v:.6g}") for v in losses[k]]} for k in trainers}
+
+
+def run_step_workload(wl: StepWorkload, data: BenchData, steps: int, warmup: int, device: str,
+                      progress) -> dict:
+    from .frameworks import AvalonTrainer, TorchTrainer
+    progress(f"== {wl.name.upper()} (training steps): {wl.title}")
+    torch_model = wl.torch_model()
+    trainers = {"avalon": AvalonTrainer(wl, torch_model, device), "torch_eager": TorchTrainer(wl, torch_model, device)}
+    batches = []
+    for batch in wl.batches(data).batches(0):
+        batches.append(batch)
+        if len(batches) == warmup + steps:
+            break
+    figures = measure_steps(trainers, batches, warmup)
+    a, t = figures["avalon"], figures["torch_eager"]
+    ratio = a["step_s"] / t["step_s"]
+    drift = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a["losses"], t["losses"]))
+    progress(f"  step: Avalon {a['step_s'] * 1e3:.2f} ms, PyTorch eager {t['step_s'] * 1e3:.2f} ms "
+             f"({ratio:.2f}x); largest loss difference {drift:.2e}")
+    return {"workload": {"name": wl.name, "title": wl.title, "batch_size": wl.batch_size,
+                         "optimizer": wl.optimizer, "lr": wl.lr},
+            "warmup_steps": warmup, "frameworks": figures, "ratio": ratio, "goal": wl.step_goal,
+            "met": bool(ratio <= wl.step_goal), "max_relative_loss_difference": drift,
+            "losses_agree": bool(drift < 1e-2)}
+
+
+def markdown(results: dict) -> str:
+    if not results:
+        return ""
+    lines = ["## Training steps of models the benchmarks never saw", "",
+             "Median time of one training step (gradient and optimizer update) after "
+             f"{next(iter(results.values()))['warmup_steps']} warm-up steps, the two frameworks "
+             "interleaved, same weights and batches.", "",
+             "| model | Avalon | PyTorch eager | Avalon / PyTorch eager | goal | met? | first step (Avalon) "
+             "| largest loss difference |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results.values():
+        a, t = r["frameworks"]["avalon"], r["frameworks"]["torch_eager"]
+        lines.append(f"| {r['workload']['title']} | {a['step_s'] * 1e3:.2f} ms | {t['step_s'] * 1e3:.2f} ms | "
+                     f"{r['ratio']:.2f}x | <= {r['goal']:.2f}x | {'yes' if r['met'] else 'no'} | "
+                     f"{a['first_step_s']:.2f} s | {r['max_relative_loss_difference']:.1e} |")
+    return "\n".join(lines) + "\n"
