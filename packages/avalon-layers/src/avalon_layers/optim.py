@@ -38,6 +38,7 @@ from avalon import tree
 from avalon.backends import backend_of
 from avalon.errors import AvalonError, DtypeError, ShapeError, at, user_location
 
+from .flat import flat_group_for
 from .module import Module
 from .registry import export
 
@@ -95,6 +96,7 @@ class Optimizer:
         self._plans: dict = {}
         self._complete: set = set()  # paths whose state has every array the options need
         self._complete_for = None
+        self._flat = None       # the FlatGroup of the model being trained (see avalon_layers.flat)
         self.update_fn = avalon.jit(self._update_all)
 
     # -- the public API ----------------------------------------------------------------
@@ -108,6 +110,9 @@ class Optimizer:
         hp = self._static()
         if hp != self._complete_for:
             self._complete, self._complete_for = set(), hp
+        self._flat = flat_group_for(model, entries, self._flat)
+        if self._flat is not None and self._step_flat(self._flat, entries, hp):
+            return
         states, coefs, steps = [], [], []
         cache: dict = {}
         for e in entries:
@@ -120,6 +125,23 @@ class Optimizer:
                        states, coefs)
         for st, step in steps:
             st["step"] = step
+
+    def _step_flat(self, group, entries, hp) -> bool:
+        """One compiled update over the flat buffers; False (nothing done) when the
+        parameters are at different step counts (state loaded for some only)."""
+        per_path = [self._state_of(e) for e in entries]
+        step = per_path[0]["step"] + 1
+        if any(st["step"] + 1 != step for st in per_path):
+            return False
+        states = group.flat_states(per_path, self.state_names)
+        if len(states) != sum(1 for k in self.state_names if k in per_path[0]):
+            return False
+        group.gather_gradients(entries)
+        coefs = self._coefficient_arrays(step, group.params, {})
+        self.update_fn(hp, [group.params], [(group.grad,)], [states], [coefs])
+        for st in per_path:
+            st["step"] = step
+        return True
 
     def state_dict(self) -> dict:
         """Hyperparameters and per-path state (host copies of the arrays, step counts)."""
