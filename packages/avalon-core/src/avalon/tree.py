@@ -36,12 +36,20 @@ def is_array(x) -> bool:
     return isinstance(x, _array_types)
 
 
+_ARRAY_PROTOCOLS = ("__array__", "__dlpack__", "__array_interface__", "__cuda_array_interface__")
+_foreign_types: dict = {}   # type -> whether it speaks an array protocol (flatten asks per object)
+
+
 def looks_like_foreign_array(x) -> bool:
     """An array of another library (a torch tensor, a JAX array...): something
     NumPy could convert, that no installed backend holds as its own."""
-    return not isinstance(x, _array_types) and any(
-        hasattr(type(x), a) for a in ("__array__", "__dlpack__", "__array_interface__",
-                                      "__cuda_array_interface__"))
+    if isinstance(x, _array_types):
+        return False
+    t = type(x)
+    foreign = _foreign_types.get(t)
+    if foreign is None:
+        foreign = _foreign_types[t] = any(hasattr(t, a) for a in _ARRAY_PROTOCOLS)
+    return foreign
 
 
 def conversion_hint(x) -> str:
