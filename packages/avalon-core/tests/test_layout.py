@@ -71,6 +71,39 @@ def test_tiled_max_pool_gradient_with_nan_windows_matches_the_search():
     np.testing.assert_array_equal(nc(got), dx)
 
 
+def test_tiled_max_pool_gradient_goes_to_the_last_nan_of_a_window():
+    x = rng.standard_normal((2, 3, 8, 8))
+    x[0, 1, 2, 2] = x[0, 1, 3, 3] = np.nan      # two NaNs in one window: the last one wins
+    x[1, 0, 4, 4] = np.nan                       # a NaN first in its window
+    x[1, 2, 6, 7] = x[1, 2, 7, 6] = np.inf       # infinities, no NaN
+    kw = dict(kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1))
+    y = NC.max_pool_forward(np, x, **kw)
+    g = rng.standard_normal(y.shape)
+    dx = NC.max_pool_backward(np, x, g, **kw)
+    assert dx[0, 1, 3, 3] == g[0, 1, 1, 1] and dx[0, 1, 2, 2] == 0
+    got = CSN.max_pool_csn_backward(np, csn(x), csn(g), y=csn(y), **kw)
+    np.testing.assert_array_equal(nc(got), dx)
+
+
+class _NoHostReads(np.ndarray):
+    """An array that refuses what would read a device array back to the host."""
+
+    def _refuse(self, *args, **kwargs):
+        raise AssertionError("the kernel read a value back to the host")
+    any = all = item = tolist = __bool__ = __float__ = __int__ = _refuse
+
+
+def test_tiled_max_pool_gradient_reads_nothing_back_to_the_host():
+    x = rng.standard_normal((3, 8, 8, 4)).astype(np.float32)
+    x[1, 2, 3, 0] = np.nan
+    kw = dict(kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1))
+    y = CSN.max_pool_csn_forward(np, x, **kw)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    want = CSN.max_pool_csn_backward(np, x, g, y=y, **kw)
+    got = CSN.max_pool_csn_backward(np, *(a.view(_NoHostReads) for a in (x, g)), y=y.view(_NoHostReads), **kw)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def cnn_loss(m, x, y):
     h = x
     for w, b, stride, groups in m["convs"]:

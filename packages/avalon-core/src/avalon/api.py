@@ -18,10 +18,10 @@ from .backends import backend_of_args
 from .codegen import generate
 from .errors import AvalonError, at, user_location, warn_at_user
 from .graph import Graph
-from .parallel import (Autotuned, BlasThreads, ComponentParallel, ShardedFunction, split_batch,
-                       split_components)
-from .passes import FORWARD, pipeline_version, run_pipeline
+from .passes import forward_pipeline, pipeline_version, run_pipeline
+from .passes.sharding import split_batch, split_components
 from .primitive import Tracer, tracing
+from .runtime.threads import Autotuned, BlasThreads, ComponentParallel, ShardedFunction
 from .threadsafe import SharedCompiled, private_backend
 
 log = logging.getLogger("avalon.trace")
@@ -158,9 +158,9 @@ class CompiledFunction:
 
     def _compile_optimized(self, graph, backend, leaves, treedef):
         if self.passes is None:
-            graph = run_pipeline(graph, FORWARD)
+            graph = run_pipeline(graph, forward_pipeline(backend))
         graph, out_tree, wrt = self._transform(graph, leaves, treedef)
-        graph = run_pipeline(graph, self.passes)
+        graph = run_pipeline(graph, self.passes, backend=backend)
         shared = SharedCompiled(self._schedules(graph, backend, leaves, treedef),
                                 lambda: _spare_copy(graph, backend))
         return shared, out_tree, wrt
@@ -342,7 +342,7 @@ def _leaf_owner(treedef):
 
 def jit(f=None, *, passes=None, parallel=True):
     """Compile f (forward only) once per input signature; usable as a decorator.
-    parallel=False keeps the batch in one thread (see avalon.parallel)."""
+    parallel=False keeps the batch in one thread (see avalon.runtime.threads)."""
     if f is None:
         return lambda g: JitFunction(g, passes, parallel)
     return JitFunction(f, passes, parallel)
@@ -382,7 +382,8 @@ def compile_graph(graph: Graph, device="cpu", passes=(), name: str | None = None
     """Compile a (possibly hand-edited) graph for a device; returns a callable
     taking the graph's inputs and returning the tuple of its outputs, with
     `.source` and `.plan`.  `passes` defaults to none: pass None for the
-    default pipeline."""
+    device's default pipeline."""
     from .backends import device as to_device_obj, get_backend
-    graph = run_pipeline(graph, passes) if passes != () else graph
-    return generate(graph, get_backend(to_device_obj(device)), name or graph.name)
+    backend = get_backend(to_device_obj(device))
+    graph = run_pipeline(graph, passes, backend=backend) if passes != () else graph
+    return generate(graph, backend, name or graph.name)

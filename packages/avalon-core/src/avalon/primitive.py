@@ -4,8 +4,10 @@ A primitive is declared once, in one registration block (`defprim`): its shape
 and dtype rule, its implementation written against an array module `xp` (so it
 runs on NumPy and CuPy alike; a backend may override it with a kernel of its
 own), its VJP written in other ops (so the backward pass is an ordinary graph
-that the passes optimize), and flags the passes read (elementwise, view,
-effectful).  Composite ops (softmax, losses, ...) are plain functions over
+that the passes optimize), flags the passes read (elementwise, view,
+effectful), and the rules other passes look up by primitive (`Primitive.rule`:
+how a batch split flows through the op, how it takes the batch-innermost
+layout).  Composite ops (softmax, losses, ...) are plain functions over
 primitives and need no rules of their own.
 
 `bind(prim, args, attrs)` is the single entry point: on concrete arrays it runs
@@ -25,13 +27,22 @@ from .graph import Graph, Node, type_str
 
 PRIMITIVES: dict[str, "Primitive"] = {}
 
+#: the per-pass rules a primitive may declare (keywords of defprim), and what reads them
+RULE_KINDS = {
+    "sharding": "the batch split across threads (avalon.passes.sharding)",
+    "shard_attrs": "the attributes of a node in a shard graph (avalon.passes.sharding)",
+    "layout": "the batch-innermost layout (avalon.passes.layout)",
+}
+
+_NO_DEFAULT = object()
+
 
 class Primitive:
     """One primitive op.  See `defprim` for the meaning of each field."""
 
     def __init__(self, name, *, shape, impl, vjp=None, ufunc=None, elementwise=False, view=False,
                  effectful=False, accepts_out=False, foldable=True, nondiff=False, expr=None, inplace=None,
-                 writes_input=False, doc=""):
+                 writes_input=False, draws_random=False, output_shape_attr=None, doc="", **rules):
         self.name = name
         self.shape_rule = shape
         self.impl = impl
@@ -49,6 +60,16 @@ class Primitive:
         if writes_input:
             self.effectful = True
             self.foldable = False
+        self.draws_random = draws_random
+        if draws_random:
+            self.effectful = True
+            self.foldable = False
+        self.output_shape_attr = output_shape_attr
+        unknown = sorted(set(rules) - set(RULE_KINDS))
+        if unknown:
+            raise TypeError(f"defprim({name!r}): unknown field or rule kind {', '.join(unknown)}; "
+                            f"rule kinds are {', '.join(RULE_KINDS)}")
+        self.rules = rules
         self.__doc__ = doc
 
     def __repr__(self):
@@ -59,6 +80,18 @@ class Primitive:
             raise MissingRuleError(f"primitive {self.name!r} has no VJP rule, so it cannot be differentiated; "
                                    f"declare one with defprim({self.name!r}, vjp=...)")
         return self.vjp
+
+    def rule(self, kind, default=_NO_DEFAULT):
+        """The op's rule of `kind` (one of RULE_KINDS).  Without one: `default`
+        when given (passes that treat an unruled op in a safe way pass None),
+        else MissingRuleError naming the primitive and the kind."""
+        found = self.rules.get(kind)
+        if found is not None:
+            return found
+        if default is not _NO_DEFAULT:
+            return default
+        raise MissingRuleError(f"primitive {self.name!r} has no {kind} rule ({RULE_KINDS.get(kind, kind)}); "
+                               f"declare one with defprim({self.name!r}, {kind}=...)")
 
 
 def defprim(name, **fields) -> Primitive:
@@ -80,6 +113,29 @@ def defprim(name, **fields) -> Primitive:
     inplace: out= may be one of the inputs (true for ufuncs; default: ufunc is set).
     writes_input: the op writes into its first input (assign): a side effect that
         passes keep and never move reads of that input across.
+    draws_random: the op draws from its backend's random generator (effectful
+        implied); a step split across threads replays the generator in each thread.
+    output_shape_attr: the attribute that holds the op's own output shape
+        ("shape" for reshape): kept equal to it when a pass changes the shape.
+
+    Per-pass rules, each looked up by the pass with `Primitive.rule(kind)` (a
+    missing rule raises MissingRuleError naming the primitive and the kind; the
+    passes below treat an op without one safely instead: not split, usual layout):
+    sharding(node, states, ctx) -> state: how a batch split across threads flows
+        through the op (avalon.ops._sharding explains the states; shared rules for
+        families of ops live there).
+    shard_attrs(node, full_shape, axis) -> attrs: the attributes of the node's copy
+        in a shard graph, where it computes 1/shards of its output along `axis`
+        (random draws keep their slice of the whole draw).
+    layout: a LayoutRule saying how the op takes the batch-innermost layout
+        (avalon.ops._layout).
+
+    Example, one registration block (ops/shape.py)::
+
+        reshape_p = defprim("reshape", shape=_reshape_rule, view=True, output_shape_attr="shape",
+                            impl=lambda xp, x, *, shape: xp.reshape(x, shape),
+                            vjp=lambda g, out, x, *, shape: (reshape(g, x.shape),),
+                            sharding=on_sharded(_reshape_sharding, reads_partials=True))
     """
     if name in PRIMITIVES:
         raise AvalonError(f"primitive {name!r} is already registered")

@@ -47,7 +47,7 @@ class ProfileReport:
 
 def profile(fn, *args, repeat: int = 10, warmup: int = 2) -> ProfileReport:
     """Profile compiled function `fn` (from avalon.jit or avalon.value_and_grad) on args."""
-    from .parallel import Autotuned, ShardedFunction
+    from .runtime.threads import Autotuned, ShardedFunction
     fn(*args)  # compile through the normal path (and warm the caches)
     compiled = fn._last().compiled
     if isinstance(compiled, Autotuned):

@@ -21,7 +21,7 @@ class Backend:
     priority = 0           # best_available_device() picks the highest available
     array_types: tuple = ()
     xp = np
-    parallel_shards = 1    # threads a compiled step may be split into (see avalon.parallel)
+    parallel_shards = 1    # threads a compiled step may be split into (see avalon.runtime.threads)
 
     def __init__(self, index: int = 0):
         self.index = index
@@ -60,6 +60,20 @@ class Backend:
 
     def synchronize(self) -> None:
         """Wait until queued work is done (for timing); CPU work is synchronous."""
+
+    # -- compilation ------------------------------------------------------------
+    @classmethod
+    def passes(cls) -> list:
+        """This backend's own graph passes, as (name, pass, position) triples
+        placed among avalon.passes.BUILTIN; positions as for the avalon_passes
+        hook ("start", "end", "before:<name>", "after:<name>")."""
+        return []
+
+    @classmethod
+    def forward_passes(cls) -> list:
+        """This backend's rewrites of the forward graph, run before
+        differentiation (among avalon.passes.FORWARD), in the same form."""
+        return []
 
     # -- kernels --------------------------------------------------------------
     def run(self, prim, arrays, attrs):
@@ -154,7 +168,7 @@ class Backend:
         return full[index]
 
     def k_allreduce_sum(self, x, *, key):
-        """Sum over the threads of a split step (see avalon.parallel)."""
+        """Sum over the threads of a split step (see avalon.runtime.threads)."""
         return self._reducers[key].reduce(self._shard_index, x)
 
     def wrap_compiled(self, compiled):

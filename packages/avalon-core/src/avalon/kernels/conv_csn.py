@@ -162,26 +162,49 @@ def conv_csn_weight_grad(xp, x, g, *, weight_shape, stride, padding, dilation, o
 
 
 def _tiled_max_pool_backward(xp, x, y, g, kernel, out):
-    """Windows that tile the input: the first element equal to its window's
-    maximum y takes the gradient (ties resolved by a running 'taken' mask)."""
+    """Windows that tile the input: each window's gradient goes to the element
+    max_pool_backward would pick (_winners), found by comparing with the pooled
+    output y instead of searching again.  Branch-free: nothing is read back to
+    the host, so the step needs no synchronization (a GPU backend can capture
+    it in a CUDA graph)."""
     out = xp.empty(x.shape, dtype=g.dtype) if out is None else out
     out_spatial = tuple(y.shape[1:-1])
     covered = all(k * n == s for k, n, s in zip(kernel, out_spatial, x.shape[1:-1]))
     if not covered:
         out.fill(0)
-    full = (slice(None),)
-    taken = None
+    tiles = _tiles(kernel, out_spatial)
+    winner = _winners(xp, x, y, tiles)
+    for i, idx in enumerate(tiles):
+        out[idx] = _select(xp, xp.equal(winner, i), g)
+    return out
+
+
+def _tiles(kernel, out_spatial):
+    """For each kernel offset, the slices of the input under every (tiling) window."""
     ones = (1,) * len(kernel)
-    for offset in _offsets(kernel):
-        idx = full + _window(offset, out_spatial, kernel, ones)
+    return [(slice(None),) + _window(offset, out_spatial, kernel, ones) for offset in _offsets(kernel)]
+
+
+def _winners(xp, x, y, tiles):
+    """The kernel offset that takes each window's gradient: its first element
+    equal to the maximum y (ties resolved by a running 'taken' mask) or, in a
+    window holding NaN (y is NaN, which nothing equals), its last NaN.  NaNs
+    are only ever found in NaN windows, so one pass does both."""
+    winner = xp.zeros(y.shape, dtype=xp.int8 if len(tiles) < 128 else xp.int32)  # offset 0 unless later
+    nan = xp.isnan(x) if x.dtype.kind == "f" else None  # one contiguous pass: cheaper than one per offset
+    taken = None
+    for i, idx in enumerate(tiles):
         hit = xp.equal(x[idx], y)
         if taken is None:
             taken = hit
-        else:
-            xp.greater(hit, taken, out=hit)      # hit and not yet taken
-            xp.logical_or(taken, hit, out=taken)
-        out[idx] = _select(xp, hit, g)
-    return out
+            continue
+        xp.greater(hit, taken, out=hit)          # equal, and no earlier element was
+        xp.logical_or(taken, hit, out=taken)
+        if nan is not None:
+            xp.logical_or(hit, nan[idx], out=hit)  # every later NaN takes over
+        # winner < i everywhere, so max(winner, hit * i) sets winner = i where hit
+        xp.maximum(winner, xp.multiply(hit, i, dtype=winner.dtype), out=winner)
+    return winner
 
 
 def max_pool_csn_forward(xp, x, *, kernel_size, stride, padding, dilation, out=None):
@@ -208,8 +231,7 @@ def max_pool_csn_backward(xp, x, g, *, kernel_size, stride, padding, dilation, o
     comparing with y instead of being searched again."""
     padding = _pairs(padding)
     if (y is not None and not any(p for pair in padding for p in pair)
-            and all(s == k for k, s in zip(kernel_size, stride)) and all(d == 1 for d in dilation)
-            and not (x.dtype.kind == "f" and xp.isnan(y).any())):
+            and all(s == k for k, s in zip(kernel_size, stride)) and all(d == 1 for d in dilation)):
         return _tiled_max_pool_backward(xp, x, y, g, kernel_size, out)
     # windows that overlap, pad or dilate (rare in convolutional stacks): the
     # (N, C, *S) kernel does it, on the batch moved back to the front

@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import AvalonError, ConcretizationError, DtypeError, MissingRuleError, ShapeError, at, user_location
 from ..primitive import Tracer, bind, defprim
 from ._rules import broadcast_shapes, result_dtype
+from ._sharding import P, NoSplit, on_sharded
 
 __all__ = ["getitem", "concatenate", "stack", "split", "pad", "take", "take_along_axis", "gather",
            "one_hot"]
@@ -568,7 +569,15 @@ def _tala_vjp(g, out, x, idx, *, axis):
     return bind(tala_grad_p, (g, idx), {"axis": axis, "shape": tuple(x.shape)}), None
 
 
-take_along_axis_p = defprim("take_along_axis", shape=_tala_rule, impl=_tala_impl, vjp=_tala_vjp)
+def _off_the_batch_axis(node, states, ctx):
+    """Values and indices sharded alike, gathered (or scattered) along another axis."""
+    if states[0] == states[1] and states[0] != P and node.attrs["axis"] != states[0][1]:
+        return states[0]
+    raise NoSplit(f"{node.op} along the batch axis")
+
+
+take_along_axis_p = defprim("take_along_axis", shape=_tala_rule, impl=_tala_impl, vjp=_tala_vjp,
+                            sharding=on_sharded(_off_the_batch_axis))
 
 
 def _tala_grad_rule(g, idx, *, axis, shape):
@@ -597,7 +606,7 @@ def _tala_grad_vjp(ct, out, g, idx, *, axis, shape):
 
 
 tala_grad_p = defprim("take_along_axis_grad", shape=_tala_grad_rule, impl=_tala_grad_impl, accepts_out=True,
-                      vjp=_tala_grad_vjp,
+                      vjp=_tala_grad_vjp, output_shape_attr="shape", sharding=on_sharded(_off_the_batch_axis),
                       doc="zeros(shape) with g added at take_along_axis's positions (repeats accumulate).")
 
 

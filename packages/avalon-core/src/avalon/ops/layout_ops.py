@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..kernels import conv_csn as K
 from ..kernels.conv import conv_output_shape
 from ..primitive import defprim
+from ._sharding import R, S, NoSplit, on_sharded
 
 
 def _pairs(padding):
@@ -36,12 +37,41 @@ def _prod(t):
     return p
 
 
-im2col_csn_p = defprim("im2col_csn", shape=_im2col_rule, accepts_out=True,
+def im2col_shape(xshape, kernel, *, stride, padding, dilation):
+    """The shape of im2col_csn's columns for activations of shape `xshape`."""
+    class _Aval:
+        shape = xshape
+        dtype = None
+    return _im2col_rule(_Aval, kernel=kernel, stride=stride, padding=padding, dilation=dilation)[0]
+
+
+def _batch_last(*data):
+    """The sharding rule of an op over (C, *S, N) activations: the operands at
+    positions `data` carry the whole batch as their last axis (one thread's share
+    of it), the others are replicated; the result has the batch innermost in its
+    last axis (for im2col_csn's (C*K, out*N) columns: in its innermost factor)."""
+    def sharding(node, states, ctx):
+        for k, (i, s) in enumerate(zip(node.inputs, states)):
+            want = S(i.ndim - 1) if k in data else R
+            if s != want or (k in data and i.shape[-1] != ctx.n):
+                raise NoSplit(f"{node.op}: the batch must be the last axis of its activations")
+        return S(node.ndim - 1)
+    return on_sharded(sharding)
+
+
+def _col2im_sharding(node, states, ctx):
+    if states[0] == S(1):
+        return S(node.ndim - 1)
+    raise NoSplit("col2im_csn of columns not sharded by their innermost factor")
+
+
+im2col_csn_p = defprim("im2col_csn", shape=_im2col_rule, accepts_out=True, sharding=_batch_last(0),
                        impl=lambda xp, x, out=None, **a: K.im2col_csn(xp, x, out=out, **a),
                        doc="columns (C*K, out*N) of (C, *S, N) activations: a convolution is then one matmul.")
 
 col2im_csn_p = defprim(
     "col2im_csn", shape=lambda cols, *, input_shape, **a: (tuple(input_shape), cols.dtype), accepts_out=True,
+    output_shape_attr="input_shape", sharding=on_sharded(_col2im_sharding),
     impl=lambda xp, cols, out=None, **a: K.col2im_csn(xp, cols, out=out, **a),
     doc="the adjoint of im2col_csn: columns summed back into (C, *S, N).")
 
@@ -51,12 +81,13 @@ def _pool_rule(x, *, kernel_size, stride, padding, dilation):
     return (x.shape[0],) + tuple(out) + (x.shape[-1],), x.dtype
 
 
-max_pool_csn_p = defprim("max_pool_csn", shape=_pool_rule, accepts_out=True,
+max_pool_csn_p = defprim("max_pool_csn", shape=_pool_rule, accepts_out=True, sharding=_batch_last(0),
                          impl=lambda xp, x, out=None, **a: K.max_pool_csn_forward(xp, x, out=out, **a),
                          doc="max pooling of (C, *S, N) activations.")
 
 max_pool_csn_grad_p = defprim(
     "max_pool_csn_grad", shape=lambda x, y, g, **a: (tuple(x.shape), g.dtype), accepts_out=True,
+    sharding=_batch_last(0, 1, 2),
     impl=lambda xp, x, y, g, out=None, **a: K.max_pool_csn_backward(xp, x, g, out=out, y=y, **a),
     doc="gradient of max_pool_csn (x, its pooled output y, cotangent g): each window's cotangent "
         "to its first maximum.")

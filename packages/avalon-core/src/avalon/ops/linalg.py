@@ -7,6 +7,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..primitive import bind, defprim
 from ._rules import broadcast_shapes, result_dtype
+from ._sharding import P, R, S, NeedsReduce, NoSplit, on_sharded
 from .shape import reshape, swapaxes
 
 
@@ -33,7 +34,33 @@ def _matmul_impl(xp, a, b, out=None):
     return xp.matmul(a, b, out=out)
 
 
-matmul_p = defprim("matmul", shape=_matmul_rule, impl=_matmul_impl, accepts_out=True, vjp=_matmul_vjp)
+def _matmul_sharding(node, states, ctx):
+    a, b = node.inputs
+    sa, sb = states
+    if P in states:
+        if (sa == P and sb == R) or (sa == R and sb == P):
+            return P
+        raise NeedsReduce(a if sa == P else b)
+    nd = node.ndim
+    if sb == R:  # rows of a (or its batch dims) are sharded
+        ax = sa[1]
+        if ax == a.ndim - 1:
+            raise NoSplit("matmul contracts a sharded axis against a replicated one")
+        return S(ax + nd - a.ndim, sa[2])
+    if sa == R:
+        ax = sb[1]
+        if ax == b.ndim - 2:
+            raise NoSplit("matmul contracts a sharded axis against a replicated one")
+        return S(ax + nd - b.ndim, sb[2])
+    if sa[1] == a.ndim - 1 and sb[1] == b.ndim - 2 and sa[2] == sb[2]:
+        return P  # contraction over the batch: a weight gradient
+    if sa[1] + nd - a.ndim == sb[1] + nd - b.ndim and sa[1] < a.ndim - 2 and sa[2] == sb[2]:
+        return S(sa[1] + nd - a.ndim, sa[2])  # batched matmul over the batch axis
+    raise NoSplit("matmul sharding")
+
+
+matmul_p = defprim("matmul", shape=_matmul_rule, impl=_matmul_impl, accepts_out=True, vjp=_matmul_vjp,
+                   sharding=on_sharded(_matmul_sharding, reads_partials=True))
 
 
 def matmul(a, b):

@@ -37,7 +37,10 @@ import numpy as np
 from ..errors import AvalonError, DtypeError, LabelError, MissingRuleError, ShapeError, at, user_location
 from ..kernels import conv as K
 from ..primitive import Tracer, bind, current_location, defprim
+from ._layout import CSN, NC, POINTWISE, batch_innermost, to_csn
 from ._rules import elementwise_rule
+from ._sharding import P, R, S, NoSplit, on_sharded, pointwise
+from .layout_ops import im2col_shape
 from .elementwise import _promote, add, div, gt, log, maximum, mul, sub, where
 from .reduce import sum_to
 from .shape import reshape
@@ -141,6 +144,46 @@ def _output_spatial(op, spatial, kernel, stride, padding, dilation, kind="kernel
     return tuple(out)
 
 
+# -- how the batch split and the batch-innermost layout treat these ops ------------------------
+
+def _batch_on_axis0(*data):
+    """The sharding rule of an op over (N, C, ...) activations: the operands at
+    positions `data` carry the batch on axis 0, the others (weights) are replicated."""
+    def sharding(node, states, ctx):
+        if all((s == S(0)) if k in data else (s == R) for k, s in enumerate(states)):
+            return S(0)
+        raise NoSplit(f"{node.op}: sharded weight or unsharded data")
+    return on_sharded(sharding)
+
+
+# In the batch-innermost layout a convolution is im2col_csn and one matmul (its
+# input gradient a matmul and col2im_csn): the forward product and the weight
+# gradient read the same columns of the layer input, which CSE computes once.
+
+def _geometry(node):
+    return {k: node.attrs[k] for k in ("stride", "padding", "dilation")}
+
+
+def _columns(rw, x, kernel, node):
+    xc = rw.get(x, CSN)
+    shape = im2col_shape(xc.shape, kernel, **_geometry(node))
+    return rw.emit("im2col_csn", [xc], dict(kernel=tuple(kernel), **_geometry(node)), shape, node.dtype,
+                   node.loc)
+
+
+def _matrix(rw, v, shape, node):
+    return v if tuple(v.shape) == shape else rw.emit("reshape", [v], {"shape": shape}, shape, node.dtype,
+                                                     node.loc)
+
+
+def _product(rw, a, b, node):
+    return rw.emit("matmul", [a, b], {}, (a.shape[0], b.shape[1]), node.dtype, node.loc)
+
+
+def _transposed(rw, v, node):
+    return rw.emit("transpose", [v], {"perm": (1, 0)}, (v.shape[1], v.shape[0]), node.dtype, node.loc)
+
+
 # -- conv ------------------------------------------------------------------------------------------
 
 def _conv_check(op, xs, ws, *, stride, padding, dilation, groups):
@@ -186,7 +229,15 @@ def _conv_vjp(ct, out, x, w, *, stride, padding, dilation, groups):
             bind(conv_weight_grad_p, (x, ct), dict(weight_shape=_t(w.shape), **a)))
 
 
+def _conv_as_columns(rw, node):
+    x, w = node.inputs
+    cols = _columns(rw, x, w.shape[2:], node)
+    y = _product(rw, _matrix(rw, rw.get(w, NC), (w.shape[0], cols.shape[0]), node), cols, node)
+    return _matrix(rw, y, to_csn(node.shape), node), CSN
+
+
 conv_p = defprim("conv", shape=_conv_rule, impl=_conv_impl, vjp=_conv_vjp,
+                 sharding=_batch_on_axis0(0), layout=batch_innermost(_conv_as_columns),
                  doc="N-d grouped convolution (cross-correlation) of x (N, C, *S) with w (O, C/groups, *K).")
 
 
@@ -218,8 +269,19 @@ def _conv_input_grad_vjp(ct, out, g, w, *, input_shape, stride, padding, dilatio
             bind(conv_weight_grad_p, (ct, g), dict(weight_shape=_t(w.shape), **a)))
 
 
+def _conv_input_grad_from_columns(rw, node):
+    g, w = node.inputs
+    gc = rw.get(g, CSN)
+    o = w.shape[0]
+    cols = _product(rw, _transposed(rw, _matrix(rw, rw.get(w, NC), (o, w.size // o), node), node),
+                    _matrix(rw, gc, (o, gc.size // o), node), node)
+    attrs = dict(input_shape=to_csn(node.attrs["input_shape"]), kernel=tuple(w.shape[2:]), **_geometry(node))
+    return rw.emit("col2im_csn", [cols], attrs, to_csn(node.shape), node.dtype, node.loc), CSN
+
+
 conv_input_grad_p = defprim("conv_input_grad", shape=_conv_input_grad_rule, impl=_conv_input_grad_impl,
-                            vjp=_conv_input_grad_vjp,
+                            vjp=_conv_input_grad_vjp, output_shape_attr="input_shape",
+                            sharding=_batch_on_axis0(0), layout=batch_innermost(_conv_input_grad_from_columns),
                             doc="Gradient of conv w.r.t. its input: a transposed convolution of g with w.")
 
 
@@ -247,8 +309,23 @@ def _conv_weight_grad_vjp(ct, out, x, g, *, weight_shape, stride, padding, dilat
             bind(conv_p, (x, ct), a))
 
 
+def _conv_weight_grad_sharding(node, states, ctx):
+    if states == [S(0), S(0)]:
+        return P  # a sum over the batch: each thread has its share of it
+    raise NoSplit("conv_weight_grad layout")
+
+
+def _conv_weight_grad_from_columns(rw, node):
+    x, g = node.inputs
+    cols = _columns(rw, x, node.shape[2:], node)
+    gm = _matrix(rw, rw.get(g, CSN), (g.shape[1], cols.shape[1]), node)
+    return _matrix(rw, _product(rw, gm, _transposed(rw, cols, node), node), node.shape, node), NC
+
+
 conv_weight_grad_p = defprim("conv_weight_grad", shape=_conv_weight_grad_rule, impl=_conv_weight_grad_impl,
-                             vjp=_conv_weight_grad_vjp, doc="Gradient of conv w.r.t. its weight.")
+                             vjp=_conv_weight_grad_vjp, sharding=on_sharded(_conv_weight_grad_sharding),
+                             layout=batch_innermost(_conv_weight_grad_from_columns, output=NC),
+                             doc="Gradient of conv w.r.t. its weight.")
 
 
 # -- conv_transpose ----------------------------------------------------------------------------------
@@ -300,7 +377,7 @@ def _conv_transpose_vjp(ct, out, x, w, *, stride, padding, output_padding, dilat
 
 
 conv_transpose_p = defprim("conv_transpose", shape=_conv_transpose_rule, impl=_conv_transpose_impl,
-                           vjp=_conv_transpose_vjp,
+                           vjp=_conv_transpose_vjp, sharding=_batch_on_axis0(0),
                            doc="N-d grouped transposed convolution; w is (C_in, C_out/groups, *K).")
 
 
@@ -332,8 +409,14 @@ def _max_pool_vjp(ct, out, x, **attrs):
     return (bind(max_pool_grad_p, (x, ct), attrs),)
 
 
+def _max_pool_batch_last(rw, node):
+    x = rw.get(node.inputs[0], CSN)
+    return rw.emit("max_pool_csn", [x], dict(node.attrs), to_csn(node.shape), node.dtype, node.loc), CSN
+
+
 max_pool_p = defprim("max_pool", shape=_max_pool_rule, vjp=_max_pool_vjp,
                      impl=lambda xp, x, **attrs: K.max_pool_forward(xp, x, **attrs),
+                     sharding=_batch_on_axis0(0), layout=batch_innermost(_max_pool_batch_last),
                      doc="N-d max pooling (padding with -inf, floor mode).")
 
 
@@ -352,8 +435,17 @@ def _max_pool_grad_vjp(ct, out, x, g, **attrs):
                            "(differentiating the gradient of max_pool) are not implemented")
 
 
+def _max_pool_grad_batch_last(rw, node):
+    x, g = [rw.get(i, CSN) for i in node.inputs]
+    # the pooled output, for comparison (CSE finds the forward's own)
+    y = rw.emit("max_pool_csn", [x], dict(node.attrs), g.shape, node.dtype, node.loc)
+    return rw.emit("max_pool_csn_grad", [x, y, g], dict(node.attrs), to_csn(node.shape), node.dtype,
+                   node.loc), CSN
+
+
 max_pool_grad_p = defprim("max_pool_grad", shape=_max_pool_grad_rule, vjp=_max_pool_grad_vjp,
                           impl=lambda xp, x, g, **attrs: K.max_pool_backward(xp, x, g, **attrs),
+                          sharding=_batch_on_axis0(0, 1), layout=batch_innermost(_max_pool_grad_batch_last),
                           doc="Gradient of max_pool: each window's cotangent goes to its first maximum.")
 
 
@@ -362,7 +454,7 @@ def _avg_pool_rule(x, **attrs):
     return shape, _check_float("avg_pool", [("input", x)])
 
 
-avg_pool_p = defprim("avg_pool", shape=_avg_pool_rule,
+avg_pool_p = defprim("avg_pool", shape=_avg_pool_rule, sharding=_batch_on_axis0(0),
                      impl=lambda xp, x, **attrs: K.avg_pool_forward(xp, x, **attrs),
                      vjp=lambda ct, out, x, **attrs: (bind(avg_pool_grad_p, (ct,),
                                                            dict(input_shape=_t(x.shape), **attrs)),),
@@ -377,7 +469,8 @@ def _avg_pool_grad_rule(g, *, input_shape, **attrs):
     return _t(input_shape), _check_float("avg_pool_grad", [("cotangent", g)])
 
 
-avg_pool_grad_p = defprim("avg_pool_grad", shape=_avg_pool_grad_rule,
+avg_pool_grad_p = defprim("avg_pool_grad", shape=_avg_pool_grad_rule, output_shape_attr="input_shape",
+                          sharding=_batch_on_axis0(0),
                           impl=lambda xp, g, *, input_shape, **attrs: K.avg_pool_backward(
                               xp, g, input_shape=tuple(input_shape), **attrs),
                           # avg_pool_grad is the adjoint of the linear map avg_pool
@@ -428,7 +521,7 @@ check_labels_p = defprim(
     "check_labels", shape=_check_labels_rule, impl=_check_labels_impl, nondiff=True,
     # elementwise: the batch split shards it with the labels and fusion may group it;
     # view: it returns its input, so the memory plan gives it no buffer of its own
-    elementwise=True, view=True,
+    elementwise=True, view=True, sharding=pointwise(), layout=POINTWISE,
     doc="The class labels themselves, checked when the kernel runs (eagerly or in compiled code): "
         "a label outside [0, num_classes) that is not ignore_index raises LabelError naming the loss "
         "(attribute name), the label, its position and the user's line (attribute loc).")
@@ -462,7 +555,7 @@ def _bce_vjp(g, out, x, t):
 
 binary_cross_entropy_p = defprim(
     "binary_cross_entropy", shape=elementwise_rule("binary_cross_entropy", float_only=True),
-    impl=_bce_impl, vjp=_bce_vjp, elementwise=True,
+    impl=_bce_impl, vjp=_bce_vjp, elementwise=True, sharding=pointwise(), layout=POINTWISE,
     expr="(({1} - 1) * max(log1p(-{0}), ({T})-100) - {1} * max(log({0}), ({T})-100))",
     doc="Elementwise binary cross entropy -(t log(x) + (1 - t) log(1 - x)) of probabilities x, each "
         "log clamped to >= -100, with torch's gradient (finite at x = 0 and 1).")

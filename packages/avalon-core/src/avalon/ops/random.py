@@ -7,17 +7,25 @@ import numpy as np
 
 from ..primitive import Tracer, bind, bind_on, defprim
 from ._rules import checked_shape
+from ._sharding import created
 
 
 def _random_rule(*, shape, dtype, full_shape=None, shard_axis=None):
     # full_shape/shard_axis: a shard of a split step draws the whole array and
-    # keeps its slice, so its numbers equal the unsplit step's (see avalon.parallel)
+    # keeps its slice, so its numbers equal the unsplit step's (_draw_slice)
     return tuple(shape), np.dtype(dtype)
 
 
+def _draw_slice(node, full_shape, axis):
+    """In a shard graph: draw the whole array, keep this thread's slice along `axis`."""
+    return dict(node.attrs, full_shape=full_shape, shard_axis=axis)
+
+
 # Kernels come from Backend.k_random_uniform / k_random_normal (they own the generator).
-random_uniform_p = defprim("random_uniform", shape=_random_rule, impl=None, effectful=True, nondiff=True)
-random_normal_p = defprim("random_normal", shape=_random_rule, impl=None, effectful=True, nondiff=True)
+random_uniform_p = defprim("random_uniform", shape=_random_rule, impl=None, effectful=True, draws_random=True,
+                           nondiff=True, output_shape_attr="shape", sharding=created, shard_attrs=_draw_slice)
+random_normal_p = defprim("random_normal", shape=_random_rule, impl=None, effectful=True, draws_random=True,
+                          nondiff=True, output_shape_attr="shape", sharding=created, shard_attrs=_draw_slice)
 
 
 def _current_trace(like):

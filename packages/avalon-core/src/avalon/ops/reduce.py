@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..primitive import bind, defprim
+from ._layout import CSN, NC, LayoutRule
 from ._rules import normalize_axes, reduced_shape
+from ._sharding import P, S, NeedsReduce, NoSplit, on_sharded
 from .elementwise import abs, add, cast, div, eq, exp, log, mul, stop_gradient, sub, where
 from .shape import broadcast_to, reshape
 
@@ -29,12 +31,52 @@ def _expand_back(g, x_shape, axes, keepdims):
     return broadcast_to(g, x_shape)
 
 
+def _reduction_sharding(linear):
+    """A reduction over axes other than the batch's keeps the sharding; a sum
+    (linear) over the batch axis, or of a partial sum, gives a partial sum."""
+    def sharding(node, states, ctx):
+        (s,) = states
+        if s == P:
+            if not linear:
+                raise NeedsReduce(node.inputs[0])
+            return P
+        axes, keep = node.attrs["axes"], node.attrs["keepdims"]
+        if s[1] in axes:
+            if not linear:
+                raise NoSplit(f"{node.op} over the batch axis")
+            return P
+        return S(s[1] if keep else s[1] - len([a for a in axes if a < s[1]]), s[2])  # (sum is the op here)
+    return on_sharded(sharding, reads_partials=True)
+
+
 def _sum_impl(xp, x, *, axes, keepdims, out=None):
     return xp.sum(x, axis=axes, keepdims=keepdims, out=out)
 
 
+def _sum_batch_last(rw, node):
+    """A sum over a batch-innermost value, its axes remapped."""
+    if node.inputs[0] not in rw.chosen:
+        return None
+    src = rw.get(node.inputs[0], CSN)
+    nd = node.inputs[0].ndim
+    perm = tuple(range(1, nd)) + (0,)    # position k of the CSN value holds original axis perm[k]
+    axes = tuple(sorted(perm.index(a) for a in node.attrs["axes"]))
+    keep = node.attrs["keepdims"]
+    kept = [perm[k] for k in range(nd) if k not in axes]   # original axes, in CSN order
+    shape = tuple(1 if k in axes else src.shape[k] for k in range(nd)) if keep else \
+        tuple(src.shape[k] for k in range(nd) if k not in axes)
+    r = rw.emit("sum", [src], {"axes": axes, "keepdims": keep}, shape, node.dtype, node.loc)
+    if keep:
+        return r, CSN
+    if kept == sorted(kept):
+        return r, NC
+    order = tuple(int(k) for k in np.argsort(kept))
+    return rw.emit("transpose", [r], {"perm": order}, node.shape, node.dtype, node.loc), NC
+
+
 sum_p = defprim("sum", shape=_reduce_rule("sum"), impl=_sum_impl, accepts_out=True,
-                vjp=lambda g, out, x, *, axes, keepdims: (_expand_back(g, x.shape, axes, keepdims),))
+                vjp=lambda g, out, x, *, axes, keepdims: (_expand_back(g, x.shape, axes, keepdims),),
+                sharding=_reduction_sharding(linear=True), layout=LayoutRule(_sum_batch_last))
 
 
 def _extremum_vjp(g, out, x, *, axes, keepdims):
@@ -53,8 +95,10 @@ def _min_impl(xp, x, *, axes, keepdims, out=None):
     return xp.min(x, axis=axes, keepdims=keepdims, out=out)
 
 
-max_p = defprim("max", shape=_reduce_rule("max"), impl=_max_impl, accepts_out=True, vjp=_extremum_vjp)
-min_p = defprim("min", shape=_reduce_rule("min"), impl=_min_impl, accepts_out=True, vjp=_extremum_vjp)
+max_p = defprim("max", shape=_reduce_rule("max"), impl=_max_impl, accepts_out=True, vjp=_extremum_vjp,
+                sharding=_reduction_sharding(linear=False))
+min_p = defprim("min", shape=_reduce_rule("min"), impl=_min_impl, accepts_out=True, vjp=_extremum_vjp,
+                sharding=_reduction_sharding(linear=False))
 
 
 def _argmax_impl(xp, x, *, axes, keepdims):
@@ -71,14 +115,16 @@ def _argmax_rule(x, *, axes, keepdims):
     return reduced_shape(x.shape, axes, keepdims), np.dtype(np.int64)
 
 
-argmax_p = defprim("argmax", shape=_argmax_rule, impl=_argmax_impl, nondiff=True)
+argmax_p = defprim("argmax", shape=_argmax_rule, impl=_argmax_impl, nondiff=True,
+                   sharding=_reduction_sharding(linear=False))
 
 
 def _argmin_impl(xp, x, *, axes, keepdims):
     return _argmax_impl(xp, -x, axes=axes, keepdims=keepdims)
 
 
-argmin_p = defprim("argmin", shape=_argmax_rule, impl=_argmin_impl, nondiff=True)
+argmin_p = defprim("argmin", shape=_argmax_rule, impl=_argmin_impl, nondiff=True,
+                   sharding=_reduction_sharding(linear=False))
 
 
 # -- public functions ---------------------------------------------------------------

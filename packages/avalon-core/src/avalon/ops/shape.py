@@ -7,6 +7,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..primitive import bind, defprim
 from ._rules import checked_shape, normalize_axes
+from ._sharding import P, R, S, NeedsReduce, NoSplit, created, on_sharded
 
 
 def _reshape_rule(x, *, shape):
@@ -16,9 +17,29 @@ def _reshape_rule(x, *, shape):
     return tuple(shape), x.dtype
 
 
-reshape_p = defprim("reshape", shape=_reshape_rule, view=True,
+def _reshape_sharding(node, states, ctx):
+    """Where the batch factor lands when a reshape splits or merges axes."""
+    (s,) = states
+    if s == P:
+        return P
+    src = node.inputs[0]
+    flat = s[2] * int(np.prod(src.shape[s[1] + 1:], dtype=np.int64))  # flat distance of batch entries
+    after = 1  # product of the output axes after axis b
+    for b in range(node.ndim - 1, -1, -1):
+        size = node.shape[b]
+        if after <= flat < after * size:
+            stride = flat // after
+            if flat % after == 0 and size % (stride * ctx.n) == 0:
+                return S(b, stride)
+            break
+        after *= size
+    raise NoSplit("reshape splits the batch factor")
+
+
+reshape_p = defprim("reshape", shape=_reshape_rule, view=True, output_shape_attr="shape",
                     impl=lambda xp, x, *, shape: xp.reshape(x, shape),
-                    vjp=lambda g, out, x, *, shape: (reshape(g, x.shape),))
+                    vjp=lambda g, out, x, *, shape: (reshape(g, x.shape),),
+                    sharding=on_sharded(_reshape_sharding, reads_partials=True))
 
 
 def _transpose_rule(x, *, perm):
@@ -28,9 +49,15 @@ def _transpose_rule(x, *, perm):
     return tuple(x.shape[p] for p in perm), x.dtype
 
 
+def _transpose_sharding(node, states, ctx):
+    (s,) = states
+    return P if s == P else S(list(node.attrs["perm"]).index(s[1]), s[2])
+
+
 transpose_p = defprim("transpose", shape=_transpose_rule, view=True,
                       impl=lambda xp, x, *, perm: xp.transpose(x, perm),
-                      vjp=lambda g, out, x, *, perm: (transpose(g, tuple(np.argsort(perm).tolist())),))
+                      vjp=lambda g, out, x, *, perm: (transpose(g, tuple(np.argsort(perm).tolist())),),
+                      sharding=on_sharded(_transpose_sharding, reads_partials=True))
 
 
 def _broadcast_rule(x, *, shape):
@@ -46,8 +73,25 @@ def _broadcast_vjp(g, out, x, *, shape):
     return (sum_to(g, x.shape),)
 
 
-broadcast_to_p = defprim("broadcast_to", shape=_broadcast_rule, view=True,
-                         impl=lambda xp, x, *, shape: xp.broadcast_to(x, shape), vjp=_broadcast_vjp)
+def _broadcast_sharding(node, states, ctx):
+    """A replicated value broadcast to the batch size on a new (or size-1) axis
+    becomes sharded on it: its values do not depend on the position."""
+    (s,) = states
+    src = node.inputs[0]
+    lead = node.ndim - src.ndim
+    if s == P:
+        raise NeedsReduce(src)
+    if s != R:
+        return S(s[1] + lead, s[2])
+    for k, size in enumerate(node.shape):
+        if size == ctx.n and (k < lead or src.shape[k - lead] == 1):
+            return S(k)
+    return R
+
+
+broadcast_to_p = defprim("broadcast_to", shape=_broadcast_rule, view=True, output_shape_attr="shape",
+                         impl=lambda xp, x, *, shape: xp.broadcast_to(x, shape), vjp=_broadcast_vjp,
+                         sharding=_broadcast_sharding)
 
 
 # -- public functions ---------------------------------------------------------------
@@ -145,7 +189,8 @@ def _full_impl(xp, *, shape, dtype, value, out=None):
 
 
 full_p = defprim("full", shape=lambda *, shape, dtype, value: (tuple(shape), np.dtype(dtype)),
-                 impl=_full_impl, accepts_out=True, foldable=False, nondiff=True)
+                 impl=_full_impl, accepts_out=True, foldable=False, nondiff=True, output_shape_attr="shape",
+                 sharding=created)
 
 
 def full(shape, value, dtype=np.float32, *, like=None):

@@ -2,7 +2,7 @@
 compile time (on the CPU) and becomes a constant.  Results larger than their
 inputs (a broadcast of a scalar) are left to run: they keep graphs small, and a
 broadcast stays a free view whose shape passes can still reason about (the
-batch split of avalon.parallel shards it; it cannot shard a folded array)."""
+batch split of avalon.passes.sharding shards it; it cannot shard a folded array)."""
 import numpy as np
 
 from ..primitive import PRIMITIVES

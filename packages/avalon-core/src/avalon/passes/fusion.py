@@ -15,7 +15,13 @@ def _fused_rule(*inputs, body):
     return out.shape, out.dtype
 
 
-fused_p = defprim("fused", shape=_fused_rule, impl=None, accepts_out=True,
+def _fused_sharding(node, states, ctx):
+    """A fused group is sharded as its body is."""
+    body = node.attrs["body"]
+    return ctx.sub_graph(node, body, states)[body.outputs[0]]
+
+
+fused_p = defprim("fused", shape=_fused_rule, impl=None, accepts_out=True, sharding=_fused_sharding,
                   doc="A group of elementwise ops compiled as one kernel (see passes.fusion).")
 
 MIN_GROUP = 2

@@ -1,0 +1,328 @@
+"""Batch splitting: can a compiled step run as one thread per core, each on its
+share of the batch?
+
+On the CPU the fastest schedule found for a training step is one thread per
+core, each running the whole step on its share of the batch with a
+single-threaded BLAS, and the per-shard results summed (gradients) or joined
+(per-example outputs).  `split_batch` finds out, by propagating a sharding
+through the graph, whether a graph can run that way:
+
+* batch inputs are sharded along axis 0: ("S", axis, stride) says the batch is
+  a factor of that axis whose consecutive entries lie `stride` apart (1: the
+  batch is the axis, or its innermost factor after a reshape merged axes);
+* values that do not depend on them are replicated ("R");
+* a sum over the sharded axis gives a partial sum ("P") that only linear ops
+  may touch (scaling by a replicated value, adding partials, reshaping): the
+  shards' partials are added at the end;
+* broadcasts, fills and random draws whose shape has the batch size on an axis
+  become sharded on that axis (their values do not depend on the position).
+
+What each op does is its primitive's sharding rule, declared in its
+registration block (avalon.ops._sharding explains the rules).  Anything else
+(a max over the batch, batch statistics mixed back into per-example values as
+in BatchNorm, an op without a sharding rule reading a sharded value) leaves the
+graph unsplit.  The shard graph is the original with every sharded shape
+divided by the number of shards; constants such as the 1/N of a mean are kept,
+which is exactly what makes the partial sums add up.  The result is verified
+with Graph.check().
+
+This is analysis only: avalon.runtime.threads runs the plans.
+"""
+from __future__ import annotations
+
+import logging
+
+from ..errors import GraphError
+from ..graph import Graph, Node
+from ..ops._sharding import P, R, S, WITHOUT_RULE, NeedsReduce, NoSplit
+from ..primitive import PRIMITIVES, defprim
+
+__all__ = ["split_batch", "split_components", "ShardPlan", "allreduce_sum_p", "R", "P", "S", "NoSplit",
+           "NeedsReduce", "MIN_SHARD_ELEMENTS", "MAX_REDUCTIONS"]
+
+log = logging.getLogger("avalon.sharding")
+
+MIN_SHARD_ELEMENTS = 400_000   # below this much sharded work a step is not worth two threads
+MAX_REDUCTIONS = 8             # all-reduces (thread barriers) one step may contain
+
+
+def _allreduce_rule(x, *, key):
+    return tuple(x.shape), x.dtype
+
+
+allreduce_sum_p = defprim("allreduce_sum", shape=_allreduce_rule, impl=None, effectful=True,
+                          doc="sum of a value over the shards of a split step (a barrier between "
+                              "the engine's threads); put in by avalon.passes.sharding")
+
+
+class ShardPlan:
+    """How to run a graph in shards: the shard graph, the batch inputs, and
+    how to combine each output ("S", axis) / P / R."""
+
+    def __init__(self, shard_graph, batch_input_index, output_states, shards):
+        self.graph = shard_graph
+        self.batch_input_index = batch_input_index
+        self.output_states = output_states
+        self.shards = shards
+
+
+# -- propagation ------------------------------------------------------------------------------
+
+class _Propagation:
+    """One propagation of the sharding through a graph: the context sharding
+    rules get (`n`, `sub_graph`), and the states of the sub-graphs met."""
+
+    def __init__(self, n):
+        self.n = n
+        self.sub_states: dict = {}  # sub-graph (a fused body) -> its nodes' states
+
+    def state(self, node, states):
+        prim = PRIMITIVES.get(node.op)
+        if prim is None:
+            raise NoSplit(f"unknown op {node.op}")
+        if prim.writes_input:
+            raise NoSplit("writes into an input")
+        return prim.rule("sharding", WITHOUT_RULE)(node, states, self)
+
+    def sub_graph(self, node, body, states):
+        """The states of the nodes of `body`, a sub-graph `node` holds whose
+        inputs are node's operands (in `states`)."""
+        st = dict(zip(body.inputs, states))
+        outer = dict(zip(body.inputs, node.inputs))
+        for b in body.nodes:
+            if b.op == "input":
+                continue
+            try:
+                st[b] = R if b.op == "const" else self.state(b, [st[i] for i in b.inputs])
+            except NeedsReduce as e:
+                # a partial sum inside comes linearly from partial operands:
+                # summing those over the shards sums it too
+                source = _partial_source(e.node, st, outer)
+                if source is None:
+                    raise NoSplit(f"a partial sum used non-linearly inside {node.op}") from None
+                raise NeedsReduce(source) from None
+        self.sub_states[body] = st
+        return st
+
+
+def _partial_source(node, st, outer):
+    """The first sub-graph input in state P that `node` is computed from."""
+    stack, seen = [node], set()
+    while stack:
+        b = stack.pop()
+        if b in outer:
+            if st[b] == P:
+                return outer[b]
+            continue
+        if b in seen:
+            continue
+        seen.add(b)
+        stack.extend(i for i in b.inputs if st.get(i) == P)
+    return None
+
+
+def _propagate(graph, batch_inputs, n, reduced):
+    """States of every node, and the propagation that found them.  Partial sums
+    used non-linearly are summed over the shards (they join `reduced` and count
+    as replicated from there on)."""
+    while True:
+        ctx = _Propagation(n)
+        try:
+            return _propagate_once(graph, batch_inputs, ctx, reduced), ctx
+        except NeedsReduce as e:
+            if e.node in reduced or len(reduced) >= MAX_REDUCTIONS:
+                raise NoSplit("too many partial sums used non-linearly") from None
+            reduced.add(e.node)
+
+
+def _propagate_once(graph, batch_inputs, ctx, reduced):
+    state = {}
+    for node in graph.nodes:
+        if node.op == "input":
+            state[node] = S(0) if node in batch_inputs else R
+        elif node.op == "const":
+            state[node] = R
+        else:
+            state[node] = ctx.state(node, [state[i] for i in node.inputs])
+            if node in reduced:
+                if state[node] != P:
+                    raise NoSplit("an all-reduce of a value that is not a partial sum")
+                state[node] = R
+    return state
+
+
+# -- the shard graph --------------------------------------------------------------------------
+
+def _shard_copy(graph, state, shards, sub_states, reduced=()):
+    """A copy of graph with every sharded shape (and shape attribute) divided,
+    and an all-reduce after each partial sum that is used non-linearly."""
+    shard = graph.copy()
+    pairs = list(zip(graph.nodes, shard.nodes))
+    if reduced:
+        _insert_allreduces(graph, shard, reduced)
+    for old, new in pairs:
+        _shard_sub_graphs(old, new, shards, sub_states)
+        s = state[old]
+        if s not in (R, P):
+            _divide(new, s[1], shards)
+    return shard
+
+
+def _shard_sub_graphs(old, new, shards, sub_states):
+    """A node holding a sub-graph (a fused group's body) gets the sub-graph's shard copy."""
+    for key, value in old.attrs.items():
+        if isinstance(value, Graph) and value in sub_states:
+            new.attrs = dict(new.attrs, **{key: _shard_copy(value, sub_states[value], shards, sub_states)})
+
+
+def _divide(node, axis, shards):
+    """`node` computes 1/shards of its output along `axis`: its shape, and the
+    attributes that describe it, say so."""
+    full_shape = node.shape
+    shape = list(full_shape)
+    shape[axis] //= shards
+    node.shape = tuple(shape)
+    prim = PRIMITIVES.get(node.op)
+    if prim is None:  # a graph input
+        return
+    if prim.output_shape_attr:
+        node.attrs = dict(node.attrs, **{prim.output_shape_attr: node.shape})
+    shard_attrs = prim.rule("shard_attrs", None)
+    if shard_attrs is not None:
+        node.attrs = shard_attrs(node, full_shape, axis)
+
+
+def _insert_allreduces(graph, shard, reduced):
+    mapping = dict(zip(graph.nodes, shard.nodes))  # shard was just copied from graph
+    sums = {}
+    for k, old in enumerate(sorted(reduced, key=graph.nodes.index)):
+        new = mapping[old]
+        sums[new] = Node("allreduce_sum", [new], {"key": k}, new.shape, new.dtype, new.loc)
+    nodes = []
+    for m in shard.nodes:
+        m.inputs = [sums.get(i, i) for i in m.inputs]
+        nodes.append(m)
+        if m in sums:
+            nodes.append(sums[m])
+    # the all-reduce itself reads the partial sum
+    for new, red in sums.items():
+        red.inputs = [new]
+    shard.nodes = nodes
+    shard.outputs = [sums.get(o, o) for o in shard.outputs]
+
+
+# -- the analysis -----------------------------------------------------------------------------
+
+def split_batch(graph, batch_inputs, shards: int):
+    """A ShardPlan for running `graph` in `shards` pieces along the batch, or
+    None when the graph cannot be split (or is too small to gain)."""
+    n = _batch_size(batch_inputs, shards)
+    if n is None:
+        return None
+    reduced: set = set()
+    try:
+        state, ctx = _propagate(graph, set(batch_inputs), n, reduced)
+        _check_joinable(graph, state, n)
+        _check_worthwhile(state)
+    except NoSplit as e:
+        log.debug("%s is not split across threads: %s", graph.name, e)
+        return None
+    shard = _shard_copy(graph, state, shards, ctx.sub_states, reduced)
+    try:
+        shard.check()
+    except GraphError as e:
+        log.debug("%s is not split across threads: the shard graph is invalid: %s", graph.name, e)
+        return None
+    index = [k for k, i in enumerate(graph.inputs) if i in batch_inputs]
+    return ShardPlan(shard, index, [state[o] for o in graph.outputs], shards)
+
+
+def _batch_size(batch_inputs, shards):
+    """The batch size every batch input shares, when it divides into shards of two or more."""
+    if shards < 2 or not batch_inputs:
+        return None
+    sizes = {i.shape[0] for i in batch_inputs if i.ndim}
+    if len(sizes) != 1:
+        return None
+    n = sizes.pop()
+    if n < 2 * shards or n % shards:
+        return None
+    return n
+
+
+def _check_joinable(graph, state, n):
+    for o in graph.outputs:
+        st = state[o]
+        if st not in (R, P) and o.shape[st[1]] != n * st[2]:
+            raise NoSplit("the batch is not the outer factor of an output's axis: shards cannot be joined")
+
+
+def _check_worthwhile(state):
+    work = sum(node.size for node, s in state.items() if s not in (R, P))
+    if work < MIN_SHARD_ELEMENTS:
+        raise NoSplit(f"{work} sharded elements are too few to gain from threads")
+
+
+# -- independent parts of a graph across threads ---------------------------------------------
+
+def split_components(graph, parts: int = 2):
+    """Subgraphs that share no intermediate value (an optimizer's update of each
+    parameter, say), grouped into `parts` groups of about equal work; None when
+    the graph has fewer independent parts or too little work to gain."""
+    groups = _independent_groups(graph)
+    if len(groups) < parts:
+        return None
+    work = {k: sum(n.size for n in v) for k, v in groups.items()}
+    if sum(work.values()) < MIN_SHARD_ELEMENTS:
+        return None
+    bins = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for k in sorted(groups, key=lambda k: -work[k]):
+        j = loads.index(min(loads))
+        bins[j].extend(groups[k])
+        loads[j] += work[k]
+    if min(loads) < 0.2 * max(loads):
+        return None
+    return [_subgraph(graph, set(members)) for members in bins]
+
+
+def _independent_groups(graph):
+    """The nodes of graph grouped by connection (through values, and through an
+    input one node writes and another reads)."""
+    parent = {}
+
+    def find(a):
+        while parent.setdefault(a, a) is not a:
+            parent[a] = parent.setdefault(parent[a], parent[a])
+            a = parent[a]
+        return a
+
+    def union(a, b):
+        ra, rb = find(a), find(b)
+        if ra is not rb:
+            parent[ra] = rb
+
+    body = [n for n in graph.nodes if n.op not in ("input", "const")]
+    for n in body:
+        find(n)
+        for i in n.inputs:
+            if i.op not in ("input", "const"):
+                union(n, i)
+    # an input written by one part (assign) must not be read by another
+    written = {n.inputs[0]: n for n in body if getattr(PRIMITIVES.get(n.op), "writes_input", False)}
+    for n in body:
+        for i in n.inputs:
+            if i in written:
+                union(n, written[i])
+    groups: dict = {}
+    for n in body:
+        groups.setdefault(find(n), []).append(n)
+    return groups
+
+
+def _subgraph(graph, keep):
+    g = Graph(graph.name)
+    g.inputs = list(graph.inputs)
+    g.nodes = [n for n in graph.nodes if n.op in ("input", "const") or n in keep]
+    g.outputs = [o for o in graph.outputs if o in keep or o.op in ("input", "const")]
+    return g

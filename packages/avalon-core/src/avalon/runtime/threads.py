@@ -1,0 +1,302 @@
+"""Engine-owned threads: running a compiled step on several cores.
+
+The analysis (avalon.passes.sharding) decides whether a step can run split
+across the batch (a ShardPlan) or as independent parts (split_components);
+this module runs those plans:
+
+* ShardedFunction: one compiled copy of the shard graph per thread, each on its
+  share of the batch, the outputs summed or joined; all-reduces are barriers
+  between the threads (_Reducer);
+* ComponentParallel: the independent parts of a graph in the threads;
+* BlasThreads: one compiled graph with the BLAS library on several threads;
+* Autotuned: several of these schedules of one step, timed on the first calls,
+  the fastest kept.
+
+The threads are persistent (_Workers): the calling thread runs the last share.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+
+from ..ops._sharding import P, R
+from ..primitive import PRIMITIVES
+from ..threadsafe import private_backend
+
+__all__ = ["ShardedFunction", "ComponentParallel", "BlasThreads", "Autotuned", "shard_count"]
+
+
+def shard_count() -> int:
+    """Threads a compiled step may be split into: AVALON_THREADS, else 2 on a
+    machine with two cores or more."""
+    env = os.environ.get("AVALON_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(2, os.cpu_count() or 1)) if (os.cpu_count() or 1) >= 2 else 1
+
+
+class ShardedFunction:
+    """Runs a ShardPlan: one compiled copy of the shard graph per thread (each
+    with its own buffers and random generator), results combined."""
+
+    def __init__(self, plan, backend, name):
+        from ..codegen import generate
+        self.plan = plan
+        self.backend = backend
+        self.copies = []
+        self.reducers = {n.attrs["key"]: _Reducer(plan.shards) for n in plan.graph.nodes
+                         if n.op == "allreduce_sum"}
+        for index in range(plan.shards):
+            b = private_backend(backend)
+            b._shard_index, b._reducers = index, self.reducers
+            self.copies.append((b, generate(plan.graph, b, name)))
+        self.compiled = self.copies[0][1]
+        self.graph, self.plan_memory = plan.graph, self.compiled.plan
+        self.source = (f"# runs in {plan.shards} threads, each on 1/{plan.shards} of the batch; outputs "
+                       f"combined as {[_describe(s) for s in plan.output_states]}\n" + self.compiled.source)
+        self.fn = self.__call__
+        self._pool = _workers(plan.shards - 1)
+
+    def __call__(self, *args):
+        plan = self.plan
+        k = plan.shards
+        random = self._draws_random()
+        if random:
+            # every shard replays the generator from where the unsplit step would
+            # start, so the draws (and what follows) equal the unsplit step's
+            state = self.backend._rng().bit_generator.state
+            for b, _ in self.copies:
+                b.rng = np.random.Generator(type(self.backend.rng.bit_generator)())
+                b.rng.bit_generator.state = state
+        per_shard = []
+        for s in range(k):
+            shard_args = list(args)
+            for i in plan.batch_input_index:
+                x = args[i]
+                step = x.shape[0] // k
+                shard_args[i] = x[s * step:(s + 1) * step]
+            per_shard.append(shard_args)
+        for r in self.reducers.values():
+            r.ready()
+        self._error = None
+        try:
+            results = self._pool.run([(self._guarded, (c.fn, a)) for (_, c), a in zip(self.copies, per_shard)])
+        except threading.BrokenBarrierError:
+            if self._error is not None:  # the thread that failed first says why
+                raise self._error from None
+            raise
+        if random:
+            self.backend.rng.bit_generator.state = self.copies[0][0].rng.bit_generator.state
+        return tuple(self._combine(j, st, results) for j, st in enumerate(plan.output_states))
+
+    def _guarded(self, fn, args):
+        try:
+            return fn(*args)
+        except BaseException as e:
+            if not isinstance(e, threading.BrokenBarrierError) and self._error is None:
+                self._error = e
+            for r in self.reducers.values():  # release the other threads waiting at a barrier
+                r.abort()
+            raise
+
+    def _draws_random(self):
+        return any(getattr(PRIMITIVES.get(n.op), "draws_random", False) for n in self.plan.graph.nodes)
+
+    def _combine(self, j, st, results):
+        xp = self.backend.xp
+        if st == R:
+            return results[0][j]
+        if st == P:
+            total = results[0][j]
+            total = total.copy() if hasattr(total, "copy") else total
+            for r in results[1:]:
+                total = xp.add(total, r[j], out=total) if getattr(total, "ndim", 0) else total + r[j]
+            return total
+        return xp.concatenate([r[j] for r in results], axis=st[1])
+
+
+class _Reducer:
+    """The rendezvous of one all-reduce: each thread brings its partial sum and
+    leaves with (a copy of) the total."""
+
+    def __init__(self, shards):
+        self.values = [None] * shards
+        self.total = None
+        self.barrier = threading.Barrier(shards)
+
+    def ready(self):
+        if self.barrier.broken:
+            self.barrier.reset()
+
+    def abort(self):
+        self.barrier.abort()
+
+    def reduce(self, index, value):
+        self.values[index] = value
+        if self.barrier.wait() == 0:
+            total = self.values[0]
+            for v in self.values[1:]:
+                total = total + v
+            self.total = total
+        self.barrier.wait()
+        return self.total.copy()
+
+
+def _describe(state):
+    return {R: "replicated", P: "sum"}.get(state, f"concat(axis={state[1]})" if state not in (R, P) else "")
+
+
+_pools: dict = {}
+
+
+def _workers(n):
+    if n not in _pools:
+        _pools[n] = _Workers(n)
+    return _pools[n]
+
+
+class _Workers:
+    """n persistent worker threads; the calling thread runs the last task."""
+
+    def __init__(self, n):
+        self.lock = threading.Lock()
+        self.tasks = [None] * n
+        self.results = [None] * n
+        self.go = [threading.Event() for _ in range(n)]
+        self.done = [threading.Event() for _ in range(n)]
+        for k in range(n):
+            threading.Thread(target=self._loop, args=(k,), daemon=True).start()
+
+    def _loop(self, k):
+        while True:
+            self.go[k].wait()
+            self.go[k].clear()
+            fn, args = self.tasks[k]
+            try:
+                self.results[k] = (True, fn(*args))
+            except BaseException as e:  # re-raised in the caller
+                self.results[k] = (False, e)
+            self.done[k].set()
+
+    def run(self, jobs):
+        with self.lock:
+            return self._run(jobs)
+
+    def _run(self, jobs):
+        n = len(self.tasks)
+        for k in range(n):
+            self.tasks[k] = jobs[k]
+            self.done[k].clear()
+            self.go[k].set()
+        last_fn, last_args = jobs[n]
+        try:
+            mine = last_fn(*last_args)
+        finally:
+            # even when the caller's own share failed: a worker still running
+            # this call's task must finish before the next call hands it another
+            for k in range(n):
+                self.done[k].wait()
+        out = []
+        for k in range(n):
+            ok, value = self.results[k]
+            if not ok:
+                raise value
+            out.append(value)
+        return out + [mine]
+
+
+class BlasThreads:
+    """A compiled graph run with the backend's BLAS on `threads` threads (and
+    back to one afterwards): for steps whose time is mostly a few large
+    matrix products, where splitting the batch gains less."""
+
+    def __init__(self, compiled, backend, threads):
+        self.compiled, self.backend, self.threads = compiled, backend, threads
+        self.graph, self.plan, self.source = compiled.graph, compiled.plan, (
+            f"# BLAS on {threads} threads\n" + compiled.source)
+        self.fn = self.__call__
+
+    def __call__(self, *args):
+        self.backend.set_blas_threads(self.threads)
+        try:
+            return self.compiled.fn(*args)
+        finally:
+            self.backend.set_blas_threads(1)
+
+
+class Autotuned:
+    """Several compiled schedules of one graph (split across threads or not,
+    BLAS threads or not): the first calls time each in turn, then the fastest
+    runs from there on.  Every call computes the same step, so the trial calls
+    are real work."""
+
+    WARMUP, TRIALS = 1, 3
+
+    def __init__(self, candidates):
+        self.candidates = candidates          # [(label, compiled)]
+        self.calls = [0] * len(candidates)
+        self.times = [[] for _ in candidates]
+        self.choice = None
+        self.fn = self.__call__
+
+    def current(self):
+        return self.candidates[self.choice if self.choice is not None else 0][1]
+
+    graph = property(lambda self: self.current().graph)
+    plan = property(lambda self: self.current().plan)
+    source = property(lambda self: self.current().source)
+
+    @property
+    def label(self):
+        return self.candidates[self.choice][0] if self.choice is not None else "(still timing)"
+
+    def __call__(self, *args):
+        if self.choice is not None:
+            return self.candidates[self.choice][1].fn(*args)
+        # one candidate after the other (not round-robin): a schedule that leaves
+        # threads spinning (BLAS) must not slow the timing of the others, so it is last
+        k = next(i for i in range(len(self.candidates)) if len(self.times[i]) < self.TRIALS)
+        self.calls[k] += 1
+        t0 = time.perf_counter()
+        out = self.candidates[k][1].fn(*args)
+        self.backend_sync()
+        if self.calls[k] > self.WARMUP:
+            self.times[k].append(time.perf_counter() - t0)
+        if all(len(t) >= self.TRIALS for t in self.times):
+            self.choice = min(range(len(self.candidates)), key=lambda i: sorted(self.times[i])[len(self.times[i]) // 2])
+        return out
+
+    def backend_sync(self):
+        b = getattr(self.candidates[0][1], "backend", None)
+        if b is not None:
+            b.synchronize()
+
+
+class ComponentParallel:
+    """Runs the independent parts of a graph (split_components) in the engine's
+    threads and puts their outputs back in the graph's order."""
+
+    def __init__(self, graph, parts, backend):
+        from ..codegen import generate
+        self.graph = graph
+        self.parts = []
+        for g in parts:
+            b = private_backend(backend)
+            self.parts.append((generate(g, b, g.name), [graph.outputs.index(o) for o in g.outputs]))
+        self.plan = self.parts[0][0].plan
+        self.source = "".join(f"# part {k} of {len(self.parts)}, in its own thread\n{c.source}"
+                              for k, (c, _) in enumerate(self.parts))
+        self.backend = backend
+        self.fn = self.__call__
+        self._pool = _workers(len(parts) - 1)
+
+    def __call__(self, *args):
+        results = self._pool.run([(c.fn, args) for c, _ in self.parts])
+        out = [None] * len(self.graph.outputs)
+        for (_, where), values in zip(self.parts, results):
+            for k, v in zip(where, values):
+                out[k] = v
+        return tuple(out)
