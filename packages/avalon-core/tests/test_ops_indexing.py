@@ -312,7 +312,8 @@ def test_getitem_grad_with_shared_intermediates():
     g1 = g1.copy()
     loss2, (g2,) = avalon.grad(f, x)
     np.testing.assert_array_equal(g1, g2)
-    np.testing.assert_array_equal(avalon.jit(f)(x), f(x))
+    # compiled against eager: fused kernels may use vector math (a few ulp from NumPy's)
+    np.testing.assert_allclose(avalon.jit(f)(x), f(x), rtol=1e-14)
 
 
 def test_getitem_grad_primitive_vjp():

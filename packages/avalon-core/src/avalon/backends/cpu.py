@@ -23,13 +23,45 @@ class CpuBackend(Backend):
     def __init__(self, index: int = 0):
         super().__init__(index)
         _own_blas_threads()
-        from ..parallel import shard_count
+        from ..runtime.threads import shard_count
         self.parallel_shards = shard_count()
+
+    @classmethod
+    def passes(cls):
+        # convolutional stacks batch-innermost: im2col and one large matrix product
+        # per convolution, the shapes NumPy's BLAS runs fastest
+        from ..passes.layout import layout
+        return [("layout", layout, "after:dce_2")]
+
+    @classmethod
+    def forward_passes(cls):
+        # max pooling before monotone activations: they run on the pooled tensor
+        from ..passes.pool_first import pool_first
+        return [("pool_first", pool_first, "start")]
 
     out_kernels = ("where", "im2col_csn", "col2im_csn")
 
     def compile_fused(self, body):
-        return compile_fused_numpy(body, self)
+        """A fused elementwise group as ONE compiled C kernel (avalon.kernel_ir, built
+        with the system compiler: cpu_native); the group's NumPy ufuncs in turn
+        (compile_fused_numpy) when it has no exact C kernel, when no C compiler is
+        usable (warned once) or when AVALON_NATIVE=0."""
+        from . import cpu_native
+        if not cpu_native.enabled():
+            return compile_fused_numpy(body, self)
+        try:
+            return cpu_native.compile_fused_c(body, self)
+        except cpu_native.Unfusable:
+            return compile_fused_numpy(body, self)
+        except cpu_native.NativeUnavailable:
+            from ..runtime import native
+            native.warn_fallback_once("elementwise fusion")
+            return compile_fused_numpy(body, self)
+        except cpu_native.NativeBuildError as e:
+            import warnings
+            warnings.warn(f"avalon: a fused kernel did not build, so its group runs on NumPy: {e}",
+                          RuntimeWarning, stacklevel=2)
+            return compile_fused_numpy(body, self)
 
     def set_blas_threads(self, n: int) -> None:
         """Threads of the BLAS library for the calls that follow (a C call: cheap)."""

@@ -1,0 +1,25 @@
+"""Avalon's kernel generator: a loop-level kernel IR, lowering of fused
+elementwise groups to it, and renderers to C (CPU) and CUDA.
+
+    body (a fused group's Graph)  --lower-->  Kernel  --CRenderer / CUDARenderer-->  source
+
+- `ir`: the IR (`Kernel`, `Loop`, `Let`, `Store`, typed expressions), its
+  text form (`str(kernel)`) and its verifier (`verify`).
+- `lower`: `lower(body)` -> Kernel; `Unfusable` when a group has no exact kernel.
+- `render_cstyle`, `render_c`, `render_cuda`: `CStyleRenderer` and its C and
+  CUDA subclasses; `render_module(kernels)` puts several kernels in one
+  translation unit.
+
+The CPU backend builds fused groups with the C renderer when a C compiler is
+available (avalon.backends.cpu_native); AVALON_NATIVE=0 keeps the NumPy path.
+"""
+from .ir import (Binary, Buffer, Call, Cast, Const, Expr, Index, Kernel, KernelIRError, Let, Load, Loop,
+                 Select, Store, Unary, Var, verify)
+from .lower import Unfusable, lower
+from .render_c import CRenderer
+from .render_cstyle import CStyleRenderer
+from .render_cuda import CUDARenderer
+
+__all__ = ["Binary", "Buffer", "Call", "Cast", "Const", "Expr", "Index", "Kernel", "KernelIRError", "Let",
+           "Load", "Loop", "Select", "Store", "Unary", "Var", "verify", "Unfusable", "lower",
+           "CStyleRenderer", "CRenderer", "CUDARenderer"]

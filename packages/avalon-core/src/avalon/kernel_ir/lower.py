@@ -1,0 +1,482 @@
+"""Lowering a fused elementwise group (a body Graph from avalon.passes.fusion)
+to a `Kernel`.
+
+Shapes are static, so the loop nest is fixed at compile time:
+
+* the output is C-contiguous; each input is read through strides of its own,
+  0 on the dimensions it is broadcast along;
+* dimensions of extent 1 are dropped, and adjacent dimensions that are
+  contiguous for every operand are merged, so the common case (no
+  broadcasting, or a scalar) is ONE flat loop, which a C compiler vectorizes;
+  a row vector plus a column vector gives two loops with a unit-stride inner one;
+* an empty output gives one loop of extent 0.
+
+Each body node becomes a `Let` computed from its primitive's `expr` template
+(declared once, in the primitive's registration block), or from the target's
+own template for that primitive (a renderer's `EXPR` table keyed by primitive
+name, where the generic one is not exact).  A template is a C expression over
+``{0}``, ``{1}``, ... (the operands) and ``{T}`` (the node's type); it is
+parsed and typed by NumPy's rules: operands of an arithmetic op, a comparison,
+``max``/``min`` or the branches of ``?:`` are cast to their common dtype (the
+shape rules' `result_dtype`), and a bare literal is weak (it takes the dtype of
+what it meets, as a Python scalar does: ``1 + exp(-x)`` stays float32 for
+float32 x).  Call operands are made atoms (a variable or a constant) by
+`Let`s of their own, so a renderer may repeat them.
+
+What cannot be written exactly raises `Unfusable` naming the reason: a
+primitive without `expr`, float16 and complex dtypes, integer division and
+pow, negating a bool, a constant a dtype cannot hold.  The backend then keeps
+its NumPy path for that group.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import replace
+
+import numpy as np
+
+from ..errors import AvalonError
+from ..ops._rules import result_dtype
+from ..primitive import PRIMITIVES, weak_scalar
+from .ir import (BOOL, DTYPES, FUNCS, Binary, Buffer, Call, Cast, Const, Expr, Index, Kernel, Let, Load, Loop,
+                 Select, Store, Unary, Var, binary, verify)
+
+
+class Unfusable(AvalonError):
+    """The group cannot be written as one exact kernel; str() says why."""
+
+
+def kernel_dtype(dtype, what="a value"):
+    d = np.dtype(dtype)
+    if d not in DTYPES:
+        raise Unfusable(f"{what} has dtype {d.name}, which has no exact scalar type in a kernel "
+                        "(float16 and complex groups run op by op)")
+    return d
+
+
+# -- loop structure ------------------------------------------------------------------------------------------
+
+def broadcast_strides(shape, out_shape):
+    """Element strides that read an array of C-contiguous `shape` at each index
+    of `out_shape`: 0 on broadcast dimensions (and the missing leading ones)."""
+    nd = len(out_shape)
+    if len(shape) > nd:
+        raise Unfusable(f"an operand of shape {tuple(shape)} has more dimensions than the output "
+                        f"{tuple(out_shape)}")
+    full = (1,) * (nd - len(shape)) + tuple(shape)
+    strides, step = [0] * nd, 1
+    for j in range(nd - 1, -1, -1):
+        if full[j] != out_shape[j]:
+            if full[j] != 1:
+                raise Unfusable(f"an operand of shape {tuple(shape)} does not broadcast to the output "
+                                f"{tuple(out_shape)}")
+        else:
+            strides[j] = step if full[j] != 1 else 0
+        step *= full[j]
+    return strides
+
+
+def collapse(out_shape, operand_strides):
+    """The loop nest: [(extent, [stride of each operand])], outermost first.
+
+    Extent-1 dimensions are dropped; dimension j merges into j+1 when every
+    operand has stride[j] == stride[j+1] * extent[j+1].  An empty output gives
+    [(0, zeros)]."""
+    n_ops = len(operand_strides)
+    if any(e == 0 for e in out_shape):
+        return [(0, [0] * n_ops)]
+    dims = [(e, [st[j] for st in operand_strides]) for j, e in enumerate(out_shape) if e != 1]
+    merged: list = []
+    for extent, strides in dims:
+        if merged:
+            pe, ps = merged[-1]
+            if all(p == s * extent for p, s in zip(ps, strides)):
+                merged[-1] = (pe * extent, strides)
+                continue
+        merged.append((extent, strides))
+    return merged
+
+
+# -- templates: parsing ------------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"""\s*(?:
+    (?P<num>(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?)(?P<suffix>[fFlLuU]*)
+  | (?P<ph>\{\w+\})
+  | (?P<id>[A-Za-z_]\w*)
+  | (?P<op>\|\||&&|==|!=|<=|>=|[-+*/<>!?:(),])
+)""", re.X)
+
+#: type names a template may cast to, besides {T}
+C_TYPE_NAMES = {"bool": np.bool_, "int": np.int32, "float": np.float32, "double": np.float64,
+                "int8_t": np.int8, "int16_t": np.int16, "int32_t": np.int32, "int64_t": np.int64,
+                "uint8_t": np.uint8, "uint16_t": np.uint16, "uint32_t": np.uint32, "uint64_t": np.uint64}
+
+#: function names a template may call -> IR function (semantics of NumPy's ufunc of that name)
+TEMPLATE_FUNCS = {"exp": "exp", "log": "log", "log1p": "log1p", "expm1": "expm1", "sqrt": "sqrt",
+                  "tanh": "tanh", "pow": "pow", "abs": "abs", "fabs": "abs", "max": "max", "min": "min"}
+
+_BIN = {"+": "add", "-": "sub", "*": "mul", "/": "div", "<": "lt", "<=": "le", ">": "gt", ">=": "ge",
+        "==": "eq", "!=": "ne", "&&": "and", "||": "or"}
+_LEVELS = [("||",), ("&&",), ("==", "!="), ("<", "<=", ">", ">="), ("+", "-"), ("*", "/")]
+
+
+def _tokens(template):
+    pos, out = 0, []
+    template = template.rstrip()
+    while pos < len(template):
+        m = _TOKEN.match(template, pos)
+        if m is None or m.end() == pos:
+            raise Unfusable(f"template {template!r}: cannot read {template[pos:]!r}")
+        pos = m.end()
+        if m.group("num") is not None:
+            text, suffix = m.group("num"), m.group("suffix").lower()
+            is_float = any(c in text for c in ".eE") or "f" in suffix
+            out.append(("num", float(text) if is_float else int(text)))
+        elif m.group("ph") is not None:
+            out.append(("ph", m.group("ph")[1:-1]))
+        elif m.group("id") is not None:
+            out.append(("id", m.group("id")))
+        else:
+            out.append(("op", m.group("op")))
+    out.append(("end", None))
+    return out
+
+
+class _Parser:
+    """C expressions of templates -> a small AST of tuples:
+    ("arg", k), ("lit", value), ("call", name, args), ("un", op, a),
+    ("bin", op, a, b), ("sel", c, a, b), ("cast", type, a)  (type "T" or a C name)."""
+
+    def __init__(self, template):
+        self.template = template
+        self.toks = _tokens(template)
+        self.pos = 0
+
+    def peek(self, k=0):
+        return self.toks[min(self.pos + k, len(self.toks) - 1)]
+
+    def take(self, op=None):
+        tok = self.toks[self.pos]
+        if op is not None and tok != ("op", op):
+            raise Unfusable(f"template {self.template!r}: expected {op!r}, found {tok[1]!r}")
+        self.pos += 1
+        return tok
+
+    def parse(self):
+        tree = self.ternary()
+        if self.peek()[0] != "end":
+            raise Unfusable(f"template {self.template!r}: unexpected {self.peek()[1]!r}")
+        return tree
+
+    def ternary(self):
+        cond = self.binary(0)
+        if self.peek() == ("op", "?"):
+            self.take()
+            a = self.ternary()
+            self.take(":")
+            b = self.ternary()
+            return ("sel", cond, a, b)
+        return cond
+
+    def binary(self, level):
+        if level == len(_LEVELS):
+            return self.unary()
+        left = self.binary(level + 1)
+        while self.peek()[0] == "op" and self.peek()[1] in _LEVELS[level]:
+            op = self.take()[1]
+            left = ("bin", _BIN[op], left, self.binary(level + 1))
+        return left
+
+    def unary(self):
+        tok = self.peek()
+        if tok in (("op", "-"), ("op", "+"), ("op", "!")):
+            self.take()
+            return ("un", tok[1], self.unary())
+        if tok == ("op", "(") and self.peek(2) == ("op", ")") and (
+                self.peek(1) == ("ph", "T") or (self.peek(1)[0] == "id" and self.peek(1)[1] in C_TYPE_NAMES)):
+            self.take()
+            name = self.take()[1]
+            self.take(")")
+            return ("cast", name, self.unary())
+        return self.primary()
+
+    def primary(self):
+        kind, v = self.take()
+        if kind == "num":
+            return ("lit", v)
+        if kind == "ph":
+            if not v.isdigit():
+                raise Unfusable(f"template {self.template!r}: {{{v}}} is not an operand")
+            return ("arg", int(v))
+        if kind == "id":
+            if v in ("true", "false"):
+                return ("lit", v == "true")
+            if v not in TEMPLATE_FUNCS:
+                raise Unfusable(f"template {self.template!r}: unknown function {v!r}")
+            self.take("(")
+            args = [self.ternary()]
+            while self.peek() == ("op", ","):
+                self.take()
+                args.append(self.ternary())
+            self.take(")")
+            return ("call", TEMPLATE_FUNCS[v], args)
+        if (kind, v) == ("op", "("):
+            e = self.ternary()
+            self.take(")")
+            return e
+        raise Unfusable(f"template {self.template!r}: unexpected {v!r}")
+
+
+_PARSED: dict = {}
+
+
+def parse_template(template: str):
+    tree = _PARSED.get(template)
+    if tree is None:
+        tree = _PARSED[template] = _Parser(template).parse()
+    return tree
+
+
+# -- templates: typing -----------------------------------------------------------------------------------------------
+
+class _Weak:
+    """A literal of the template whose dtype comes from what it meets."""
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def const_of(value, dtype, what="a literal"):
+    """Const(value) of `dtype`, or Unfusable when the dtype cannot hold it."""
+    dtype = np.dtype(dtype)
+    try:
+        with np.errstate(all="raise"):
+            arr = np.asarray(value, dtype=dtype)
+    except (OverflowError, ValueError, FloatingPointError, TypeError):
+        raise Unfusable(f"{what} {value!r} does not fit {dtype.name}") from None
+    if dtype.kind in "iub" and arr != value:
+        raise Unfusable(f"{what} {value!r} is not exact in {dtype.name}")
+    return Const(arr, dtype)
+
+
+class _Typer:
+    def __init__(self, node_op, node_dtype, args):
+        self.op = node_op
+        self.T = node_dtype
+        self.args = args
+
+    def fail(self, msg):
+        raise Unfusable(f"{self.op}: {msg}")
+
+    def typed(self, t):
+        kind = t[0]
+        if kind == "arg":
+            if t[1] >= len(self.args):
+                self.fail(f"the template reads operand {{{t[1]}}} of {len(self.args)}")
+            return self.args[t[1]]
+        if kind == "lit":
+            return _Weak(t[1])
+        if kind == "cast":
+            dtype = self.T if t[1] == "T" else np.dtype(C_TYPE_NAMES[t[1]])
+            x = self.typed(t[2])
+            if isinstance(x, _Weak):
+                return const_of(x.value, dtype)
+            return x if x.dtype == dtype else Cast(x, dtype)
+        if kind == "un":
+            x = self.typed(t[2])
+            if t[1] == "+":
+                return x
+            if t[1] == "!":
+                return _Weak(not x.value) if isinstance(x, _Weak) else Unary("not", self.to_bool(x), BOOL)
+            if isinstance(x, _Weak):
+                return _Weak(-x.value)
+            if x.dtype == BOOL:
+                self.fail("negates a bool (NumPy refuses: use logical not)")
+            return Unary("neg", x, x.dtype)
+        if kind == "bin":
+            return self.binary(t[1], self.typed(t[2]), self.typed(t[3]))
+        if kind == "sel":
+            cond = self.typed(t[1])
+            if isinstance(cond, _Weak):
+                return self.typed(t[2] if cond.value else t[3])
+            a, b = self.unify("where", [self.typed(t[2]), self.typed(t[3])])
+            return Select(self.to_bool(cond), a, b, a.dtype)
+        if kind == "call":
+            return self.call(t[1], [self.typed(a) for a in t[2]])
+        self.fail(f"unknown template node {kind!r}")
+
+    def unify(self, opname, xs):
+        """Operands in one dtype: weak literals take the dtype of the others,
+        typed ones are cast to their common dtype (the shape rules' result_dtype)."""
+        typed = [x for x in xs if not isinstance(x, _Weak)]
+        if not typed:
+            typed = [const_of(xs[0].value, self.T)]
+            xs = [typed[0]] + list(xs[1:])
+        ref = typed[0].dtype
+        xs = [const_of(x.value, _weak_dtype(x.value, ref)) if isinstance(x, _Weak) else x for x in xs]
+        try:
+            common = result_dtype(opname, *(x.dtype for x in xs))
+        except AvalonError as e:
+            self.fail(str(e))
+        common = kernel_dtype(common)
+        return [x if x.dtype == common else
+                (const_of(x.value, common) if isinstance(x, Const) else Cast(x, common)) for x in xs]
+
+    def to_bool(self, x):
+        if isinstance(x, _Weak):
+            return Const(bool(x.value), BOOL)
+        return x if x.dtype == BOOL else Binary("ne", x, Const(0, x.dtype), BOOL)
+
+    def binary(self, op, a, b):
+        if isinstance(a, _Weak) and isinstance(b, _Weak):
+            return _Weak(_fold(op, a.value, b.value))
+        if op in ("and", "or"):
+            return Binary(op, self.to_bool(a), self.to_bool(b), BOOL)
+        a, b = self.unify(op, [a, b])
+        if op == "div" and a.dtype.kind != "f":
+            self.fail(f"divides {a.dtype.name} values (C truncates, NumPy's true division gives floats)")
+        if op == "sub" and a.dtype == BOOL:
+            self.fail("subtracts bools (NumPy refuses)")
+        return binary(op, a, b)
+
+    def call(self, fn, args):
+        arity, kinds = FUNCS[fn]
+        if len(args) != arity:
+            self.fail(f"{fn} takes {arity} operands, the template gives {len(args)}")
+        args = self.unify(fn, args)
+        dtype = args[0].dtype
+        if dtype.kind not in kinds:
+            self.fail(f"{fn} of {dtype.name} has no exact C expression")
+        return Call(fn, tuple(args), dtype)
+
+
+def _weak_dtype(value, ref):
+    """The dtype a Python scalar takes next to `ref` (primitive.weak_scalar's rule)."""
+    try:
+        return weak_scalar(value, ref).dtype
+    except (OverflowError, ValueError):
+        return ref   # const_of then says the value does not fit
+
+
+def _fold(op, a, b):
+    if op == "div":
+        if isinstance(a, int) and isinstance(b, int):
+            q = abs(a) // abs(b)
+            return q if (a >= 0) == (b >= 0) else -q  # C truncates toward zero
+        return a / b
+    return {"add": lambda: a + b, "sub": lambda: a - b, "mul": lambda: a * b, "lt": lambda: a < b,
+            "le": lambda: a <= b, "gt": lambda: a > b, "ge": lambda: a >= b, "eq": lambda: a == b,
+            "ne": lambda: a != b, "and": lambda: bool(a) and bool(b), "or": lambda: bool(a) or bool(b)}[op]()
+
+
+def node_expr(node, operands, exprs=None) -> Expr:
+    """The scalar expression of one body node, of exactly the node's dtype."""
+    prim = PRIMITIVES.get(node.op)
+    if prim is None:
+        raise Unfusable(f"op {node.op!r} is not a primitive")
+    template = (exprs or {}).get(node.op, prim.expr)
+    if template is None:
+        raise Unfusable(f"primitive {node.op!r} has no C expression (defprim(..., expr=...))")
+    dtype = kernel_dtype(node.dtype, f"{node.op}'s result")
+    typer = _Typer(node.op, dtype, operands)
+    e = typer.typed(parse_template(template))
+    if isinstance(e, _Weak):
+        return const_of(e.value, dtype)
+    return e if e.dtype == dtype else Cast(e, dtype)
+
+
+def _atomize(e, lets, fresh):
+    """e with every Call operand an atom (Var or Const), via new Lets."""
+    if isinstance(e, (Var, Const, Load, Index)):
+        return e
+    if isinstance(e, Call):
+        args = []
+        for a in e.args:
+            a = _atomize(a, lets, fresh)
+            if not isinstance(a, (Var, Const)):
+                v = Var(fresh(), a.dtype)
+                lets.append(Let(v, a))
+                a = v
+            args.append(a)
+        return replace(e, args=tuple(args))
+    if isinstance(e, (Unary, Cast)):
+        return replace(e, a=_atomize(e.a, lets, fresh))
+    if isinstance(e, Binary):
+        return replace(e, a=_atomize(e.a, lets, fresh), b=_atomize(e.b, lets, fresh))
+    if isinstance(e, Select):
+        return replace(e, cond=_atomize(e.cond, lets, fresh), a=_atomize(e.a, lets, fresh),
+                       b=_atomize(e.b, lets, fresh))
+    return e
+
+
+# -- the body -> a kernel ----------------------------------------------------------------------------------------------
+
+def _host_scalar(value):
+    if not isinstance(value, (np.ndarray, np.generic, bool, int, float)):
+        from ..backends import backend_of
+        value = backend_of(value).to_host(value)
+    a = np.asarray(value)
+    if a.size != 1:
+        raise Unfusable(f"a constant of {a.size} elements cannot be inlined")
+    return a.reshape(())
+
+
+def lower(body, *, name=None, exprs=None) -> Kernel:
+    """The Kernel of a fused body Graph: `in0..in{n-1}` are the body's inputs
+    (flat, C-contiguous), `out` its output (C-contiguous).  `exprs` is the
+    target's table of template overrides (a renderer's EXPR); `name` defaults
+    to a hash of the kernel's text, so equal kernels get equal names."""
+    if exprs is None:
+        from .render_cstyle import CStyleRenderer
+        exprs = CStyleRenderer.EXPR
+    if len(body.outputs) != 1:
+        raise Unfusable(f"a fused body has one output, this one has {len(body.outputs)}")
+    out_node = body.outputs[0]
+    if out_node.op in ("input", "const"):
+        raise Unfusable("the body's output is not computed by an op of the body")
+    out_shape = tuple(out_node.shape)
+    out_buf = Buffer("out", kernel_dtype(out_node.dtype, "the output"), int(np.prod(out_shape, dtype=np.int64)),
+                     "out")
+    in_bufs = [Buffer(f"in{k}", kernel_dtype(n.dtype, f"input {k}"), n.size, "in")
+               for k, n in enumerate(body.inputs)]
+    for n in body.nodes:
+        if n.op not in ("input", "const"):
+            broadcast_strides(n.shape, out_shape)   # every value broadcasts to the output
+    nest = collapse(out_shape, [broadcast_strides(out_shape, out_shape)]
+                    + [broadcast_strides(n.shape, out_shape) for n in body.inputs])
+    loop_vars = [Var(f"i{d}") for d in range(len(nest))]
+
+    def index(operand):
+        return Index(tuple((v.name, st[operand]) for v, (_, st) in zip(loop_vars, nest) if st[operand] != 0))
+
+    stmts: list = []
+    values: dict = {}
+    for k, (n, buf) in enumerate(zip(body.inputs, in_bufs)):
+        v = Var(f"x{k}", buf.dtype)
+        stmts.append(Let(v, Load(buf, index(k + 1))))
+        values[n] = v
+    for idx, n in enumerate(body.nodes):
+        if n.op == "input":
+            continue
+        if n.op == "const":
+            values[n] = const_of(_host_scalar(n.value)[()], kernel_dtype(n.dtype, "a constant"), "constant")
+            continue
+        count = iter(range(1 << 30))
+        e = node_expr(n, [values[i] for i in n.inputs], exprs)
+        e = _atomize(e, stmts, lambda: f"t{idx}_{next(count)}")
+        v = Var(f"t{idx}", n.dtype)
+        stmts.append(Let(v, e))
+        values[n] = v
+    stmts.append(Store(out_buf, index(0), values[out_node]))
+    for v, (extent, _) in reversed(list(zip(loop_vars, nest))):
+        stmts = [Loop(v, extent, stmts)]
+    params = in_bufs + [out_buf]
+    kernel = Kernel(name or "kernel", params, stmts)
+    if name is None:
+        text = kernel.text
+        name = f"avl_fused_{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+        kernel = Kernel(name, params, stmts)
+        kernel.__dict__["text"] = f"kernel {name}" + text[len("kernel kernel"):]
+    return verify(kernel)

@@ -1,0 +1,79 @@
+"""The C renderer: kernels as C99 functions for the CPU, built with the
+system compiler (avalon.runtime.native) and called through ctypes.
+
+    AVL_EXPORT void avl_fused_...(const float* in0, const float* in1, float* out)
+    {
+        #pragma GCC ivdep
+        for (int64_t i0 = 0; i0 < 4096; i0++) {
+            const float x0 = in0[i0];
+            ...
+            out[i0] = t3;
+        }
+    }
+
+No pointer is `restrict`: the memory planner may pass an input as `out` (an
+in-place update).  That is safe for elementwise code, where each element is
+read before it is written at the same index, and `#pragma GCC ivdep` tells
+the compiler what it needs to vectorize without a runtime overlap check: no
+dependence between iterations.  (Partial overlaps, an input that is a shifted
+or broadcast view of `out`, are the caller's to avoid: the CPU backend's
+wrapper checks for them.)
+
+`FLAGS` are the compiler flags the kernels are exact under: no FMA
+contraction (-ffp-contract=off: a*b+c rounds twice, as in NumPy), no errno
+(math calls become pure, so sqrt is one instruction), IEEE semantics
+otherwise (no -ffast-math).  float32 math calls the float functions (expf,
+logf, tanhf), float64 the double ones; `CRenderer(vector_math=...)` adds
+declarations that let gcc call their vector versions (glibc's libmvec).
+bool buffers are uint8_t arrays (gcc 12 does not vectorize loads through
+bool*); bool locals stay bool.
+"""
+from __future__ import annotations
+
+from .render_cstyle import CStyleRenderer
+
+
+class CRenderer(CStyleRenderer):
+    language = "c"
+    FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off")
+
+    def __init__(self, vector_math: str = ""):
+        # declarations after <math.h> that let the compiler call vector versions of
+        # the math functions (avalon.runtime.native.simd_math_declarations(): glibc's
+        # libmvec), so loops calling expf or tanhf vectorize too
+        self.vector_math = vector_math
+
+    def prelude(self) -> str:
+        return ("#include <stdbool.h>\n#include <stdint.h>\n#include <string.h>\n#include <math.h>\n"
+                + self.vector_math +
+                "#if defined(__GNUC__)\n#define AVL_EXPORT __attribute__((visibility(\"default\")))\n"
+                "#else\n#define AVL_EXPORT\n#endif\n"
+                "static inline float avl_f32_bits(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }\n"
+                "static inline double avl_f64_bits(uint64_t u) { double f; memcpy(&f, &u, sizeof f); return f; }\n")
+
+    def float_from_bits(self, dtype, bits: int) -> str:
+        if dtype.itemsize == 4:
+            return f"avl_f32_bits(0x{bits:08x}u)"
+        return f"avl_f64_bits(0x{bits:016x}ULL)"
+
+    # gcc 12 does not vectorize loops that load through a bool pointer (it does
+    # through uint8_t): bool buffers are uint8_t arrays of 0 and 1, locals stay bool
+    def buffer_type(self, dtype) -> str:
+        return "uint8_t" if dtype.kind == "b" else self.c_type(dtype)
+
+    def load(self, e) -> str:
+        text = super().load(e)
+        return f"({text} != 0)" if e.dtype.kind == "b" else text
+
+    def loop(self, loop, indent):
+        lines = super().loop(loop, indent)
+        if not any(hasattr(s, "extent") for s in loop.body):  # the innermost loop
+            lines.insert(0, f"{indent}#pragma GCC ivdep")
+        return lines
+
+    def render_kernel(self, kernel) -> str:
+        lines = [self.comment(kernel), f"AVL_EXPORT void {kernel.name}({self.params(kernel)})", "{"]
+        for s in kernel.body:
+            lines += self.statement(s, "    ")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
