@@ -17,9 +17,9 @@ import avalon
 from avalon.backends import get_backend
 from avalon.backends import cpu_native
 from avalon.backends.cpu_fused import compile_fused_numpy
-from avalon.graph import Graph
-from avalon.primitive import PRIMITIVES, infer_type
+from avalon.primitive import PRIMITIVES
 from avalon.runtime import native
+from avalon.testing.bodies import body_of
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
@@ -56,18 +56,6 @@ def test_every_primitive_with_a_c_expression_is_tested():
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
-
-def body_of(inputs, build):
-    g = Graph("fused")
-    nodes = [g.add_input(s, d) for s, d in inputs]
-
-    def op(name, *args, **attrs):
-        args = [a if hasattr(a, "op") else g.add_const(np.asarray(a[0], a[1])) for a in args]
-        shape, dtype = infer_type(PRIMITIVES[name], args, attrs)
-        return g.add_node(name, args, attrs, shape, dtype)
-    g.outputs = [build(op, *nodes)]
-    return g
-
 
 def values(rng, shape, dtype, domain=None):
     """Random values of `dtype`: integers over their whole range (wrapping arithmetic),

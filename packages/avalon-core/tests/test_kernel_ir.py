@@ -11,28 +11,13 @@ import pytest
 import avalon
 from avalon import passes
 from avalon.errors import GraphError
-from avalon.graph import Graph
 from avalon.kernel_ir import (Binary, Buffer, Call, Const, CRenderer, CUDARenderer, Index, Kernel, KernelIRError,
                               Let, Load, Loop, Store, Unfusable, Var, lower, verify)
 from avalon.kernel_ir.lower import collapse, broadcast_strides, parse_template
-from avalon.primitive import PRIMITIVES, infer_type
+from avalon.primitive import PRIMITIVES
+from avalon.testing.bodies import body_of
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
-
-
-def body_of(inputs, build):
-    """A fused body: `inputs` are (shape, dtype); build(op, *input_nodes) returns
-    the output node, where op(name, *operands, **attrs) adds a node and an
-    operand (value, dtype) adds a scalar constant."""
-    g = Graph("fused")
-    nodes = [g.add_input(s, d) for s, d in inputs]
-
-    def op(name, *args, **attrs):
-        args = [a if hasattr(a, "op") else g.add_const(np.asarray(a[0], a[1])) for a in args]
-        shape, dtype = infer_type(PRIMITIVES[name], args, attrs)
-        return g.add_node(name, args, attrs, shape, dtype)
-    g.outputs = [build(op, *nodes)]
-    return g
 
 
 def chain_body(shape=(4, 8)):

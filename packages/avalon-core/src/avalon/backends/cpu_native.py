@@ -31,9 +31,10 @@ elements: 0.57 us a call (the bare ctypes call: 0.39 us), against 1.4 us with
 Whatever the entry point refuses takes the slow path, in Python:
 
 * a NumPy scalar (a reduction's result) becomes a 0-d array;
-* a non-contiguous or misaligned array (a transposed or broadcast view) is
-  copied when the output has at least `COPY_MIN` elements (measured faster
-  than the group's NumPy version from ~4k elements up), else the NumPy version runs;
+* a non-contiguous or misaligned array (a transposed or broadcast view, a
+  thread's share of a batch-innermost array) runs the group's NumPy version,
+  whose strided loops beat a copy there (`COPY_MIN` can make large groups
+  copy instead);
 * an input of another dtype or size than compiled for, or another array type,
   runs the NumPy version of the group (compiled on first need, one per thread);
 * an `out` that is not contiguous, not writeable (NumPy then raises), or that
@@ -83,10 +84,12 @@ def flags() -> tuple:
 
 
 #: a non-contiguous input is copied (then the kernel runs) when the output has at least
-#: this many elements; below, the group's NumPy version runs.  Measured crossover,
-#: 4-op float32 chain with a transposed or broadcast input: ~4k elements (1k: copy 4.5 us,
-#: NumPy 2.8 us; 64k: copy 96 us, NumPy 128 us; broadcast view 18 us against 54 us)
-COPY_MIN = 4096
+#: this many elements; below, the group's NumPy version runs.  On its own a copy pays
+#: from ~4k elements (4-op float32 chain, transposed input: 64k elements, copy 96 us
+#: against NumPy's 128 us), but in a step split across the engine's threads every
+#: batch-innermost input is a strided share, and copying them made a CNN step 30%
+#: slower (17.9 ms against 13.7 ms): None, never copy, until kernels take strides.
+COPY_MIN = None
 
 #: vector math functions (glibc's libmvec) in loops; False: scalar libm calls only.  Set before compiling.
 VECTOR_MATH = True
@@ -416,7 +419,7 @@ class _Slow:
 
     def __init__(self, body, kernel, env, backend):
         self.body, self.kernel, self.env, self.backend = body, kernel, env, backend
-        self.copy_inputs = kernel.outputs[0].size >= COPY_MIN
+        self.copy_inputs = COPY_MIN is not None and kernel.outputs[0].size >= COPY_MIN
         self._local = threading.local()
 
     def numpy(self):
