@@ -70,7 +70,7 @@ def test_step_rows_compare_models_the_benchmarks_never_saw(run, name):
 
 @pytest.mark.parametrize("name", ["cnn", "vae"])
 def test_every_figure_and_ratio_is_there(run, name):
-    _, info, _ = run
+    out, info, _ = run
     result = info["benchmarks"][name]
     for key in ("avalon", "torch_eager"):
         f = result["frameworks"][key]
@@ -93,6 +93,9 @@ def test_every_figure_and_ratio_is_there(run, name):
     # A missed speed target comes with the profile that explains it.
     if any("time per epoch" in m or m.startswith("compile") for m in missed):
         assert "profile of" in result["profile"]
+        schedule = result["step_breakdown"]["schedule"]
+        assert schedule.startswith(("batch split", "one thread", "BLAS on", "independent parts")), schedule
+        assert f'run as "{schedule}"' in (out / "results.md").read_text(encoding="utf-8")
     if any(m.startswith("prediction") for m in missed):
         assert "profile of" in result["profile_predict"]
 

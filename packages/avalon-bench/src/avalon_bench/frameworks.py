@@ -97,7 +97,9 @@ class AvalonTrainer:
             t2 = time.perf_counter()
             grad_s.append(t1 - t0)
             update_s.append(t2 - t1)
-        return {"gradient_s": statistics.median(grad_s), "optimizer_s": statistics.median(update_s),
+        compiled = self.avalon.value_and_grad(self.loss_fn, argnums=0)._last().compiled
+        return {"schedule": getattr(compiled, "label", "one thread (the only schedule compiled)"),
+                "gradient_s": statistics.median(grad_s), "optimizer_s": statistics.median(update_s),
                 "calls": repeats}
 
     def profile_predict(self, x):

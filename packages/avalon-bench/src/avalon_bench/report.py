@@ -177,9 +177,9 @@ def workload_markdown(result: dict, device: str) -> str:
         lines += ["", "Where the Avalon training step's time goes (explaining the missed speed targets):", ""]
         b = result.get("step_breakdown")
         if b:
-            split = ("split across Avalon's threads: the kernels below are one thread's share"
-                     if "shards" in b["profiled"] else
-                     "not split across Avalon's threads: the whole step runs in one thread")
+            # the schedule the first calls chose: the batch split, one thread, or BLAS's own threads
+            split = (f"run as \"{b['schedule']}\" (the schedule its first calls timed fastest)"
+                     + ("; the kernels below are one thread's share" if "shards" in b["profiled"] else ""))
             lines += [f"- One step = the compiled gradient call, {fmt_seconds(b['gradient_s'])}, + the optimizer "
                       f"update, {fmt_seconds(b['optimizer_s'])} (medians of {b['calls']} calls after training).",
                       f"- The gradient step is {split}; its kernels take {fmt_seconds(b['kernels_s'])} per call "
