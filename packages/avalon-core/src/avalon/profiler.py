@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from . import tree
 from .codegen import generate
 from .graph import short_loc, type_str
+from .threadsafe import private_backend
 
 
 @dataclass
@@ -88,9 +89,7 @@ class _Solo:
 
 def _solo_shard(backend):
     import collections
-    import copy
-    b = copy.copy(backend)
-    b._kernel_cache = {}
+    b = private_backend(backend)
     b._shard_index = 0
     b._reducers = collections.defaultdict(_Solo)
     return b

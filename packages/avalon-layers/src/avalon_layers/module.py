@@ -23,7 +23,7 @@ import avalon
 from avalon.backends import backend_of, backends
 from avalon.errors import AvalonError, DeviceError, at, user_location
 from avalon.primitive import Tracer
-from avalon.tree import is_array
+from avalon.tree import is_array, looks_like_foreign_array
 
 from .registry import export
 
@@ -281,8 +281,6 @@ def _lossy_integer_cast(host: np.ndarray, dtype: np.dtype):
 
 # -- checking the arguments of a call ---------------------------------------------------------------------------
 
-# Anything exposing one of these is an array of some library; only the installed backends' arrays are usable.
-_ARRAY_PROTOCOLS = ("__array__", "__array_interface__", "__cuda_array_interface__", "__dlpack__")
 _ALWAYS_USABLE = (np.ndarray, Tracer, np.generic, bool, int, float, complex)
 _OWN_PACKAGES = ("avalon.", "avalon_layers.")
 _NESTING_CHECKED = 3  # levels of lists, tuples and dicts searched for a foreign array
@@ -331,14 +329,10 @@ def _check_argument(module, name: str, value, must_be_array: bool) -> None:
         raise _input_error(module, foreign, f"as {name}" if foreign is value else f"inside {name}")
 
 
-def _has_array_protocol(x) -> bool:
-    return any(hasattr(type(x), attr) for attr in _ARRAY_PROTOCOLS)
-
-
 def _is_backend_array(x) -> bool:
     if is_array(x):
         return True
-    if not _has_array_protocol(x):
+    if not looks_like_foreign_array(x):
         return False
     try:
         backend_of(x)  # also finds array types of backends not looked up yet (CuPy's)
@@ -355,7 +349,7 @@ def _foreign_array_in(value, depth: int):
     elif isinstance(value, dict):
         items = value.values()
     else:
-        usable = isinstance(value, _ALWAYS_USABLE) or not _has_array_protocol(value) or _is_backend_array(value)
+        usable = isinstance(value, _ALWAYS_USABLE) or not looks_like_foreign_array(value) or _is_backend_array(value)
         return None if usable else value
     if depth == 0:
         return None
