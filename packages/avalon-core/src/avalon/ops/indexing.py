@@ -681,7 +681,7 @@ def take(x, indices, axis=None):
     axis = _norm_axis("take", axis, len(x.shape), x.shape)
     if not _is_array_like(indices) and not isinstance(indices, (int, np.integer)):
         indices = np.asarray(indices)
-    if isinstance(indices, Tracer):  # concrete ones are checked by getitem
+    if not isinstance(indices, (int, np.integer)):
         indices = check_index(indices, x.shape[axis], dim=axis, name="take", negative_ok=True)
     return getitem(x, (slice(None),) * axis + (indices,))
 

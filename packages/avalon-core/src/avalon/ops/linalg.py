@@ -7,6 +7,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..primitive import bind, defprim
 from ._rules import broadcast_shapes, result_dtype
+from .indexing import _located  # errors name the user's line
 from ._sharding import P, R, S, NeedsReduce, NoSplit, on_sharded
 from .shape import reshape, swapaxes
 
@@ -137,11 +138,16 @@ def _parse_einsum(subscripts, shapes):
     ell = list(range(-n_ell, 0))  # ellipsis labels, right-aligned: -1 is the last broadcast axis
     sizes = {}
     for k, (ls, shape) in enumerate(zip(labels, shapes)):
+        own = {}
         for lab, n in zip(ls, shape):
+            if own.setdefault(lab, n) != n:
+                raise _einsum_error(f"subscript {lab!r} is repeated in operand {k} over axes of sizes {own[lab]} "
+                                    f"and {n}; a repeated subscript takes a diagonal and needs equal sizes")
+        for lab, n in own.items():
             old = sizes.get(lab, 1)
             if n != old and old != 1 and n != 1:
                 name = f"subscript {lab!r}" if isinstance(lab, str) else "the axes of '...'"
-                raise _einsum_error(f"{name} has size {old} in one operand and {n} in operand {k} (shapes "
+                raise _einsum_error(f"{name} has size {old} in an earlier operand and {n} in operand {k} (shapes "
                                     f"{', '.join(str(tuple(s)) for s in shapes)}); sizes must be equal or 1")
             if lab not in sizes or old == 1:
                 sizes[lab] = n
@@ -164,15 +170,13 @@ def _parse_einsum(subscripts, shapes):
 
 
 def _diagonal(x, labels):
-    """Repeated labels of one operand ('ii') -> their diagonal, one axis each."""
+    """Repeated labels of one operand ('ii') -> their diagonal, one axis each
+    (_parse_einsum has checked that their sizes agree)."""
     from .indexing import getitem
     from .shape import transpose
     while len(set(labels)) != len(labels):
         lab = next(lab for lab in labels if labels.count(lab) > 1)
         i, j = [k for k, v in enumerate(labels) if v == lab][:2]
-        if x.shape[i] != x.shape[j]:
-            raise _einsum_error(f"subscript {lab!r} is repeated in one operand over axes of sizes {x.shape[i]} "
-                                f"and {x.shape[j]}; a repeated subscript takes a diagonal and needs equal sizes")
         rest = [k for k in range(len(labels)) if k not in (i, j)]
         x = transpose(x, tuple(rest + [i, j]))
         diag = np.arange(x.shape[-1])
@@ -226,6 +230,7 @@ def _contract(a, la, b, lb, keep, sizes):
     return reshape(out, tuple(bshape + [sizes[lab] for lab in a_own + b_own])), out_labels
 
 
+@_located
 def einsum(subscripts, *operands, out=None, dtype=None, order="K", casting="safe", optimize=False):
     """np.einsum in the subscripts-string form: 'ij,jk->ik', implicit output
     ('ij,jk': the subscripts used once, in alphabetical order), '...' for

@@ -7,6 +7,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..primitive import bind, defprim
 from ._rules import checked_shape, normalize_axes
+from .indexing import _located  # errors name the user's line
 from ._sharding import P, R, S, NeedsReduce, NoSplit, created, on_sharded
 
 
@@ -276,6 +277,7 @@ def _static_counts(opname, what, value):
     return counts.astype(np.int64)
 
 
+@_located
 def repeat(a, repeats, axis=None):
     """np.repeat: each element of `a` repeated along `axis` (None: of the flattened
     array), `repeats` times (an int) or repeats[i] times for element i (a sequence)."""
@@ -300,6 +302,7 @@ def repeat(a, repeats, axis=None):
     return reshape(stretched, shape[:axis] + (n * r,) + shape[axis + 1:])
 
 
+@_located
 def tile(A, reps):  # noqa: N803 - NumPy's parameter name
     """np.tile: `A` repeated reps[k] times along axis k; a shorter `reps` is
     padded with 1s on the left, a shorter `A` gains leading axes of size 1."""
@@ -325,6 +328,7 @@ def _like_args(opname, order, subok, device):
                           "results are C-ordered arrays on the device of the array given")
 
 
+@_located
 def full_like(a, fill_value, dtype=None, order="K", subok=True, shape=None, *, device=None):
     """np.full_like: an array of a's shape (or `shape`) and dtype (or `dtype`),
     filled with `fill_value`, on a's device; inside a trace, a node of a's trace.
@@ -336,16 +340,19 @@ def full_like(a, fill_value, dtype=None, order="K", subok=True, shape=None, *, d
     return full(shape, fill_value, np.dtype(a.dtype) if dtype is None else dtype, like=a)
 
 
+@_located
 def zeros_like(a, dtype=None, order="K", subok=True, shape=None, *, device=None):
     """np.zeros_like; see `full_like`."""
     return full_like(a, 0, dtype, order, subok, shape, device=device)
 
 
+@_located
 def ones_like(a, dtype=None, order="K", subok=True, shape=None, *, device=None):
     """np.ones_like; see `full_like`."""
     return full_like(a, 1, dtype, order, subok, shape, device=device)
 
 
+@_located
 def arange(start, stop=None, step=None, dtype=None, *, like=None):
     """np.arange: evenly spaced values in [start, stop) (one argument: [0, start)).
     dtype None: int64 for integer bounds, float32 for float ones (Avalon's default
