@@ -11,6 +11,7 @@ import pytest
 
 import avalon
 from avalon import ConcretizationError, DtypeError, ShapeError
+from avalon import parallel
 from avalon.errors import AvalonError
 
 torch = pytest.importorskip("torch")
@@ -326,3 +327,30 @@ def test_exports():
                  "check_index", "arange", "full", "zeros", "ones", "full_like", "zeros_like", "ones_like"):
         assert callable(getattr(avalon, name)), name
         assert name in avalon.ops.__all__, name
+
+
+# -- the bounds check in a step split across the engine's threads ---------------------------------
+
+def _mean_picked(m, x, y):
+    logp = avalon.log_softmax(x @ m["w"])
+    return -avalon.mean(avalon.gather(logp, 1, avalon.expand_dims(y, 1)))
+
+
+@pytest.mark.skipif(parallel.shard_count() < 2, reason="the engine runs one thread here")
+def test_a_step_split_across_threads_checks_its_indices():
+    rng = _rng(5)
+    m = {"w": rng.standard_normal((128, 100)).astype(np.float32) * 0.1}
+    x = rng.standard_normal((2048, 128)).astype(np.float32)
+    y = rng.integers(0, 100, 2048)
+    step = avalon.GradFunction(_mean_picked, argnums=0)
+    whole = avalon.GradFunction(_mean_picked, argnums=0, parallel=False)
+    loss, _ = step(m, x, y)
+    compiled = step._last().compiled
+    first = compiled.candidates[0][1] if isinstance(compiled, parallel.Autotuned) else compiled
+    assert isinstance(first, parallel.ShardedFunction), "the check must not keep the step whole"
+    np.testing.assert_allclose(loss, whole(m, x, y)[0], rtol=1e-6)
+    y_bad = y.copy()
+    y_bad[1500] = 100  # in the second thread's share
+    with pytest.raises(ShapeError, match=r"gather: index 100 is out of range for dimension 1 with size 100 .*"
+                                         r"found at index\[476, 0\] \(a position within one thread's share"):
+        step(m, x, y_bad)

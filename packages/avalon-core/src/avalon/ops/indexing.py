@@ -836,6 +836,6 @@ def masked_fill(input, mask, value):  # noqa: A002 - torch's argument names
         if len(value.shape):
             raise ShapeError(f"masked_fill: value must be a number or a 0-d array, got shape {tuple(value.shape)}")
         value = cast(value, input.dtype)
-    else:
-        value = np.asarray(value).astype(input.dtype)
+    else:  # a Python number of input's kind: a weak scalar, made on input's device
+        value = np.asarray(value).astype(input.dtype).item()
     return where(mask, value, input)

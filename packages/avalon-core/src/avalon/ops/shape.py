@@ -214,12 +214,11 @@ def full(shape, fill_value, dtype=None, *, like=None):
     from ..primitive import Tracer, active_graph, bind_on, current_location
     shape = checked_shape("full", shape)
     dtype = _fill_dtype(fill_value, dtype)
-    if hasattr(fill_value, "shape") and (isinstance(fill_value, Tracer) or len(fill_value.shape)):
+    if (isinstance(fill_value, np.generic) or type(fill_value) is np.ndarray) and not np.shape(fill_value):
+        fill_value = fill_value.item()  # a NumPy scalar: its value
+    elif hasattr(fill_value, "shape"):  # traced, on a device, or not 0-d: broadcast, on its device
         from .elementwise import cast
         return broadcast_to(cast(fill_value, dtype), shape)
-    if hasattr(fill_value, "shape"):  # a 0-d array or a NumPy scalar: its value
-        from .indexing import _host
-        fill_value = (fill_value if isinstance(fill_value, np.generic) else _host(fill_value)).item()
     attrs = {"shape": shape, "dtype": dtype, "value": fill_value}
     graph = like.graph if isinstance(like, Tracer) else (active_graph() if like is None else None)
     if graph is not None:
