@@ -1,5 +1,6 @@
 """Indexing primitives: getitem (basic and advanced indexing), concatenate,
-pad, take_along_axis; and stack, split, take, gather, one_hot built on them.
+pad, take_along_axis, check_index; and stack, split, take, gather, one_hot,
+torch's index_select, scatter_add and masked_fill built on them.
 
 Index arrays are graph inputs, never attributes: a concrete NumPy index array
 becomes a constant of the graph, a traced integer array (labels) an ordinary
@@ -16,7 +17,10 @@ Boolean masks must be concrete (their nonzero() positions become integer index
 arrays: the result shape depends on the mask's values).  The VJPs scatter-add
 the cotangent back (`getitem_grad`, `take_along_axis_grad`), accumulating over
 repeated indices; a backend may override them with kernels of its own
-(`k_getitem_grad`, `k_take_along_axis_grad`).
+(`k_getitem_grad`, `k_take_along_axis_grad`).  scatter_add is that same
+scatter (`take_along_axis_grad`) added to its input.  `check_index` range-checks
+an index array where the kernel runs, so torch-style ops (no negative indices)
+raise for a bad traced index inside compiled code too.
 """
 from __future__ import annotations
 
@@ -653,7 +657,8 @@ def take_along_axis(x, indices, axis=-1):
 @_located
 def gather(x, dim, index):
     """torch.gather: out[i][j][k] = x[index[i][j][k]][j][k] (dim=0), and so on.
-    index has x's rank; its size along each other axis may be smaller than x's."""
+    index has x's rank; its size along each other axis may be smaller than x's.
+    Indices must lie in [0, size) (checked where the kernel runs, as torch)."""
     nd = len(x.shape)
     ishape = tuple(index.shape) if _is_array_like(index) else np.shape(index)
     if len(ishape) != nd:
@@ -798,8 +803,7 @@ def scatter_add(input, dim, index, src):  # noqa: A002 - torch's argument names
     where src is not read); `index` gets none."""
     from .elementwise import add
     nd = len(input.shape)
-    if not _is_array_like(index):
-        index = np.asarray(index)
+    index, src = (a if _is_array_like(a) else np.asarray(a) for a in (index, src))
     if nd == 0:
         raise ShapeError("scatter_add: input must have at least one dimension (got shape ())")
     dim = _norm_axis("scatter_add", dim, nd, input.shape)

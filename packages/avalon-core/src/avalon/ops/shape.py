@@ -320,11 +320,12 @@ def tile(A, reps):  # noqa: N803 - NumPy's parameter name
 
 # -- constants of static shape: arange and the *_like fills -----------------------------------
 
-def _like_args(opname, order, subok, device):
+def _like_args(opname, order, device):
+    """NumPy's layout and device arguments: results are C-ordered, on a's device."""
     from ..errors import AvalonError
-    if order not in ("K", "A", "C") or not subok or device not in (None, "cpu"):
-        raise AvalonError(f"{opname}: order={order!r}, subok={subok!r}, device={device!r} are not supported; "
-                          "results are C-ordered arrays on the device of the array given")
+    if order not in ("K", "A", "C") or device is not None:
+        raise AvalonError(f"{opname}: order={order!r} and device={device!r} are not supported; the result is "
+                          "C-ordered, on the device of the array given (move it with avalon.to_device)")
 
 
 @_located
@@ -332,7 +333,7 @@ def full_like(a, fill_value, dtype=None, order="K", subok=True, shape=None, *, d
     """np.full_like: an array of a's shape (or `shape`) and dtype (or `dtype`),
     filled with `fill_value`, on a's device; inside a trace, a node of a's trace.
     No gradient flows to `a`."""
-    _like_args("full_like", order, subok, device)
+    _like_args("full_like", order, device)  # subok: Avalon's arrays are base arrays already
     if not hasattr(a, "shape"):
         a = np.asarray(a)
     shape = tuple(a.shape) if shape is None else shape
