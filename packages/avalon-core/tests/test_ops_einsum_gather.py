@@ -276,6 +276,11 @@ def test_arange_eager_and_traced(args, kwargs, dtype):
     assert "const" in _ops(lambda x: avalon.arange(*args, **kwargs), x)
 
 
+def test_np_arange_like_a_traced_array_is_a_constant_of_its_trace():
+    f = avalon.jit(lambda x: x + np.arange(0.0, 1.5, 0.5, like=x))
+    np.testing.assert_array_equal(f(np.ones(3, np.float32)), [1.0, 1.5, 2.0])
+
+
 def test_arange_errors():
     with pytest.raises(ShapeError, match=f"arange: step must not be zero.*{HERE}"):
         avalon.arange(0, 3, 0)
