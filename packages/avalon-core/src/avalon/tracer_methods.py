@@ -46,6 +46,31 @@ def _add_indexing_functions():
             FUNCTIONS[np_fn] = fn
 
 
+# -- contractions, repeats, gathers and constants of static shape ------------------------------
+
+def _np_take(a, indices, axis=None, out=None, mode="raise"):
+    """np.take on a traced array: out= cannot be recorded, and only mode='raise'
+    (out-of-range indices are errors) is what avalon.take does."""
+    if out is not None or mode != "raise":
+        raise AvalonError(f"numpy.take: out= and mode={mode!r} are not supported on traced arrays"
+                          f"{at(user_location())}; only mode='raise' without out=")
+    return ops.take(a, indices, axis)
+
+
+def _add_gather_and_constant_functions():
+    FUNCTIONS.update({
+        np.einsum: ops.einsum, np.repeat: ops.repeat, np.tile: ops.tile, np.take: _np_take,
+        np.zeros_like: ops.zeros_like, np.ones_like: ops.ones_like, np.full_like: ops.full_like,
+        np.empty_like: ops.zeros_like,  # contents unspecified: zeros are as good as any
+        np.arange: ops.arange,  # reaches a tracer only through like=
+    })
+
+
+def _install_gather_methods(T):
+    T.repeat = lambda a, repeats, axis=None: ops.repeat(a, repeats, axis)
+    T.take = _np_take
+
+
 def _array_ufunc(self, ufunc, method, *inputs, **kwargs):
     fn = UFUNCS.get(ufunc)
     if method != "__call__" or fn is None or kwargs.get("out") is not None:
@@ -117,6 +142,8 @@ def _install():
     if hasattr(ops, "getitem"):
         T.__getitem__ = lambda a, idx: ops.getitem(a, idx)
     _add_indexing_functions()
+    _add_gather_and_constant_functions()
+    _install_gather_methods(T)
 
 
 def _len(self):

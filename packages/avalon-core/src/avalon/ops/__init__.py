@@ -11,6 +11,9 @@ from .linalg import linear, matmul  # noqa: F401
 from .random import dropout, random_normal, random_uniform  # noqa: F401
 from .indexing import *  # noqa: F401,F403
 from .nn import *  # noqa: F401,F403
+# contractions, repeats and constants of static shape
+from .linalg import einsum  # noqa: F401
+from .shape import arange, full_like, ones_like, repeat, tile, zeros_like  # noqa: F401
 
 import types as _types
 

@@ -1,5 +1,6 @@
 """Indexing primitives: getitem (basic and advanced indexing), concatenate,
-pad, take_along_axis; and stack, split, take, gather, one_hot built on them.
+pad, take_along_axis, check_index; and stack, split, take, gather, one_hot,
+torch's index_select, scatter_add and masked_fill built on them.
 
 Index arrays are graph inputs, never attributes: a concrete NumPy index array
 becomes a constant of the graph, a traced integer array (labels) an ordinary
@@ -16,7 +17,10 @@ Boolean masks must be concrete (their nonzero() positions become integer index
 arrays: the result shape depends on the mask's values).  The VJPs scatter-add
 the cotangent back (`getitem_grad`, `take_along_axis_grad`), accumulating over
 repeated indices; a backend may override them with kernels of its own
-(`k_getitem_grad`, `k_take_along_axis_grad`).
+(`k_getitem_grad`, `k_take_along_axis_grad`).  scatter_add is that same
+scatter (`take_along_axis_grad`) added to its input.  `check_index` range-checks
+an index array where the kernel runs, so torch-style ops (no negative indices)
+raise for a bad traced index inside compiled code too.
 """
 from __future__ import annotations
 
@@ -27,10 +31,13 @@ import numpy as np
 from ..errors import AvalonError, ConcretizationError, DtypeError, MissingRuleError, ShapeError, at, user_location
 from ..primitive import Tracer, bind, defprim
 from ._rules import broadcast_shapes, result_dtype
-from ._sharding import P, NoSplit, on_sharded
+from ._layout import POINTWISE
+from ._sharding import P, NoSplit, on_sharded, pointwise
 
 __all__ = ["getitem", "concatenate", "stack", "split", "pad", "take", "take_along_axis", "gather",
-           "one_hot"]
+           "one_hot",
+           # torch's index ops and their bounds check
+           "check_index", "index_select", "scatter_add", "masked_fill"]
 
 
 def _located(fn):
@@ -650,7 +657,8 @@ def take_along_axis(x, indices, axis=-1):
 @_located
 def gather(x, dim, index):
     """torch.gather: out[i][j][k] = x[index[i][j][k]][j][k] (dim=0), and so on.
-    index has x's rank; its size along each other axis may be smaller than x's."""
+    index has x's rank; its size along each other axis may be smaller than x's.
+    Indices must lie in [0, size) (checked where the kernel runs, as torch)."""
     nd = len(x.shape)
     ishape = tuple(index.shape) if _is_array_like(index) else np.shape(index)
     if len(ishape) != nd:
@@ -661,6 +669,7 @@ def gather(x, dim, index):
         if d != dim and ishape[d] > x.shape[d]:
             raise ShapeError(f"gather: index of shape {tuple(ishape)} is larger than the input of shape "
                              f"{tuple(x.shape)} along dimension {d}")
+    index = check_index(index, x.shape[dim], dim=dim, name="gather")
     if any(ishape[d] != x.shape[d] for d in range(nd) if d != dim):
         x = getitem(x, tuple(slice(None) if d == dim else slice(0, ishape[d]) for d in range(nd)))
     return take_along_axis(x, index, dim)
@@ -677,6 +686,8 @@ def take(x, indices, axis=None):
     axis = _norm_axis("take", axis, len(x.shape), x.shape)
     if not _is_array_like(indices) and not isinstance(indices, (int, np.integer)):
         indices = np.asarray(indices)
+    if not isinstance(indices, (int, np.integer)):
+        indices = check_index(indices, x.shape[axis], dim=axis, name="take", negative_ok=True)
     return getitem(x, (slice(None),) * axis + (indices,))
 
 
@@ -699,3 +710,136 @@ def one_hot(labels, num_classes=-1, dtype=np.float32):
         num_classes = int(host.max()) + 1 if host.size else 0
     classes = _on_backend_of(np.arange(int(num_classes), dtype=np.dtype(labels.dtype)), labels)
     return cast(eq(expand_dims(labels, -1), classes), dtype)
+
+
+# -- torch's index ops: index_select, scatter_add, masked_fill; the bounds check -----------------
+
+def _check_index_rule(index, *, size, dim, negative_ok, name, loc, traced_shape):
+    _check_int_index(name, index.dtype)
+    return tuple(index.shape), index.dtype
+
+
+def _check_index_impl(xp, index, *, size, dim, negative_ok, name, loc, traced_shape):
+    low = -size if negative_ok else 0
+    # the common case costs two reductions and no temporaries
+    if index.size == 0 or (index.min() >= low and index.max() < size):
+        return index
+    bad = (index < low) | (index >= size)
+    first = int(xp.argmax(bad.reshape(-1)))
+    value = int(index.reshape(-1)[first])
+    where_ = ""
+    if index.ndim:
+        where_ = f"; found at index[{', '.join(str(int(i)) for i in np.unravel_index(first, index.shape))}]"
+    count = int(bad.sum())
+    if count > 1:
+        where_ += f" and {count - 1} more out-of-range ind{'ices' if count > 2 else 'ex'}"
+    if tuple(index.shape) != tuple(traced_shape):
+        where_ += " (a position within one thread's share of the batch: the step ran split across threads)"
+    raise ShapeError(f"{name}: index {value} is out of range for dimension {dim} with size {size} (valid: "
+                     f"{low}..{size - 1}){where_}{at(loc)}")
+
+
+check_index_p = defprim(
+    "check_index", shape=_check_index_rule, impl=_check_index_impl, nondiff=True,
+    # as check_labels: elementwise (the batch split shards it with the indices), and a
+    # view (it returns its input, so the memory plan gives it no buffer of its own)
+    elementwise=True, view=True, sharding=pointwise(), layout=POINTWISE,
+    doc="The index array itself, checked when the kernel runs (eagerly or in compiled code): an index "
+        "outside [0, size) (or [-size, size) with negative_ok) raises ShapeError naming the op (attribute "
+        "name), the index, its position and the user's line (attribute loc).")
+
+
+def check_index(index, size, *, dim=0, name="check_index", negative_ok=False):
+    """`index` itself, its values checked when the kernel runs, eagerly or inside
+    compiled code: an index outside [0, size) (with negative_ok, [-size, size))
+    raises ShapeError naming `name`, the index, its position and the calling
+    line.  Use the returned array: the check runs only where its result is used."""
+    from ..primitive import current_location
+    if not _is_array_like(index):
+        index = np.asarray(index)
+        if index.size == 0:
+            index = index.astype(np.intp)
+    attrs = dict(size=int(size), dim=int(dim), negative_ok=bool(negative_ok), name=str(name),
+                 loc=current_location(), traced_shape=tuple(index.shape))
+    return bind(check_index_p, (index,), attrs)
+
+
+@_located
+def index_select(input, dim, index):  # noqa: A002 - torch's argument names
+    """torch.index_select: the entries of `input` at the positions `index` (a 1-D
+    integer array, concrete or traced; 0-d counts as one entry) along `dim`.
+    Indices must lie in [0, size); the gradient scatters back, adding repeats."""
+    from .shape import reshape
+    nd = len(input.shape)
+    if nd == 0:
+        raise ShapeError("index_select: input must have at least one dimension (got shape ())")
+    dim = _norm_axis("index_select", dim, nd, input.shape)
+    if not _is_array_like(index):
+        index = np.asarray(index)
+    if len(index.shape) > 1:
+        raise ShapeError(f"index_select: index must be 1-D (a vector of positions), got shape {tuple(index.shape)}")
+    if not index.shape:
+        index = reshape(index, (1,))
+    index = check_index(index, input.shape[dim], dim=dim, name="index_select")
+    return getitem(input, (slice(None),) * dim + (index,))
+
+
+def _scatter_add_shapes(ishape, xshape, sshape, dim):
+    if not len(ishape) == len(xshape) == len(sshape):
+        raise ShapeError(f"scatter_add: input {xshape}, index {ishape} and src {sshape} must have the same "
+                         "number of dimensions")
+    for d, (i, x, s) in enumerate(zip(ishape, xshape, sshape)):
+        if i > s or (d != dim and i > x):
+            raise ShapeError(f"scatter_add: index of shape {ishape} is larger than src {sshape} or, outside "
+                             f"dimension {dim}, than input {xshape} (along dimension {d})")
+
+
+@_located
+def scatter_add(input, dim, index, src):  # noqa: A002 - torch's argument names
+    """torch.scatter_add (out of place): a copy of `input` with src[i][j][k]
+    added at [index[i][j][k]][j][k] (dim=0), and so on; repeated indices add up.
+    Only the part of src the shape of `index` is read.  Gradients: the cotangent
+    itself to `input`, and to `src` the cotangent gathered at `index` (zero
+    where src is not read); `index` gets none."""
+    from .elementwise import add
+    nd = len(input.shape)
+    index, src = (a if _is_array_like(a) else np.asarray(a) for a in (index, src))
+    if nd == 0:
+        raise ShapeError("scatter_add: input must have at least one dimension (got shape ())")
+    dim = _norm_axis("scatter_add", dim, nd, input.shape)
+    ishape, xshape, sshape = tuple(index.shape), tuple(input.shape), tuple(src.shape)
+    _scatter_add_shapes(ishape, xshape, sshape, dim)
+    if np.dtype(src.dtype) != np.dtype(input.dtype):
+        raise DtypeError(f"scatter_add: src ({np.dtype(src.dtype).name}) and input ({np.dtype(input.dtype).name}) "
+                         "must have the same dtype; cast one (src.astype(input.dtype))")
+    index = check_index(index, xshape[dim], dim=dim, name="scatter_add")
+    if sshape != ishape:
+        src = getitem(src, tuple(slice(0, n) for n in ishape))
+    reach = tuple(xshape[d] if d == dim else ishape[d] for d in range(nd))  # the part of input written
+    if not any(isinstance(a, Tracer) for a in (src, index)):
+        index = _on_backend_of(index, src)
+    added = bind(tala_grad_p, (src, index), {"axis": dim, "shape": reach})
+    if reach != xshape:
+        added = pad(added, [(0, x - r) for x, r in zip(xshape, reach)])
+    return add(input, added)
+
+
+@_located
+def masked_fill(input, mask, value):  # noqa: A002 - torch's argument names
+    """torch.masked_fill (out of place): `value` where the boolean `mask` is true,
+    else `input`; mask and input broadcast together.  `value` (a number, or a 0-d
+    array, which then gets a gradient) is converted to input's dtype, as torch
+    does.  Built on avalon.where."""
+    from .elementwise import cast, where
+    if not _is_array_like(mask):
+        mask = np.asarray(mask)
+    if np.dtype(mask.dtype) != np.bool_:
+        raise DtypeError(f"masked_fill: mask must be a boolean array, got {np.dtype(mask.dtype).name}; "
+                         "compare first (mask = x > 0) or cast (mask.astype(bool))")
+    if _is_array_like(value):
+        if len(value.shape):
+            raise ShapeError(f"masked_fill: value must be a number or a 0-d array, got shape {tuple(value.shape)}")
+        value = cast(value, input.dtype)
+    else:  # a Python number of input's kind: a weak scalar, made on input's device
+        value = np.asarray(value).astype(input.dtype).item()
+    return where(mask, value, input)

@@ -7,6 +7,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..primitive import bind, defprim
 from ._rules import broadcast_shapes, result_dtype
+from .indexing import _located  # errors name the user's line
 from ._sharding import P, R, S, NeedsReduce, NoSplit, on_sharded
 from .shape import reshape, swapaxes
 
@@ -90,3 +91,178 @@ def linear(x, weight, bias=None):
     from .elementwise import add
     y = matmul(x, swapaxes(weight, -1, -2))
     return add(y, bias) if bias is not None else y
+
+
+# -- einsum ----------------------------------------------------------------------------------
+# A composite: each operand's own labels are summed out (and repeated labels
+# reduced to their diagonal), then operands are contracted left to right, each
+# contraction one (batched) matmul over transposed and reshaped operands, so the
+# code generator keeps calling BLAS and gradients come from those primitives.
+# Labels are letters; the axes an ellipsis stands for get the labels 0, 1, ...
+# (ints), aligned from the right as in broadcasting.
+
+def _einsum_error(msg):
+    from ..errors import ShapeError
+    return ShapeError(f"einsum: {msg}")
+
+
+def _parse_term(term, ndim, what):
+    """A subscript term ('ij', 'b...i') of an array with `ndim` axes -> labels
+    (letters, and for the ellipsis the ints of the broadcast axes it covers)."""
+    if term.count("...") > 1 or ("." in term.replace("...", "")):
+        raise _einsum_error(f"{what} {term!r} has a stray '.'; an ellipsis is exactly '...', at most once")
+    head, _, tail = term.partition("...")
+    for c in head + tail:
+        if not c.isalpha():
+            raise _einsum_error(f"{what} {term!r} holds {c!r}; subscripts are letters a-z, A-Z and '...'")
+    if "..." not in term:
+        if len(term) != ndim:
+            raise _einsum_error(f"{what} {term!r} has {len(term)} subscripts for an array with {ndim} axes")
+        return list(term)
+    n_ell = ndim - len(head) - len(tail)
+    if n_ell < 0:
+        raise _einsum_error(f"{what} {term!r} has {len(head) + len(tail)} subscripts for an array with "
+                            f"{ndim} axes")
+    return list(head) + [-n_ell + k for k in range(n_ell)] + list(tail)
+
+
+def _parse_einsum(subscripts, shapes):
+    """-> (labels of each operand, output labels, size of each label)."""
+    spec = subscripts.replace(" ", "")
+    inputs, arrow, output = spec.partition("->")
+    terms = inputs.split(",")
+    if len(terms) != len(shapes):
+        raise _einsum_error(f"{subscripts!r} names {len(terms)} operands, but {len(shapes)} were given")
+    labels = [_parse_term(t, len(s), f"operand {k}'s subscripts") for k, (t, s) in enumerate(zip(terms, shapes))]
+    n_ell = max([-min([lab for lab in ls if isinstance(lab, int)], default=0) for ls in labels])
+    ell = list(range(-n_ell, 0))  # ellipsis labels, right-aligned: -1 is the last broadcast axis
+    sizes = {}
+    for k, (ls, shape) in enumerate(zip(labels, shapes)):
+        own = {}
+        for lab, n in zip(ls, shape):
+            if own.setdefault(lab, n) != n:
+                raise _einsum_error(f"subscript {lab!r} is repeated in operand {k} over axes of sizes {own[lab]} "
+                                    f"and {n}; a repeated subscript takes a diagonal and needs equal sizes")
+        for lab, n in own.items():
+            old = sizes.get(lab, 1)
+            if n != old and old != 1 and n != 1:
+                name = f"subscript {lab!r}" if isinstance(lab, str) else "the axes of '...'"
+                raise _einsum_error(f"{name} has size {old} in an earlier operand and {n} in operand {k} (shapes "
+                                    f"{', '.join(str(tuple(s)) for s in shapes)}); sizes must be equal or 1")
+            if lab not in sizes or old == 1:
+                sizes[lab] = n
+    letters = [lab for ls in labels for lab in ls if isinstance(lab, str)]
+    if not arrow:
+        out = ell + sorted({c for c in letters if letters.count(c) == 1})
+    else:
+        if "->" in output or "-" in output or ">" in output:
+            raise _einsum_error(f"{subscripts!r} has more than one '->'")
+        if "..." not in output and any(sizes.get(e, 1) != 1 for e in ell):
+            raise _einsum_error(f"the operands have axes under '...' but the output {output!r} has no '...' "
+                                "to keep them; add '...' to the output (or sum them out first)")
+        out = _parse_term(output, len(output.replace("...", "")) + (n_ell if "..." in output else 0), "the output")
+        for lab in out:
+            if isinstance(lab, str) and lab not in letters:
+                raise _einsum_error(f"output subscript {lab!r} appears in no operand of {subscripts!r}")
+        if len(set(out)) != len(out):
+            raise _einsum_error(f"the output {output!r} repeats a subscript")
+    return labels, out, sizes
+
+
+def _diagonal(x, labels):
+    """Repeated labels of one operand ('ii') -> their diagonal, one axis each
+    (_parse_einsum has checked that their sizes agree)."""
+    from .indexing import getitem
+    from .shape import transpose
+    while len(set(labels)) != len(labels):
+        lab = next(lab for lab in labels if labels.count(lab) > 1)
+        i, j = [k for k, v in enumerate(labels) if v == lab][:2]
+        rest = [k for k in range(len(labels)) if k not in (i, j)]
+        x = transpose(x, tuple(rest + [i, j]))
+        diag = np.arange(x.shape[-1])
+        x = getitem(x, (Ellipsis, diag, diag))
+        labels = [labels[k] for k in rest] + [lab]
+    return x, labels
+
+
+def _sum_labels(x, labels, keep):
+    """Sum out the axes whose labels are not in `keep`."""
+    from .reduce import sum as sum_
+    axes = tuple(k for k, lab in enumerate(labels) if lab not in keep)
+    if not axes:
+        return x, labels
+    return sum_(x, axis=axes), [lab for lab in labels if lab in keep]
+
+
+def _broadcast_labels(x, labels, sizes):
+    """Size-1 axes stretched to their label's size (einsum broadcasts them)."""
+    from .shape import broadcast_to
+    full = tuple(sizes[lab] for lab in labels)
+    return (x if tuple(x.shape) == full else broadcast_to(x, full)), labels
+
+
+def _arrange(x, labels, order, shape):
+    """x with its axes in `order` (labels), reshaped to `shape`."""
+    from .shape import transpose
+    x = transpose(x, tuple(labels.index(lab) for lab in order))
+    return reshape(x, shape)
+
+
+def _contract(a, la, b, lb, keep, sizes):
+    """Two operands -> their product over shared labels, summed over those not in `keep`.
+    Result labels: shared kept ones (batch), then a's own, then b's own."""
+    from .elementwise import mul
+    batch = [lab for lab in la if lab in lb and lab in keep]
+    summed = [lab for lab in la if lab in lb and lab not in keep]
+    a_own = [lab for lab in la if lab not in lb]
+    b_own = [lab for lab in lb if lab not in la]
+    size = lambda ls: int(np.prod([sizes[lab] for lab in ls], dtype=np.int64))  # noqa: E731
+    bshape = [sizes[lab] for lab in batch]
+    out_labels = batch + a_own + b_own
+    if not summed:  # an outer or elementwise product: broadcasting, no matmul
+        a = _arrange(a, la, batch + a_own, bshape + [sizes[lab] for lab in a_own] + [1] * len(b_own))
+        b = _arrange(b, lb, batch + b_own, bshape + [1] * len(a_own) + [sizes[lab] for lab in b_own])
+        return mul(a, b), out_labels
+    lead = [size(batch)] if batch else []
+    a = _arrange(a, la, batch + a_own + summed, lead + [size(a_own), size(summed)])
+    b = _arrange(b, lb, batch + summed + b_own, lead + [size(summed), size(b_own)])
+    out = matmul(a, b)
+    return reshape(out, tuple(bshape + [sizes[lab] for lab in a_own + b_own])), out_labels
+
+
+@_located
+def einsum(subscripts, *operands, out=None, dtype=None, order="K", casting="safe", optimize=False):
+    """np.einsum in the subscripts-string form: 'ij,jk->ik', implicit output
+    ('ij,jk': the subscripts used once, in alphabetical order), '...' for
+    broadcast axes, repeated subscripts in one operand for a diagonal ('ii->i').
+    Operands are contracted left to right, each step one matmul (BLAS); `optimize`
+    is accepted and changes nothing.  `dtype` casts the operands first; `out`,
+    `order` and `casting` other than their defaults are refused."""
+    from ..errors import AvalonError
+    from .elementwise import cast
+    from .shape import transpose
+    if not isinstance(subscripts, str):
+        raise AvalonError("einsum: only the subscripts-string form einsum('ij,jk->ik', a, b) is supported, not "
+                          "the interleaved einsum(a, [0, 1], b, [1, 2]) form")
+    if out is not None or order != "K" or casting != "safe":
+        raise AvalonError("einsum: out=, order= and casting= are not supported (results are new arrays)")
+    if not operands:
+        raise _einsum_error("needs at least one operand")
+    operands = [np.asarray(o) if not hasattr(o, "shape") else o for o in operands]
+    if dtype is not None:
+        operands = [cast(o, dtype) for o in operands]
+    labels, out_labels, sizes = _parse_einsum(subscripts, [tuple(o.shape) for o in operands])
+    prepared = []
+    for k, (x, ls) in enumerate(zip(operands, labels)):
+        x, ls = _diagonal(x, ls)
+        needed = set(out_labels).union(*(labels[j] for j in range(len(operands)) if j != k))
+        x, ls = _sum_labels(x, ls, needed)
+        prepared.append(_broadcast_labels(x, ls, sizes))
+    acc, la = prepared[0]
+    for k in range(1, len(prepared)):
+        b, lb = prepared[k]
+        keep = set(out_labels).union(*(labels[j] for j in range(k + 1, len(operands))))
+        acc, la = _sum_labels(acc, la, keep | set(lb))
+        acc, la = _contract(acc, la, b, lb, keep, sizes)
+    acc, la = _sum_labels(acc, la, set(out_labels))
+    return transpose(acc, tuple(la.index(lab) for lab in out_labels))

@@ -7,6 +7,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..primitive import bind, defprim
 from ._rules import checked_shape, normalize_axes
+from .indexing import _located  # errors name the user's line
 from ._sharding import P, R, S, NeedsReduce, NoSplit, created, on_sharded
 
 
@@ -193,10 +194,32 @@ full_p = defprim("full", shape=lambda *, shape, dtype, value: (tuple(shape), np.
                  sharding=created)
 
 
-def full(shape, value, dtype=np.float32, *, like=None):
-    """An array filled with `value` (inside a trace, pass like=<traced array>)."""
+def _fill_dtype(fill_value, dtype):
+    """np.full's dtype: the fill value's, except that a Python float gives float32
+    (Avalon's default float, so it mixes with float32 arrays without a cast)."""
+    if dtype is not None:
+        return np.dtype(dtype)
+    if hasattr(fill_value, "dtype"):  # NumPy scalars, arrays, tracers keep theirs
+        return np.dtype(fill_value.dtype)
+    inferred = np.asarray(fill_value).dtype
+    return np.dtype(np.float32) if inferred.kind == "f" else inferred
+
+
+def full(shape, fill_value, dtype=None, *, like=None):
+    """np.full: an array of `shape` filled with `fill_value` (dtype None: the fill
+    value's, a Python float giving float32).  Inside a trace it is a node of the
+    trace (like=<traced array> picks the trace; else the one in progress);
+    eagerly it is made on `like`'s device, else on the CPU.  A traced or array
+    fill value is broadcast to `shape` (and carries its gradient)."""
     from ..primitive import Tracer, active_graph, bind_on, current_location
-    attrs = {"shape": checked_shape("full", shape), "dtype": np.dtype(dtype), "value": value}
+    shape = checked_shape("full", shape)
+    dtype = _fill_dtype(fill_value, dtype)
+    if (isinstance(fill_value, np.generic) or type(fill_value) is np.ndarray) and not np.shape(fill_value):
+        fill_value = fill_value.item()  # a NumPy scalar: its value
+    elif hasattr(fill_value, "shape"):  # traced, on a device, or not 0-d: broadcast, on its device
+        from .elementwise import cast
+        return broadcast_to(cast(fill_value, dtype), shape)
+    attrs = {"shape": shape, "dtype": dtype, "value": fill_value}
     graph = like.graph if isinstance(like, Tracer) else (active_graph() if like is None else None)
     if graph is not None:
         return Tracer(graph, graph.add_node("full", (), attrs, attrs["shape"], attrs["dtype"], current_location()))
@@ -206,10 +229,12 @@ def full(shape, value, dtype=np.float32, *, like=None):
 
 
 def zeros(shape, dtype=np.float32, *, like=None):
+    """An array of zeros (float32 unless `dtype` says otherwise); see `full`."""
     return full(shape, 0, dtype, like=like)
 
 
 def ones(shape, dtype=np.float32, *, like=None):
+    """An array of ones (float32 unless `dtype` says otherwise); see `full`."""
     return full(shape, 1, dtype, like=like)
 
 
@@ -234,3 +259,121 @@ def assign(dst, src):
     """Write `src` into the array `dst` in place and return dst.  In a compiled
     function the op producing src writes straight into dst when it can."""
     return bind(assign_p, (dst, src))
+
+
+# -- repeat, tile: broadcasts and reshapes (a gather for per-element repeats) -----------------
+
+def _static_counts(opname, what, value):
+    """Repeat counts as Python ints: they fix the result's shape, so they must be concrete."""
+    from ..errors import ConcretizationError, at, user_location
+    from ..primitive import Tracer
+    if isinstance(value, Tracer):
+        raise ConcretizationError(f"{opname}: {what} is being traced{at(user_location())}, but it sets the "
+                                  "result's shape; pass it as a concrete int, list or NumPy array")
+    counts = np.asarray(value)
+    if counts.dtype.kind not in "iub" or counts.ndim > 1 or (counts < 0).any():
+        raise ShapeError(f"{opname}: {what} must be a non-negative int or a 1-D sequence of them, got {value!r}")
+    return counts.astype(np.int64)
+
+
+@_located
+def repeat(a, repeats, axis=None):
+    """np.repeat: each element of `a` repeated along `axis` (None: of the flattened
+    array), `repeats` times (an int) or repeats[i] times for element i (a sequence)."""
+    from .indexing import _norm_axis, take
+    if not hasattr(a, "shape"):
+        a = np.asarray(a)
+    counts = _static_counts("repeat", "repeats", repeats)
+    if axis is None:
+        a, axis = reshape(a, (-1,)), 0
+    if not a.shape:
+        a, axis = reshape(a, (1,)), 0
+    axis = _norm_axis("repeat", axis, len(a.shape), a.shape)
+    n = a.shape[axis]
+    if counts.ndim == 1 and counts.size not in (1, n):
+        raise ShapeError(f"repeat: {counts.size} repeat counts for an axis of size {n} (array of shape "
+                         f"{tuple(a.shape)}); give one count, or one per element")
+    if counts.ndim == 1 and counts.size == n and n != 1 and len(set(counts.tolist())) > 1:
+        return take(a, np.repeat(np.arange(n), counts), axis=axis)
+    r = int(counts.reshape(-1)[0]) if counts.size else 1
+    shape = tuple(a.shape)
+    stretched = broadcast_to(expand_dims(a, axis + 1), shape[:axis + 1] + (r,) + shape[axis + 1:])
+    return reshape(stretched, shape[:axis] + (n * r,) + shape[axis + 1:])
+
+
+@_located
+def tile(A, reps):  # noqa: N803 - NumPy's parameter name
+    """np.tile: `A` repeated reps[k] times along axis k; a shorter `reps` is
+    padded with 1s on the left, a shorter `A` gains leading axes of size 1."""
+    if not hasattr(A, "shape"):
+        A = np.asarray(A)  # noqa: N806
+    counts = tuple(int(r) for r in _static_counts("tile", "reps", reps).reshape(-1))
+    nd = max(len(A.shape), len(counts))
+    shape = (1,) * (nd - len(A.shape)) + tuple(A.shape)
+    counts = (1,) * (nd - len(counts)) + counts
+    if all(r == 1 for r in counts):
+        return reshape(A, shape)
+    spread = reshape(A, tuple(d for s in shape for d in (1, s)))
+    stretched = broadcast_to(spread, tuple(d for r, s in zip(counts, shape) for d in (r, s)))
+    return reshape(stretched, tuple(r * s for r, s in zip(counts, shape)))
+
+
+# -- constants of static shape: arange and the *_like fills -----------------------------------
+
+def _like_args(opname, order, device):
+    """NumPy's layout and device arguments: results are C-ordered, on a's device."""
+    from ..errors import AvalonError
+    if order not in ("K", "A", "C") or device is not None:
+        raise AvalonError(f"{opname}: order={order!r} and device={device!r} are not supported; the result is "
+                          "C-ordered, on the device of the array given (move it with avalon.to_device)")
+
+
+@_located
+def full_like(a, fill_value, dtype=None, order="K", subok=True, shape=None, *, device=None):
+    """np.full_like: an array of a's shape (or `shape`) and dtype (or `dtype`),
+    filled with `fill_value`, on a's device; inside a trace, a node of a's trace.
+    No gradient flows to `a`."""
+    _like_args("full_like", order, device)  # subok: Avalon's arrays are base arrays already
+    if not hasattr(a, "shape"):
+        a = np.asarray(a)
+    shape = tuple(a.shape) if shape is None else shape
+    return full(shape, fill_value, np.dtype(a.dtype) if dtype is None else dtype, like=a)
+
+
+@_located
+def zeros_like(a, dtype=None, order="K", subok=True, shape=None, *, device=None):
+    """np.zeros_like; see `full_like`."""
+    return full_like(a, 0, dtype, order, subok, shape, device=device)
+
+
+@_located
+def ones_like(a, dtype=None, order="K", subok=True, shape=None, *, device=None):
+    """np.ones_like; see `full_like`."""
+    return full_like(a, 1, dtype, order, subok, shape, device=device)
+
+
+@_located
+def arange(start, stop=None, step=None, dtype=None, *, like=None):
+    """np.arange: evenly spaced values in [start, stop) (one argument: [0, start)).
+    dtype None: int64 for integer bounds, float32 for float ones (Avalon's default
+    float; NumPy would give float64).  The bounds are static numbers.  Inside a
+    trace the result is a constant of the trace; eagerly an array on `like`'s
+    device, else on the CPU."""
+    from ..errors import ConcretizationError, at, user_location
+    from ..primitive import Tracer, active_graph, current_location
+    bounds = [v for v in (start, stop, step) if v is not None]
+    if any(isinstance(v, Tracer) for v in bounds):
+        raise ConcretizationError(f"arange: a bound is being traced{at(user_location())}, but the bounds set the "
+                                  "result's length; pass them as Python numbers")
+    if step == 0:
+        raise ShapeError(f"arange: step must not be zero{at(user_location())}")
+    values = np.arange(start, stop, step, dtype=dtype)
+    if dtype is None and values.dtype.kind == "f":
+        values = values.astype(np.float32)
+    graph = like.graph if isinstance(like, Tracer) else (active_graph() if like is None else None)
+    if graph is not None:
+        return Tracer(graph, graph.add_const(values, current_location()))
+    if like is None or type(like) is np.ndarray:
+        return values
+    from ..backends import backend_of
+    return backend_of(like).asarray(values)

@@ -862,6 +862,82 @@ _add("avg_pool", lambda x: avalon.avg_pool(x, 2, 1, 1, count_include_pad=False),
      lambda t, x: t.nn.functional.avg_pool2d(x, 2, 1, 1, count_include_pad=False), "2d")
 
 
+# -- einsum, repeat/tile, torch's index ops, constants of static shape ------------------------
+
+for _v, _spec, _shapes in (("matmul", "ij,jk->ik", [(3, 4), (4, 5)]), ("implicit", "ij,jk", [(3, 4), (4, 5)]),
+                           ("batched", "bij,bjk->bik", [(2, 3, 4), (2, 4, 5)]),
+                           ("ellipsis_bcast", "...ij,...jk->...ik", [(2, 1, 3, 4), (5, 4, 2)]),
+                           ("ellipsis_implicit", "...i,...i", [(2, 1, 3), (4, 3)]),
+                           ("trace", "ii", [(3, 3)]), ("diagonal", "ii->i", [(3, 3)]),
+                           ("sum_all", "ij->", [(3, 4)]), ("transpose", "ijk->kij", [(2, 3, 4)]),
+                           ("outer", "i,j->ij", [(3,), (4,)]), ("elementwise", "i,i->i", [(3,), (3,)]),
+                           ("dot", "i,i", [(5,), (5,)]), ("size1_bcast", "ij,j->ij", [(3, 4), (1,)]),
+                           ("three", "ij,jk,kl->il", [(2, 3), (3, 4), (4, 5)]),
+                           ("three_shared", "abc,cd,bd->ad", [(2, 3, 4), (4, 5), (3, 5)]),
+                           ("bilinear", "bn,anm,bm->ba", [(2, 3), (4, 3, 5), (2, 5)]),
+                           ("sum_own_axis", "ij,jk->k", [(3, 4), (4, 2)])):
+    _add("einsum", lambda *a, spec: avalon.einsum(spec, *a), [_F(s) for s in _shapes],
+         lambda t, *a, spec: t.einsum(spec, *a), _v, kwargs={"spec": _spec})
+_add("einsum", lambda a, b: avalon.einsum("ij,jk->ik", a, b), [_I((3, 4)), _I((4, 2))],
+     lambda t, a, b: t.einsum("ij,jk->ik", a, b), "int")
+
+for _v, _r, _axis, _kw in (("int_flat", 2, None, {}), ("int_axis1", 3, 1, {}), ("int_neg_axis", 2, -1, {}),
+                          ("per_element", [1, 0, 2], 0, {}), ("one_count", [2], 1, {})):
+    _add("repeat", lambda x, repeats, axis: avalon.repeat(x, repeats, axis), [_F((3, 2))],
+         lambda t, x, repeats, axis: t.repeat_interleave(
+             x, repeats if isinstance(repeats, int) else t.tensor(repeats), dim=axis), _v,
+         kwargs={"repeats": _r, "axis": _axis})
+for _v, _reps, _shape in (("int", 2, (3, 2)), ("pairs", (2, 3), (3, 2)), ("more_reps", (2, 1, 2), (3, 2)),
+                          ("fewer_reps", (3,), (2, 2, 2))):
+    _add("tile", lambda x, reps: avalon.tile(x, reps), [_F(_shape)], lambda t, x, reps: t.tile(x, (reps,) if
+                                                                                          isinstance(reps, int)
+                                                                                          else reps),
+         _v, kwargs={"reps": _reps})
+
+_add("gather", lambda x, i: avalon.gather(x, -1, i), [_F((2, 3, 4)), _I((2, 3, 6), index_domain(4))],
+     lambda t, x, i: t.gather(x, -1, i), "neg_dim_repeats")
+_add("index_select", lambda x, i: avalon.index_select(x, 0, i), [_F((4, 3)), _I((6,), index_domain(4))],
+     lambda t, x, i: t.index_select(x, 0, i), "dim0_traced_repeats")
+_add("index_select", lambda x: avalon.index_select(x, -1, np.array([3, 0, 3])), [_F((2, 3, 4))],
+     lambda t, x: t.index_select(x, -1, t.tensor([3, 0, 3])), "neg_dim_concrete")
+_add("index_select", lambda x, i: avalon.index_select(x, 1, i), [_I((2, 5)), _I((3,), index_domain(5))],
+     lambda t, x, i: t.index_select(x, 1, i), "int")
+_add("scatter_add", lambda x, i, s: avalon.scatter_add(x, 0, i, s),
+     [_F((3, 4)), _I((5, 4), index_domain(3)), _F((5, 4))],
+     lambda t, x, i, s: t.scatter_add(x, 0, i, s), "dim0_repeats")
+# index smaller than input and src outside dim: only src[:2, :3] is read (torch's own backward
+# refuses a src larger than index, so the reference slices src first)
+_add("scatter_add", lambda x, i, s: avalon.scatter_add(x, 1, i, s),
+     [_F((3, 4)), _I((2, 3), index_domain(4)), _F((3, 5))],
+     lambda t, x, i, s: t.scatter_add(x, 1, i, s[:2, :3]), "index_smaller")
+_add("scatter_add", lambda x, i, s: avalon.scatter_add(x, -1, i, s),
+     [_I((2, 3)), _I((2, 4), index_domain(3)), _I((2, 4))],
+     lambda t, x, i, s: t.scatter_add(x, -1, i, s), "int")
+_add("masked_fill", lambda x, m: avalon.masked_fill(x, m, -1.5), [_F((3, 4)), _B((3, 4))],
+     lambda t, x, m: t.masked_fill(x, m, -1.5), "same")
+_add("masked_fill", lambda x, m: avalon.masked_fill(x, m, 0.0), [_F((2, 3, 4)), _B((3, 1))],
+     lambda t, x, m: t.masked_fill(x, m, 0.0), "bcast_mask")
+_add("masked_fill", lambda x, m: avalon.masked_fill(x, m, 2.0), [_F((3, 4)), _B((2, 3, 4))],
+     lambda t, x, m: t.masked_fill(x, m, 2.0), "mask_wider")
+_add("masked_fill", lambda x, m, v: avalon.masked_fill(x, m, v), [_F((3, 4)), _B((3, 4)), _F(())],
+     lambda t, x, m, v: t.masked_fill(x, m, v), "traced_value")
+_add("masked_fill", lambda x, m: avalon.masked_fill(x, m, 2.5), [_I((3, 4)), _B((3, 4))],
+     lambda t, x, m: t.masked_fill(x, m, 2.5), "int_truncates")
+_add("check_index", lambda i: avalon.check_index(i, 5), [_I((2, 3), index_domain(5))], lambda t, i: i)
+
+_add("arange", lambda x: avalon.add(x, avalon.arange(4, like=x)), [_F((3, 4))], lambda t, x: x + t.arange(4),
+     "int")
+_add("arange", lambda x: avalon.mul(x, avalon.arange(0.5, 2.5, 0.5, dtype=x.dtype, like=x)), [_F((3, 4))],
+     lambda t, x: x * t.arange(0.5, 2.5, 0.5), "float_step")
+_add("full", lambda x, v: avalon.mul(x, avalon.full(x.shape, v)), [_F((3, 4)), _F(())],
+     lambda t, x, v: x * v.expand(x.shape), "traced_fill")
+_add("full_like", lambda x: avalon.add(x, avalon.full_like(x, 2.5)), [_F((3, 4))],
+     lambda t, x: x + t.full_like(x, 2.5))
+_add("zeros_like", lambda x: avalon.add(x, avalon.zeros_like(x)), [_F((3, 4))], lambda t, x: x + t.zeros_like(x))
+_add("ones_like", lambda x: avalon.mul(x, avalon.ones_like(x, dtype="int64")), [_F((3, 4))],
+     lambda t, x: x * t.ones_like(x, dtype=t.int64))
+
+
 # -- queries -----------------------------------------------------------------------------------
 
 def cases_for(op: str) -> list[OpCase]:
