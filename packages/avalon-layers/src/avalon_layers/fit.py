@@ -299,7 +299,7 @@ class _OneProcess:
     def shard(self, idx):
         return idx
 
-    def reduce(self, loss, grads, size):
+    def reduce(self, loss, grads, size, grad_fn):
         return loss, grads
 
 
@@ -336,8 +336,9 @@ class _DataParallelWorld:
                              "pass drop_last=True to drop a small last batch")
         return np.array_split(idx, self.size)[self.rank]
 
-    def reduce(self, loss, grads, size):
-        return self.dist.average_gradients(loss, grads, size)
+    def reduce(self, loss, grads, size, grad_fn):
+        from avalon.distributed.data_parallel import holds_collectives
+        return self.dist.average_gradients(loss, grads, size, equal_shards=holds_collectives(grad_fn))
 
 
 def _take(A, idx, dev):
@@ -355,7 +356,7 @@ def _train_epoch(steps, model, X, Y, batches, loss_fn, opt, dev, callbacks, bar,
             loss, grads = steps.grad(model, xb, _take(Y, mine, dev), loss_fn)
         else:
             loss, grads = steps.grad(model, xb, loss_fn)
-        loss, grads = world.reduce(loss, grads, xb.shape[0])
+        loss, grads = world.reduce(loss, grads, xb.shape[0], steps.grad)
         opt.step(model, grads[0])
         value = _to_float(loss)
         total, count = total + value * size, count + size

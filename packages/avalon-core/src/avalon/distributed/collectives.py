@@ -54,7 +54,7 @@ def all_reduce(obj, op="sum"):
     returned with obj's structure (new arrays; obj is unchanged).  Inside a
     traced function (avalon.grad, avalon.jit) it records the differentiable
     process_all_reduce op instead (sum and mean)."""
-    leaves, treedef = tree.flatten(obj)
+    leaves, treedef = tree.flatten(obj, is_leaf=_traced)
     for x in leaves:
         _check_op(op, np.dtype(x.dtype))
     if any(_traced(x) for x in leaves):

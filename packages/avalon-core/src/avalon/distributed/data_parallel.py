@@ -31,6 +31,8 @@ from .. import tree
 from ..api import GradFunction, value_and_grad
 from ..backends import backend_of
 from . import _world
+from ..primitive import PRIMITIVES
+from .backends import DistributedError
 from .collectives import broadcast, pack, unpack
 
 
@@ -53,7 +55,7 @@ class DataParallel:
         if self.broadcast_parameters:
             self._sync(args[0])
         loss, grads = self.grad_fn(*args)
-        return average_gradients(loss, grads, self._examples(args))
+        return average_gradients(loss, grads, self._examples(args), equal_shards=holds_collectives(self.grad_fn))
 
     def _sync(self, model):
         """Broadcast the model from rank 0 the first time it is seen."""
@@ -76,13 +78,24 @@ class DataParallel:
         return getattr(self.__dict__["grad_fn"], name)
 
 
-def average_gradients(loss, grads, examples=1):
+def holds_collectives(grad_fn) -> bool:
+    """Whether the last-run compiled step communicates inside (SyncBatchNorm)."""
+    return any(getattr(PRIMITIVES.get(n.op), "collective", False) for n in grad_fn.graph.nodes)
+
+
+def average_gradients(loss, grads, examples=1, equal_shards=False):
     """(loss, grads) of this rank -> the global batch's (loss, grads): every
     rank's values weighted by its `examples` and averaged, in one all-reduce per
     gradient dtype (the loss and the count ride in the buffer of the loss's
     dtype).  A wrapper around avalon.grad's result:
 
         loss, grads = avalon.distributed.average_gradients(*avalon.grad(f, model, xb, yb), len(xb))
+
+    equal_shards=True: the step all-reduced values inside (SyncBatchNorm): its
+    backward summed the ranks' unweighted cotangents, so the weighted mean is
+    exact only when every rank has as many examples; otherwise every rank
+    raises DistributedError (each sees the total differ from its count times
+    the world size) instead of returning wrong gradients.
     """
     h = _world.host()
     if h.size == 1:
@@ -97,7 +110,13 @@ def average_gradients(loss, grads, examples=1):
     buf = pack(arrays + [loss_arr.reshape(1), _full_like(loss_arr, 1.0)])
     buf *= examples
     _world.backend_for_arrays([buf]).all_reduce_(buf, "sum")
-    buf /= buf[-1:].copy()
+    total = buf[-1:].copy()
+    if equal_shards and float(total[0]) != examples * h.size:
+        raise DistributedError(f"rank {h.rank} has {examples} examples but the ranks have {float(total[0]):g} "
+                               "in all: a step that all-reduces inside (SyncBatchNorm) needs equal shards on every "
+                               "rank; make the global batch a multiple of the world size (drop_last=True drops a "
+                               "small last batch)")
+    buf /= total
     total_loss = buf[-2].reshape(loss_arr.shape)
     for k, view in zip(idx, unpack(buf[:-2], arrays)):
         out[k] = view
@@ -117,7 +136,6 @@ def _dtype_groups(leaves, loss_arr):
     for k, x in enumerate(leaves):
         groups.setdefault((type(x), np.dtype(x.dtype)), []).append(k)
     if len(groups) > 1:
-        from .backends import DistributedError
         other = [f"{d.name}" for (_, d) in list(groups)[1:]]
         raise DistributedError(f"average_gradients: the loss is {loss_arr.dtype.name} but gradients are also "
                                f"{', '.join(other)}; keep the model and the loss in one dtype (cast the loss "
