@@ -112,7 +112,7 @@ def fit_mlp(distributed):
     m = model("mlp", seed=dist.rank())
     x, y = data("mlp")
     h = avalon.fit(m, x, y, loss_fn=F.cross_entropy, epochs=2, batch_size=GLOBAL_BATCH, seed=7,
-                   opt=avalon.optim.SGD(lr=0.1), verbose=1, distributed=distributed)
+                   opt=avalon.optim.SGD(lr=0.1), verbose=2, distributed=distributed)
     return {"loss": np.array(h["loss"]), **{k: np.asarray(v) for k, v in m.state_dict().items()}}
 
 
@@ -123,7 +123,12 @@ def checkpoint(out):
     avalon.save(m, path)
     other = model("mlp", seed=10 + dist.rank())
     avalon.load(path, other)
-    return {k: np.asarray(v) for k, v in other.state_dict().items()}
+    try:  # rank 0's error reaches every rank
+        avalon.load(os.path.join(out, "missing.ckpt"))
+        failure = ""
+    except OSError as e:
+        failure = type(e).__name__
+    return {"failure": np.array(failure), **{k: np.asarray(v) for k, v in other.state_dict().items()}}
 
 
 def main(out, scenarios):
