@@ -229,6 +229,13 @@ def test_average_gradients_weights_each_rank_by_its_examples(mirror_world):
         dist.average_gradients(np.float32(1.0), {"w": np.ones(2, np.float64)})
 
 
+def test_local_rank_reads_the_launcher(monkeypatch):
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
+    assert dist.local_rank() == 3
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_RANK")
+    assert dist.local_rank() == 0 or any(v in os.environ for v in ("MPI_LOCALRANKID", "MPI_LOCAL_RANK"))
+
+
 def test_mpi_and_nccl_missing_name_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)
     with pytest.raises(dist.DistributedError, match="pip install mpi4py"):

@@ -27,7 +27,8 @@ its shard of every global batch (np.array_split(batch, N)[rank]), each step's
 loss and gradients are the global batch's (avalon.distributed.average_gradients:
 one all-reduce per step), so every rank takes the same optimizer step and the
 reported loss is the global mean.  Only rank 0 shows progress; every rank
-returns the same History.
+returns the same History (metrics and validation run on every rank over all
+of their data, not sharded: identical results, repeated work).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 
     import avalon.distributed as dist
     dist.init()                               # under `mpirun -n N python train.py`: N ranks; else one
-    dist.rank(), dist.world_size()
+    dist.rank(), dist.world_size(), dist.local_rank()   # local_rank: the GPU a rank's CuPy arrays go on
     grads = dist.all_reduce(grads, op="mean") # any tree of arrays, as torch.distributed names them
     dist.broadcast(model, src=0)              # in place
     parts = dist.all_gather(x)                # [rank 0's x, rank 1's x, ...]
@@ -24,11 +24,11 @@ mpirun, which names the rank that died.
 from __future__ import annotations
 
 from . import ops  # noqa: F401  (registers process_all_reduce)
-from ._world import init, is_initialized, launched_by_mpi, rank, world_size
+from ._world import init, is_initialized, launched_by_mpi, local_rank, rank, world_size
 from .backends import DistributedError, LocalBackend, MPIBackend, NCCLBackend
 from .collectives import all_gather, all_reduce, barrier, broadcast, broadcast_object
 from .data_parallel import DataParallel, average_gradients
 
-__all__ = ["init", "is_initialized", "rank", "world_size", "barrier", "all_reduce", "broadcast", "all_gather",
+__all__ = ["init", "is_initialized", "rank", "world_size", "local_rank", "barrier", "all_reduce", "broadcast", "all_gather",
            "broadcast_object", "DataParallel", "average_gradients", "DistributedError", "launched_by_mpi",
            "LocalBackend", "MPIBackend", "NCCLBackend"]

@@ -74,6 +74,16 @@ def world_size() -> int:
     return host().size
 
 
+def local_rank() -> int:
+    """This process's index among the ranks on its machine (Open MPI's
+    OMPI_COMM_WORLD_LOCAL_RANK, or MPI_LOCALRANKID / MPI_LOCAL_RANK); 0 in one
+    process.  Put each rank's CuPy arrays on GPU local_rank() before NCCL runs."""
+    for name in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MPI_LOCAL_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
 def backend_for_arrays(arrays):
     """The backend for these arrays: NCCL for CuPy arrays (in a world of more
     than one process), the host backend (MPI) for NumPy arrays."""
