@@ -300,7 +300,10 @@ class _OneProcess:
     def shard(self, idx):
         return idx
 
-    def reduce(self, loss, grads, size, grad_fn):
+    def before_step(self, grad_fn, args, size):
+        return False
+
+    def reduce(self, loss, grads, size, communicates):
         return loss, grads
 
 
@@ -320,6 +323,8 @@ class _DataParallelWorld:
             raise ValueError(f"fit: batch_size={batch_size} is the global batch, split among {self.size} ranks: "
                              f"it must be at least {self.size}")
         distributed.broadcast(model, src=0)
+        from avalon.distributed.data_parallel import EqualShardCheck
+        self.shards = EqualShardCheck()
 
     def seed(self, seed):
         if seed is None:  # one order for every rank: rank 0's
@@ -337,9 +342,12 @@ class _DataParallelWorld:
                              "pass drop_last=True to drop a small last batch")
         return np.array_split(idx, self.size)[self.rank]
 
-    def reduce(self, loss, grads, size, grad_fn):
-        from avalon.distributed.data_parallel import holds_collectives
-        return self.dist.average_gradients(loss, grads, size, equal_shards=holds_collectives(grad_fn))
+    def before_step(self, grad_fn, args, size):
+        """Whether the step all-reduces inside; if so, the shards are checked equal first."""
+        return self.shards.before_step(grad_fn, args, size)
+
+    def reduce(self, loss, grads, size, communicates):
+        return self.dist.average_gradients(loss, grads, size, equal_shards=communicates)
 
 
 def _take(A, idx, dev):
@@ -353,11 +361,9 @@ def _train_epoch(steps, model, X, Y, batches, loss_fn, opt, dev, callbacks, bar,
         size = idx.stop - idx.start if isinstance(idx, slice) else len(idx)  # the global batch's
         mine = world.shard(idx)
         xb = _take(X, mine, dev)
-        if Y is not None:
-            loss, grads = steps.grad(model, xb, _take(Y, mine, dev), loss_fn)
-        else:
-            loss, grads = steps.grad(model, xb, loss_fn)
-        loss, grads = world.reduce(loss, grads, xb.shape[0], steps.grad)
+        args = (model, xb, _take(Y, mine, dev), loss_fn) if Y is not None else (model, xb, loss_fn)
+        communicates = world.before_step(steps.grad, args, xb.shape[0])
+        loss, grads = world.reduce(*steps.grad(*args), xb.shape[0], communicates)
         opt.step(model, grads[0])
         value = _to_float(loss)
         total, count = total + value * size, count + size

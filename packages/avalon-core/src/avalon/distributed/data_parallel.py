@@ -49,13 +49,16 @@ class DataParallel:
         self.batch_arg = batch_arg
         self.broadcast_parameters = broadcast_parameters
         self._synced: "weakref.WeakSet" = weakref.WeakSet()
+        self._shards = EqualShardCheck()
         self.__wrapped__ = self.grad_fn
 
     def __call__(self, *args):
         if self.broadcast_parameters:
             self._sync(args[0])
+        examples = self._examples(args)
+        communicates = self._shards.before_step(self.grad_fn, args, examples)
         loss, grads = self.grad_fn(*args)
-        return average_gradients(loss, grads, self._examples(args), equal_shards=holds_collectives(self.grad_fn))
+        return average_gradients(loss, grads, examples, equal_shards=communicates)
 
     def _sync(self, model):
         """Broadcast the model from rank 0 the first time it is seen."""
@@ -78,15 +81,48 @@ class DataParallel:
         return getattr(self.__dict__["grad_fn"], name)
 
 
+class EqualShardCheck:
+    """Refuses unequal shards BEFORE a step that all-reduces inside
+    (SyncBatchNorm), so the refused step changes nothing (running statistics
+    included).  Whether a step communicates is read from its compiled graph
+    (compiled first if need be, as the call would), once per signature; only
+    such steps pay the check (one small all-gather of the ranks' counts)."""
+
+    def __init__(self):
+        self._known: dict = {}  # id(compiled signature) -> (signature, communicates)
+
+    def before_step(self, grad_fn, args, examples) -> bool:
+        entry, _ = grad_fn._lookup(args)
+        known = self._known.get(id(entry))
+        if known is None or known[0] is not entry:
+            known = self._known[id(entry)] = (entry, holds_collectives(grad_fn))
+        if known[1]:
+            check_equal_shards(examples)
+        return known[1]
+
+
+def check_equal_shards(examples):
+    """Raise DistributedError on every rank unless all ranks have `examples` examples."""
+    h = _world.host()
+    if h.size == 1:
+        return
+    counts = [int(c[0]) for c in h.all_gather(np.array([examples], np.int64))]
+    if len(set(counts)) > 1:
+        raise DistributedError(f"the ranks have {counts} examples (rank {h.rank}: {examples}): a step that "
+                               "all-reduces inside (SyncBatchNorm) needs equal shards on every rank; make the "
+                               "global batch a multiple of the world size (drop_last=True drops a small last "
+                               "batch)")
+
+
 def holds_collectives(grad_fn) -> bool:
-    """Whether the last-run compiled step communicates inside (SyncBatchNorm)."""
+    """Whether the last compiled signature of grad_fn communicates inside (SyncBatchNorm)."""
     return any(getattr(PRIMITIVES.get(n.op), "collective", False) for n in grad_fn.graph.nodes)
 
 
 def average_gradients(loss, grads, examples=1, equal_shards=False):
     """(loss, grads) of this rank -> the global batch's (loss, grads): every
-    rank's values weighted by its `examples` and averaged, in one all-reduce per
-    gradient dtype (the loss and the count ride in the buffer of the loss's
+    rank's values weighted by its `examples` and averaged, in one all-reduce
+    (gradients, loss and count in one buffer: gradients must share the loss's
     dtype).  A wrapper around avalon.grad's result:
 
         loss, grads = avalon.distributed.average_gradients(*avalon.grad(f, model, xb, yb), len(xb))
@@ -95,7 +131,8 @@ def average_gradients(loss, grads, examples=1, equal_shards=False):
     backward summed the ranks' unweighted cotangents, so the weighted mean is
     exact only when every rank has as many examples; otherwise every rank
     raises DistributedError (each sees the total differ from its count times
-    the world size) instead of returning wrong gradients.
+    the world size) instead of returning wrong gradients.  DataParallel and fit
+    check the counts before such a step too, so a refused step changes nothing.
     """
     h = _world.host()
     if h.size == 1:
