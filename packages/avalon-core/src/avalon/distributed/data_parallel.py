@@ -78,7 +78,10 @@ class DataParallel:
 
     # what the compiled function shows, for reading
     def __getattr__(self, name):
-        return getattr(self.__dict__["grad_fn"], name)
+        grad_fn = self.__dict__.get("grad_fn")
+        if grad_fn is None:
+            raise AttributeError(name)
+        return getattr(grad_fn, name)
 
 
 class EqualShardCheck:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ops._sharding import NoSplit
-from ..primitive import Tracer, bind, defprim
+from ..primitive import bind, defprim
 from . import _world
 
 DIFFERENTIABLE_OPS = ("sum", "mean")
@@ -58,7 +58,3 @@ def all_reduce_value(x, op="sum"):
     if op not in ("sum", "mean", "max"):
         raise ValueError(f"all_reduce: op must be 'sum', 'mean' or 'max', not {op!r}")
     return bind(process_all_reduce_p, [x], {"op": op})
-
-
-def is_traced(x) -> bool:
-    return isinstance(x, Tracer)

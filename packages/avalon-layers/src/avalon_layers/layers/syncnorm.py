@@ -24,7 +24,7 @@ from .norm import _BatchNorm, _per_channel, _update_running
 _COMPONENT = "Distributed"
 
 
-def _channel_sums(x, axes, nd):
+def _channel_sums(x, axes):
     """Per-channel sums over `axes`, as a (C,) array."""
     return avalon.reshape(avalon.sum(x, axes, keepdims=True), (int(x.shape[1]),))
 
@@ -44,11 +44,11 @@ def sync_batch_norm(input, running_mean, running_var, weight=None, bias=None, mo
     channels = shape[1]
     # [per-channel sums, count] in one all-reduce: the count varies between ranks (a ragged last batch)
     count = np.full((1,), local_n, dtype=input.dtype)
-    packed = distributed.all_reduce(avalon.concatenate([_channel_sums(input, axes, nd), count]))
+    packed = distributed.all_reduce(avalon.concatenate([_channel_sums(input, axes), count]))
     total = packed[channels]
     mean = avalon.reshape(packed[:channels] / total, (1, channels) + (1,) * (nd - 2))
     centered = input - mean
-    sq_sums = distributed.all_reduce(_channel_sums(centered * centered, axes, nd))
+    sq_sums = distributed.all_reduce(_channel_sums(centered * centered, axes))
     var_c = sq_sums / total
     if running_mean is not None:
         _update_running(running_mean, avalon.stop_gradient(avalon.reshape(mean, (channels,))), momentum)
