@@ -298,3 +298,15 @@ def test_a_graph_holding_a_collective_is_never_split_across_threads(mirror_world
     graph = avalon.trace(lambda a, b: two_parts(a, b, True), big, big)
     assert split_components(graph, 2) is None
     assert split_batch(graph, set(graph.inputs), 2) is None
+
+
+def test_convert_sync_batchnorm_keeps_the_arrays_and_the_state_dict():
+    import avalon.nn as nn
+    avalon.manual_seed(0)
+    model = job.BNNet(nn.BatchNorm2d)
+    before = model.state_dict()
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(converted.bn, nn.SyncBatchNorm) and converted.bn.weight is before["bn.weight"]
+    assert list(converted.state_dict()) == list(before)
+    with pytest.raises(ValueError, match="process_group must be None"):
+        nn.SyncBatchNorm(4, process_group=object())
