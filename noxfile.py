@@ -139,6 +139,7 @@ def install_packages(session: nox.Session, *extra: str) -> None:
 def tests(session: nox.Session) -> None:
     """Run every package's tests and the root tests/ with pytest."""
     install_packages(session)
+    _install_mpi(session)
     paths = [
         str(path.relative_to(ROOT))
         for path in sorted(PACKAGES_DIR.glob("*/tests")) + [ROOT / "tests"]
@@ -158,6 +159,16 @@ def tests(session: nox.Session) -> None:
         *paths,
         *session.posargs,
     )
+
+
+def _install_mpi(session: nox.Session) -> None:
+    """Open MPI (apt-get, as root, when mpirun is missing) and mpi4py, for the
+    multi-process tests of avalon.distributed (tests/test_distributed.py).
+    Never fatal: without them those tests skip, saying what is missing."""
+    session.run("sh", "packages/avalon-core/scripts/install_open_mpi.sh", external=True,
+                success_codes=list(range(256)))
+    if shutil.which("mpirun"):
+        session.install("mpi4py")
 
 
 # The benchmarks also draw their charts (matplotlib: the field's standard plotting library).

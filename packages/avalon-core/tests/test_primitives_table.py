@@ -187,6 +187,8 @@ EXEMPT = {
        for name in ("im2col_csn", "col2im_csn", "max_pool_csn", "max_pool_csn_grad")},
     "allreduce_sum": "internal: a barrier between the engine's threads put in by avalon.parallel; "
                      "checked in test_parallel.py",
+    "process_all_reduce": "a collective across processes (avalon.distributed), the identity in one process; "
+                          "checked on 2 ranks against single-process training in tests/test_distributed.py",
 }
 
 

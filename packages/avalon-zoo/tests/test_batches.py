@@ -175,3 +175,41 @@ def test_bad_arguments():
 def test_repr():
     text = repr(Batches(*dataset(10), batch_size=4, seed=5))
     assert "10 examples" in text and "batch_size=4" in text and "3 batches" in text and "seed=5" in text
+
+
+# -- data-parallel shards (avalon.distributed) ------------------------------------------------------
+
+@pytest.mark.parametrize("world, n, batch_size, drop_last", [
+    (2, 20, 6, False), (2, 20, 6, True), (2, 18, 6, False), (3, 21, 6, False), (3, 20, 6, True), (3, 9, 9, False)])
+def test_rank_shards_rebuild_the_one_process_batches(world, n, batch_size, drop_last):
+    """Each global batch is the same for any world size; the ranks' shards of it are
+    disjoint, cover it, and the shards of an epoch cover the epoch."""
+    x, y = dataset(n)
+    whole = Batches(x, y, batch_size=batch_size, seed=4, drop_last=drop_last)
+    ranks = [Batches(x, y, batch_size=batch_size, seed=4, drop_last=drop_last, num_replicas=world, rank=r)
+             for r in range(world)]
+    for epoch in range(2):
+        per_rank = [list(b.batches(epoch)) for b in ranks]
+        seen = []
+        for i, (xb, yb) in enumerate(whole.batches(epoch)):
+            shards = [per_rank[r][i][1] for r in range(world)]
+            assert all(len(s) >= 1 for s in shards)
+            np.testing.assert_array_equal(np.concatenate(shards), yb)
+            seen.extend(yb)
+        assert len(seen) == len(set(seen)) == (n // batch_size * batch_size if drop_last else n)
+    assert all(len(b) == len(whole) for b in ranks)
+
+
+def test_a_batch_too_small_to_shard_is_refused_with_a_remedy():
+    x, y = dataset(13)
+    with pytest.raises(ValueError, match="cannot be split among 2 ranks.*drop_last=True"):
+        Batches(x, y, batch_size=4, num_replicas=2, rank=0)  # last batch: 1 example
+    assert len(Batches(x, y, batch_size=4, drop_last=True, num_replicas=2, rank=1)) == 3
+    with pytest.raises(ValueError, match="rank must be in 0..1"):
+        Batches(x, y, batch_size=4, drop_last=True, num_replicas=2, rank=2)
+
+
+def test_one_process_is_the_default_and_the_repr_names_the_rank():
+    x, y = dataset(8)
+    assert "rank" not in repr(Batches(x, y, batch_size=4, seed=0))
+    assert "rank 1 of 2" in repr(Batches(x, y, batch_size=4, seed=0, num_replicas=2, rank=1))

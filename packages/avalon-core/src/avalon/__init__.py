@@ -26,6 +26,7 @@ from .graph import Graph, Node  # noqa: F401
 from .plugins import hookimpl, plugin_errors  # noqa: F401
 from .profiler import profile  # noqa: F401
 from .primitive import PRIMITIVES, Primitive, Tracer, bind, defprim  # noqa: F401
+from . import distributed  # noqa: F401,E402  (data-parallel collectives; MPI is imported only when used)
 
 float16, float32, float64 = _np.float16, _np.float32, _np.float64
 int32, int64, bool_ = _np.int32, _np.int64, _np.bool_

@@ -42,7 +42,8 @@ class Primitive:
 
     def __init__(self, name, *, shape, impl, vjp=None, ufunc=None, elementwise=False, view=False,
                  effectful=False, accepts_out=False, foldable=True, nondiff=False, expr=None, inplace=None,
-                 writes_input=False, draws_random=False, output_shape_attr=None, doc="", **rules):
+                 writes_input=False, draws_random=False, output_shape_attr=None, collective=False, doc="",
+                 **rules):
         self.name = name
         self.shape_rule = shape
         self.impl = impl
@@ -62,6 +63,10 @@ class Primitive:
             self.foldable = False
         self.draws_random = draws_random
         if draws_random:
+            self.effectful = True
+            self.foldable = False
+        self.collective = collective
+        if collective:
             self.effectful = True
             self.foldable = False
         self.output_shape_attr = output_shape_attr
@@ -117,6 +122,10 @@ def defprim(name, **fields) -> Primitive:
         implied); a step split across threads replays the generator in each thread.
     output_shape_attr: the attribute that holds the op's own output shape
         ("shape" for reshape): kept equal to it when a pass changes the shape.
+    collective: the op communicates with other processes (avalon.distributed):
+        every process must run it once per call, in the same order, so a step
+        holding one runs in the caller's thread, never split across threads
+        (effectful implied: never merged or folded).
 
     Per-pass rules, each looked up by the pass with `Primitive.rule(kind)` (a
     missing rule raises MissingRuleError naming the primitive and the kind; the

@@ -87,8 +87,39 @@ def save(model_or_state_dict, path) -> None:
     host first.
 
     A PyTorch state dict converted with ``{k: v.numpy() for k, v in sd.items()}``
-    saves as it is."""
+    saves as it is.
+
+    In a data-parallel job (avalon.distributed with more than one rank) rank 0
+    writes the file and every rank returns once it is written (or raises
+    rank 0's error): the ranks hold the same model."""
     _check_argument_order(model_or_state_dict, path)
+    if _ranks() > 1:
+        return _on_rank_zero(lambda: _save(model_or_state_dict, path))
+    return _save(model_or_state_dict, path)
+
+
+def _ranks() -> int:
+    from avalon import distributed
+    return distributed.world_size() if distributed.is_initialized() else 1
+
+
+def _on_rank_zero(action):
+    """Run `action` on rank 0; its result (or its error, raised again on every
+    rank) goes to all ranks."""
+    from avalon import distributed
+    result = error = None
+    if distributed.rank() == 0:
+        try:
+            result = action()
+        except Exception as e:  # noqa: BLE001 - sent to every rank, then raised on each
+            error = e
+    result, error = distributed.broadcast_object((result, error), 0)
+    if error is not None:
+        raise error
+    return result
+
+
+def _save(model_or_state_dict, path) -> None:
     path = os.fspath(path)
     state, kind, class_path = _state_of(model_or_state_dict)
     arrays = OrderedDict()
@@ -353,10 +384,12 @@ def load(path, model=None, strict: bool = True):
     and tuples with NumPy arrays in them.  With `model`, loads it into the
     model (``model.load_state_dict(state, strict)``, which also puts the arrays
     on the model's device; an optimizer's ``load_state_dict(state)``) and
-    returns the model."""
+    returns the model.
+
+    In a data-parallel job rank 0 reads the file and sends its contents to
+    every rank (no shared file system needed): every rank loads the same state."""
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        state = _read_checkpoint(path, f)
+    state = _on_rank_zero(lambda: _read(path)) if _ranks() > 1 else _read(path)
     if model is None:
         return state
     if isinstance(model, Module):
@@ -364,6 +397,11 @@ def load(path, model=None, strict: bool = True):
     else:
         model.load_state_dict(state)
     return model
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return _read_checkpoint(path, f)
 
 
 def _error(path, what) -> CheckpointError:

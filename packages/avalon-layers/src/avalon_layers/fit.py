@@ -20,6 +20,15 @@ Loss conventions:
 
 The loss must average over the batch (reduction "mean"): epoch values are the
 batch losses averaged with batch-size weights.
+
+Data-parallel (``distributed=True``, under ``mpirun -n N``): avalon.distributed
+is initialized, rank 0's model is broadcast to every rank, each rank trains on
+its shard of every global batch (np.array_split(batch, N)[rank]), each step's
+loss and gradients are the global batch's (avalon.distributed.average_gradients:
+one all-reduce per step), so every rank takes the same optimizer step and the
+reported loss is the global mean.  Only rank 0 shows progress; every rank
+returns the same History (metrics and validation run on every rank over all
+of their data, not sharded: identical results, repeated work).
 """
 from __future__ import annotations
 
@@ -110,7 +119,7 @@ _FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType, types.MethodTy
 @export("toplevel", "Fitting API")
 def fit(model, X, Y=None, *, loss_fn, epochs: int = 1, batch_size: int = 32, opt=None, device=None,
         shuffle: bool = True, seed=None, validation_data=None, metrics=(), callbacks=(), verbose: int = 1,
-        drop_last: bool = False) -> History:
+        drop_last: bool = False, distributed: bool = False) -> History:
     """Train `model` on the samples X (and targets Y) for `epochs` epochs.
 
     - loss_fn: ``loss_fn(model(xb), yb)``, or ``loss_fn(model, xb)`` when Y is
@@ -138,6 +147,10 @@ def fit(model, X, Y=None, *, loss_fn, epochs: int = 1, batch_size: int = 32, opt
     - verbose: 0 silent, 1 a tqdm progress bar per epoch with the running
       loss, 2 one line per epoch (both on stderr).
 
+    - distributed: data-parallel training across the ranks of avalon.distributed
+      (start the script with ``mpirun -n N python train.py``): batch_size is the
+      global batch, split among the ranks; see the module docstring.
+
     The model is in train mode while training and in eval mode for
     evaluation (when it has train/eval), and ends in the mode it started in.
     Returns a History (a dict of per-epoch lists)."""
@@ -149,6 +162,8 @@ def fit(model, X, Y=None, *, loss_fn, epochs: int = 1, batch_size: int = 32, opt
         from .optim import Adam
         opt = Adam(lr=1e-3)
     model, dev = _place_model(model, device)
+    world = _DataParallelWorld(model, batch_size, seed) if distributed else _ONE_PROCESS
+    seed, verbose = world.seed(seed), world.verbose(verbose)
     val = _validation_arrays(validation_data, supervised)
     history = History()
     history.model = model
@@ -162,7 +177,8 @@ def fit(model, X, Y=None, *, loss_fn, epochs: int = 1, batch_size: int = 32, opt
             with _progress(verbose, epoch, epochs, n, batch_size, drop_last) as bar:
                 _set_mode(model, True)
                 batches = _batches(n, order, batch_size, drop_last)
-                logs = {"loss": _train_epoch(steps, model, X, Y, batches, loss_fn, opt, dev, callbacks, bar)}
+                logs = {"loss": _train_epoch(steps, model, X, Y, batches, loss_fn, opt, dev, callbacks, bar,
+                                             world)}
                 _set_mode(model, False)
                 logs.update(_evaluate(steps, model, X, Y, loss_fn, metric_fns, dev, batch_size, with_loss=False))
                 if val is not None:
@@ -272,21 +288,84 @@ def _batches(n, order, batch_size, drop_last):
         yield order[start:stop] if order is not None else slice(start, stop)
 
 
+class _OneProcess:
+    """fit in one process: batches and gradients as they are."""
+
+    def seed(self, seed):
+        return seed
+
+    def verbose(self, verbose):
+        return verbose
+
+    def shard(self, idx):
+        return idx
+
+    def before_step(self, grad_fn, args, size):
+        return False
+
+    def reduce(self, loss, grads, size, communicates):
+        return loss, grads
+
+
+_ONE_PROCESS = _OneProcess()
+
+
+class _DataParallelWorld:
+    """fit across the ranks of avalon.distributed: rank 0's model and seed, a
+    shard of each batch per rank, the global batch's loss and gradients."""
+
+    def __init__(self, model, batch_size, seed):
+        from avalon import distributed
+        self.dist = distributed
+        distributed.init()
+        self.rank, self.size = distributed.rank(), distributed.world_size()
+        if batch_size < self.size:
+            raise ValueError(f"fit: batch_size={batch_size} is the global batch, split among {self.size} ranks: "
+                             f"it must be at least {self.size}")
+        distributed.broadcast(model, src=0)
+        from avalon.distributed.data_parallel import EqualShardCheck
+        self.shards = EqualShardCheck()
+
+    def seed(self, seed):
+        if seed is None:  # one order for every rank: rank 0's
+            seed = self.dist.broadcast_object(int(np.random.SeedSequence().entropy) if self.rank == 0 else None)
+        return seed
+
+    def verbose(self, verbose):
+        return verbose if self.rank == 0 else 0
+
+    def shard(self, idx):
+        if isinstance(idx, slice):
+            idx = np.arange(idx.start, idx.stop)
+        if len(idx) < self.size:
+            raise ValueError(f"fit: a batch of {len(idx)} examples cannot be split among {self.size} ranks; "
+                             "pass drop_last=True to drop a small last batch")
+        return np.array_split(idx, self.size)[self.rank]
+
+    def before_step(self, grad_fn, args, size):
+        """Whether the step all-reduces inside; if so, the shards are checked equal first."""
+        return self.shards.before_step(grad_fn, args, size)
+
+    def reduce(self, loss, grads, size, communicates):
+        return self.dist.average_gradients(loss, grads, size, equal_shards=communicates)
+
+
 def _take(A, idx, dev):
     return avalon.to_device(A[idx], dev)
 
 
-def _train_epoch(steps, model, X, Y, batches, loss_fn, opt, dev, callbacks, bar) -> float:
+def _train_epoch(steps, model, X, Y, batches, loss_fn, opt, dev, callbacks, bar, world=_ONE_PROCESS) -> float:
     """One pass over the batches; returns the mean loss (batch losses weighted by batch size)."""
     total, count = 0.0, 0
     for b, idx in enumerate(batches):
-        xb = _take(X, idx, dev)
-        if Y is not None:
-            loss, grads = steps.grad(model, xb, _take(Y, idx, dev), loss_fn)
-        else:
-            loss, grads = steps.grad(model, xb, loss_fn)
+        size = idx.stop - idx.start if isinstance(idx, slice) else len(idx)  # the global batch's
+        mine = world.shard(idx)
+        xb = _take(X, mine, dev)
+        args = (model, xb, _take(Y, mine, dev), loss_fn) if Y is not None else (model, xb, loss_fn)
+        communicates = world.before_step(steps.grad, args, xb.shape[0])
+        loss, grads = world.reduce(*steps.grad(*args), xb.shape[0], communicates)
         opt.step(model, grads[0])
-        value, size = _to_float(loss), xb.shape[0]
+        value = _to_float(loss)
         total, count = total + value * size, count + size
         bar.update(1)
         bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)

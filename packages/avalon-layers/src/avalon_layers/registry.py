@@ -28,6 +28,7 @@ COMPONENTS = {
     "Fitting API": "experimental",
     "Checkpoints": "stable",
     "Stability API": "stable",
+    "Distributed": "experimental",
 }
 
 EXPORTS: dict[str, dict] = {ns: {} for ns in NAMESPACES}

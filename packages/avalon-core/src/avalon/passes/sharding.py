@@ -268,7 +268,10 @@ def _check_worthwhile(state):
 def split_components(graph, parts: int = 2):
     """Subgraphs that share no intermediate value (an optimizer's update of each
     parameter, say), grouped into `parts` groups of about equal work; None when
-    the graph has fewer independent parts or too little work to gain."""
+    the graph has fewer independent parts or too little work to gain, or holds
+    a collective (its processes must all run it in one order: one thread)."""
+    if any(getattr(PRIMITIVES.get(n.op), "collective", False) for n in graph.nodes):
+        return None
     groups = _independent_groups(graph)
     if len(groups) < parts:
         return None
