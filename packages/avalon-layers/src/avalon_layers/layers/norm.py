@@ -248,10 +248,11 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
 @export("nn", _BASIC)
 class GroupNorm(Module):
     """Group normalization of (N, C, *) inputs: num_groups groups of C / num_groups
-    channels, with a per-channel affine transform (weight ones, bias zeros) when affine."""
+    channels, with a per-channel affine transform (weight ones, bias zeros unless bias=False)
+    when affine."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, bias: bool = True):
         super().__init__()
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: num_channels ({num_channels}) must be divisible by num_groups "
@@ -259,13 +260,14 @@ class GroupNorm(Module):
         self.num_groups, self.num_channels = int(num_groups), int(num_channels)
         self.eps, self.affine = eps, affine
         self.weight = new_param((num_channels,), dtype) if affine else None
-        self.bias = new_param((num_channels,), dtype) if affine else None
+        self.bias = new_param((num_channels,), dtype) if affine and bias else None
         self.reset_parameters()
         place(self, device)
 
     def reset_parameters(self):
-        if self.affine:
+        if self.weight is not None:
             init.ones_(self.weight)
+        if self.bias is not None:
             init.zeros_(self.bias)
 
     def forward(self, input):
@@ -275,4 +277,5 @@ class GroupNorm(Module):
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self):
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"bias={self.bias is not None}")
