@@ -144,6 +144,32 @@ def test_scaled_dot_product_attention(name, qs, ks, vs, kw):
     check_parity(F.scaled_dot_product_attention, TF.scaled_dot_product_attention, inputs, kw)
 
 
+def _dead_first_row(shape, as_bool):
+    """A mask under which query 0 may attend to no key (bool: True = attend)."""
+    mask = _randn(shape, 5) > -0.5
+    mask[..., 0, :] = False
+    mask[..., :, 0] = mask[..., :, 0] | (np.arange(shape[-2]) > 0)  # every other query sees key 0
+    return mask if as_bool else np.where(mask, 0.0, -np.inf).astype(np.float32)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN torch also gives
+@pytest.mark.parametrize("as_bool", [True, False])
+def test_a_query_that_sees_no_key_gets_zeros_as_in_torch(as_bool):
+    inputs = [_randn((2, 5, 4), 1), _randn((2, 6, 4), 2), _randn((2, 6, 4), 3)]
+    mask = _dead_first_row((5, 6), as_bool)
+    check_parity(F.scaled_dot_product_attention, TF.scaled_dot_product_attention, inputs, dict(attn_mask=mask))
+    assert np.all(F.scaled_dot_product_attention(*inputs, attn_mask=mask)[:, 0] == 0)
+    # MultiheadAttention: True = masked out.  Zeros without weights, NaN with them, as torch's two paths
+    m, tm = _pair("MultiheadAttention", 4, 2, batch_first=True)
+    mha_mask = ~mask if as_bool else mask
+    check_parity(m, tm, inputs, dict(attn_mask=mha_mask, need_weights=False), pick=lambda out: out[0])
+    out, weights = m(*inputs, attn_mask=mha_mask)
+    t_out, t_weights = tm(*[torch.from_numpy(x) for x in inputs], attn_mask=torch.from_numpy(mha_mask))
+    assert np.all(np.isnan(out[:, 0])) and np.all(np.isnan(weights[:, 0]))
+    assert torch.isnan(t_out[:, 0]).all() and torch.isnan(t_weights[:, 0]).all()
+    _close(out[:, 1:], t_out[:, 1:], "the other queries")
+
+
 def test_scaled_dot_product_attention_float64_and_errors():
     inputs = [_randn((2, 5, 4), k, np.float64) for k in (1, 2, 3)]
     check_parity(F.scaled_dot_product_attention, TF.scaled_dot_product_attention, inputs,

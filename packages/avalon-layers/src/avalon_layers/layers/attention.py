@@ -5,8 +5,9 @@ value projections; out_proj is a Linear), masks and initialization.
 Masks follow PyTorch.  In scaled_dot_product_attention a boolean attn_mask marks the
 positions that TAKE PART (True = attend); in MultiheadAttention boolean attn_mask and
 key_padding_mask mark the positions that are MASKED OUT (True = ignore).  Float masks are
-added to the attention scores in both.  A query whose every key is masked gets NaN, as in
-PyTorch's reference implementation.
+added to the attention scores in both.  A query whose every key is masked gets zeros from
+scaled_dot_product_attention and from MultiheadAttention with need_weights=False, and NaN
+from MultiheadAttention with need_weights=True: PyTorch's results on its two paths.
 """
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ def _repeat_heads(x, times: int):
     return avalon.take(x, np.repeat(np.arange(heads), times), len(x.shape) - 3)
 
 
+def _safe_softmax(scores):
+    """softmax over the last axis, with zeros (and zero gradients) for rows that are all -inf,
+    as PyTorch's scaled_dot_product_attention gives for a query that may attend to nothing."""
+    dead = avalon.eq(avalon.stop_gradient(avalon.max(scores, -1, keepdims=True)), -np.inf)
+    return avalon.where(dead, 0.0, avalon.softmax(avalon.where(dead, 0.0, scores), -1))
+
+
 @export("functional", _ATTENTION)
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale=None, enable_gqa: bool = False):
@@ -66,7 +74,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
         attn_mask = _causal_mask(length, source_length)
     if attn_mask is not None:
         scores = avalon.where(attn_mask, scores, -np.inf) if _is_bool(attn_mask) else scores + attn_mask
-    weights = avalon.softmax(scores, -1)
+    weights = _safe_softmax(scores) if attn_mask is not None else avalon.softmax(scores, -1)
     if dropout_p > 0.0:
         weights = avalon.dropout(weights, dropout_p, True)
     return avalon.matmul(weights, value)
@@ -198,7 +206,10 @@ class MultiheadAttention(Module):
             scores = _masked(scores, self._attn_mask(attn_mask, n, length, source_length))
         if key_padding_mask is not None:
             scores = _masked(scores, self._key_padding_mask(key_padding_mask, n, source_length, batched))
-        attention = avalon.softmax(scores, -1)
+        masked = attn_mask is not None or key_padding_mask is not None
+        # PyTorch's two paths differ for a query with every key masked: NaN weights when they
+        # are returned, zeros from its fused attention when they are not
+        attention = _safe_softmax(scores) if masked and not need_weights else avalon.softmax(scores, -1)
         if self.training and self.dropout > 0.0:
             attention = avalon.dropout(attention, self.dropout, True)
         out = avalon.reshape(avalon.swapaxes(avalon.matmul(attention, v), 1, 2), (n, length, self.embed_dim))
