@@ -18,6 +18,7 @@ import torch
 import avalon
 import avalon.nn as nn
 import avalon.nn.functional as F
+from avalon_layers.module import LayerInputError
 
 pytestmark = [pytest.mark.filterwarnings("ignore::avalon_layers.registry.ExperimentalWarning"),
               pytest.mark.filterwarnings("ignore:enable_nested_tensor:UserWarning")]
@@ -277,8 +278,12 @@ def test_multihead_attention_refuses_what_it_cannot_do():
         nn.MultiheadAttention(8, 3)
     m = nn.MultiheadAttention(8, 2)
     x = _randn((5, 2, 8))
-    with pytest.raises(ValueError, match="is_causal=True .* needs attn_mask"):
+    with pytest.raises(RuntimeError, match="is_causal=True .* needs attn_mask"):  # as torch
         m(x, x, x, is_causal=True)
+    with pytest.raises(RuntimeError, match="is_causal=True .* needs attn_mask"):
+        nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 2)(x, is_causal=True)
+    with pytest.raises(LayerInputError, match="query"):
+        m(torch.from_numpy(x), x, x)
     with pytest.raises(avalon.ShapeError, match="attn_mask must have shape"):
         m(x, x, x, attn_mask=np.zeros((4, 5), bool))
     with pytest.raises(avalon.ShapeError, match="key_padding_mask must have shape"):

@@ -230,6 +230,10 @@ def test_embedding_bag_per_sample_weights():
         m(IDX, OFFSETS + 1)
     with pytest.raises(NotImplementedError, match="max_norm"):
         nn.EmbeddingBag(10, 3, max_norm=1.0)
+    given = _randn((10, 3))
+    np.testing.assert_array_equal(nn.EmbeddingBag(10, 3, _weight=given).weight, given)
+    with pytest.raises(avalon.ShapeError, match="_weight has shape"):
+        nn.EmbeddingBag(10, 4, _weight=given)
 
 
 # -- functions ---------------------------------------------------------------------------------------------------

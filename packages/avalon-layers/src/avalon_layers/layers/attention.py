@@ -193,7 +193,7 @@ class MultiheadAttention(Module):
                 average_attn_weights: bool = True, is_causal: bool = False):
         self._check_inputs(query, key, value)
         if is_causal and attn_mask is None:
-            raise ValueError(f"{type(self).__name__}: is_causal=True is a hint that attn_mask is the causal mask, "
+            raise RuntimeError(f"{type(self).__name__}: is_causal=True is a hint that attn_mask is the causal mask, "
                              "and needs attn_mask; pass attn_mask=nn.Transformer.generate_square_subsequent_mask(L)"
                              f"{at(user_location())}")
         batched = len(query.shape) == 3

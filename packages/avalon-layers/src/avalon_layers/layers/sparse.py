@@ -146,10 +146,12 @@ class EmbeddingBag(Module):
             self.weight = new_param((num_embeddings, embedding_dim), dtype)
             self.reset_parameters()
         else:
-            self.weight = np.array(_weight, dtype=np.float32 if dtype is None else dtype)
-            if self.weight.shape != (self.num_embeddings, self.embedding_dim):
-                raise avalon.ShapeError(f"EmbeddingBag: _weight has shape {self.weight.shape}, expected "
+            given = np.asarray(_weight)
+            if given.shape != (self.num_embeddings, self.embedding_dim):
+                raise avalon.ShapeError(f"EmbeddingBag: _weight has shape {given.shape}, expected "
                                         f"({self.num_embeddings}, {self.embedding_dim})")
+            self.weight = new_param(given.shape, dtype)
+            self.weight[...] = given
         place(self, device)
 
     def reset_parameters(self):
