@@ -9,7 +9,8 @@ attention masks, key padding masks, causal masks.  Dropout: p=0 in training mode
 exactly; with p > 0 the dropped attention weights are checked by structure and frequency.
 """
 import math
-import warnings
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -416,6 +417,21 @@ def test_transformer_layer_dropout_in_training():
     assert not np.allclose(layer(x), layer(x))  # dropout draws a new mask each call
     with pytest.raises(RuntimeError, match="activation should be relu/gelu"):
         nn.TransformerEncoderLayer(8, 2, activation="swish")
+
+
+def test_a_transformer_warns_once_not_for_each_of_its_parts():
+    code = ("import warnings, avalon.nn as nn\n"
+            "from avalon_layers.registry import ExperimentalWarning\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    nn.Transformer(8, 2, 1, 1, 16)\n"
+            "    first = [str(w.message).split()[0] for w in caught if w.category is ExperimentalWarning]\n"
+            "    nn.TransformerEncoderLayer(8, 2, 16)\n"
+            "print(first, [str(w.message).split()[0] for w in caught if w.category is ExperimentalWarning])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[0] == ("['avalon.nn.Transformer'] "
+                                       "['avalon.nn.Transformer', 'avalon.nn.TransformerEncoderLayer']")
 
 
 def test_attention_layers_are_experimental():

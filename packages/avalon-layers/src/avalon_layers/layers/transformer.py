@@ -34,6 +34,14 @@ def _activation(activation):
     return activation
 
 
+def _part(cls, *args, **kwargs):
+    """An experimental layer built as a part of another one: the user was warned once about
+    the layer they built, so its parts skip their own warning (registry wraps __init__)."""
+    obj = cls.__new__(cls)
+    getattr(cls.__init__, "__wrapped__", cls.__init__)(obj, *args, **kwargs)
+    return obj
+
+
 def _clones(module, n):
     return ModuleList([copy.deepcopy(module) for _ in range(int(n))])
 
@@ -66,7 +74,7 @@ class TransformerEncoderLayer(_FeedForwardBlocks):
                  activation="relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
                  norm_first: bool = False, bias: bool = True, device=None, dtype=None):
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
+        self.self_attn = _part(MultiheadAttention, d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
                                             dtype=dtype)
         self._init_feedforward(d_model, dim_feedforward, dropout, bias, dtype)
         self.norm_first = norm_first
@@ -98,9 +106,9 @@ class TransformerDecoderLayer(_FeedForwardBlocks):
                  activation="relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
                  norm_first: bool = False, bias: bool = True, device=None, dtype=None):
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
+        self.self_attn = _part(MultiheadAttention, d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
                                             dtype=dtype)
-        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
+        self.multihead_attn = _part(MultiheadAttention, d_model, nhead, dropout=dropout, bias=bias,
                                                  batch_first=batch_first, dtype=dtype)
         self._init_feedforward(d_model, dim_feedforward, dropout, bias, dtype)
         self.norm_first = norm_first
@@ -184,11 +192,11 @@ class Transformer(Module):
         layer_args = dict(dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
                           layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first,
                           bias=bias, dtype=dtype)
-        self.encoder = custom_encoder if custom_encoder is not None else TransformerEncoder(
-            TransformerEncoderLayer(d_model, nhead, **layer_args), num_encoder_layers,
+        self.encoder = custom_encoder if custom_encoder is not None else _part(
+            TransformerEncoder, _part(TransformerEncoderLayer, d_model, nhead, **layer_args), num_encoder_layers,
             LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype))
-        self.decoder = custom_decoder if custom_decoder is not None else TransformerDecoder(
-            TransformerDecoderLayer(d_model, nhead, **layer_args), num_decoder_layers,
+        self.decoder = custom_decoder if custom_decoder is not None else _part(
+            TransformerDecoder, _part(TransformerDecoderLayer, d_model, nhead, **layer_args), num_decoder_layers,
             LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype))
         self.d_model, self.nhead, self.batch_first = d_model, nhead, batch_first
         self._reset_parameters()
