@@ -259,12 +259,19 @@ FUNCTIONS = [
     ("normalize", F.normalize, TF.normalize, {}, (4, 5)),
     ("normalize p1 dim -1", F.normalize, TF.normalize, dict(p=1.0, dim=-1), (3, 4, 5)),
     ("normalize p3", F.normalize, TF.normalize, dict(p=3.0, dim=0), (4, 5)),
+    ("normalize p inf", F.normalize, TF.normalize, dict(p=float("inf")), (4, 5)),
 ]
 
 
 @pytest.mark.parametrize("name,ours,theirs,kw,shape", FUNCTIONS, ids=[c[0] for c in FUNCTIONS])
 def test_function(name, ours, theirs, kw, shape):
     check_parity(_Fn(ours, **kw), lambda x: theirs(x, **kw), [_randn(shape) * 2])
+
+
+def test_clamps_keep_nan_as_torch():
+    x = np.array([np.nan, -np.inf, np.inf, -7.0, 0.5, 7.0], np.float32)
+    for ours, theirs in [(F.hardtanh, TF.hardtanh), (F.relu6, TF.relu6), (nn.ReLU6(), torch.nn.ReLU6())]:
+        _close(ours(x), theirs(torch.from_numpy(x)), repr(ours))
 
 
 def test_normalize_of_a_zero_slice_has_zero_gradient_as_torch():

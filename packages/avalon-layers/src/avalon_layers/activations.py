@@ -89,8 +89,11 @@ def hardtanh(input, min_val: float = -1.0, max_val: float = 1.0, inplace: bool =
     interval and 0 at and beyond its ends."""
     if min_val > max_val:
         raise ValueError(f"hardtanh: min_val ({min_val}) cannot be greater than max_val ({max_val})")
-    below_max = avalon.where(avalon.lt(input, max_val), input, float(max_val))
-    return avalon.where(avalon.gt(input, min_val), below_max, float(min_val))
+    lo, hi = float(min_val), float(max_val)
+    # the value: x clamped, NaN staying NaN; the gradient flows only strictly inside (lo, hi)
+    clamped = avalon.stop_gradient(avalon.where(avalon.lt(input, lo), lo, avalon.where(avalon.gt(input, hi), hi,
+                                                                                       input)))
+    return avalon.where(avalon.gt(input, lo), avalon.where(avalon.lt(input, hi), input, clamped), clamped)
 
 
 @export("functional", _ACT)

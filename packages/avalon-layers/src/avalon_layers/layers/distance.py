@@ -14,6 +14,8 @@ def _clamped_norm(x, p, dim, eps):
     """max(||x||_p along dim, eps), keepdims.  The clamp is applied to the p-th power
     (max(sum |x|^p, eps^p)^(1/p) is the same number) so that an all-zero slice gets a zero
     gradient, as in PyTorch, rather than the 0 * inf of a root taken at 0."""
+    if p == float("inf"):
+        return avalon.maximum(avalon.max(avalon.abs(x), dim, keepdims=True), float(eps))
     if p == 2:
         return avalon.sqrt(avalon.maximum(avalon.sum(x * x, dim, keepdims=True), float(eps) ** 2))
     if p == 1:
