@@ -140,6 +140,12 @@ def test_default_inits_follow_torch():
     assert abs(bag.weight.mean()) < 0.01 and abs(bag.weight.std() - 1) < 0.01 and np.all(bag.weight[3] == 0)
 
 
+def test_hardtanh_takes_torchs_deprecated_keywords():
+    with pytest.warns(FutureWarning, match="deprecated"):
+        m = nn.Hardtanh(min_value=-2.0, max_value=3.0)
+    assert (m.min_val, m.max_val) == (-2.0, 3.0) and repr(m) == "Hardtanh(min_val=-2.0, max_val=3.0)"
+
+
 def test_constructor_errors():
     with pytest.raises(ValueError, match="divisible by num_groups"):
         nn.GroupNorm(4, 6)

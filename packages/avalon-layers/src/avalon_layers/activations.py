@@ -9,6 +9,7 @@ logsoftmax are aliases.
 from __future__ import annotations
 
 import math
+import warnings
 
 import avalon
 from avalon.errors import at, user_location
@@ -267,8 +268,14 @@ class SiLU(Module):
 class Hardtanh(Module):
     """hardtanh as a layer."""
 
-    def __init__(self, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False):
+    def __init__(self, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False, min_value=None,
+                 max_value=None):
         super().__init__()
+        if min_value is not None or max_value is not None:  # torch's deprecated spellings
+            warnings.warn("Hardtanh: the keyword arguments `min_value` and `max_value` are deprecated and renamed "
+                          "to `min_val` and `max_val`", FutureWarning, stacklevel=2)
+            min_val = min_val if min_value is None else min_value
+            max_val = max_val if max_value is None else max_value
         if min_val > max_val:
             raise ValueError(f"Hardtanh: min_val ({min_val}) cannot be greater than max_val ({max_val})")
         self.min_val, self.max_val, self.inplace = min_val, max_val, inplace

@@ -71,7 +71,7 @@ class TransformerEncoderLayer(_FeedForwardBlocks):
     _array_arguments = ("src",)
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation="relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 activation=activations.relu, layer_norm_eps: float = 1e-5, batch_first: bool = False,
                  norm_first: bool = False, bias: bool = True, device=None, dtype=None):
         super().__init__()
         self.self_attn = _part(MultiheadAttention, d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
@@ -103,7 +103,7 @@ class TransformerDecoderLayer(_FeedForwardBlocks):
     _array_arguments = ("tgt", "memory")
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation="relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 activation=activations.relu, layer_norm_eps: float = 1e-5, batch_first: bool = False,
                  norm_first: bool = False, bias: bool = True, device=None, dtype=None):
         super().__init__()
         self.self_attn = _part(MultiheadAttention, d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
@@ -186,7 +186,7 @@ class Transformer(Module):
 
     def __init__(self, d_model: int = 512, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation="relu", custom_encoder=None, custom_decoder=None, layer_norm_eps: float = 1e-5,
+                 activation=activations.relu, custom_encoder=None, custom_decoder=None, layer_norm_eps: float = 1e-5,
                  batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None, dtype=None):
         super().__init__()
         layer_args = dict(dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
