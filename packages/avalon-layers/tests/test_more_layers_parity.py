@@ -197,6 +197,10 @@ BAGS = [
     (dict(mode="mean", padding_idx=4), (IDX, OFFSETS)),
     (dict(mode="sum", padding_idx=0), (IDX.reshape(2, 5),)),
     (dict(mode="max", padding_idx=2), (IDX.astype(np.int32), OFFSETS.astype(np.int32))),
+    (dict(mode="max", padding_idx=0), (IDX.reshape(5, 2),)),  # the last bag holds only padding
+    (dict(mode="mean", padding_idx=0), (IDX.reshape(5, 2),)),
+    (dict(mode="mean", include_last_offset=True), (IDX, np.array([0, 3, 3, 10]))),
+    (dict(mode="max", include_last_offset=True), (IDX, np.array([0, 1, 10]))),
 ]
 
 
@@ -234,6 +238,12 @@ def test_embedding_bag_per_sample_weights():
         m(IDX)
     with pytest.raises(ValueError, match=r"offsets\[0\] must be 0"):
         m(IDX, OFFSETS + 1)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        m(IDX, np.array([0, 3, 2]))
+    with pytest.raises(ValueError, match="at most the input's length 10"):
+        m(IDX, np.array([0, 11]))
+    with pytest.raises(ValueError, match="last offset must be the input's length 10"):
+        nn.EmbeddingBag(10, 3, include_last_offset=True)(IDX, np.array([0, 3, 8]))
     with pytest.raises(NotImplementedError, match="max_norm"):
         nn.EmbeddingBag(10, 3, max_norm=1.0)
     given = _randn((10, 3))

@@ -1,9 +1,11 @@
 """Index-based layers: EmbeddingBag (sums, means or maxima of bags of embeddings) and
 F.embedding_bag, F.one_hot.
 
-Bags are formed with ordinary ops, so the offsets may be traced: a membership matrix
-(bag b holds position n when offsets[b] <= n < offsets[b + 1]) is compared from the
-offsets, and a bag's sum is that matrix times the looked-up rows.
+Bags are formed with ordinary ops, so the offsets may be traced: each position's bag is
+the number of bag starts at or before it, minus one, and the sums of bags are a
+scatter-add of the looked-up rows (getitem's VJP primitive).  The maximum compares a
+(bags, positions, embedding_dim) array: its cost grows with the number of bags times
+the input's length.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import numpy as np
 
 import avalon
 from avalon.errors import at, user_location
+from avalon.ops.indexing import getitem_grad_p
+from avalon.primitive import bind
 
 from .. import init
 from ..module import Module
@@ -57,8 +61,8 @@ def _check_bag_arguments(input, offsets, mode, per_sample_weights, include_last_
                                     f"{tuple(offsets.shape)} {np.dtype(offsets.dtype).name}{at(user_location())}")
         if include_last_offset and offsets.shape[0] < 1:
             raise ValueError("embedding_bag: include_last_offset=True needs at least one offset")
-        if isinstance(offsets, np.ndarray) and offsets.size and offsets[0] != 0:
-            raise ValueError(f"embedding_bag: offsets[0] must be 0, got {offsets[0]}{at(user_location())}")
+        if isinstance(offsets, np.ndarray):  # traced offsets have no values to check yet
+            _check_offsets(offsets, int(input.shape[0]), include_last_offset)
     if per_sample_weights is not None:
         if mode != "sum":
             raise NotImplementedError(f"embedding_bag: per_sample_weights are only supported with mode='sum', "
@@ -68,28 +72,71 @@ def _check_bag_arguments(input, offsets, mode, per_sample_weights, include_last_
                                     f" must have the input's shape {tuple(input.shape)}{at(user_location())}")
 
 
-def _membership(offsets, n, include_last_offset, dtype):
-    """(B, n) array: 1 where position n belongs to bag b, else 0."""
-    starts = offsets[:-1] if include_last_offset else offsets
-    ends = offsets[1:] if include_last_offset else avalon.concatenate(
-        [offsets[1:], np.array([n], dtype=offsets.dtype)])
-    positions = np.arange(n, dtype=np.dtype(offsets.dtype))[None, :]
-    after_start = avalon.ge(positions, avalon.expand_dims(starts, 1))
-    before_end = avalon.lt(positions, avalon.expand_dims(ends, 1))
-    return avalon.cast(after_start, dtype) * avalon.cast(before_end, dtype)
+def _check_offsets(offsets, n, include_last_offset):
+    """Offsets start at 0, never decrease and stay within the input; with include_last_offset
+    the last one is the input's length (PyTorch's result is undefined otherwise)."""
+    if offsets.size and offsets[0] != 0:
+        raise ValueError(f"embedding_bag: offsets[0] must be 0, got {offsets[0]}{at(user_location())}")
+    if np.any(np.diff(offsets) < 0) or (offsets.size and offsets.max() > n):
+        raise ValueError(f"embedding_bag: offsets must be non-decreasing and at most the input's length {n}, got "
+                         f"{offsets.tolist()}{at(user_location())}")
+    if include_last_offset and offsets[-1] != n:
+        raise ValueError(f"embedding_bag: with include_last_offset=True the last offset must be the input's length "
+                         f"{n}, got {offsets[-1]}{at(user_location())}")
 
 
-def _bag_reduce(rows, member, mode):
-    """Reduce looked-up rows (N, D) into bags with `member` (B, N), weights already applied."""
-    counts = avalon.sum(member, 1, keepdims=True)
+def _segment_sum(values, segment_ids, num_segments: int):
+    """Sums of the rows of `values` (N, *rest) that share a segment id -> (num_segments, *rest).
+    This is getitem's VJP primitive (zeros, with `values` scatter-added at the ids: linear in N),
+    whose own VJP is the gather values[segment_ids]."""
+    shape = (int(num_segments),) + tuple(values.shape[1:])
+    return bind(getitem_grad_p, (values, segment_ids), {"index": (("arr",),), "shape": shape})
+
+
+def _max_of_bags(rows, member):
+    """Elementwise max of the rows (…, N, D) each bag (member (…, B, N) bool) holds; 0 for an empty bag."""
+    inside = avalon.expand_dims(member, -1)
+    biggest = avalon.max(avalon.where(inside, avalon.expand_dims(rows, -3), -np.inf), -2)
+    nonempty = avalon.gt(avalon.sum(avalon.cast(inside, rows.dtype), -2), 0.0)
+    return avalon.where(nonempty, biggest, 0.0)
+
+
+def _fixed_bags(rows, keep, weights, mode):
+    """Bags that are the rows of a 2-D input: rows (B, L, D), keep (B, L) 0/1 or None."""
     if mode == "max":
-        inside = avalon.gt(avalon.expand_dims(member, 2), 0.0)
-        biggest = avalon.max(avalon.where(inside, avalon.expand_dims(rows, 0), -np.inf), 1)
-        return avalon.where(avalon.gt(counts, 0.0), biggest, 0.0)  # an empty bag gives zeros
-    total = avalon.matmul(member, rows)
+        if keep is None:
+            return avalon.max(rows, 1)
+        return _max_of_bags(rows, avalon.expand_dims(avalon.gt(keep, 0.0), 1))[:, 0]
+    scale = keep if weights is None else weights if keep is None else keep * weights
+    total = avalon.sum(rows if scale is None else rows * avalon.expand_dims(scale, -1), 1)
     if mode == "sum":
         return total
-    return total / avalon.maximum(counts, 1.0)
+    count = float(rows.shape[1]) if keep is None else avalon.maximum(avalon.sum(keep, 1, keepdims=True), 1.0)
+    return total / count
+
+
+def _offset_bags(rows, offsets, keep, weights, mode, include_last_offset):
+    """Bags cut from a 1-D input at `offsets`: rows (N, D), keep (N,) 0/1 or None.  Offsets may
+    be traced: each position's bag is the number of bag starts at or before it, minus one."""
+    n, dtype = int(rows.shape[0]), rows.dtype
+    starts = offsets[:-1] if include_last_offset else offsets
+    bags = int(starts.shape[0])
+    positions = np.arange(n, dtype=np.dtype(offsets.dtype))
+    started = avalon.ge(positions[None, :], avalon.expand_dims(starts, 1))
+    bag_of = avalon.maximum(avalon.sum(avalon.cast(started, np.int64), 0) - 1, 0)
+    # positions outside [offsets[0], end) belong to no bag
+    inside = avalon.cast(avalon.ge(positions, offsets[0]), dtype)
+    if include_last_offset:
+        inside = inside * avalon.cast(avalon.lt(positions, offsets[-1]), dtype)
+    keep = inside if keep is None else keep * inside
+    if mode == "max":
+        member = avalon.eq(bag_of[None, :], np.arange(bags, dtype=np.int64)[:, None])
+        return _max_of_bags(rows, avalon.where(avalon.gt(keep, 0.0), member, False))
+    scale = keep if weights is None else keep * weights
+    total = _segment_sum(rows * avalon.expand_dims(scale, 1), bag_of, bags)
+    if mode == "sum":
+        return total
+    return total / avalon.maximum(avalon.expand_dims(_segment_sum(keep, bag_of, bags), 1), 1.0)
 
 
 @export("functional", _BASIC)
@@ -101,23 +148,13 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type: float =
     out of their bag; an empty bag gives zeros.  Returns (B, embedding_dim)."""
     _check_bag_arguments(input, offsets, mode, per_sample_weights, include_last_offset)
     rows = _embedding("embedding_bag", input, weight, None, max_norm, scale_grad_by_freq)
-    dtype = weight.dtype
-    if len(input.shape) == 2:  # (B, L) -> one bag per row: the membership is the identity per row
-        b, length = (int(s) for s in input.shape)
-        input = avalon.reshape(input, (b * length,))
-        rows = avalon.reshape(rows, (b * length, int(weight.shape[1])))
-        member = np.repeat(np.eye(b, dtype=dtype), length, axis=1)
-        if per_sample_weights is not None:
-            per_sample_weights = avalon.reshape(per_sample_weights, (b * length,))
-    else:
-        member = _membership(offsets, int(input.shape[0]), include_last_offset, dtype)
-    if padding_idx is not None:
+    keep = None
+    if padding_idx is not None:  # padding entries are left out of their bag (and of a mean's count)
         padding_idx = padding_idx + int(weight.shape[0]) if padding_idx < 0 else padding_idx
-        member = member * avalon.cast(avalon.ne(input, padding_idx), dtype)
-    if per_sample_weights is not None:
-        # sum mode only: weighting the membership weights each entry of its bag
-        return avalon.matmul(member * per_sample_weights, rows)
-    return _bag_reduce(rows, member, mode)
+        keep = avalon.cast(avalon.ne(input, padding_idx), weight.dtype)
+    if len(input.shape) == 2:
+        return _fixed_bags(rows, keep, per_sample_weights, mode)
+    return _offset_bags(rows, offsets, keep, per_sample_weights, mode, include_last_offset)
 
 
 @export("nn", _BASIC)
