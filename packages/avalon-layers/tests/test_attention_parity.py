@@ -393,6 +393,9 @@ def test_transformer_whole_model():
     _load(m, _perturb_biases(tm) or tm)
     tgt_mask = nn.Transformer.generate_square_subsequent_mask(4)
     np.testing.assert_array_equal(tgt_mask, torch.nn.Transformer.generate_square_subsequent_mask(4).numpy())
+    np.testing.assert_array_equal(np.asarray(nn.Transformer.generate_square_subsequent_mask(4, device="cpu",
+                                                                                            dtype=np.float64)),
+                                  torch.nn.Transformer.generate_square_subsequent_mask(4, dtype=torch.float64))
     check_parity(m, tm, [_randn((6, 2, 8), 1), _randn((4, 2, 8), 2)],
                  dict(tgt_mask=tgt_mask, src_key_padding_mask=_padding(source=6)), atol=5e-5)
 

@@ -3,7 +3,6 @@ EmbeddingBag, Upsample / F.interpolate, F.pad, F.normalize, F.cosine_similarity 
 F.one_hot: forward (eager and through avalon.jit) and gradients (avalon.grad) with respect
 to every float input and parameter, after loading the torch module's state_dict; default
 initializations against torch's rules."""
-import math
 
 import numpy as np
 import pytest

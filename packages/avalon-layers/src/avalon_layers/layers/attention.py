@@ -220,6 +220,3 @@ class MultiheadAttention(Module):
         if average_attn_weights:
             attention = avalon.mean(attention, 1)
         return out, (attention if batched else avalon.squeeze(attention, 0))
-
-    def extra_repr(self):
-        return ""

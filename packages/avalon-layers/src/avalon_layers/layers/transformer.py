@@ -12,6 +12,8 @@ import copy
 
 import numpy as np
 
+import avalon
+
 from .. import activations, init
 from ..module import Module
 from ..registry import export
@@ -221,9 +223,4 @@ class Transformer(Module):
     def generate_square_subsequent_mask(sz: int, device=None, dtype=None):
         """(sz, sz) float mask: -inf above the diagonal (future positions), 0 elsewhere."""
         mask = np.triu(np.full((sz, sz), -np.inf, dtype=np.float32 if dtype is None else dtype), k=1)
-        return mask if device is None else _on(mask, device)
-
-
-def _on(host, device):
-    import avalon
-    return avalon.to_device(host, device)
+        return mask if device is None else avalon.to_device(mask, device)
