@@ -181,6 +181,9 @@ def test_scaled_dot_product_attention_float64_and_errors():
         F.scaled_dot_product_attention(q, q, q, attn_mask=~_causal_bool(5), is_causal=True)
     with pytest.raises(ValueError, match="between 0 and 1"):
         F.scaled_dot_product_attention(q, q, q, dropout_p=1.5)
+    q4, k4 = _randn((1, 3, 5, 4)), _randn((1, 2, 5, 4))
+    with pytest.raises(avalon.ShapeError, match="multiple of the key's"):
+        F.scaled_dot_product_attention(q4, k4, k4, enable_gqa=True)
 
 
 def test_scaled_dot_product_attention_dropout():

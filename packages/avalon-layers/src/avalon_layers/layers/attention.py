@@ -64,6 +64,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
         raise ValueError("scaled_dot_product_attention: give either attn_mask or is_causal=True, not both"
                          f"{at(user_location())}")
     if enable_gqa:
+        if len(query.shape) < 3 or len(key.shape) < 3 or int(query.shape[-3]) % int(key.shape[-3]):
+            raise avalon.ShapeError(f"scaled_dot_product_attention: with enable_gqa=True the query's heads (axis -3) "
+                                    f"must be a multiple of the key's, got shapes {tuple(query.shape)} and "
+                                    f"{tuple(key.shape)}{at(user_location())}")
         groups = int(query.shape[-3]) // int(key.shape[-3])
         key, value = _repeat_heads(key, groups), _repeat_heads(value, groups)
     length, source_length = int(query.shape[-2]), int(key.shape[-2])
