@@ -415,8 +415,15 @@ def test_transformer_init_is_xavier_for_matrices():
 
 
 def test_transformer_layer_dropout_in_training():
-    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5)
     x = _randn((5, 2, 8))
+    for quiet in (nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), nn.MultiheadAttention(8, 2, dropout=0.0)):
+        args = (x,) if isinstance(quiet, nn.TransformerEncoderLayer) else (x, x, x)
+        train_out = quiet.train()(*args)
+        eval_out = quiet.eval()(*args)
+        if isinstance(quiet, nn.MultiheadAttention):
+            train_out, eval_out = train_out[0], eval_out[0]
+        np.testing.assert_array_equal(train_out, eval_out)  # p=0: training is exactly evaluation
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5)
     layer.eval()
     np.testing.assert_array_equal(layer(x), layer(x))
     layer.train()
