@@ -9,9 +9,13 @@ logsoftmax are aliases.
 from __future__ import annotations
 
 import math
+import warnings
 
 import avalon
+from avalon.errors import at, user_location
 
+from . import init as _init
+from .layers.basic import new_param, place
 from .module import Module
 from .registry import export
 
@@ -72,6 +76,50 @@ def gelu(input, approximate: str = "none"):
         inner = _SQRT_2_OVER_PI * (input + 0.044715 * input * input * input)
         return 0.5 * input * (1.0 + avalon.tanh(inner))
     raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+@export("functional", _ACT)
+def silu(input, inplace: bool = False):
+    """x * sigmoid(x) (also called swish)."""
+    return input * avalon.sigmoid(input)
+
+
+@export("functional", _ACT)
+def hardtanh(input, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False):
+    """x clamped to [min_val, max_val]; as in PyTorch, the gradient is 1 strictly inside the
+    interval and 0 at and beyond its ends."""
+    if min_val > max_val:
+        raise ValueError(f"hardtanh: min_val ({min_val}) cannot be greater than max_val ({max_val})")
+    lo, hi = float(min_val), float(max_val)
+    # the value: x clamped, NaN staying NaN; the gradient flows only strictly inside (lo, hi)
+    clamped = avalon.stop_gradient(avalon.where(avalon.lt(input, lo), lo, avalon.where(avalon.gt(input, hi), hi,
+                                                                                       input)))
+    return avalon.where(avalon.gt(input, lo), avalon.where(avalon.lt(input, hi), input, clamped), clamped)
+
+
+@export("functional", _ACT)
+def relu6(input, inplace: bool = False):
+    """min(max(x, 0), 6): hardtanh(x, 0, 6)."""
+    return hardtanh(input, 0.0, 6.0)
+
+
+@export("functional", _ACT)
+def prelu(input, weight):
+    """x where x > 0, else weight * x; weight has one slope per channel (axis 1 of the input,
+    the only axis of a 1-D input) or a single slope for all."""
+    n = int(weight.shape[0]) if len(weight.shape) else 1
+    nd = len(input.shape)
+    if n != 1:
+        channels = int(input.shape[1 if nd >= 2 else 0]) if nd else 0
+        if channels != n:
+            raise avalon.ShapeError(f"prelu: weight has {n} slopes but the input of shape {tuple(input.shape)} has "
+                                    f"{channels} channels (axis {1 if nd >= 2 else 0}); use num_parameters=1 or "
+                                    f"the channel count{at(user_location())}")
+        if nd >= 2:
+            weight = avalon.reshape(weight, (1, n) + (1,) * (nd - 2))
+    elif len(weight.shape):
+        weight = avalon.reshape(weight, ())
+    return avalon.where(avalon.gt(input, 0.0), input, weight * input)
 
 
 @export("functional", _ACT, aliases=("logistic",))
@@ -199,6 +247,77 @@ class GELU(Module):
 
     def extra_repr(self):
         return f"approximate={self.approximate!r}"
+
+
+@export("nn", _ACT)
+class SiLU(Module):
+    """silu as a layer."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, input):
+        return silu(input)
+
+    def extra_repr(self):
+        return _inplace("", self.inplace)
+
+
+@export("nn", _ACT)
+class Hardtanh(Module):
+    """hardtanh as a layer."""
+
+    def __init__(self, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False, min_value=None,
+                 max_value=None):
+        super().__init__()
+        if min_value is not None or max_value is not None:  # torch's deprecated spellings
+            warnings.warn("Hardtanh: the keyword arguments `min_value` and `max_value` are deprecated and renamed "
+                          "to `min_val` and `max_val`", FutureWarning, stacklevel=2)
+            min_val = min_val if min_value is None else min_value
+            max_val = max_val if max_value is None else max_value
+        if min_val > max_val:
+            raise ValueError(f"Hardtanh: min_val ({min_val}) cannot be greater than max_val ({max_val})")
+        self.min_val, self.max_val, self.inplace = min_val, max_val, inplace
+
+    def forward(self, input):
+        return hardtanh(input, self.min_val, self.max_val)
+
+    def extra_repr(self):
+        return _inplace(f"min_val={self.min_val}, max_val={self.max_val}", self.inplace)
+
+
+@export("nn", _ACT)
+class ReLU6(Hardtanh):
+    """relu6 as a layer."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__(0.0, 6.0, inplace)
+
+    def extra_repr(self):
+        return _inplace("", self.inplace)
+
+
+@export("nn", _ACT)
+class PReLU(Module):
+    """prelu as a layer: a learned slope for negative inputs, one shared
+    (num_parameters=1) or one per channel, all starting at `init`."""
+
+    def __init__(self, num_parameters: int = 1, init: float = 0.25, device=None, dtype=None):
+        super().__init__()
+        self.num_parameters, self.init = int(num_parameters), init
+        self.weight = new_param((self.num_parameters,), dtype)
+        self.reset_parameters()
+        place(self, device)
+
+    def reset_parameters(self):
+        _init.constant_(self.weight, self.init)
+
+    def forward(self, input):
+        return prelu(input, self.weight)
+
+    def extra_repr(self):
+        return f"num_parameters={self.num_parameters}"
 
 
 @export("nn", _ACT)

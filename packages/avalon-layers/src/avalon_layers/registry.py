@@ -20,6 +20,7 @@ COMPONENTS = {
     "Basic layers": "stable",
     "CNN": "stable",
     "RNN": "experimental",
+    "Attention": "experimental",
     "Losses": "mostly stable",
     "Activations": "stable",
     "Initializations": "mostly stable",

@@ -221,3 +221,61 @@ class LayerNorm(Module):
     def extra_repr(self):
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
                 f"bias={self.bias is not None}")
+
+
+# -- GroupNorm ------------------------------------------------------------------------------------------------
+
+@export("functional", _BASIC)
+def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
+    """Split the channels (axis 1) of input (N, C, *) into num_groups groups and normalize
+    each group of each sample (mean and biased variance), then scale and shift per channel."""
+    shape = tuple(input.shape)
+    if len(shape) < 2 or shape[1] % num_groups:
+        raise shape_error(f"group_norm with num_groups={num_groups}",
+                          f"(N, C, *) with C divisible by {num_groups}", shape)
+    grouped = avalon.reshape(input, (shape[0], num_groups, -1))
+    mean = avalon.mean(grouped, 2, keepdims=True)
+    centered = grouped - mean
+    var = avalon.mean(centered * centered, 2, keepdims=True)
+    out = avalon.reshape(centered * (1.0 / avalon.sqrt(var + eps)), shape)
+    if weight is not None:
+        out = out * _per_channel(weight, len(shape))
+    if bias is not None:
+        out = out + _per_channel(bias, len(shape))
+    return out
+
+
+@export("nn", _BASIC)
+class GroupNorm(Module):
+    """Group normalization of (N, C, *) inputs: num_groups groups of C / num_groups
+    channels, with a per-channel affine transform (weight ones, bias zeros unless bias=False)
+    when affine."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 device=None, dtype=None, *, bias: bool = True):
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: num_channels ({num_channels}) must be divisible by num_groups "
+                             f"({num_groups})")
+        self.num_groups, self.num_channels = int(num_groups), int(num_channels)
+        self.eps, self.affine = eps, affine
+        self.weight = new_param((num_channels,), dtype) if affine else None
+        self.bias = new_param((num_channels,), dtype) if affine and bias else None
+        self.reset_parameters()
+        place(self, device)
+
+    def reset_parameters(self):
+        if self.weight is not None:
+            init.ones_(self.weight)
+        if self.bias is not None:
+            init.zeros_(self.bias)
+
+    def forward(self, input):
+        shape = tuple(input.shape)
+        if len(shape) < 2 or shape[1] != self.num_channels:
+            raise shape_error(self, f"(N, {self.num_channels}, *)", shape)
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self):
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"bias={self.bias is not None}")
