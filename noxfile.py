@@ -227,6 +227,17 @@ def tests(session: nox.Session) -> None:
 # The benchmarks also draw their charts (matplotlib: the field's standard plotting library).
 BENCH_REQUIREMENTS = ["matplotlib"]
 BENCH_OUT = "packages/avalon-bench/results/latest"
+# Quick (smoke) runs go apart, so they never replace the last full run's results.
+BENCH_QUICK_OUT = "packages/avalon-bench/results/quick"
+
+
+def bench_args(posargs: list[str]) -> list[str]:
+    """The benchmark's arguments: the user's (after `--`), plus --out where they
+    gave none: results/quick for a --quick run, results/latest otherwise."""
+    args = list(posargs)
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args += ["--out", BENCH_QUICK_OUT if "--quick" in args else BENCH_OUT]
+    return args
 
 
 def _install_fashion_mnist(session: nox.Session) -> None:
@@ -245,9 +256,7 @@ def _install_fashion_mnist(session: nox.Session) -> None:
 def _bench(session: nox.Session, which: str) -> None:
     install_packages(session, *BENCH_REQUIREMENTS)
     _install_fashion_mnist(session)
-    args = list(session.posargs)  # e.g. nox -s bench -- --epochs 3
-    if not any(a == "--out" or a.startswith("--out=") for a in args):
-        args += ["--out", BENCH_OUT]
+    args = bench_args(session.posargs)  # e.g. nox -s bench -- --epochs 3
     session.run("python", "-m", "avalon_bench", "--which", which, *args)
 
 

@@ -110,3 +110,19 @@ def test_without_an_environment_of_its_own_it_always_installs(noxfile, tmp_path)
     noxfile.install_packages(session)
     noxfile.install_packages(session)
     assert sum("-e" in a for a in session.installs) == 2 * len(noxfile.ordered_packages())
+
+
+@pytest.mark.parametrize("posargs, out", [
+    ([], "packages/avalon-bench/results/latest"),
+    (["--epochs", "3"], "packages/avalon-bench/results/latest"),
+    (["--quick"], "packages/avalon-bench/results/quick"),
+    (["--which", "cnn", "--quick"], "packages/avalon-bench/results/quick"),
+])
+def test_a_quick_bench_run_writes_apart_from_the_full_runs(noxfile, posargs, out):
+    args = noxfile.bench_args(posargs)
+    assert args[:len(posargs)] == posargs and args[-2:] == ["--out", out]
+
+
+def test_the_users_out_is_kept(noxfile):
+    assert noxfile.bench_args(["--quick", "--out", "mine"]) == ["--quick", "--out", "mine"]
+    assert noxfile.bench_args(["--out=mine"]) == ["--out=mine"]
