@@ -10,8 +10,8 @@ Environments are reused between runs: a session installs only when its
 install stamp (a hash of what it installs: the requirements, every package's
 pyproject.toml and this file's install code) differs from the one its
 environment recorded. The packages are installed editable, so code changes
-need no reinstall; a changed pyproject or requirement reinstalls. `nox -R`
-(or `--reuse-venv=no`) rebuilds an environment from scratch.
+need no reinstall; a changed pyproject or requirement reinstalls. `nox -N`
+(`--no-reuse-existing-virtualenvs`) rebuilds an environment from scratch.
 
 Each session's environment holds every package and its requirements, so
 `.nox/tests/bin/python` (or `.nox/bench/bin/python`) is a Python with Avalon
@@ -159,7 +159,7 @@ def install_packages(session: nox.Session, *extra: str) -> None:
         session.install(
             "--no-deps", "--no-build-isolation", "-e", f"packages/{directory}"
         )
-    if stamp_file is not None:
+    if stamp_file is not None and not _installs_skipped(session):
         stamp_file.write_text(stamp + "\n", encoding="utf-8")
 
 
@@ -190,6 +190,13 @@ def _stamp_file(session: nox.Session) -> Path | None:
     environment of its own (`--no-venv`), which then always installs."""
     location = getattr(session.virtualenv, "location", None)
     return Path(location) / STAMP_NAME if location else None
+
+
+def _installs_skipped(session: nox.Session) -> bool:
+    """nox -R / --no-install: session.install does nothing in a reused
+    environment, so what it holds is not known to match the stamp."""
+    config = getattr(getattr(session, "_runner", None), "global_config", None)
+    return bool(getattr(config, "no_install", False))
 
 
 def _read_stamp(path: Path) -> str | None:

@@ -126,3 +126,12 @@ def test_a_quick_bench_run_writes_apart_from_the_full_runs(noxfile, posargs, out
 def test_the_users_out_is_kept(noxfile):
     assert noxfile.bench_args(["--quick", "--out", "mine"]) == ["--quick", "--out", "mine"]
     assert noxfile.bench_args(["--out=mine"]) == ["--out=mine"]
+
+
+def test_nox_no_install_leaves_no_stamp(noxfile, tmp_path):
+    skipped = FakeSession(tmp_path)
+    skipped._runner = types.SimpleNamespace(global_config=types.SimpleNamespace(no_install=True))
+    noxfile.install_packages(skipped)  # nox -R: its installs do nothing in a reused environment
+    later = FakeSession(tmp_path)
+    noxfile.install_packages(later)
+    assert later.installs, "an install nox skipped must not count as done"

@@ -44,7 +44,7 @@ def main():
     clock = _common.Clock()
     for epoch in range(1, args.epochs + 1):
         opt.lr = args.lr * args.lr_decay ** (epoch - 1)  # passed to the compiled step as data: no retrace
-        train_loss = _common.train_epoch(model, nll, opt, batches)
+        train_loss = _common.train_epoch(model, nll, opt, batches, f"epoch {epoch}/{args.epochs}")
         scores = _common.predict(model, x_test)
         test_loss = float(F.nll_loss(scores, y_test))
         test_acc = _common.accuracy(scores, y_test)

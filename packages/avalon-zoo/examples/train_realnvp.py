@@ -37,7 +37,7 @@ def train_flow(model, opt, train, test_log_prob, args, report, prepare=None):
     batches = Batches(train, batch_size=args.batch_size, seed=args.seed, normalize=prepare)
     history = []
     for epoch in range(1, args.epochs + 1):
-        train_nll = _common.train_epoch(model, flow_nll_loss, opt, batches)
+        train_nll = _common.train_epoch(model, flow_nll_loss, opt, batches, f"epoch {epoch}/{args.epochs}")
         history.append(test_log_prob())
         report(epoch, train_nll, history[-1])
     return history

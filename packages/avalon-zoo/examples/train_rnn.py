@@ -34,7 +34,7 @@ def train(kind, args, data):
           f"batch {args.batch_size}", flush=True)
     clock, accuracies = _common.Clock(), []
     for epoch in range(1, args.epochs + 1):
-        train_loss = _common.train_epoch(model, cross_entropy, opt, batches)
+        train_loss = _common.train_epoch(model, cross_entropy, opt, batches, f"epoch {epoch}/{args.epochs}")
         scores = _common.predict(model, x_test)
         test_loss = float(F.cross_entropy(scores, y_test))
         accuracies.append(_common.accuracy(scores, y_test))

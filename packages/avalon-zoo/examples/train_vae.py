@@ -45,7 +45,7 @@ def main():
     clock = _common.Clock()
     test_losses = []
     for epoch in range(1, args.epochs + 1):
-        train_loss = _common.train_epoch(model, loss_fn, opt, batches)
+        train_loss = _common.train_epoch(model, loss_fn, opt, batches, f"epoch {epoch}/{args.epochs}")
         test_losses.append(_common.mean_over_batches(test_loss_fn, model, x_test))
         test_elbo = _common.mean_over_batches(test_elbo_fn, model, x_test)
         print(f"epoch {epoch}: train loss {train_loss:.4f}  test loss {test_losses[-1]:.4f}  "
