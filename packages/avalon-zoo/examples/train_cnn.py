@@ -4,6 +4,9 @@
     python train_cnn.py --model bench        # BenchCNN
     python train_cnn.py --epochs 1 --limit 256 --test-limit 256   # a quick run
 
+`python` is one with Avalon installed: after `python3 -m nox -s tests` at the
+repository root, `.nox/tests/bin/python packages/avalon-zoo/examples/train_cnn.py`.
+
 Prints the training loss, test loss and test accuracy after each epoch, with the
 wall time, and writes the test set's confusion matrix to OUT/cnn_confusion.png.
 """

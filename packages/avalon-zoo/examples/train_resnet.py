@@ -5,6 +5,9 @@ on Fashion-MNIST.
     python train_resnet.py --blocks 1        # ResNet-8
     python train_resnet.py --epochs 1 --limit 256 --test-limit 256   # a quick run
 
+`python` is one with Avalon installed: after `python3 -m nox -s tests` at the
+repository root, `.nox/tests/bin/python packages/avalon-zoo/examples/train_resnet.py`.
+
 Prints the training loss, test loss and test accuracy (eval mode: BatchNorm's
 running statistics) after each epoch, with the wall time, and writes the test
 set's confusion matrix to OUT/resnet_confusion.png.

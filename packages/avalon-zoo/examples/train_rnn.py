@@ -5,6 +5,9 @@ each image is a sequence of 28 rows of 28 pixels.
     python train_rnn.py --kinds lstm         # the LSTM only
     python train_rnn.py --epochs 1 --limit 256 --test-limit 256   # a quick run
 
+`python` is one with Avalon installed: after `python3 -m nox -s tests` at the
+repository root, `.nox/tests/bin/python packages/avalon-zoo/examples/train_rnn.py`.
+
 Prints the training loss, test loss and test accuracy after each epoch, with
 the wall time, and writes the test accuracy curves to OUT/rnn_accuracy.png.
 """

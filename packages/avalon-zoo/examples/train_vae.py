@@ -4,6 +4,9 @@
     python train_vae.py --reduction mean     # train on vae_loss's default, the benchmark's loss
     python train_vae.py --epochs 1 --limit 256 --test-limit 256   # a quick run
 
+`python` is one with Avalon installed: after `python3 -m nox -s tests` at the
+repository root, `.nox/tests/bin/python packages/avalon-zoo/examples/train_vae.py`.
+
 Prints the training and test loss after each epoch (the loss trained on; the
 test set's negative ELBO in nats per image is printed beside it), and writes
 OUT/vae_reconstructions.png (test inputs above their reconstructions) and
