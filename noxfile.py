@@ -8,10 +8,11 @@ installed in dependency order worked out from the pyprojects themselves.
 
 Environments are reused between runs: a session installs only when its
 install stamp (a hash of what it installs: the requirements, every package's
-pyproject.toml and this file's install code) differs from the one its
-environment recorded. The packages are installed editable, so code changes
-need no reinstall; a changed pyproject or requirement reinstalls. `nox -N`
-(`--no-reuse-existing-virtualenvs`) rebuilds an environment from scratch.
+pyproject.toml and this noxfile) differs from the one its environment
+recorded. The packages are installed editable, so code changes need no
+reinstall; a changed pyproject or requirement reinstalls. New releases of
+unpinned requirements (numpy, ...) are not picked up by a reused environment:
+`nox -N` (`--no-reuse-existing-virtualenvs`) rebuilds it from scratch.
 
 Each session's environment holds every package and its requirements, so
 `.nox/tests/bin/python` (or `.nox/bench/bin/python`) is a Python with Avalon
