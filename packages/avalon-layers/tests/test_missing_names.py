@@ -74,3 +74,9 @@ def test_hasattr_and_getattr_default_still_work():
     assert not hasattr(nn, "Relu")
     assert getattr(F, "Relu", None) is None
     assert nn.ReLU is getattr(nn, "ReLU")
+
+
+def test_private_names_are_missing_without_suggestions():
+    with pytest.raises(AttributeError) as info:
+        nn._pytest_probe
+    assert str(info.value) == "module 'avalon.nn' has no attribute '_pytest_probe'"

@@ -67,6 +67,8 @@ def lookup(ns: str, name: str, module_name: str):
     table = merged()[ns]
     if name in table:
         return table[name][0]
+    if name.startswith("_"):  # tools probing private attributes: no search for suggestions
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
     raise AttributeError(f"module {module_name!r} has no attribute {name!r} ({_missing_hint(ns, name, module_name)})")
 
 
