@@ -5,10 +5,24 @@
 
 The package list is every directory under packages/ that has a pyproject.toml,
 installed in dependency order worked out from the pyprojects themselves.
+
+Environments are reused between runs: a session installs only when its
+install stamp (a hash of what it installs: the requirements, every package's
+pyproject.toml and this noxfile) differs from the one its environment
+recorded. The packages are installed editable, so code changes need no
+reinstall; a changed pyproject or requirement reinstalls. New releases of
+unpinned requirements (numpy, ...) are not picked up by a reused environment:
+`nox -N` (`--no-reuse-existing-virtualenvs`) rebuilds it from scratch.
+
+Each session's environment holds every package and its requirements, so
+`.nox/tests/bin/python` (or `.nox/bench/bin/python`) is a Python with Avalon
+installed once a session has run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -22,7 +36,9 @@ except ModuleNotFoundError:  # Python 3.10
     tomllib = None
 
 nox.options.sessions = ["tests"]
-nox.options.reuse_existing_virtualenvs = False
+# Reuse each session's environment (torch makes it 1.1 GB, about 1.5 min to
+# build); install_packages() decides by its stamp whether to install again.
+nox.options.reuse_existing_virtualenvs = True
 
 ROOT = Path(__file__).resolve().parent
 PACKAGES_DIR = ROOT / "packages"
@@ -127,12 +143,68 @@ def declared_requirements() -> list[str]:
 
 def install_packages(session: nox.Session, *extra: str) -> None:
     """Install the third-party requirements (shared, declared by the packages, and
-    `extra`), then every package editable (without dependencies: all are here)."""
-    session.install(*BASE_REQUIREMENTS, *declared_requirements(), *extra)
+    `extra`), then every package editable (without dependencies: all are here).
+
+    Skipped when the session's environment already holds exactly this
+    install (see `install_stamp`)."""
+    requirements = [*BASE_REQUIREMENTS, *declared_requirements(), *extra]
+    stamp_file = _stamp_file(session)
+    stamp = install_stamp(requirements)
+    if stamp_file is not None:
+        if _read_stamp(stamp_file) == stamp:
+            session.log(f"Reusing the installed environment (install stamp {stamp[:12]} unchanged)")
+            return
+        stamp_file.unlink(missing_ok=True)  # an interrupted install must not look complete
+    session.install(*requirements)
     for directory in ordered_packages():
         session.install(
             "--no-deps", "--no-build-isolation", "-e", f"packages/{directory}"
         )
+    if stamp_file is not None and not _installs_skipped(session):
+        stamp_file.write_text(stamp + "\n", encoding="utf-8")
+
+
+# Written into a session's environment after a complete install.
+STAMP_NAME = "avalon-install.stamp"
+
+
+def install_stamp(requirements: list[str]) -> str:
+    """A hash of everything an install depends on: the requirement strings, the
+    package directories with their pyproject.toml contents (names, versions,
+    dependencies, entry points), and this noxfile (how things are installed),
+    so a change to any of them reinstalls. Package sources are editable
+    installs: not hashed."""
+    pyprojects = {
+        path.parent.name: path.read_text(encoding="utf-8")
+        for path in sorted(PACKAGES_DIR.glob("*/pyproject.toml"))
+    }
+    content = {
+        "requirements": requirements,
+        "pyprojects": pyprojects,
+        "noxfile": Path(__file__).read_text(encoding="utf-8"),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _stamp_file(session: nox.Session) -> Path | None:
+    """Where the session's environment records its install; None without an
+    environment of its own (`--no-venv`), which then always installs."""
+    location = getattr(session.virtualenv, "location", None)
+    return Path(location) / STAMP_NAME if location else None
+
+
+def _installs_skipped(session: nox.Session) -> bool:
+    """nox -R / --no-install: session.install does nothing in a reused
+    environment, so what it holds is not known to match the stamp."""
+    config = getattr(getattr(session, "_runner", None), "global_config", None)
+    return bool(getattr(config, "no_install", False))
+
+
+def _read_stamp(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
 
 
 @nox.session
@@ -174,6 +246,17 @@ def _install_mpi(session: nox.Session) -> None:
 # The benchmarks also draw their charts (matplotlib: the field's standard plotting library).
 BENCH_REQUIREMENTS = ["matplotlib"]
 BENCH_OUT = "packages/avalon-bench/results/latest"
+# Quick (smoke) runs go apart, so they never replace the last full run's results.
+BENCH_QUICK_OUT = "packages/avalon-bench/results/quick"
+
+
+def bench_args(posargs: list[str]) -> list[str]:
+    """The benchmark's arguments: the user's (after `--`), plus --out where they
+    gave none: results/quick for a --quick run, results/latest otherwise."""
+    args = list(posargs)
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args += ["--out", BENCH_QUICK_OUT if "--quick" in args else BENCH_OUT]
+    return args
 
 
 def _install_fashion_mnist(session: nox.Session) -> None:
@@ -192,9 +275,7 @@ def _install_fashion_mnist(session: nox.Session) -> None:
 def _bench(session: nox.Session, which: str) -> None:
     install_packages(session, *BENCH_REQUIREMENTS)
     _install_fashion_mnist(session)
-    args = list(session.posargs)  # e.g. nox -s bench -- --epochs 3
-    if not any(a == "--out" or a.startswith("--out=") for a in args):
-        args += ["--out", BENCH_OUT]
+    args = bench_args(session.posargs)  # e.g. nox -s bench -- --epochs 3
     session.run("python", "-m", "avalon_bench", "--which", which, *args)
 
 

@@ -87,7 +87,7 @@ def test_unknown_device_names_the_package_to_install(monkeypatch):
     from avalon.backends import KNOWN_PACKAGES
     assert KNOWN_PACKAGES["cuda"] == "avalon-cuda"
     monkeypatch.setitem(KNOWN_PACKAGES, "npu", "avalon-npu")
-    with pytest.raises(avalon.DeviceError, match="pip install avalon-npu"):
+    with pytest.raises(avalon.DeviceError, match="pip install -e packages/avalon-npu"):
         avalon.device("npu:0")
     with pytest.raises(avalon.DeviceError, match="unknown device kind 'tpu'"):
         avalon.device("tpu")

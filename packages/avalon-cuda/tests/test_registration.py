@@ -61,7 +61,8 @@ def test_selecting_cuda_raises_a_device_error_that_says_what_is_missing():
         assert "not available" in msg and WHY in msg, msg
         # what to install, when CuPy is what is missing
         if "not installed" in WHY:
-            assert "pip install" in msg and "cupy-cuda12x" in msg, msg
+            assert "pip install cupy-cuda12x" in msg, msg
+            assert 'pip install -e "packages/avalon-cuda[cuda]"' in msg, msg
 
 
 @needs_no_gpu

@@ -59,16 +59,34 @@ def standardize(x: np.ndarray) -> np.ndarray:
 
 # -- training and evaluation -------------------------------------------------------------------------------
 
-def train_epoch(model, loss_fn, opt, batches) -> float:
-    """One pass over `batches` ((x, y) pairs, or x alone); the example-weighted mean loss."""
+def interactive() -> bool:
+    """Whether someone watches: stdout and stderr are both terminals."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def epoch_bar(total: int, desc: str):
+    """A progress bar within an epoch, with avalon-layers' `fit` conventions (tqdm
+    on stderr, unit "batch", the running loss), cleared at the end (the script
+    prints the epoch's line); silent when not `interactive()` (logs, pipes)."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=not interactive())
+
+
+def train_epoch(model, loss_fn, opt, batches, desc: str = "training") -> float:
+    """One pass over `batches` ((x, y) pairs, or x alone), showing a progress bar
+    labelled `desc` on a terminal; the example-weighted mean loss."""
     model.train()
     total, count = 0.0, 0
-    for batch in batches:
-        args = batch if isinstance(batch, tuple) else (batch,)
-        loss, grads = avalon.grad(loss_fn, model, *args, argnums=0)
-        opt.step(model, grads[0])
-        total += float(loss) * len(args[0])
-        count += len(args[0])
+    with epoch_bar(len(batches), desc) as bar:
+        for batch in batches:
+            args = batch if isinstance(batch, tuple) else (batch,)
+            loss, grads = avalon.grad(loss_fn, model, *args, argnums=0)
+            opt.step(model, grads[0])
+            total += float(loss) * len(args[0])
+            count += len(args[0])
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
     return total / max(count, 1)
 
 

@@ -4,6 +4,9 @@
     python train_cnn.py --model bench        # BenchCNN
     python train_cnn.py --epochs 1 --limit 256 --test-limit 256   # a quick run
 
+`python` is one with Avalon installed: after `python3 -m nox -s tests` at the
+repository root, `.nox/tests/bin/python packages/avalon-zoo/examples/train_cnn.py`.
+
 Prints the training loss, test loss and test accuracy after each epoch, with the
 wall time, and writes the test set's confusion matrix to OUT/cnn_confusion.png.
 """
@@ -44,7 +47,7 @@ def main():
     clock = _common.Clock()
     for epoch in range(1, args.epochs + 1):
         opt.lr = args.lr * args.lr_decay ** (epoch - 1)  # passed to the compiled step as data: no retrace
-        train_loss = _common.train_epoch(model, nll, opt, batches)
+        train_loss = _common.train_epoch(model, nll, opt, batches, f"epoch {epoch}/{args.epochs}")
         scores = _common.predict(model, x_test)
         test_loss = float(F.nll_loss(scores, y_test))
         test_acc = _common.accuracy(scores, y_test)

@@ -4,6 +4,9 @@
     python train_realnvp.py --data moons         # only the 2-D toy data (seconds)
     python train_realnvp.py --epochs 1 --limit 256 --test-limit 256   # a quick run
 
+`python` is one with Avalon installed: after `python3 -m nox -s tests` at the
+repository root, `.nox/tests/bin/python packages/avalon-zoo/examples/train_realnvp.py`.
+
 Two moons (generated with numpy, 20,000 training / 5,000 test points, or --limit
 and --test-limit of them): 8 affine couplings with 2-layer MLPs of 128 units,
 Adam lr 1e-3 (--lr), batch 256, --moons-epochs epochs (under a second each).
@@ -37,7 +40,7 @@ def train_flow(model, opt, train, test_log_prob, args, report, prepare=None):
     batches = Batches(train, batch_size=args.batch_size, seed=args.seed, normalize=prepare)
     history = []
     for epoch in range(1, args.epochs + 1):
-        train_nll = _common.train_epoch(model, flow_nll_loss, opt, batches)
+        train_nll = _common.train_epoch(model, flow_nll_loss, opt, batches, f"epoch {epoch}/{args.epochs}")
         history.append(test_log_prob())
         report(epoch, train_nll, history[-1])
     return history

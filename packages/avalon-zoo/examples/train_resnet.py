@@ -5,6 +5,9 @@ on Fashion-MNIST.
     python train_resnet.py --blocks 1        # ResNet-8
     python train_resnet.py --epochs 1 --limit 256 --test-limit 256   # a quick run
 
+`python` is one with Avalon installed: after `python3 -m nox -s tests` at the
+repository root, `.nox/tests/bin/python packages/avalon-zoo/examples/train_resnet.py`.
+
 Prints the training loss, test loss and test accuracy (eval mode: BatchNorm's
 running statistics) after each epoch, with the wall time, and writes the test
 set's confusion matrix to OUT/resnet_confusion.png.
@@ -42,7 +45,7 @@ def main():
 
     clock = _common.Clock()
     for epoch in range(1, args.epochs + 1):
-        train_loss = _common.train_epoch(model, cross_entropy, opt, batches)
+        train_loss = _common.train_epoch(model, cross_entropy, opt, batches, f"epoch {epoch}/{args.epochs}")
         scores = _common.predict(model, x_test)
         test_loss = float(F.cross_entropy(scores, y_test))
         test_acc = _common.accuracy(scores, y_test)

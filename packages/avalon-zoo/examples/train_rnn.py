@@ -5,6 +5,9 @@ each image is a sequence of 28 rows of 28 pixels.
     python train_rnn.py --kinds lstm         # the LSTM only
     python train_rnn.py --epochs 1 --limit 256 --test-limit 256   # a quick run
 
+`python` is one with Avalon installed: after `python3 -m nox -s tests` at the
+repository root, `.nox/tests/bin/python packages/avalon-zoo/examples/train_rnn.py`.
+
 Prints the training loss, test loss and test accuracy after each epoch, with
 the wall time, and writes the test accuracy curves to OUT/rnn_accuracy.png.
 """
@@ -34,7 +37,7 @@ def train(kind, args, data):
           f"batch {args.batch_size}", flush=True)
     clock, accuracies = _common.Clock(), []
     for epoch in range(1, args.epochs + 1):
-        train_loss = _common.train_epoch(model, cross_entropy, opt, batches)
+        train_loss = _common.train_epoch(model, cross_entropy, opt, batches, f"epoch {epoch}/{args.epochs}")
         scores = _common.predict(model, x_test)
         test_loss = float(F.cross_entropy(scores, y_test))
         accuracies.append(_common.accuracy(scores, y_test))

@@ -4,6 +4,9 @@
     python train_vae.py --reduction mean     # train on vae_loss's default, the benchmark's loss
     python train_vae.py --epochs 1 --limit 256 --test-limit 256   # a quick run
 
+`python` is one with Avalon installed: after `python3 -m nox -s tests` at the
+repository root, `.nox/tests/bin/python packages/avalon-zoo/examples/train_vae.py`.
+
 Prints the training and test loss after each epoch (the loss trained on; the
 test set's negative ELBO in nats per image is printed beside it), and writes
 OUT/vae_reconstructions.png (test inputs above their reconstructions) and
@@ -45,7 +48,7 @@ def main():
     clock = _common.Clock()
     test_losses = []
     for epoch in range(1, args.epochs + 1):
-        train_loss = _common.train_epoch(model, loss_fn, opt, batches)
+        train_loss = _common.train_epoch(model, loss_fn, opt, batches, f"epoch {epoch}/{args.epochs}")
         test_losses.append(_common.mean_over_batches(test_loss_fn, model, x_test))
         test_elbo = _common.mean_over_batches(test_elbo_fn, model, x_test)
         print(f"epoch {epoch}: train loss {train_loss:.4f}  test loss {test_losses[-1]:.4f}  "

@@ -339,6 +339,7 @@ def test_example_runs(name, tmp_path):
     result = run_example(name.removesuffix("_moons"), extra, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUMMARY" in result.stdout.splitlines()[-1]
+    assert "batch/s" not in result.stderr  # no progress bar in a pipe
     for picture in pictures:
         data = (tmp_path / picture).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000, picture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,9 @@ def parse_args(argv=None):
                         "no torch.compile (under a minute)")
     p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto",
                    help="the torch.compile column (auto: on, except with --quick)")
-    p.add_argument("--out", default=None, help="output directory (default: results/<timestamp>)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: results/<timestamp>, results/quick-<timestamp> with --quick); "
+                        "a quick run never writes over a full run's results")
     args = p.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be at least 1")
@@ -65,6 +68,30 @@ def torch_compile_plan(args) -> str | None:
     if args.torch_compile == "auto" and args.quick:
         return "--quick (its compilation alone takes longer than a quick run)"
     return None
+
+
+def output_dir(args, started: datetime.datetime) -> Path:
+    """--out, or a new dated folder under ./results (quick runs apart from full ones)."""
+    if args.out:
+        return Path(args.out)
+    stamp = started.strftime("%Y-%m-%d-%H%M%S")
+    return Path("results") / (f"quick-{stamp}" if args.quick else stamp)
+
+
+def check_output_dir(out: Path, quick: bool) -> None:
+    """A quick run must not replace the results of a full run (its figures are
+    not worth quoting): exit, saying so, before anything runs."""
+    previous = out / "results.json"
+    if not quick or not previous.is_file():
+        return
+    try:
+        was_quick = json.loads(previous.read_text(encoding="utf-8"))["config"]["quick"]
+    except (OSError, ValueError, KeyError, TypeError):
+        was_quick = False  # unreadable: treat as a full run's, keep it
+    if not was_quick:
+        raise SystemExit(f"avalon_bench: {out} holds the results of a full run; a --quick run would "
+                         "overwrite them: give another --out (nox -s bench -- --quick writes to "
+                         "packages/avalon-bench/results/quick)")
 
 
 def check_device(device: str) -> None:
@@ -179,7 +206,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = settings(args)
     started = datetime.datetime.now().astimezone()
-    out = Path(args.out or Path("results") / started.strftime("%Y-%m-%d-%H%M%S"))
+    out = output_dir(args, started)
+    check_output_dir(out, args.quick)
     check_device(args.device)
     try:
         data = load(args.data, quick=args.quick)

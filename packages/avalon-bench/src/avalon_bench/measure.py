@@ -8,6 +8,8 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
+from .progressbar import epoch_bar
+
 
 @dataclass
 class EpochLog:
@@ -20,21 +22,26 @@ class EpochLog:
         return asdict(self)
 
 
-def run_epoch(trainer, batches, epoch: int, max_batches: int | None = None) -> EpochLog:
-    """One epoch of `trainer` over batches.batches(epoch) (at most max_batches)."""
+def run_epoch(trainer, batches, epoch: int, max_batches: int | None = None, epochs: int | None = None) -> EpochLog:
+    """One epoch of `trainer` over batches.batches(epoch) (at most max_batches),
+    with a progress bar on a terminal (`epochs`: the total, for its label)."""
     log = EpochLog(0.0)
     clock = time.perf_counter
-    start = clock()
-    for i, batch in enumerate(batches.batches(epoch)):
-        if max_batches is not None and i >= max_batches:
-            break
-        t0 = clock()
-        loss = trainer.step(batch if isinstance(batch, tuple) else (batch,))
-        t1 = clock()
-        log.step_seconds.append(t1 - t0)
-        log.losses.append(loss)
-        log.step_ends.append(t1 - start)
-    log.seconds = clock() - start
+    total = len(batches) if max_batches is None else min(len(batches), max_batches)
+    label = f"{trainer.label} epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
+    with epoch_bar(total, label) as bar:
+        start = clock()
+        for i, batch in enumerate(batches.batches(epoch)):
+            if max_batches is not None and i >= max_batches:
+                break
+            t0 = clock()
+            loss = trainer.step(batch if isinstance(batch, tuple) else (batch,))
+            t1 = clock()
+            log.step_seconds.append(t1 - t0)
+            log.losses.append(loss)
+            log.step_ends.append(t1 - start)
+            bar.update(1)
+        log.seconds = clock() - start
     return log
 
 
@@ -126,7 +133,7 @@ def train_interleaved(trainers, batches, epochs: int, max_batches: int | None = 
                 continue
             try:
                 log = trainer.run_epoch(batches, epoch, max_batches) if hasattr(trainer, "run_epoch") \
-                    else run_epoch(trainer, batches, epoch, max_batches)
+                    else run_epoch(trainer, batches, epoch, max_batches, epochs)
             except Exception as exc:  # noqa: BLE001 - any failure of an optional framework is reported
                 if not getattr(trainer, "optional", False):
                     raise

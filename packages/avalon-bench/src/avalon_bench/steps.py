@@ -19,6 +19,7 @@ from typing import Callable
 from avalon_zoo.datasets import Batches
 
 from .data import BenchData
+from .progressbar import epoch_bar
 from .workloads import BATCH_SEED, WEIGHT_SEED
 
 
@@ -106,18 +107,20 @@ def selected_steps(which: str) -> list[StepWorkload]:
     return [STEP_WORKLOADS[which]] if which in STEP_WORKLOADS else []
 
 
-def measure_steps(trainers: dict, batches: list, warmup: int) -> dict:
-    """Run every batch through each trainer, interleaved with alternating order;
-    per trainer key: seconds of each step and its loss."""
+def measure_steps(trainers: dict, batches: list, warmup: int, desc: str = "steps") -> dict:
+    """Run every batch through each trainer, interleaved with alternating order
+    (a progress bar on a terminal); per trainer key: seconds of each step and its loss."""
     seconds = {k: [] for k in trainers}
     losses = {k: [] for k in trainers}
     keys = list(trainers)
-    for i, batch in enumerate(batches):
-        for key in (keys if i % 2 == 0 else keys[::-1]):
-            t0 = time.perf_counter()
-            loss = trainers[key].step(batch)
-            seconds[key].append(time.perf_counter() - t0)
-            losses[key].append(loss)
+    with epoch_bar(len(batches), desc) as bar:
+        for i, batch in enumerate(batches):
+            for key in (keys if i % 2 == 0 else keys[::-1]):
+                t0 = time.perf_counter()
+                loss = trainers[key].step(batch)
+                seconds[key].append(time.perf_counter() - t0)
+                losses[key].append(loss)
+            bar.update(1)
     return {k: {"first_step_s": seconds[k][0],
                 "step_s": statistics.median(seconds[k][warmup:]),
                 "steps_timed": len(seconds[k]) - warmup,
@@ -135,7 +138,7 @@ def run_step_workload(wl: StepWorkload, data: BenchData, steps: int, warmup: int
         batches.append(batch)
         if len(batches) == warmup + steps:
             break
-    figures = measure_steps(trainers, batches, warmup)
+    figures = measure_steps(trainers, batches, warmup, desc=f"{wl.name} steps (both frameworks)")
     a, t = figures["avalon"], figures["torch_eager"]
     ratio = a["step_s"] / t["step_s"]
     drift = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a["losses"], t["losses"]))

@@ -2,6 +2,8 @@
 avalon.optim and the top-level avalon namespace."""
 from __future__ import annotations
 
+import difflib
+import sys
 from dataclasses import dataclass, field
 
 from .errors import AvalonError
@@ -65,9 +67,62 @@ def lookup(ns: str, name: str, module_name: str):
     table = merged()[ns]
     if name in table:
         return table[name][0]
-    hint = ("no layer set is installed: pip install avalon-layers" if not any(merged().values())
-            else f"the installed layer sets define: {', '.join(sorted(table)[:12])}...")
-    raise AttributeError(f"module {module_name!r} has no attribute {name!r} ({hint})")
+    if name.startswith("_"):  # tools probing private attributes: no search for suggestions
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+    raise AttributeError(f"module {module_name!r} has no attribute {name!r} ({_missing_hint(ns, name, module_name)})")
+
+
+# Where a user reads what a layer set defines, and how PyTorch names map to Avalon's.
+PORTING_GUIDE = "packages/avalon-layers/PORTING.md"
+MAX_SUGGESTIONS = 5
+
+
+def _missing_hint(ns: str, name: str, module_name: str) -> str:
+    if not any(merged().values()):
+        from ._install import install_hint
+        return f"no layer set is installed: {install_hint('avalon-layers')}"
+    parts = []
+    close = close_names(name, _candidates(ns, module_name))
+    if close:
+        parts.append(f"did you mean {', '.join(close)}?")
+    elsewhere = [_qual(other, name) for other in NAMESPACES
+                 if other != ns and name in merged()[other]]
+    if elsewhere:
+        parts.append(f"{' and '.join(elsewhere)} exists")
+    if not parts:
+        parts.append(f"nothing close among the names it defines: see dir({module_name}), and "
+                     f"{PORTING_GUIDE} for the PyTorch names")
+    return "; ".join(parts)
+
+
+def _candidates(ns: str, module_name: str) -> list[str]:
+    """The names the module answers: its layer sets' and its own public ones."""
+    found = set(merged()[ns])
+    module = sys.modules.get(module_name)
+    if module is not None:
+        found |= {n for n in vars(module) if not n.startswith("_")}
+    return sorted(found)
+
+
+def _folded(name: str) -> str:
+    """A name without case or underscores: `Relu`, `relu` and `ReLU` fold alike,
+    as do `maxpool2d` and `max_pool2d`."""
+    return name.replace("_", "").lower()
+
+
+def close_names(name: str, candidates, limit: int = MAX_SUGGESTIONS) -> list[str]:
+    """The candidates closest to `name`, best first, at most `limit`: those equal
+    to it but for case and underscores, then difflib's close matches of the
+    folded names, then of the names as written."""
+    by_fold: dict[str, list[str]] = {}
+    for candidate in candidates:
+        by_fold.setdefault(_folded(candidate), []).append(candidate)
+    found: list[str] = list(by_fold.get(_folded(name), []))
+    for folded in difflib.get_close_matches(_folded(name), list(by_fold), n=limit, cutoff=0.6):
+        found.extend(by_fold[folded])
+    found.extend(difflib.get_close_matches(name, list(candidates), n=limit, cutoff=0.6))
+    unique = list(dict.fromkeys(c for c in found if c != name))
+    return unique[:limit]
 
 
 def names(ns: str) -> list[str]:

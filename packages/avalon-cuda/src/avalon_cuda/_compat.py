@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import functools
 
+from avalon._install import install_command
+
 #: what to run to get CuPy; CuPy 14 wheels exist per CUDA major version
-INSTALL_HINT = ("pip install avalon-cuda[cuda], which brings cupy-cuda12x; "
-                "or install the CuPy wheel of your CUDA version, e.g. pip install cupy-cuda13x")
+INSTALL_HINT = ("pip install cupy-cuda12x, or the CuPy wheel of your CUDA version, e.g. "
+                "pip install cupy-cuda13x; from the root of a clone of the Avalon repository, "
+                f"`{install_command('avalon-cuda', 'cuda')}` brings cupy-cuda12x too")
 
 try:
     import cupy

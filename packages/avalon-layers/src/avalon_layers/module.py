@@ -20,6 +20,7 @@ from collections import OrderedDict
 import numpy as np
 
 import avalon
+from avalon._install import install_hint
 from avalon.backends import backend_of, backends
 from avalon.errors import AvalonError, DeviceError, at, user_location
 from avalon.primitive import Tracer
@@ -389,7 +390,7 @@ def _fix_for(value) -> str:
         return ("pass a NumPy array (tensor.numpy(), or tensor.detach().cpu().numpy() for a tensor that "
                 "requires grad or lives on a GPU) or an avalon array")
     if library == "cupy":
-        return ("no installed avalon backend takes CuPy arrays: install avalon-cuda (pip install avalon-cuda), "
+        return (f"no installed avalon backend takes CuPy arrays: {install_hint('avalon-cuda')}; "
                 "or pass a NumPy array (value.get())")
     if isinstance(value, (list, tuple)):
         return "pass an array instead: np.asarray(value, dtype=np.float32), with the dtype the layer needs"

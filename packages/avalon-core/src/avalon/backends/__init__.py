@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import DeviceError, at, user_location
 from .. import tree
+from .._install import install_hint
 from .base import Backend
 
 __all__ = ["Backend", "Device", "device", "to_device", "best_available_device", "backends",
@@ -97,7 +98,7 @@ def get_backend(dev) -> Backend:
     cls = classes.get(d.kind)
     if cls is None:
         pkg = KNOWN_PACKAGES.get(d.kind)
-        hint = (f"install it with `pip install {pkg}`" if pkg else
+        hint = (install_hint(pkg) if pkg else
                 "no known package provides it; a third-party backend plugin must register it "
                 "in the 'avalon' entry-point group")
         raise DeviceError(f"unknown device kind {d.kind!r}: no installed backend provides it "

@@ -1,0 +1,108 @@
+"""Where a run writes (a quick run never replaces a full run's results) and the
+progress bars within epochs (on a terminal only)."""
+import datetime
+import json
+
+import pytest
+
+from avalon_bench import cli, progressbar
+from avalon_bench.measure import run_epoch, train_interleaved
+from avalon_bench.steps import measure_steps
+
+STARTED = datetime.datetime(2026, 11, 30, 2, 0, 0)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], "results/2026-11-30-020000"),
+    (["--quick"], "results/quick-2026-11-30-020000"),
+    (["--quick", "--out", "mine"], "mine"),
+])
+def test_default_output_folders_keep_quick_runs_apart(argv, expected):
+    assert cli.output_dir(cli.parse_args(argv), STARTED).as_posix() == expected
+
+
+def _previous_run(folder, quick):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps({"config": {"quick": quick}}), encoding="utf-8")
+    (folder / "results.md").write_text("the full run's table", encoding="utf-8")
+
+
+def test_a_quick_run_refuses_to_overwrite_a_full_run(tmp_path):
+    _previous_run(tmp_path, quick=False)
+    with pytest.raises(SystemExit, match="holds the results of a full run"):
+        cli.main(["--quick", "--data", "synthetic", "--out", str(tmp_path)])
+    assert (tmp_path / "results.md").read_text(encoding="utf-8") == "the full run's table"
+
+
+@pytest.mark.parametrize("quick_before, quick_now", [(True, True), (False, False), (True, False)])
+def test_other_runs_may_replace_earlier_results(tmp_path, quick_before, quick_now):
+    _previous_run(tmp_path, quick=quick_before)
+    cli.check_output_dir(tmp_path, quick_now)  # does not exit
+    cli.check_output_dir(tmp_path / "empty", True)
+
+
+class FakeTrainer:
+    label = "Avalon (CPU)"
+    key = "avalon"
+
+    def step(self, batch):
+        return 1.0
+
+
+class FakeBatches:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def batches(self, epoch):
+        return iter([(epoch, i) for i in range(self.n)])
+
+
+def test_an_epoch_shows_a_bar_on_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr(progressbar, "interactive", lambda: True)
+    monkeypatch.setattr(progressbar, "REFRESH_S", 0)  # draw every update
+    log = run_epoch(FakeTrainer(), FakeBatches(5), epoch=1, max_batches=3, epochs=4)
+    err = capsys.readouterr().err
+    assert "Avalon (CPU) epoch 2/4" in err and "3/3" in err and "batch" in err
+    assert len(log.losses) == 3
+
+
+def test_no_bar_when_not_on_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr(progressbar, "interactive", lambda: False)
+    records = train_interleaved([FakeTrainer()], FakeBatches(4), epochs=2, progress=lambda msg: None)
+    out, err = capsys.readouterr()
+    assert err == "" and out == ""
+    assert [len(e.losses) for e in records["avalon"].epochs] == [4, 4]
+
+
+def test_interleaved_epochs_name_the_total(monkeypatch, capsys):
+    monkeypatch.setattr(progressbar, "interactive", lambda: True)
+    monkeypatch.setattr(progressbar, "REFRESH_S", 0)  # draw every update
+    train_interleaved([FakeTrainer()], FakeBatches(2), epochs=3, progress=lambda msg: None)
+    err = capsys.readouterr().err
+    assert "epoch 1/3" in err and "epoch 3/3" in err
+
+
+def test_step_rows_show_a_bar_on_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr(progressbar, "interactive", lambda: True)
+    monkeypatch.setattr(progressbar, "REFRESH_S", 0)  # draw every update
+    figures = measure_steps({"a": FakeTrainer(), "b": FakeTrainer()}, [1, 2, 3], warmup=1, desc="lstm steps")
+    err = capsys.readouterr().err
+    assert "lstm steps" in err and "3/3" in err
+    assert figures["a"]["steps_timed"] == 2
+
+
+def test_interactive_needs_both_streams_on_a_terminal(monkeypatch):
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    for out, err, expected in [(True, True, True), (True, False, False), (False, True, False)]:
+        monkeypatch.setattr("sys.stdout", Stream(out))
+        monkeypatch.setattr("sys.stderr", Stream(err))
+        assert progressbar.interactive() is expected
