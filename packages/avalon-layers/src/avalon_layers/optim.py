@@ -86,6 +86,11 @@ class OptimizerError(AvalonError, ValueError):
     rate negative, or an optimizer state that does not fit."""
 
 
+class _ParametersTypeError(AvalonError, TypeError):
+    """`params` of the wrong kind (a model instead of model.parameters(), a
+    string, a set): a TypeError as in PyTorch, located at the user's line."""
+
+
 # How each hyperparameter is checked: PyTorch's name for it in messages, and the rule.
 _RULES = {
     "lr": ("lr (learning rate)", "non-negative"),
@@ -182,7 +187,7 @@ class Optimizer:
         """Add a group of parameters (a dict with 'params' and any options; the
         others are the constructor's), as torch.optim.Optimizer.add_param_group."""
         if not isinstance(param_group, dict):
-            raise TypeError(f"{type(self).__name__}.add_param_group: param_group must be a dict, not "
+            raise _ParametersTypeError(f"{type(self).__name__}.add_param_group: param_group must be a dict, not "
                             f"{type(param_group).__name__}{at(user_location())}")
         if "params" not in param_group:
             raise OptimizerError(f"{type(self).__name__}.add_param_group: the group has no 'params'"
@@ -534,7 +539,8 @@ class Optimizer:
         """Subclasses check scalars they recompute (NAdam's mu_product)."""
 
     def __repr__(self):
-        args = ", ".join(f"{k}={self.param_groups[0][k]!r}" for k in self.hyperparameters)
+        options = self.param_groups[0] if self.param_groups else self.defaults
+        args = ", ".join(f"{k}={options[k]!r}" for k in self.hyperparameters)
         return f"{type(self).__name__}({args})"
 
     # -- checking hyperparameters -----------------------------------------------------------
@@ -748,8 +754,11 @@ def _as_groups(opt, params) -> list:
     name = type(opt).__name__
     if tree.is_array(params) or isinstance(params, (Module, dict, str, bytes)) or not isinstance(params, Iterable):
         hint = " (pass model.parameters())" if isinstance(params, Module) else ""
-        raise TypeError(f"{name}: params argument given to the optimizer should be an iterable of arrays or dicts, "
+        raise _ParametersTypeError(f"{name}: params argument given to the optimizer should be an iterable of arrays or dicts, "
                         f"but got {type(params).__name__}{hint}{at(user_location())}")
+    if isinstance(params, (set, frozenset)):
+        raise _ParametersTypeError(f"{name}: optimizer parameters need to be organized in ordered collections, but the "
+                        f"ordering of arrays in sets will change between runs{at(user_location())}; pass a list")
     items = list(params)
     if not items:
         raise OptimizerError(f"{name} got an empty parameter list{at(user_location())}; pass the arrays to train "
@@ -759,7 +768,7 @@ def _as_groups(opt, params) -> list:
     if all(dicts):
         return [dict(g) for g in items]
     if any(dicts):
-        raise TypeError(f"{name}: params mixes parameter-group dicts and arrays{at(user_location())}; pass either "
+        raise _ParametersTypeError(f"{name}: params mixes parameter-group dicts and arrays{at(user_location())}; pass either "
                         f"arrays or dicts {{'params': [...], ...}}")
     return [{"params": items}]
 
@@ -771,10 +780,10 @@ def _parameter_list(opt, params):
     if tree.is_array(params):
         params = [params]
     elif isinstance(params, (set, frozenset)):
-        raise TypeError(f"{name}: optimizer parameters need to be organized in ordered collections, but the "
+        raise _ParametersTypeError(f"{name}: optimizer parameters need to be organized in ordered collections, but the "
                         f"ordering of arrays in sets will change between runs{at(user_location())}; pass a list")
     elif isinstance(params, Module):
-        raise TypeError(f"{name}: a group's 'params' is a {type(params).__name__}{at(user_location())}; "
+        raise _ParametersTypeError(f"{name}: a group's 'params' is a {type(params).__name__}{at(user_location())}; "
                         f"pass its parameters(), a list of arrays")
     items = list(params)
     names = None
@@ -783,7 +792,7 @@ def _parameter_list(opt, params):
     arrays, seen = [], set()
     for p in items:
         if not tree.is_array(p):
-            raise TypeError(f"{name}: optimizer can only optimize arrays, but one of the params is "
+            raise _ParametersTypeError(f"{name}: optimizer can only optimize arrays, but one of the params is "
                             f"{type(p).__name__}{at(user_location())}")
         if np.dtype(p.dtype).kind != "f":
             raise OptimizerError(f"{name}: one of the params is a {np.dtype(p.dtype).name} array"
@@ -1078,11 +1087,12 @@ class NAdam(Optimizer):
 
     @staticmethod
     def _mu_product(group, step) -> float:
+        # a float32 running product, as torch keeps it (a scalar tensor of the default dtype)
         beta1, decay = group["betas"][0], group["momentum_decay"]
-        product = 1.0
+        product = np.float32(1.0)
         for t in range(1, step + 1):
-            product *= _nadam_mu(beta1, decay, t)
-        return product
+            product = product * np.float32(_nadam_mu(beta1, decay, t))
+        return float(product)
 
     def _coefficients(self, step, group):
         beta1, beta2 = group["betas"]
