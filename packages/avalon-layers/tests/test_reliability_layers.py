@@ -4,9 +4,8 @@ argument and the type when given a torch tensor, a list or another non-array;
 optimizers and schedulers refuse hyperparameters PyTorch refuses (and learning
 rates a schedule would drive negative), leaving the optimizer as it was."""
 import math
-import warnings
-
 import re
+import warnings
 
 import numpy as np
 import pytest

@@ -133,6 +133,9 @@ class Optimizer:
     per-step scalars) and `_rule` (the update of one parameter, in avalon ops)."""
 
     hyperparameters: tuple = ("lr",)
+    #: hyperparameters passed to the compiled update as 0-d arrays (a change never
+    #: retraces: schedulers change lr every step, OneCycleLR momentum and beta1 too)
+    dynamic: tuple = ("lr",)
     state_names: tuple = ()
     #: values a torch param_group may hold for keys this optimizer has no option for
     torch_fixed: dict = {"maximize": False}
@@ -609,7 +612,8 @@ class Optimizer:
         raise NotImplementedError
 
     def _static(self, group) -> dict:
-        return {name: group[name] for name in self.hyperparameters if name != "lr"}
+        """The options the compiled update is specialized on (a change retraces once)."""
+        return {name: group[name] for name in self.hyperparameters if name not in self.dynamic}
 
     # -- the compiled update --------------------------------------------------------------
     def _update_all(self, hp, params, grads, states, coefs):
@@ -847,6 +851,7 @@ class SGD(Optimizer):
     L2 weight decay."""
 
     hyperparameters = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+    dynamic = ("lr", "momentum", "dampening")
     state_names = ("momentum_buffer",)
     torch_counts_steps = False
 
@@ -867,15 +872,18 @@ class SGD(Optimizer):
         first = step == 1
         # the first step sets the buffer to the gradient: buf * 0 + g * 1
         return {"lr": group["lr"], "buf_keep": 0.0 if first else group["momentum"],
-                "grad_scale": 1.0 if first else 1.0 - group["dampening"]}
+                "grad_scale": 1.0 if first else 1.0 - group["dampening"], "momentum": group["momentum"]}
+
+    def _static(self, group):
+        return {**super()._static(group), "with_momentum": group["momentum"] != 0}
 
     def _rule(self, p, g, state, k, hp):
         if hp["weight_decay"] != 0:
             g = g + p * hp["weight_decay"]
-        if hp["momentum"] != 0:
+        if hp["with_momentum"]:
             buf = avalon.assign(state["momentum_buffer"],
                                 state["momentum_buffer"] * k["buf_keep"] + g * k["grad_scale"])
-            g = g + buf * hp["momentum"] if hp["nesterov"] else buf
+            g = g + buf * k["momentum"] if hp["nesterov"] else buf
         avalon.assign(p, p - k["lr"] * g)
 
 
@@ -887,6 +895,7 @@ class Adam(Optimizer):
     decay (added to the gradient) and AMSGrad."""
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay", "amsgrad")
+    dynamic = ("lr", "betas")
     state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     decoupled = False
     torch_fixed = {"maximize": False, "decoupled_weight_decay": False}
@@ -906,13 +915,13 @@ class Adam(Optimizer):
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         # in float64 on the host, as PyTorch computes them
-        k = {"step_size": lr / (1 - beta1 ** step), "bc2_sqrt": math.sqrt(1 - beta2 ** step)}
+        k = {"step_size": lr / (1 - beta1 ** step), "bc2_sqrt": math.sqrt(1 - beta2 ** step), **_beta_terms(group)}
         if self.decoupled:
             k["decay"] = 1 - lr * group["weight_decay"]
         return k
 
     def _rule(self, p, g, state, k, hp):
-        (beta1, beta2), wd = hp["betas"], hp["weight_decay"]
+        wd = hp["weight_decay"]
         param = p
         if wd != 0:
             if self.decoupled:
@@ -920,8 +929,8 @@ class Adam(Optimizer):
             else:
                 g = g + p * wd
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        m = avalon.assign(m, m + (g - m) * (1 - beta1))
-        v = avalon.assign(v, v * beta2 + (g * g) * (1 - beta2))
+        m = avalon.assign(m, m + (g - m) * k["one_minus_beta1"])
+        v = avalon.assign(v, v * k["beta2"] + (g * g) * k["one_minus_beta2"])
         if hp["amsgrad"]:
             v = avalon.assign(state["max_exp_avg_sq"], avalon.maximum(state["max_exp_avg_sq"], v))
         denom = avalon.sqrt(v) / k["bc2_sqrt"] + hp["eps"]
@@ -948,6 +957,7 @@ class RMSprop(Optimizer):
     the estimated variance instead of the raw second moment), weight decay."""
 
     hyperparameters = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
+    dynamic = ("lr", "momentum")
     state_names = ("square_avg", "grad_avg", "momentum_buffer")
 
     def __init__(self, params=None, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
@@ -963,6 +973,12 @@ class RMSprop(Optimizer):
             st["grad_avg"] = _zeros_like(p)
         return st
 
+    def _static(self, group):
+        return {**super()._static(group), "with_momentum": group["momentum"] > 0}
+
+    def _coefficients(self, step, group):
+        return {"lr": group["lr"], "momentum": group["momentum"]}
+
     def _rule(self, p, g, state, k, hp):
         alpha = hp["alpha"]
         if hp["weight_decay"] != 0:
@@ -974,8 +990,8 @@ class RMSprop(Optimizer):
             avg = avalon.sqrt(sq - ga * ga) + hp["eps"]
         else:
             avg = avalon.sqrt(sq) + hp["eps"]
-        if hp["momentum"] > 0:
-            buf = avalon.assign(state["momentum_buffer"], state["momentum_buffer"] * hp["momentum"] + g / avg)
+        if hp["with_momentum"]:
+            buf = avalon.assign(state["momentum_buffer"], state["momentum_buffer"] * k["momentum"] + g / avg)
             avalon.assign(p, p - k["lr"] * buf)
         else:
             avalon.assign(p, p - k["lr"] * (g / avg))
@@ -1039,6 +1055,7 @@ class Adamax(Optimizer):
     place of the second moment."""
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay")
+    dynamic = ("lr", "betas")
     state_names = ("exp_avg", "exp_inf")
 
     def __init__(self, params=None, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -1050,15 +1067,21 @@ class Adamax(Optimizer):
         return {"exp_avg": _zeros_like(p), "exp_inf": _zeros_like(p)}
 
     def _coefficients(self, step, group):
-        return {"clr": group["lr"] / (1 - group["betas"][0] ** step)}
+        return {"clr": group["lr"] / (1 - group["betas"][0] ** step), **_beta_terms(group)}
 
     def _rule(self, p, g, state, k, hp):
-        beta1, beta2 = hp["betas"]
         if hp["weight_decay"] != 0:
             g = g + p * hp["weight_decay"]
-        m = avalon.assign(state["exp_avg"], state["exp_avg"] + (g - state["exp_avg"]) * (1 - beta1))
-        u = avalon.assign(state["exp_inf"], avalon.maximum(state["exp_inf"] * beta2, avalon.abs(g) + hp["eps"]))
+        m = avalon.assign(state["exp_avg"], state["exp_avg"] + (g - state["exp_avg"]) * k["one_minus_beta1"])
+        u = avalon.assign(state["exp_inf"], avalon.maximum(state["exp_inf"] * k["beta2"], avalon.abs(g) + hp["eps"]))
         avalon.assign(p, p - k["clr"] * (m / u))
+
+
+def _beta_terms(group) -> dict:
+    """The moment averages' coefficients, passed as data: OneCycleLR changes beta1
+    every step, which must not retrace."""
+    beta1, beta2 = group["betas"]
+    return {"one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2}
 
 
 def _nadam_mu(beta1, momentum_decay, step):
@@ -1072,6 +1095,7 @@ class NAdam(Optimizer):
     parameter as AdamW does."""
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay")
+    dynamic = ("lr", "betas")
     state_names = ("exp_avg", "exp_avg_sq")
     scalar_state = ("mu_product",)
 
@@ -1102,18 +1126,17 @@ class NAdam(Optimizer):
         product = self._mu_product(group, step)
         return {"decay": 1 - lr * group["weight_decay"], "bc2": 1 - beta2 ** step,
                 "grad_coef": lr * (1 - mu) / (1 - product),
-                "avg_coef": lr * mu_next / (1 - product * mu_next)}
+                "avg_coef": lr * mu_next / (1 - product * mu_next), **_beta_terms(group)}
 
     def _rule(self, p, g, state, k, hp):
-        beta1, beta2 = hp["betas"]
         param = p
         if hp["weight_decay"] != 0:
             if hp["decoupled_weight_decay"]:
                 param = p * k["decay"]
             else:
                 g = g + p * hp["weight_decay"]
-        m = avalon.assign(state["exp_avg"], state["exp_avg"] + (g - state["exp_avg"]) * (1 - beta1))
-        v = avalon.assign(state["exp_avg_sq"], state["exp_avg_sq"] * beta2 + (g * g) * (1 - beta2))
+        m = avalon.assign(state["exp_avg"], state["exp_avg"] + (g - state["exp_avg"]) * k["one_minus_beta1"])
+        v = avalon.assign(state["exp_avg_sq"], state["exp_avg_sq"] * k["beta2"] + (g * g) * k["one_minus_beta2"])
         denom = avalon.sqrt(v / k["bc2"]) + hp["eps"]
         avalon.assign(p, param - k["grad_coef"] * (g / denom) - k["avg_coef"] * (m / denom))
 
@@ -1141,6 +1164,7 @@ class RAdam(Optimizer):
     decoupled_weight_decay=True decays the parameter as AdamW does."""
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay")
+    dynamic = ("lr", "betas")
     state_names = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -1163,17 +1187,16 @@ class RAdam(Optimizer):
             if rectified else 0.0
         # rectified: p -= lr/bc1 * m * rect * sqrt(bc2) / (sqrt(v) + eps); else p -= lr/bc1 * m
         return {"decay": 1 - lr * group["weight_decay"], "step_size": lr / bc1,
-                "adaptive": rect * math.sqrt(bc2), "plain": 0.0 if rectified else 1.0}
+                "adaptive": rect * math.sqrt(bc2), "plain": 0.0 if rectified else 1.0, **_beta_terms(group)}
 
     def _rule(self, p, g, state, k, hp):
-        beta1, beta2 = hp["betas"]
         param = p
         if hp["weight_decay"] != 0:
             if hp["decoupled_weight_decay"]:
                 param = p * k["decay"]
             else:
                 g = g + p * hp["weight_decay"]
-        m = avalon.assign(state["exp_avg"], state["exp_avg"] + (g - state["exp_avg"]) * (1 - beta1))
-        v = avalon.assign(state["exp_avg_sq"], state["exp_avg_sq"] * beta2 + (g * g) * (1 - beta2))
+        m = avalon.assign(state["exp_avg"], state["exp_avg"] + (g - state["exp_avg"]) * k["one_minus_beta1"])
+        v = avalon.assign(state["exp_avg_sq"], state["exp_avg_sq"] * k["beta2"] + (g * g) * k["one_minus_beta2"])
         scale = k["adaptive"] / (avalon.sqrt(v) + hp["eps"]) + k["plain"]
         avalon.assign(p, param - k["step_size"] * (m * scale))
