@@ -111,6 +111,9 @@ _RULES = {
 # mathematics (foreach/fused kernels, CUDA graphs, autograd through the step).
 _IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable", "param_names")
 
+# Keys schedulers keep in a group (PyTorch's names): kept by state_dict and load_state_dict.
+_SCHEDULER_KEYS = ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")
+
 
 class _Entry:
     """One parameter to update: its state key (a path, or its position over all
@@ -201,7 +204,7 @@ class Optimizer:
                                  f"{type(self).__name__}(model.parameters(), ...)")
         names, params = _parameter_list(self, param_group["params"])
         unknown = [k for k in param_group if k != "params" and k not in self.defaults
-                   and k not in ("initial_lr", "param_names")]
+                   and k not in _SCHEDULER_KEYS and k != "param_names"]
         if unknown:
             raise OptimizerError(f"{type(self).__name__}.add_param_group: unknown option {unknown[0]!r}"
                                  f"{at(user_location())}; {type(self).__name__} has "
@@ -491,7 +494,7 @@ class Optimizer:
         for k, v in saved.items():
             if k in ("params",) or k in _IMPLEMENTATION_KEYS:
                 continue
-            if k in self.hyperparameters or k == "initial_lr":
+            if k in self.hyperparameters or k in _SCHEDULER_KEYS:
                 opts[k] = _plain(v)
             elif k in self.torch_fixed:
                 if bool(v) != bool(self.torch_fixed[k]):
