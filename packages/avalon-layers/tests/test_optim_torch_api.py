@@ -285,6 +285,12 @@ def test_old_positional_form_still_takes_lr_first():
     opt = optim.SGD(0.1, 0.9)
     assert (opt.lr, opt.momentum) == (0.1, 0.9)
     assert opt.param_groups[0]["params"] == []
+    # the form without parameters keeps its own order (nesterov before weight_decay); torch's form has torch's
+    old = optim.SGD(0.1, 0.9, 0.0, True, 0.01)
+    assert (old.nesterov, old.weight_decay) == (True, 0.01)
+    new = optim.SGD([np.zeros(2)], 0.1, 0.9, 0.0, 0.01, True)
+    assert (new.nesterov, new.weight_decay) == (True, 0.01)
+    assert optim.Adam(0.01, (0.8, 0.9)).betas == (0.8, 0.9)
 
 
 # -- state_dict in torch's format, and a torch optimizer's own state ---------------------------------------------------

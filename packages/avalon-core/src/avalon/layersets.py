@@ -1,12 +1,12 @@
 """Layer sets: what plugins put into avalon.nn, avalon.nn.functional,
-avalon.optim and the top-level avalon namespace."""
+avalon.nn.utils, avalon.optim and the top-level avalon namespace."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from .errors import AvalonError
 
-NAMESPACES = ("nn", "functional", "optim", "toplevel")
+NAMESPACES = ("nn", "functional", "utils", "optim", "toplevel")
 
 
 @dataclass
@@ -15,6 +15,7 @@ class LayerSet:
     package: str
     nn: dict = field(default_factory=dict)
     functional: dict = field(default_factory=dict)
+    utils: dict = field(default_factory=dict)
     optim: dict = field(default_factory=dict)
     toplevel: dict = field(default_factory=dict)
 
@@ -57,8 +58,8 @@ def merged() -> dict:
 
 
 def _qual(ns, name):
-    return {"nn": "avalon.nn.", "functional": "avalon.nn.functional.", "optim": "avalon.optim.",
-            "toplevel": "avalon."}[ns] + name
+    return {"nn": "avalon.nn.", "functional": "avalon.nn.functional.", "utils": "avalon.nn.utils.",
+            "optim": "avalon.optim.", "toplevel": "avalon."}[ns] + name
 
 
 def lookup(ns: str, name: str, module_name: str):

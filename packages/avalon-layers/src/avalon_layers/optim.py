@@ -144,6 +144,8 @@ class Optimizer:
     torch_fixed: dict = {"maximize": False}
     #: whether torch's state of this optimizer counts steps (SGD's does not)
     torch_counts_steps = True
+    #: the positional order of the form without parameters, where it differs from the constructor's
+    legacy_positional = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -750,6 +752,13 @@ def _taking_parameters(init):
     @functools.wraps(init)
     def init_with_parameters(self, *args, **kwargs):
         if args and "params" not in kwargs and _real_number(args[0]) is not None:
+            legacy = type(self).legacy_positional
+            if legacy is not None:  # the order of the form without parameters (SGD's differed from torch's)
+                if len(args) > len(legacy):
+                    raise _ParametersTypeError(f"{type(self).__name__}() takes at most {len(legacy)} "
+                                               f"positional arguments after lr{at(user_location())}")
+                kwargs = {**dict(zip(legacy, args)), **kwargs}
+                args = ()
             args = (None, *args)
         init(self, *args, **kwargs)
     return init_with_parameters
@@ -857,6 +866,7 @@ class SGD(Optimizer):
     dynamic = ("lr", "momentum", "dampening")
     state_names = ("momentum_buffer",)
     torch_counts_steps = False
+    legacy_positional = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
 
     def __init__(self, params=None, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
