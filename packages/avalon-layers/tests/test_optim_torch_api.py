@@ -420,3 +420,27 @@ def test_new_optimizers_refuse_bad_arguments_as_torch_does(name, kwargs, words):
     assert words in str(err.value)
     with pytest.raises(ValueError, match="Invalid"):
         getattr(torch.optim, name)([torch.zeros(1, requires_grad=True)], **kwargs)
+
+
+_README_CHECK = """
+print(float(loss) < 0.5, float(abs(w).sum()) > 0)
+"""  # after the README's code: the loop trained, w moved
+
+
+def test_the_readmes_training_loops_run(tmp_path):
+    """README: the PyTorch-style loop (parameters at construction, zero_grad,
+    clip_grad_norm_, step(grads[0]), a scheduler) and the positional example."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    loop = next(b for b in blocks if "opt.zero_grad()" in b)
+    positional = next(b for b in blocks if "opt.step((gw, gb))" in b)
+    code = "\n".join([blocks[0], loop, positional]) + _README_CHECK
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-2:] == ["True", "True"], r.stdout
