@@ -444,3 +444,21 @@ def test_the_readmes_training_loops_run(tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-2:] == ["True", "True"], r.stdout
+
+
+def test_the_torch_format_state_saves_and_loads_with_avalon_save(tmp_path):
+    model = Net()
+    opt = optim.Adam([{"params": model.body.parameters()}, {"params": model.head.parameters(), "lr": 0.1}],
+                     lr=0.01, amsgrad=True)
+    optim.OneCycleLR(opt, max_lr=0.1, total_steps=10)  # adds its keys to the groups
+    _, grads = avalon.grad(_loss, model, *_data(np.random.default_rng(12)))
+    opt.step(grads[0])
+    avalon.save(opt.state_dict(), tmp_path / "opt.npz")
+    resumed = optim.Adam([{"params": model.body.parameters()}, {"params": model.head.parameters()}])
+    resumed.load_state_dict(avalon.load(tmp_path / "opt.npz"))
+    for a, b in zip(resumed.param_groups, opt.param_groups):
+        assert {k: v for k, v in a.items() if k != "params"} == {k: v for k, v in b.items() if k != "params"}
+        assert all(x is y for x, y in zip(a["params"], b["params"]))
+    for k, st in opt.state.items():
+        assert resumed.state[k]["step"] == st["step"] == 1
+        np.testing.assert_array_equal(resumed.state[k]["max_exp_avg_sq"], st["max_exp_avg_sq"])
