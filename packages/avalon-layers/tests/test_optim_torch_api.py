@@ -240,6 +240,9 @@ def test_gradients_that_cannot_be_paired_are_refused_clearly():
     _, grads = avalon.grad(_loss, other, *_data(rng))
     with pytest.raises(ValueError, match="none of the arrays of the Net these gradients were taken of is a parameter"):
         opt.step(grads[0])
+    _, grads = avalon.grad(_loss, model, *_data(rng))
+    with pytest.raises(ValueError, match=r"the whole tuple avalon.grad returns .*opt.step\(grads\[0\]\)"):
+        opt.step(grads)
     with pytest.raises(ValueError, match="cannot tell which parameters this dict holds the gradients of"):
         opt.step({"w": np.zeros(3)})
     with pytest.raises(ValueError, match="closure"):
@@ -363,6 +366,26 @@ def _three_torch_steps(tparams):
         _feed(tparams, [torch.ones(t.shape).numpy() for t in tparams])
         topt.step()
     return topt.state_dict()
+
+
+def test_nadam_state_dict_has_torchs_mu_product_per_group():
+    rng = np.random.default_rng(13)
+    w, b = rng.standard_normal(3), rng.standard_normal(2)
+    tw, tb = torch.tensor(w.copy()), torch.tensor(b.copy())
+
+    def groups(p, q):
+        return [{"params": [p]}, {"params": [q], "betas": (0.5, 0.9), "momentum_decay": 0.1}]
+
+    opt, topt = optim.NAdam(groups(w, b)), torch.optim.NAdam(groups(tw, tb), foreach=False)
+    for _ in range(3):
+        g = [rng.standard_normal(3), rng.standard_normal(2)]
+        opt.step(g)
+        _feed([tw, tb], g)
+        topt.step()
+    ours, theirs = opt.state_dict()["state"], topt.state_dict()["state"]
+    for i in (0, 1):
+        assert ours[i]["mu_product"] == theirs[i]["mu_product"].item()
+        assert ours[i]["step"] == theirs[i]["step"].item() == 3
 
 
 @pytest.mark.parametrize("edit, words", [

@@ -319,6 +319,9 @@ class Optimizer:
                              f"these gradients were taken of")
         if isinstance(grads, (list, tuple)) and all(g is None or tree.is_array(g) for g in grads):
             return self._positional(grads)
+        if isinstance(grads, tuple) and any(tree.gradient_source(g) is not None for g in grads):
+            raise OptimizerError(f"{name}.step got the whole tuple avalon.grad returns (one gradient per argument)"
+                                 f"{at(user_location())}; pass the model's: opt.step(grads[0])")
         raise OptimizerError(
             f"{name}.step: cannot tell which parameters this {type(grads).__name__} holds the gradients "
             f"of{at(user_location())}: it was not returned by avalon.grad (or is a dict/list gradient older than "
@@ -403,7 +406,8 @@ class Optimizer:
             if "initial_lr" in self.param_groups[0]:
                 hp["initial_lr"] = self.param_groups[0]["initial_lr"]
             return {"optimizer": type(self).__name__, "hyperparameters": hp, "state": state}
-        state = {key: self._torch_state(st) for key, st in sorted(self.state.items())}
+        group_of = {index: self.param_groups[g] for index, g in self._index.values()}
+        state = {key: self._torch_state(st, group_of[key]) for key, st in sorted(self.state.items())}
         groups, start = [], 0
         for g in self.param_groups:
             n = len(g["params"])
@@ -411,7 +415,7 @@ class Optimizer:
             start += n
         return {"state": state, "param_groups": groups}
 
-    def _torch_state(self, st) -> dict:
+    def _torch_state(self, st, group) -> dict:
         out = {k: (_host_copy(v) if tree.is_array(v) else v) for k, v in st.items() if k != "step"}
         if self.torch_counts_steps:
             out["step"] = st["step"]
@@ -1153,9 +1157,9 @@ class NAdam(Optimizer):
         denom = avalon.sqrt(v / k["bc2"]) + hp["eps"]
         avalon.assign(p, param - k["grad_coef"] * (g / denom) - k["avg_coef"] * (m / denom))
 
-    def _torch_state(self, st):
-        out = super()._torch_state(st)
-        out["mu_product"] = self._mu_product(self.param_groups[0], st["step"]) if st["step"] else 1.0
+    def _torch_state(self, st, group):
+        out = super()._torch_state(st, group)
+        out["mu_product"] = self._mu_product(group, st["step"])
         return out
 
     def _check_loaded_state(self, index, st, group):
