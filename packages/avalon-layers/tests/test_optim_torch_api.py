@@ -425,7 +425,7 @@ def test_a_torch_state_of_another_optimizer_is_refused():
         optim.Adam(lr=0.1).load_state_dict(sd)
 
 
-# -- checking arguments as torch does ------------------------------------------------------------------------------------
+# -- checking arguments as torch does -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, kwargs, words", [
     ("Adadelta", dict(rho=1.5), "Invalid rho value: 1.5"),

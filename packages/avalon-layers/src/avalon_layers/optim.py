@@ -774,11 +774,11 @@ def _as_groups(opt, params) -> list:
     name = type(opt).__name__
     if tree.is_array(params) or isinstance(params, (Module, dict, str, bytes)) or not isinstance(params, Iterable):
         hint = " (pass model.parameters())" if isinstance(params, Module) else ""
-        raise _ParametersTypeError(f"{name}: params argument given to the optimizer should be an iterable of arrays or dicts, "
-                        f"but got {type(params).__name__}{hint}{at(user_location())}")
+        raise _params_error(opt, f"params argument given to the optimizer should be an iterable of arrays or dicts, "
+                                 f"but got {type(params).__name__}{hint}")
     if isinstance(params, (set, frozenset)):
-        raise _ParametersTypeError(f"{name}: optimizer parameters need to be organized in ordered collections, but the "
-                        f"ordering of arrays in sets will change between runs{at(user_location())}; pass a list")
+        raise _params_error(opt, "optimizer parameters need to be organized in ordered collections, but the "
+                                 "ordering of arrays in sets will change between runs; pass a list")
     items = list(params)
     if not items:
         raise OptimizerError(f"{name} got an empty parameter list{at(user_location())}; pass the arrays to train "
@@ -788,23 +788,22 @@ def _as_groups(opt, params) -> list:
     if all(dicts):
         return [dict(g) for g in items]
     if any(dicts):
-        raise _ParametersTypeError(f"{name}: params mixes parameter-group dicts and arrays{at(user_location())}; pass either "
-                        f"arrays or dicts {{'params': [...], ...}}")
+        raise _params_error(opt, "params mixes parameter-group dicts and arrays; pass either arrays or dicts "
+                                 "{'params': [...], ...}")
     return [{"params": items}]
 
 
 def _parameter_list(opt, params):
     """(names or None, the arrays) of a group's 'params': one array, or an
     iterable of arrays or of (name, array) pairs; an array given twice counts once."""
-    name = type(opt).__name__
     if tree.is_array(params):
         params = [params]
     elif isinstance(params, (set, frozenset)):
-        raise _ParametersTypeError(f"{name}: optimizer parameters need to be organized in ordered collections, but the "
-                        f"ordering of arrays in sets will change between runs{at(user_location())}; pass a list")
+        raise _params_error(opt, "optimizer parameters need to be organized in ordered collections, but the "
+                                 "ordering of arrays in sets will change between runs; pass a list")
     elif isinstance(params, Module):
-        raise _ParametersTypeError(f"{name}: a group's 'params' is a {type(params).__name__}{at(user_location())}; "
-                        f"pass its parameters(), a list of arrays")
+        raise _params_error(opt, f"a group's 'params' is a {type(params).__name__}; pass its parameters(), a list "
+                                 f"of arrays")
     items = list(params)
     names = None
     if items and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
@@ -812,10 +811,10 @@ def _parameter_list(opt, params):
     arrays, seen = [], set()
     for p in items:
         if not tree.is_array(p):
-            raise _ParametersTypeError(f"{name}: optimizer can only optimize arrays, but one of the params is "
-                            f"{type(p).__name__}{at(user_location())}")
+            raise _params_error(opt, f"optimizer can only optimize arrays, but one of the params is "
+                                     f"{type(p).__name__}")
         if np.dtype(p.dtype).kind != "f":
-            raise OptimizerError(f"{name}: one of the params is a {np.dtype(p.dtype).name} array"
+            raise OptimizerError(f"{type(opt).__name__}: one of the params is a {np.dtype(p.dtype).name} array"
                                  f"{at(user_location())}; only floating-point arrays can be trained")
         if id(p) not in seen:  # the same array twice (tied weights): one parameter
             seen.add(id(p))
@@ -823,6 +822,13 @@ def _parameter_list(opt, params):
     if names is not None and len(names) != len(arrays):
         names = None
     return names, arrays
+
+
+def _params_error(opt, message) -> "_ParametersTypeError":
+    """A TypeError about `params` (as PyTorch raises), located at the user's line."""
+    head, _, tail = message.partition("; ")
+    where = at(user_location())
+    return _ParametersTypeError(f"{type(opt).__name__}: {head}{where}" + (f"; {tail}" if tail else ""))
 
 
 def _position_key(key):
