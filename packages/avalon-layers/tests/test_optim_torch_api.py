@@ -247,6 +247,8 @@ def test_gradients_that_cannot_be_paired_are_refused_clearly():
         opt.step({"w": np.zeros(3)})
     with pytest.raises(ValueError, match="closure"):
         opt.step(lambda: 0.0)
+    with pytest.raises(ValueError, match=r"step\(\) needs the gradients.*no loss.backward\(\)"):
+        opt.step()
     with pytest.raises(ValueError, match=r"created without parameters.*; pass the model too"):
         optim.SGD(lr=0.1).step(grads[0])
     for p, b in zip(model.parameters(), before):

@@ -195,8 +195,8 @@ class Optimizer:
         """Add a group of parameters (a dict with 'params' and any options; the
         others are the constructor's), as torch.optim.Optimizer.add_param_group."""
         if not isinstance(param_group, dict):
-            raise _ParametersTypeError(f"{type(self).__name__}.add_param_group: param_group must be a dict, not "
-                            f"{type(param_group).__name__}{at(user_location())}")
+            raise _params_error(self, f"add_param_group: param_group must be a dict, not "
+                                      f"{type(param_group).__name__}")
         if "params" not in param_group:
             raise OptimizerError(f"{type(self).__name__}.add_param_group: the group has no 'params'"
                                  f"{at(user_location())}; pass {{'params': [arrays...], 'lr': ...}}")
@@ -229,7 +229,7 @@ class Optimizer:
         gradients are values returned by avalon.grad, never accumulated into the
         parameters, so there is nothing to reset."""
 
-    def step(self, model, grads=None, ignore=()) -> None:
+    def step(self, model=None, grads=None, ignore=()) -> None:
         """Update the parameters in place.
 
         opt.step(grads): for an optimizer given its parameters, `grads` is what
@@ -239,6 +239,10 @@ class Optimizer:
         floating-point array of the model with a gradient is updated (only the
         optimizer's parameters, when it was given some).  Paths in `ignore` are
         not updated."""
+        if model is None and grads is None:
+            raise OptimizerError(f"{type(self).__name__}.step() needs the gradients{at(user_location())}: Avalon has "
+                                 f"no loss.backward() filling p.grad; take them with `loss, grads = "
+                                 f"avalon.grad(loss_fn, model, x, y)` and pass opt.step(grads[0])")
         if grads is None:
             entries = self._entries_from_gradients(model, frozenset(ignore))
             if entries:
