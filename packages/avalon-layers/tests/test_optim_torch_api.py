@@ -171,6 +171,26 @@ def test_add_param_group_and_frozen_parameters():
     assert len(opt.param_groups) == 2
 
 
+def test_params_lists_changed_in_place_are_followed_with_their_state():
+    rng = np.random.default_rng(14)
+    a, b, c = (rng.standard_normal(2) for _ in range(3))
+    ta, tb, tc = (torch.tensor(x.copy()) for x in (a, b, c))
+    opt, topt = optim.Adam([a, b], lr=0.1), torch.optim.Adam([ta, tb], lr=0.1, foreach=False)
+    for step in range(4):
+        if step == 2:  # as torch allows: the first parameter leaves, a new one joins
+            opt.param_groups[0]["params"][:] = [b, c]
+            topt.param_groups[0]["params"][:] = [tb, tc]
+        g = [rng.standard_normal(2), rng.standard_normal(2)]
+        opt.step(g)
+        _feed(topt.param_groups[0]["params"], g)
+        topt.step()
+    _assert_same([a, b, c], [ta, tb, tc], "after the change", rtol=1e-12, atol=1e-12)
+    assert sorted(opt.state) == [0, 1] and opt.state[0]["step"] == 4 and opt.state[1]["step"] == 2
+    opt.param_groups[0]["params"].append(b)
+    with pytest.raises(ValueError, match="more than once"):
+        opt.step([g[0], g[1], g[1]])
+
+
 def test_plain_arrays_pair_positionally():
     rng = np.random.default_rng(4)
     w, b = rng.standard_normal((3, 2)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
@@ -487,3 +507,18 @@ def test_the_torch_format_state_saves_and_loads_with_avalon_save(tmp_path):
     for k, st in opt.state.items():
         assert resumed.state[k]["step"] == st["step"] == 1
         np.testing.assert_array_equal(resumed.state[k]["max_exp_avg_sq"], st["max_exp_avg_sq"])
+
+
+def test_fit_takes_an_optimizer_given_its_parameters():
+    import warnings
+    rng = np.random.default_rng(15)
+    model = Net()
+    x, y = _data(rng)
+    opt = optim.Adam(model.head.parameters(), lr=0.05)  # only the head trains
+    body = [p.copy() for p in model.body.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # avalon.fit is experimental
+        history = avalon.fit(model, x, y, loss_fn=F.mse_loss, epochs=5, batch_size=8, opt=opt, verbose=0)
+    assert history["loss"][-1] < history["loss"][0]
+    for p, b in zip(model.body.parameters(), body):
+        np.testing.assert_array_equal(p, b)

@@ -162,6 +162,8 @@ class Optimizer:
         self._flat = None       # the FlatGroup of the model being trained (see avalon_layers.flat)
         self._given = params is not None
         self._index: dict = {}  # id(parameter) -> (position over all groups, group index)
+        self._indexed: tuple = ()  # the ids of the parameters _index was built from, in order
+        self._parameters_by_position: dict = {}
         self.update_fn = avalon.jit(self._update_all)
         if params is None:
             self.param_groups.append({"params": [], **self.defaults})
@@ -213,16 +215,36 @@ class Optimizer:
                                  f"{', '.join(self.hyperparameters)}")
         group = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._validate(group)
-        start = sum(len(g["params"]) for g in self.param_groups)
+        self._refresh_index()
         if any(id(p) in self._index for p in params):
             raise OptimizerError(f"{type(self).__name__}: some parameters appear in more than one parameter "
                                  f"group{at(user_location())}; give each array to one group only")
-        index = len(self.param_groups)
-        for i, p in enumerate(params):
-            self._index[id(p)] = (start + i, index)
         if names is not None:
             group["param_names"] = names
         self.param_groups.append({"params": params, **group})
+        self._refresh_index()
+
+    def _refresh_index(self) -> None:
+        """Rebuild the parameter positions after param_groups' 'params' lists were
+        changed in place (as torch allows); state follows its parameter."""
+        params = self._parameters()
+        ids = tuple(id(p) for p in params)
+        if ids == self._indexed:
+            return
+        if len(set(ids)) != len(ids):
+            raise OptimizerError(f"{type(self).__name__}: some parameters appear more than once in param_groups"
+                                 f"{at(user_location())}; give each array to one group, once")
+        old = {i: self._parameters_by_position.get(i) for i in self.state} if self._indexed else {}
+        index, position = {}, 0
+        for g, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                index[id(p)] = (position, g)
+                position += 1
+        if old:  # positions moved: state keyed by position follows its array
+            self.state = {index[id(p)][0]: self.state[i] for i, p in old.items()
+                          if p is not None and id(p) in index}
+        self._index, self._indexed = index, ids
+        self._parameters_by_position = dict(enumerate(params))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Does nothing, so that loops ported from PyTorch run unchanged: Avalon's
@@ -243,6 +265,8 @@ class Optimizer:
             raise OptimizerError(f"{type(self).__name__}.step() needs the gradients{at(user_location())}: Avalon has "
                                  f"no loss.backward() filling p.grad; take them with `loss, grads = "
                                  f"avalon.grad(loss_fn, model, x, y)` and pass opt.step(grads[0])")
+        if self._given:
+            self._refresh_index()
         if grads is None:
             entries = self._entries_from_gradients(model, frozenset(ignore))
             if entries:
@@ -410,6 +434,7 @@ class Optimizer:
             if "initial_lr" in self.param_groups[0]:
                 hp["initial_lr"] = self.param_groups[0]["initial_lr"]
             return {"optimizer": type(self).__name__, "hyperparameters": hp, "state": state}
+        self._refresh_index()
         group_of = {index: self.param_groups[g] for index, g in self._index.values()}
         state = {key: self._torch_state(st, group_of[key]) for key, st in sorted(self.state.items())}
         groups, start = [], 0
@@ -463,6 +488,7 @@ class Optimizer:
             raise OptimizerError(f"{name}.load_state_dict: this state (PyTorch's format: state keyed by parameter "
                                  f"position) needs the parameters{at(user_location())}; create the optimizer with "
                                  f"them, {name}(model.parameters(), ...), then load it")
+        self._refresh_index()
         saved_groups = list(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
             raise OptimizerError(f"{name}.load_state_dict: the state has {len(saved_groups)} parameter groups but "
