@@ -419,6 +419,7 @@ def test_nadam_state_dict_has_torchs_mu_product_per_group():
     (lambda sd: sd["param_groups"][0].update(decoupled_weight_decay=True), "decoupled_weight_decay=True"),
     (lambda sd: sd["param_groups"][0].update(eps=-1.0), "Invalid epsilon value: -1.0"),
     (lambda sd: sd["state"][0].update(mystery=torch.zeros(1)), "unknown entry 'mystery'"),
+    (lambda sd: sd["param_groups"][0].pop("lr"), "has no 'lr'"),
 ])
 def test_a_state_that_does_not_fit_is_refused_and_changes_nothing(edit, words):
     model = Net()
@@ -436,6 +437,15 @@ def test_a_state_that_does_not_fit_is_refused_and_changes_nothing(edit, words):
     for k, st in before["state"].items():
         for n, v in st.items():
             np.testing.assert_array_equal(after["state"][k][n], v)
+
+
+def test_a_state_saved_before_an_option_existed_takes_its_default():
+    model = Net()
+    sd = _three_torch_steps(_torch_params(model))
+    del sd["param_groups"][0]["amsgrad"]  # as an older torch would have saved it
+    opt = optim.Adam(model.parameters(), lr=0.5, amsgrad=True)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["amsgrad"] is False and opt.param_groups[0]["lr"] == 0.01
 
 
 def test_a_torch_state_of_another_optimizer_is_refused():

@@ -541,10 +541,13 @@ class Optimizer:
                 raise OptimizerError(f"{name}.load_state_dict: parameter group {i} has an unknown option {k!r}"
                                      f"{at(user_location())}; {name} has {', '.join(self.hyperparameters)} "
                                      f"(was the state saved by another kind of optimizer?)")
-        missing = [k for k in self.hyperparameters if k not in opts]
-        if missing:
-            raise OptimizerError(f"{name}.load_state_dict: parameter group {i} has no {missing[0]!r}"
+        if "lr" not in opts:
+            raise OptimizerError(f"{name}.load_state_dict: parameter group {i} has no 'lr'"
                                  f"{at(user_location())}; was the state saved by another kind of optimizer?")
+        for k in self.hyperparameters:  # an option newer than the saving version: its default, as torch does
+            if k not in opts:
+                default = _default_of(type(self), k)
+                opts[k] = self.defaults[k] if default is _MISSING else default
         if "betas" in opts:
             opts["betas"] = tuple(float(b) for b in opts["betas"])
         return opts
