@@ -228,3 +228,32 @@ def test_eager_ops_compute_at_once_on_numpy_arrays():
     assert isinstance(avalon.exp(x), np.ndarray)
     np.testing.assert_allclose(avalon.softmax(x).sum(-1), np.ones(3), rtol=1e-6)
     np.testing.assert_allclose(avalon.logsumexp(x, axis=1), np.log(np.exp(x).sum(1)), rtol=1e-5)
+
+
+def test_grad_records_which_argument_each_gradient_belongs_to():
+    """avalon.tree.gradient_source(g): the object avalon.grad differentiated, so an
+    optimizer given that object's parameters can be stepped with g alone."""
+    import gc
+
+    from avalon import tree
+
+    class Model:
+        def __init__(self):
+            self.w = np.ones(3, np.float32)
+
+    model, x = Model(), np.arange(3, dtype=np.float32)
+    params = {"v": np.ones(3, np.float32)}
+    _, (g_model, g_x, g_params) = avalon.grad(lambda m, x, p: avalon.sum(m.w * x * p["v"]), model, x, params)
+    assert tree.gradient_source(g_model) is model
+    assert tree.gradient_source(g_params) is params  # a dict: held by a short ring
+    assert tree.gradient_source(g_x) is None  # an array argument's gradient is an array: nothing to record
+    assert tree.gradient_source({"v": g_params["v"]}) is None  # a structure built by hand
+    # the registry holds instances weakly: the record goes with the gradient
+    key = id(g_model)
+    del g_model
+    gc.collect()
+    assert key not in tree._sources_weak
+    # dicts older than the ring are forgotten rather than kept alive
+    for _ in range(3):
+        avalon.grad(lambda p: avalon.sum(p["v"] * p["v"]), params)
+    assert tree.gradient_source(g_params) is None

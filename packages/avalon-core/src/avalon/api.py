@@ -329,7 +329,17 @@ class GradFunction(CompiledFunction):
         outs = entry.shared.fn(*leaves)
         grads = iter(outs[1:])
         grad_leaves = [next(grads) if w else None for w in entry.wrt]
-        return outs[0], tree.unflatten(entry.in_tree, grad_leaves, static=None)
+        result = tree.unflatten(entry.in_tree, grad_leaves, static=None)
+        _record_sources(args, result)
+        return outs[0], result
+
+
+def _record_sources(args, grads) -> None:
+    """Note which argument each gradient structure belongs to (avalon.tree.gradient_source),
+    so an optimizer given the argument's parameters can be stepped with the gradient alone."""
+    for arg, g in zip(args, grads):
+        if g is not None and not tree.is_array(g):
+            tree.record_gradient_source(g, arg)
 
 
 def _leaf_owner(treedef):

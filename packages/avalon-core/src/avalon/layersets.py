@@ -1,5 +1,5 @@
 """Layer sets: what plugins put into avalon.nn, avalon.nn.functional,
-avalon.optim and the top-level avalon namespace."""
+avalon.nn.utils, avalon.optim and the top-level avalon namespace."""
 from __future__ import annotations
 
 import difflib
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from .errors import AvalonError
 
-NAMESPACES = ("nn", "functional", "optim", "toplevel")
+NAMESPACES = ("nn", "functional", "utils", "optim", "toplevel")
 
 
 @dataclass
@@ -17,6 +17,7 @@ class LayerSet:
     package: str
     nn: dict = field(default_factory=dict)
     functional: dict = field(default_factory=dict)
+    utils: dict = field(default_factory=dict)
     optim: dict = field(default_factory=dict)
     toplevel: dict = field(default_factory=dict)
 
@@ -59,8 +60,8 @@ def merged() -> dict:
 
 
 def _qual(ns, name):
-    return {"nn": "avalon.nn.", "functional": "avalon.nn.functional.", "optim": "avalon.optim.",
-            "toplevel": "avalon."}[ns] + name
+    return {"nn": "avalon.nn.", "functional": "avalon.nn.functional.", "utils": "avalon.nn.utils.",
+            "optim": "avalon.optim.", "toplevel": "avalon."}[ns] + name
 
 
 def lookup(ns: str, name: str, module_name: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
+import weakref
 
 import numpy as np
 
@@ -283,3 +284,49 @@ def describe(td) -> str:
     if isinstance(td.kind, type) and issubclass(td.kind, dict):
         return f"dict with keys {list(td.meta)}"
     return f"{getattr(td.kind, '__name__', td.kind)} of length {len(td.children)}"
+
+
+# -- which object a gradient structure is the gradient of ----------------------------------------
+#
+# avalon.grad returns, for each argument, a new structure of that argument's
+# classes holding gradients.  An optimizer given parameters at construction
+# (avalon.optim.SGD(model.parameters())) is then stepped with that structure
+# alone, opt.step(grads[0]), and must find which array each gradient belongs
+# to: grad records the argument it differentiated ("the source") here, and the
+# optimizer walks the source and the gradient in parallel.  Objects that take
+# weak references (class instances, nn.Modules) are held weakly; dicts, lists
+# and tuples cannot be, so the last few such gradient structures are kept
+# alive (with their sources) by a short ring that each new record pushes.
+
+_SOURCE_RING = 2
+_sources_weak: dict = {}    # id(grad) -> (weakref to grad, weakref or strong ref to the source)
+_sources_ring: list = []    # (grad, source) for gradients that take no weak reference
+
+
+def record_gradient_source(grad, source) -> None:
+    """Record that `grad` (a structure returned by avalon.grad) is the gradient of `source`."""
+    try:
+        source_ref = weakref.ref(source)
+    except TypeError:
+        source_ref = lambda source=source: source  # noqa: E731  (a dict or list model: held strongly)
+    key = id(grad)
+    try:
+        grad_ref = weakref.ref(grad, lambda _, key=key: _sources_weak.pop(key, None))
+    except TypeError:
+        _sources_ring.append((grad, source_ref))
+        del _sources_ring[:-_SOURCE_RING]
+        return
+    _sources_weak[key] = (grad_ref, source_ref)
+
+
+def gradient_source(grad):
+    """The object `grad` is the gradient of (the argument avalon.grad
+    differentiated), or None when grad was not returned by avalon.grad (or is
+    a dict, list or tuple gradient older than the last two recorded)."""
+    entry = _sources_weak.get(id(grad))
+    if entry is not None and entry[0]() is grad:
+        return entry[1]()
+    for g, source_ref in reversed(_sources_ring):
+        if g is grad:
+            return source_ref()
+    return None

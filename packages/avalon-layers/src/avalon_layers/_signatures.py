@@ -27,8 +27,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOT = PACKAGE_ROOT / "tests" / "stable_signatures.json"
 CHANGELOG = PACKAGE_ROOT / "CHANGELOG.md"
 
-_PREFIX = {"nn": "avalon.nn.", "functional": "avalon.nn.functional.", "optim": "avalon.optim.",
-           "toplevel": "avalon."}
+_PREFIX = registry.PREFIXES
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # default values printed with their id change every run
 
 

@@ -8,5 +8,5 @@ def avalon_layer_sets():
     from . import registry
     from . import _load_all  # noqa: F401  (importing the modules fills the registry)
     return [LayerSet("avalon-layers", "avalon-layers", nn=dict(registry.EXPORTS["nn"]),
-                     functional=dict(registry.EXPORTS["functional"]), optim=dict(registry.EXPORTS["optim"]),
-                     toplevel=dict(registry.EXPORTS["toplevel"]))]
+                     functional=dict(registry.EXPORTS["functional"]), utils=dict(registry.EXPORTS["utils"]),
+                     optim=dict(registry.EXPORTS["optim"]), toplevel=dict(registry.EXPORTS["toplevel"]))]

@@ -12,8 +12,11 @@ import functools
 import inspect
 import warnings
 
-NAMESPACES = ("nn", "functional", "optim", "toplevel")
+NAMESPACES = ("nn", "functional", "utils", "optim", "toplevel")
 STABLE, EXPERIMENTAL = "stable", "experimental"
+#: namespace -> the qualified prefix of its symbols
+PREFIXES = {"nn": "avalon.nn.", "functional": "avalon.nn.functional.", "utils": "avalon.nn.utils.",
+            "optim": "avalon.optim.", "toplevel": "avalon."}
 
 #: component -> level, as in Avalon.jl's README
 COMPONENTS = {
@@ -84,8 +87,7 @@ def export(namespace: str, component: str, name: str | None = None, level: str |
 
     def decorate(obj):
         public = name or obj.__name__
-        qual = {"nn": "avalon.nn.", "functional": "avalon.nn.functional.", "optim": "avalon.optim.",
-                "toplevel": "avalon."}[namespace] + public
+        qual = PREFIXES[namespace] + public
         if level == EXPERIMENTAL:
             obj = _wrap_experimental(obj, qual, component)
         obj.__avalon_stability__ = level
@@ -107,10 +109,8 @@ def alias(namespace: str, new: str, existing: str) -> None:
 
 def stability() -> dict:
     """{"components": {component: level}, "symbols": {qualified name: (component, level)}}."""
-    prefix = {"nn": "avalon.nn.", "functional": "avalon.nn.functional.", "optim": "avalon.optim.",
-              "toplevel": "avalon."}
     return {"components": dict(COMPONENTS),
-            "symbols": {prefix[ns] + n: v for (ns, n), v in sorted(LEVELS.items())}}
+            "symbols": {PREFIXES[ns] + n: v for (ns, n), v in sorted(LEVELS.items())}}
 
 
 export("toplevel", "Stability API")(stability)
