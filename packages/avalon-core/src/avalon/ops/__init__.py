@@ -11,9 +11,27 @@ from .linalg import linear, matmul  # noqa: F401
 from .random import dropout, random_normal, random_uniform  # noqa: F401
 from .indexing import *  # noqa: F401,F403
 from .nn import *  # noqa: F401,F403
+# sorting, scans, norms, flips and triangles (NumPy's signatures; topk as torch's)
+from .sort_scan import argsort, cumprod, cumsum, sort, topk  # noqa: F401
+from .reduce import all, any, norm, std  # noqa: F401,A004
+from .shape import flip, roll, tril, triu  # noqa: F401
 
 import types as _types
 
 # the public ops only (not the submodules they live in)
 __all__ = [_n for _n, _v in list(globals().items())
            if not _n.startswith("_") and not isinstance(_v, _types.ModuleType)]
+
+
+def _with_numpy_keywords():
+    """Every public op, called as avalon.<op>, raises ArgumentError naming the
+    user's line and NumPy's spelling for a keyword it does not take
+    (avalon.sum(x, dim=1) -> axis=), instead of a bare TypeError."""
+    from ._keywords import numpy_keywords
+    for name in __all__:
+        fn = globals()[name]
+        if isinstance(fn, _types.FunctionType) and fn.__module__.startswith(__name__ + "."):
+            globals()[name] = numpy_keywords(fn)
+
+
+_with_numpy_keywords()
