@@ -193,10 +193,11 @@ def _dot(a, b, out=None):
     matmul computes.  np.dot of a 3-d (or higher) b sums over b's second-to-last
     axis with a different result layout than matmul: refused, not approximated."""
     reject_options("dot", out=out)
-    if not np.shape(a) or not np.shape(b):
+    a_nd, b_nd = (len(getattr(v, "shape", ())) for v in (a, b))   # (np.ndim would dispatch back here)
+    if not a_nd or not b_nd:
         return ops.mul(a, b)
-    if len(np.shape(b)) > 2:
-        raise ShapeError(f"np.dot with a {len(np.shape(b))}-d second operand is not supported on traced arrays"
+    if b_nd > 2:
+        raise ShapeError(f"np.dot with a {b_nd}-d second operand is not supported on traced arrays"
                          f"{at(user_location())}; use a @ b (np.matmul), whose batch layout differs")
     return ops.matmul(a, b)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 
-from ..errors import ArgumentError, at, user_location
+from ..errors import ArgumentError, AvalonError, at, user_location
 
 #: keywords of other libraries (mostly PyTorch) -> what to write instead
 SPELLINGS = {
@@ -72,7 +72,9 @@ _OPTIONS = {"out": "out= (traced arrays are immutable: use the returned array)",
 
 def numpy_keywords(fn):
     """`fn` (an op without **kwargs), raising ArgumentError with a NumPy hint
-    for an unknown keyword; a function with **kwargs is returned unchanged."""
+    for an unknown keyword, and naming the user's line in every AvalonError
+    it raises (the errors of composites, raised before any bind, too); a
+    function with **kwargs is returned unchanged."""
     params = inspect.signature(fn).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return fn
@@ -82,10 +84,37 @@ def numpy_keywords(fn):
     # the keywords after the array (the first parameter), for the message
     listed = accepted[1:] if accepted else ()
 
+    array_first = bool(accepted) and accepted[0] == "x"   # the op's first parameter is an array
+
     @functools.wraps(fn)
     def call(*args, **kwargs):
         if kwargs and not taken.issuperset(kwargs):
             raise unknown_keywords(fn.__name__, set(kwargs) - taken, listed) from None
-        return fn(*args, **kwargs)
+        if array_first and args and type(args[0]) in (list, tuple):
+            raise _sequence_error(fn.__name__, args[0]) from None
+        try:
+            return fn(*args, **kwargs)
+        except AvalonError as e:
+            located = _located(e)
+            if located is None:
+                raise
+            raise located from None
     call.__numpy_keywords__ = True
     return call
+
+
+def _sequence_error(opname, value):
+    from ..tree import ForeignArrayError, conversion_hint
+    return ForeignArrayError(f"{opname}: x is a Python {type(value).__name__}, not an array"
+                             f"{at(user_location())}; {conversion_hint(value)}")
+
+
+def _located(error):
+    """`error` again with the user's line, or None when it names one already."""
+    loc = user_location()
+    if not loc or "(at " in str(error):
+        return None
+    try:
+        return type(error)(f"{error}{at(loc)}")
+    except TypeError:   # an error class with a constructor of its own
+        return None

@@ -251,7 +251,7 @@ def flip(x, axis=None):
 
 def _shifts_and_axes(shift, axes):
     """shift and axis broadcast against each other, as in np.roll."""
-    shifts = (shift,) if isinstance(shift, (int, np.integer)) else tuple(shift)
+    shifts = tuple(shift) if isinstance(shift, (tuple, list)) else (shift,)
     if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in shifts):
         raise ShapeError(f"roll: shift={shift!r} must be an integer or a tuple of integers (static values)")
     if len(shifts) == 1:
