@@ -27,11 +27,15 @@ def _with_numpy_keywords():
     """Every public op, called as avalon.<op>, raises ArgumentError naming the
     user's line and NumPy's spelling for a keyword it does not take
     (avalon.sum(x, dim=1) -> axis=), instead of a bare TypeError."""
+    import sys
     from ._keywords import numpy_keywords
     for name in __all__:
         fn = globals()[name]
         if isinstance(fn, _types.FunctionType) and fn.__module__.startswith(__name__ + "."):
-            globals()[name] = numpy_keywords(fn)
+            wrapped = globals()[name] = numpy_keywords(fn)
+            home = sys.modules[fn.__module__]
+            if getattr(home, name, None) is fn:   # one object: avalon.sum is avalon.ops.reduce.sum
+                setattr(home, name, wrapped)
 
 
 _with_numpy_keywords()
