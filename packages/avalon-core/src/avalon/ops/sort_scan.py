@@ -4,10 +4,11 @@ scans cumsum and cumprod, and argsort with sort and topk built on it.
 Primitives (one registration block each): `cumsum` (its VJP is the reversed
 cumsum, an attribute of the same primitive), `cumprod` with the backward helper
 `cumprod_grad` (exact also where the input holds zeros, as torch: no division
-by the input), and `argsort` (a stable sort, so ties keep their order; the
-descending order used by topk keeps ties in order too).  sort and topk gather
-with take_along_axis at argsort's indices, so their gradients flow to the
-positions the values came from.  Each shards along any axis but its own.
+by the input), and `argsort` (the first k indices of a stable sort, so ties
+keep their order; the descending order used by topk keeps ties in order too).
+sort and topk gather with take_along_axis at argsort's indices, so their
+gradients flow to the positions the values came from.  Each shards along any
+axis but its own.
 """
 from __future__ import annotations
 
@@ -117,20 +118,31 @@ cumprod_grad_p = defprim("cumprod_grad", shape=_cumprod_grad_rule, impl=_cumprod
 
 # -- argsort ---------------------------------------------------------------------------------
 
-def _argsort_impl(xp, x, *, axis, descending):
+def _argsort_rule(x, *, axis, descending, k):
+    shape, _ = _same_shape_rule("argsort")(x, axis=axis)
+    if not 0 <= k <= shape[axis]:
+        raise ShapeError(f"argsort: k={k} is out of range for an axis of size {shape[axis]}")
+    return shape[:axis] + (k,) + shape[axis + 1:], np.dtype(np.int64)
+
+
+def _argsort_impl(xp, x, *, axis, descending, k):
     if not descending:
-        return xp.argsort(x, axis=axis, kind="stable")
-    # Descending and stable: sort the reversed axis ascending, reverse the order
-    # back and map positions (flipping an ascending argsort would reverse ties).
-    # NaN, last in ascending order, comes first: the largest, as in torch.topk.
-    order = xp.flip(xp.argsort(xp.flip(x, axis), axis=axis, kind="stable"), axis)
-    return (x.shape[axis] - 1) - order
+        order = xp.argsort(x, axis=axis, kind="stable")
+    else:
+        # Descending and stable: sort the reversed axis ascending, reverse the
+        # order back and map positions (flipping an ascending argsort would
+        # reverse ties).  NaN, last in ascending order, comes first: the
+        # largest, as in torch.topk.
+        order = (x.shape[axis] - 1) - xp.flip(xp.argsort(xp.flip(x, axis), axis=axis, kind="stable"), axis)
+    if k == x.shape[axis]:
+        return order
+    return order[(slice(None),) * axis + (slice(0, k),)]
 
 
-argsort_p = defprim("argsort", shape=_same_shape_rule("argsort", lambda dt: np.dtype(np.int64)),
-                    impl=_argsort_impl, nondiff=True, sharding=_along_axis_sharding(linear=False),
-                    doc="Indices that sort `axis` (stable: equal values keep their order), ascending or "
-                        "descending.")
+argsort_p = defprim("argsort", shape=_argsort_rule, impl=_argsort_impl, nondiff=True,
+                    sharding=_along_axis_sharding(linear=False),
+                    doc="The first k of the indices that sort `axis` (stable: equal values keep their order), "
+                        "ascending or descending.")
 
 
 # -- public functions ---------------------------------------------------------------
@@ -184,7 +196,7 @@ def argsort(x, axis=-1, kind=None, order=None, *, stable=None):
     reject_options("argsort", order=order)
     _check_kind("argsort", kind, stable)
     x, axis = _axis_of("argsort", x, axis)
-    return bind(argsort_p, (x,), {"axis": axis, "descending": False})
+    return bind(argsort_p, (x,), {"axis": axis, "descending": False, "k": x.shape[axis]})
 
 
 def sort(x, axis=-1, kind=None, order=None, *, stable=None):
@@ -195,7 +207,8 @@ def sort(x, axis=-1, kind=None, order=None, *, stable=None):
     reject_options("sort", order=order)
     _check_kind("sort", kind, stable)
     x, axis = _axis_of("sort", x, axis)
-    return take_along_axis(x, bind(argsort_p, (x,), {"axis": axis, "descending": False}), axis)
+    order = bind(argsort_p, (x,), {"axis": axis, "descending": False, "k": x.shape[axis]})
+    return take_along_axis(x, order, axis)
 
 
 TopK = namedtuple("TopK", ["values", "indices"])
@@ -206,12 +219,11 @@ def topk(x, k, axis=-1, largest=True, sorted=True):  # noqa: A002 - torch's name
     entries along `axis` and their indices, as TopK(values, indices).  The
     result is always sorted (largest first, or smallest first); equal values
     keep their order (torch leaves it unspecified).  NaN counts as the largest."""
-    from .indexing import getitem, take_along_axis
+    from .indexing import take_along_axis
     x, axis = _axis_of("topk", x, axis)
     n = x.shape[axis]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= int(k) <= n:
         raise ShapeError(f"topk: k={k!r} must be an integer in [0, {n}] for an axis of size {n} "
                          f"(array of shape {tuple(x.shape)})")
-    order = bind(argsort_p, (x,), {"axis": axis, "descending": bool(largest)})
-    idx = getitem(order, (slice(None),) * axis + (slice(0, int(k)),))
+    idx = bind(argsort_p, (x,), {"axis": axis, "descending": bool(largest), "k": int(k)})
     return TopK(take_along_axis(x, idx, axis), idx)
