@@ -29,10 +29,11 @@ def _with_numpy_keywords():
     (avalon.sum(x, dim=1) -> axis=), instead of a bare TypeError."""
     import sys
     from ._keywords import numpy_keywords
+    made = {}   # one wrapper per function: aliases (maxpool2d = max_pool2d) stay one object
     for name in __all__:
         fn = globals()[name]
         if isinstance(fn, _types.FunctionType) and fn.__module__.startswith(__name__ + "."):
-            wrapped = globals()[name] = numpy_keywords(fn)
+            wrapped = globals()[name] = made.setdefault(fn, numpy_keywords(fn))
             home = sys.modules[fn.__module__]
             if getattr(home, name, None) is fn:   # one object: avalon.sum is avalon.ops.reduce.sum
                 setattr(home, name, wrapped)
