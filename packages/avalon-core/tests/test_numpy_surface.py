@@ -50,7 +50,7 @@ TRACED_KEYWORDS = [
     ("all_keepdim", lambda a: (a > 0).all(0, keepdim=True), "keepdim= -> keepdims="),
     ("argsort_descending", lambda a: a.argsort(descending=True), "descending="),
     ("squeeze_dim", lambda a: a.reshape(1, 12).squeeze(dim=0), "dim= -> axis="),
-    ("reshape_keyword", lambda a: a.reshape(12, dim=0), "dim= -> axis="),
+    ("reshape_keyword", lambda a: a.reshape(12, dim=0), "unexpected keyword argument 'dim'"),
     ("clip_lo", lambda a: a.clip(lo=0.0), "lo"),
     ("astype_kw", lambda a: a.astype(np.float64, device="cpu"), "device"),
     # avalon ops inside a trace
@@ -100,6 +100,8 @@ EAGER_KEYWORDS = [
     ("flip", lambda: avalon.flip(X, dims=(0,)), "dims= -> axis="),
     ("any", lambda: avalon.any(X, dim=0), "dim= -> axis="),
     ("all", lambda: avalon.all(X, out=None), "out="),
+    # no axis= to suggest: the keywords the op takes instead
+    ("flatten", lambda: avalon.flatten(X, dim=1), "(keywords taken: start_dim, end_dim)"),
 ]
 
 

@@ -21,7 +21,8 @@ SPELLINGS = {
     "keepdim": "keepdims=",
     "input": "the array as the first positional argument",
     "unbiased": "ddof= (ddof=1 for the unbiased estimate)",
-    "descending": "largest= in avalon.topk, or flip the sorted result (np.flip(np.sort(x, axis), axis))",
+    "descending": "flip the sorted result (np.flip(np.sort(x, axis), axis)), or avalon.topk(x, k, axis, "
+                  "largest=True)",
     "p": "ord=",
     "diagonal": "k=",
     "shifts": "shift=",
@@ -30,15 +31,21 @@ SPELLINGS = {
 }
 
 
-def _hint(name: str) -> str:
+def _hint(name: str, accepted) -> str | None:
+    """'dim= -> axis=' when the op takes axis= (or its keywords are not known)."""
     spelling = SPELLINGS.get(name)
-    return f"{name}= -> {spelling}" if spelling else None
+    if not spelling:
+        return None
+    keyword = spelling.partition("=")[0]
+    if keyword.isidentifier() and accepted and keyword not in accepted:
+        return None
+    return f"{name}= -> {spelling}"
 
 
 def unknown_keywords(opname: str, names, accepted=()) -> ArgumentError:
     """The error for keywords `names` that `opname` does not take."""
     names = sorted(names)
-    hints = [h for h in map(_hint, names) if h]
+    hints = [h for h in (_hint(n, accepted) for n in names) if h]
     text = (f"{opname}() got an unexpected keyword argument{'s' if len(names) > 1 else ''} "
             f"{', '.join(repr(n) for n in names)}{at(user_location())}")
     if hints:
