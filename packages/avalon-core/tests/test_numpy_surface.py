@@ -327,6 +327,13 @@ def test_a_nested_list_of_numbers_given_to_grad_is_named_with_its_path():
     assert "args[1]['y'] is a list of 2 Python sequences" in notes, notes
 
 
+def test_a_tuple_of_ints_is_taken_for_a_shape_not_for_data():
+    with pytest.raises(AttributeError) as err:
+        avalon.jit(lambda x, shape, scale: x.reshape(shape).view(3, 4) * scale[0])(X, (4, 3), (0.5,))
+    notes = " ".join(getattr(err.value, "__notes__", []))
+    assert "args[1]" not in notes and "args[2] is a tuple of 1 Python number" in notes, notes
+
+
 def test_grad_of_a_list_of_numbers_names_the_argument():
     with pytest.raises(AvalonError, match=r"nothing to differentiate.*\(args\[0\] is a list of 3 Python numbers\)"):
         avalon.grad(lambda xs, y: sum(v * v for v in xs) + y.sum(), [1.0, 2.0, 3.0], X, argnums=0)

@@ -267,12 +267,19 @@ def _paths(td, prefix, out, arrays):
 
 
 def number_sequences(treedef, prefix: str = "args") -> list[tuple[str, str]]:
-    """(path, description) of each list or tuple of Python numbers (nested or
-    not) in a structure: static values to jit and grad, not arrays, though
-    often meant as data ("args[0] is a list of 3 Python numbers")."""
+    """(path, description) of each list of Python numbers (nested or not), and
+    of each tuple holding a float, in a structure: static values to jit and
+    grad, not arrays, though often meant as data ("args[0] is a list of 3
+    Python numbers").  Tuples of ints (shapes, strides) are left out."""
     out: list = []
     _number_sequences(treedef, prefix, out)
     return out
+
+
+def _has_float(td) -> bool:
+    if isinstance(td, Static):
+        return isinstance(td.value, float)
+    return any(_has_float(c) for c in td.children)
 
 
 def _all_numbers(td) -> bool:
@@ -285,9 +292,10 @@ def _all_numbers(td) -> bool:
 def _number_sequences(td, prefix, out):
     if not isinstance(td, TreeDef):
         return
-    if td.kind in (list, tuple) and _all_numbers(td):
-        out.append((prefix, f"a {td.kind.__name__} of {len(td.children)} Python "
-                            f"{'numbers' if all(isinstance(c, Static) for c in td.children) else 'sequences'}"))
+    if td.kind in (list, tuple) and _all_numbers(td) and (td.kind is list or _has_float(td)):
+        what = "number" if all(isinstance(c, Static) for c in td.children) else "sequence"
+        n = len(td.children)
+        out.append((prefix, f"a {td.kind.__name__} of {n} Python {what}{'s' if n > 1 else ''}"))
         return
     if td.kind == "obj":
         named = [f".{f}" for f in td.meta[1]]
