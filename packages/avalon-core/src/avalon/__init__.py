@@ -20,8 +20,9 @@ from .api import (CompiledFunction, GradFunction, JitFunction, compile_graph, gr
 from .backends import (Backend, Device, backends, best_available_device, device, manual_seed,  # noqa: F401
                        to_device)
 from .anomaly import AnomalyError, detect_anomaly  # noqa: F401
-from .errors import (AvalonError, ConcretizationError, DeviceError, DtypeError, GraphError,  # noqa: F401
-                     LabelError, MissingRuleError, OutOfMemoryError, ShapeError)
+from .errors import (ArgumentError, AvalonError, ConcretizationError, DeviceError, DtypeError,  # noqa: F401
+                     GraphError, LabelError, MissingRuleError, OutOfMemoryError, ShapeError,
+                     TracerAttributeError)
 from .graph import Graph, Node  # noqa: F401
 from .plugins import hookimpl, plugin_errors  # noqa: F401
 from .profiler import profile  # noqa: F401

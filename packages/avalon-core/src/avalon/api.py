@@ -52,7 +52,11 @@ def _trace(f, leaves, treedef, name) -> Graph:
     paths = tree.leaf_paths(treedef, "args")
     with tracing(g):
         tracers = [Tracer(g, g.add_input(np.shape(x), x.dtype, p)) for x, p in zip(leaves, paths)]
-        out = f(*tree.unflatten(treedef, tracers))
+        try:
+            out = f(*tree.unflatten(treedef, tracers))
+        except Exception as e:
+            _note_number_sequences(e, treedef)
+            raise
         out_leaves, out_tree = tree.flatten(out, is_leaf=lambda x: isinstance(x, Tracer))
         outs = []
         for x in out_leaves:
@@ -65,6 +69,15 @@ def _trace(f, leaves, treedef, name) -> Graph:
     g.outputs = outs
     g.in_tree, g.out_tree = treedef, out_tree
     return g
+
+
+def _note_number_sequences(error, treedef):
+    """A traced function that failed on a list of numbers passed as data: say
+    which argument it was and how to make it an array (a note on the error,
+    whose type and message stay the function's own)."""
+    for path, what in _arg_sequences(treedef):
+        error.add_note(f"avalon: {path} is {what}, which jit and grad pass through as a static value, not as an "
+                       "array; if it is data, convert it with np.asarray(values, dtype=np.float32) before the call")
 
 
 def _safe_name(name):
@@ -313,7 +326,8 @@ class GradFunction(CompiledFunction):
                for k, x in enumerate(leaves)]
         if not any(wrt):
             raise AvalonError(f"grad: nothing to differentiate{at(user_location())}: "
-                              f"{self._differentiable_args_text(treedef)} holds no floating-point array. "
+                              f"{self._differentiable_args_text(treedef)} holds no floating-point array"
+                              f"{_sequences_text(treedef)}. "
                               "Gradients are taken with respect to NumPy (or backend) float arrays; "
                               "Python numbers and lists are constants: pass np.asarray(x, dtype=np.float32).")
         check_scalar_output(graph, self.__name__)
@@ -340,6 +354,17 @@ def _record_sources(args, grads) -> None:
     for arg, g in zip(args, grads):
         if g is not None and not tree.is_array(g):
             tree.record_gradient_source(g, arg)
+
+
+def _arg_sequences(treedef):
+    """The lists of numbers among the arguments (treedef: of the args tuple)."""
+    return [found for k, child in enumerate(treedef.children)
+            for found in tree.number_sequences(child, f"args[{k}]")]
+
+
+def _sequences_text(treedef):
+    found = _arg_sequences(treedef)
+    return " (" + "; ".join(f"{path} is {what}" for path, what in found) + ")" if found else ""
 
 
 def _leaf_owner(treedef):

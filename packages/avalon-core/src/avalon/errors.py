@@ -41,6 +41,17 @@ class OutOfMemoryError(AvalonError, MemoryError):
     """A compiled function's buffers (or a value) do not fit in the device's memory."""
 
 
+class ArgumentError(AvalonError, TypeError):
+    """A call with an argument Avalon does not take: an unknown keyword (often a
+    PyTorch spelling such as dim= for NumPy's axis=), or a NumPy option Avalon
+    does not support (out=, where=).  The message names the accepted spelling."""
+
+
+class TracerAttributeError(AvalonError, AttributeError):
+    """An attribute a traced array does not have, often a PyTorch tensor method
+    (x.view, x.unsqueeze); the message names the NumPy or Avalon spelling."""
+
+
 #: the engine and library packages.  Model code in the others (avalon_zoo's
 #: models, avalon_bench's steps) is where graph nodes are attributed (the
 #: profile's line column), while errors and warnings point past every Avalon

@@ -267,6 +267,47 @@ def _paths(td, prefix, out, arrays):
             _paths(c, f"{prefix}[{i}]", out, arrays)
 
 
+def number_sequences(treedef, prefix: str = "args") -> list[tuple[str, str]]:
+    """(path, description) of each list of Python numbers (nested or not), and
+    of each tuple holding a float, in a structure: static values to jit and
+    grad, not arrays, though often meant as data ("args[0] is a list of 3
+    Python numbers").  Tuples of ints (shapes, strides) are left out."""
+    out: list = []
+    _number_sequences(treedef, prefix, out)
+    return out
+
+
+def _has_float(td) -> bool:
+    if isinstance(td, Static):
+        return isinstance(td.value, float)
+    return any(_has_float(c) for c in td.children)
+
+
+def _all_numbers(td) -> bool:
+    if isinstance(td, Static):
+        return isinstance(td.value, (int, float)) and not isinstance(td.value, bool)
+    return isinstance(td, TreeDef) and td.kind in (list, tuple) and bool(td.children) and \
+        all(_all_numbers(c) for c in td.children)
+
+
+def _number_sequences(td, prefix, out):
+    if not isinstance(td, TreeDef):
+        return
+    if td.kind in (list, tuple) and _all_numbers(td) and (td.kind is list or _has_float(td)):
+        what = "number" if all(isinstance(c, Static) for c in td.children) else "sequence"
+        n = len(td.children)
+        out.append((prefix, f"a {td.kind.__name__} of {n} Python {what}{'s' if n > 1 else ''}"))
+        return
+    if td.kind == "obj":
+        named = [f".{f}" for f in td.meta[1]]
+    elif isinstance(td.kind, type) and issubclass(td.kind, dict):
+        named = [f"[{k!r}]" for k in td.meta]
+    else:
+        named = [f"[{i}]" for i in range(len(td.children))]
+    for name, c in zip(named, td.children):
+        _number_sequences(c, prefix + name, out)
+
+
 def tree_map(fn, obj, is_leaf=None):
     """Apply fn to every array leaf of obj and rebuild the structure."""
     leaves, td = flatten(obj, is_leaf)

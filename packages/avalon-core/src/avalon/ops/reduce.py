@@ -165,11 +165,27 @@ def mean(x, axis=None, keepdims=False):
     return div(s, float(n)) if n != 1 else s
 
 
-def var(x, axis=None, keepdims=False, correction=0):
+def var(x, axis=None, keepdims=False, correction=None, *, ddof=None, dtype=None):
+    """np.var: the mean squared deviation from the mean over `axis`, divided by
+    N - ddof (ddof=1: the unbiased estimate, torch's default).  correction= is
+    NumPy 2's (and torch's) name for ddof; give one of them.  dtype= casts x
+    first; integer input gives float32 (as avalon.mean)."""
+    ddof = _ddof("var", ddof, correction)
+    if dtype is not None:
+        x = cast(x, dtype)
     axes = normalize_axes("var", axis, len(x.shape))
     n = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
     d = sub(x, mean(x, axes, keepdims=True))
-    return div(sum(mul(d, d), axes, keepdims), float(n - correction))
+    return div(sum(mul(d, d), axes, keepdims), float(n - ddof))
+
+
+def _ddof(opname, ddof, correction):
+    if ddof is not None and correction is not None:
+        from ..errors import ArgumentError, at, user_location
+        raise ArgumentError(f"{opname}: give ddof= or correction= (the same thing), not both"
+                            f"{at(user_location())}")
+    value = ddof if ddof is not None else (correction if correction is not None else 0)
+    return float(value) if not float(value).is_integer() else int(value)
 
 
 def _logsumexp_shift(x, axes):
@@ -211,3 +227,109 @@ def sum_to(x, shape):
                                        if s == 1 and x.shape[lead + i] != 1)
     r = bind(sum_p, (x,), {"axes": axes, "keepdims": True}) if axes else x
     return reshape(r, shape)
+
+
+# -- std, norm, any, all (composites) ---------------------------------------------------
+
+def std(x, axis=None, keepdims=False, correction=None, *, ddof=None, dtype=None):
+    """np.std: the square root of var (same arguments).  As in torch, its
+    gradient is nan where the deviation is zero."""
+    from .elementwise import sqrt
+    return sqrt(var(x, axis, keepdims, correction, ddof=ddof, dtype=dtype))
+
+
+def _sqrt_zero_safe(s):
+    """sqrt(s) for s >= 0 whose gradient is 0 at s == 0 (as torch's norms), not
+    inf * 0 = nan; the value is exactly sqrt(s)."""
+    from .elementwise import sqrt
+    zero = eq(s, 0.0)
+    return where(zero, 0.0, sqrt(where(zero, 1.0, s)))
+
+
+def _root_zero_safe(s, p):
+    """s ** (1/p) for s >= 0, with gradient 0 at s == 0 (p-norms of a zero vector)."""
+    from .elementwise import pow
+    zero = eq(s, 0.0)
+    return where(zero, 0.0, pow(where(zero, 1.0, s), 1.0 / p))
+
+
+def _vector_norm(x, ord, axis, keepdims):
+    from .elementwise import ne, pow
+    if ord is None or ord == 2:
+        return _sqrt_zero_safe(sum(mul(x, x), axis, keepdims))
+    if ord == np.inf:
+        return max(abs(x), axis, keepdims)
+    if ord == -np.inf:
+        return min(abs(x), axis, keepdims)
+    if ord == 0:
+        return sum(cast(ne(x, 0.0), x.dtype), axis, keepdims)
+    if ord == 1:
+        return sum(abs(x), axis, keepdims)
+    return _root_zero_safe(sum(pow(abs(x), float(ord)), axis, keepdims), float(ord))
+
+
+def _matrix_norm(x, ord, row, col, keepdims):
+    from ..errors import MissingRuleError, at, user_location
+    if ord is None or ord == "fro":
+        r = _sqrt_zero_safe(sum(mul(x, x), (row, col)))
+    elif ord in (1, -1):          # the largest (smallest) column sum of |x|
+        r = (max if ord == 1 else min)(sum(abs(x), row), col - (col > row))
+    elif ord in (np.inf, -np.inf):   # the largest (smallest) row sum of |x|
+        r = (max if ord == np.inf else min)(sum(abs(x), col), row - (row > col))
+    elif ord in (2, -2, "nuc"):
+        raise MissingRuleError(f"norm: ord={ord!r} needs the singular values of the matrix (an SVD), which "
+                               f"Avalon does not compute{at(user_location())}; use ord='fro', 1, -1, inf or "
+                               "-inf, or compute it outside the traced function")
+    else:
+        from ..errors import ArgumentError
+        raise ArgumentError(f"norm: ord={ord!r} is not a matrix norm order (None, 'fro', 'nuc', 1, -1, 2, -2, "
+                            f"inf, -inf){at(user_location())}")
+    if keepdims:
+        r = reshape(r, tuple(1 if d in (row, col) else n for d, n in enumerate(x.shape)))
+    return r
+
+
+def norm(x, ord=None, axis=None, keepdims=False):
+    """np.linalg.norm: with axis=None and ord=None, the 2-norm of x flattened;
+    otherwise a vector norm over one axis (ord None/2, 1, inf, -inf, 0 counts
+    nonzeros, any other p: sum(|x|**p)**(1/p)) or a matrix norm over two
+    (axis=(row, col): None/'fro', 1, -1, inf, -inf; 2, -2 and 'nuc' need an SVD
+    and raise).  Integer input gives float32.  The gradient at a zero vector is
+    0 (as torch's)."""
+    from ..errors import ArgumentError, ShapeError, at, user_location
+    if np.dtype(x.dtype).kind not in "fc":
+        x = cast(x, np.float32)
+    nd = len(x.shape)
+    if axis is None:
+        if ord is None:
+            r = _sqrt_zero_safe(sum(mul(x, x)))
+            return reshape(r, (1,) * nd) if keepdims else r
+        if nd not in (1, 2):
+            raise ShapeError(f"norm: ord={ord!r} with axis=None needs a 1-d or 2-d array, got shape "
+                             f"{tuple(x.shape)}{at(user_location())}; pass axis=")
+        axis = tuple(range(nd))
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    for a in axes:
+        normalize_axes("norm", a, nd)   # (raises for an axis out of range)
+    axes = tuple(int(a) % nd for a in axes)
+    if len(axes) == 1:
+        if isinstance(ord, str):
+            raise ArgumentError(f"norm: ord={ord!r} is a matrix norm; a vector norm takes a number"
+                                f"{at(user_location())}")
+        return _vector_norm(x, ord, axes[0], keepdims)
+    if len(axes) == 2 and axes[0] != axes[1]:
+        return _matrix_norm(x, ord, axes[0], axes[1], keepdims)
+    raise ShapeError(f"norm: axis={axis!r} must be one axis or two different axes{at(user_location())}")
+
+
+def any(x, axis=None, keepdims=False):  # noqa: A001
+    """np.any: whether some element over `axis` is nonzero (True, or NaN); a bool
+    array, with no gradient.  Over no elements: False."""
+    from .elementwise import gt, ne
+    return gt(sum(ne(x, 0), axis, keepdims), 0)
+
+
+def all(x, axis=None, keepdims=False):  # noqa: A001
+    """np.all: whether every element over `axis` is nonzero; a bool array, with
+    no gradient.  Over no elements: True."""
+    return eq(sum(eq(x, 0), axis, keepdims), 0)

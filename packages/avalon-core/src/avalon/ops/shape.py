@@ -377,3 +377,80 @@ def arange(start, stop=None, step=None, dtype=None, *, like=None):
         return values
     from ..backends import backend_of
     return backend_of(like).asarray(values)
+# -- flip, roll, tril, triu (composites) ------------------------------------------------
+
+def flip(x, axis=None):
+    """np.flip: x with the order of `axis` (None: every axis; or a tuple) reversed,
+    a view (getitem with step -1)."""
+    from .indexing import getitem
+    nd = len(x.shape)
+    axes = tuple(range(nd)) if axis is None else normalize_axes("flip", axis, nd)
+    if not axes:
+        return x
+    return getitem(x, tuple(slice(None, None, -1) if d in axes else slice(None) for d in range(nd)))
+
+
+def _shifts_and_axes(shift, axes):
+    """shift and axis broadcast against each other, as in np.roll."""
+    shifts = tuple(shift) if isinstance(shift, (tuple, list)) else (shift,)
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in shifts):
+        raise ShapeError(f"roll: shift={shift!r} must be an integer or a tuple of integers (static values)")
+    if len(shifts) == 1:
+        shifts = shifts * len(axes)
+    elif len(axes) == 1:
+        axes = axes * len(shifts)
+    if len(shifts) != len(axes):
+        raise ShapeError(f"roll: shift={shift!r} and axis={axes!r} must have the same length (or one be a "
+                         "scalar)")
+    return shifts, axes
+
+
+def roll(x, shift, axis=None):
+    """np.roll: entries shifted by `shift` along `axis`, those pushed off the end
+    coming back at the start (axis=None: of the flattened array, then reshaped;
+    shift and axis may be tuples, several shifts of one axis add up)."""
+    from .indexing import concatenate, getitem
+    if axis is None:
+        return reshape(roll(reshape(x, (-1,)), shift, 0), tuple(x.shape))
+    nd = len(x.shape)
+    shifts, axes = _shifts_and_axes(shift, (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis))
+    total = {}
+    for a, s in zip(axes, shifts):
+        (a,) = normalize_axes("roll", a, nd)
+        total[a] = total.get(a, 0) + int(s)
+    for a, s in sorted(total.items()):
+        n = x.shape[a]
+        s = s % n if n else 0
+        if s:
+            cut = (slice(None),) * a
+            x = concatenate([getitem(x, cut + (slice(n - s, n),)), getitem(x, cut + (slice(0, n - s),))], axis=a)
+    return x
+
+
+def _triangle(opname, x, k, lower):
+    from .elementwise import where
+    from .indexing import _on_backend_of
+    from ..primitive import Tracer
+    if len(x.shape) < 2:
+        raise ShapeError(f"{opname}: needs an array of at least 2 dimensions (..., M, N), got shape "
+                         f"{tuple(x.shape)}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ShapeError(f"{opname}: k={k!r} must be an integer (a static value)")
+    m, n = x.shape[-2:]
+    keep = np.tri(m, n, int(k), dtype=bool) if lower else ~np.tri(m, n, int(k) - 1, dtype=bool)
+    if not isinstance(x, Tracer):
+        keep = _on_backend_of(keep, x)
+    zero = 0.0 if np.dtype(x.dtype).kind in "fc" else (False if np.dtype(x.dtype).kind == "b" else 0)
+    return where(keep, x, zero)
+
+
+def tril(x, k=0):
+    """np.tril: x with the entries above the k-th diagonal of its last two axes
+    set to zero (k > 0: above the diagonal, k < 0: below it)."""
+    return _triangle("tril", x, k, lower=True)
+
+
+def triu(x, k=0):
+    """np.triu: x with the entries below the k-th diagonal of its last two axes
+    set to zero."""
+    return _triangle("triu", x, k, lower=False)

@@ -936,6 +936,133 @@ _add("full_like", lambda x: avalon.add(x, avalon.full_like(x, 2.5)), [_F((3, 4))
 _add("zeros_like", lambda x: avalon.add(x, avalon.zeros_like(x)), [_F((3, 4))], lambda t, x: x + t.zeros_like(x))
 _add("ones_like", lambda x: avalon.mul(x, avalon.ones_like(x, dtype="int64")), [_F((3, 4))],
      lambda t, x: x * t.ones_like(x, dtype=t.int64))
+# -- sorting, scans, norms, statistics, flips, triangles, any/all ------------------------------
+
+def _t_flat(x, axis):
+    """torch arguments for a NumPy axis that may be None (flatten first)."""
+    return (x.reshape(-1), 0) if axis is None else (x, axis)
+
+
+def _t_sort(t, x, axis, fn="sort"):
+    x, dim = _t_flat(x, axis)
+    return getattr(t, fn)(x, dim=dim, stable=True)
+
+
+def _zero_row(rng, shape, dtype):
+    x = rng.standard_normal(shape)
+    x[0] = 0.0
+    return x
+
+
+def _with_zeros(rng, shape, dtype):
+    # exact zeros among ordinary values (cumprod's gradient must not divide by them)
+    x = rng.standard_normal(shape)
+    x.flat[rng.choice(x.size, max(1, x.size // 4), replace=False)] = 0.0
+    return x
+
+
+for _axis, _shape in ((1, (3, 4)), (0, (3, 4)), (None, (2, 3)), (-1, (2, 3, 4))):
+    _v = f"{_fmt_shape(_shape)}_{_axis_name(_axis)}"
+    _add("cumsum", lambda x, axis: avalon.cumsum(x, axis), [_F(_shape)],
+         lambda t, x, axis: t.cumsum(*_t_flat(x, axis)), _v, kwargs={"axis": _axis})
+    _add("cumprod", lambda x, axis: avalon.cumprod(x, axis), [_F(_shape)],
+         lambda t, x, axis: t.cumprod(*_t_flat(x, axis)), _v, kwargs={"axis": _axis})
+_add("cumsum", lambda x: avalon.cumsum(x, 0), [_I((3, 4))], lambda t, x: t.cumsum(x, 0), "int")
+_add("cumsum", lambda x: avalon.cumsum(x, 1), [_B((3, 4))], lambda t, x: t.cumsum(x, 1), "bool")
+_add("cumprod", lambda x: avalon.cumprod(x, 1), [_F((3, 6), _with_zeros)], lambda t, x: t.cumprod(x, 1), "zeros")
+_add("cumprod", lambda x: avalon.cumprod(x, 0), [_F((5, 3), "ties")], lambda t, x: t.cumprod(x, 0), "ties_zeros")
+_add("cumprod", lambda x: avalon.cumprod(x, 1), [_I((3, 4))], lambda t, x: t.cumprod(x, 1), "int")
+
+for _axis, _shape in ((-1, (3, 5)), (0, (4, 3)), (None, (3, 4)), (1, (2, 4, 3))):
+    _v = f"{_fmt_shape(_shape)}_{_axis_name(_axis)}"
+    _add("sort", lambda x, axis: avalon.sort(x, axis), [_F(_shape, "distinct")],
+         lambda t, x, axis: _t_sort(t, x, axis).values, _v, kwargs={"axis": _axis})
+    # ties: argsort is stable (equal values keep their order), as torch's stable=True
+    _add("argsort", lambda x, axis: avalon.argsort(x, axis), [_F(_shape, "ties")],
+         lambda t, x, axis: _t_sort(t, x, axis, "argsort"), _v, kwargs={"axis": _axis}, grad=())
+_add("sort", lambda x: avalon.sort(x), [_I((3, 5))], lambda t, x: t.sort(x, dim=-1, stable=True).values, "int")
+_add("argsort", lambda x: avalon.argsort(x, 0), [_I((6, 2))], lambda t, x: t.argsort(x, dim=0, stable=True),
+     "int")
+
+for _k, _axis, _largest, _shape in ((2, -1, True, (3, 5)), (3, 0, False, (4, 3)), (4, 1, True, (2, 4, 3)),
+                                    (0, -1, True, (2, 3))):
+    _v = f"k{_k}_{_axis_name(_axis)}_{'largest' if _largest else 'smallest'}"
+    _kw = {"k": _k, "axis": _axis, "largest": _largest}
+    _add("topk", lambda x, k, axis, largest: avalon.topk(x, k, axis, largest), [_F(_shape, "distinct")],
+         lambda t, x, k, axis, largest: t.topk(x, k, axis, largest), _v, kwargs=_kw, grad=())
+    _add("topk", lambda x, k, axis, largest: avalon.topk(x, k, axis, largest).values, [_F(_shape, "distinct")],
+         lambda t, x, k, axis, largest: t.topk(x, k, axis, largest).values, _v + "_values", kwargs=_kw)
+_add("topk", lambda x: avalon.topk(x, 2).indices, [_I((3, 6), "distinct_int")],
+     lambda t, x: t.topk(x, 2).indices, "int_indices")
+
+_NORMS = [
+    # (variant, shape, domain, ord, axis, keepdims)
+    ("default_3d", (2, 3, 4), None, None, None, False),
+    ("default_kd", (3, 4), None, None, None, True),
+    ("2_ax1_kd", (3, 4), None, 2, 1, True),
+    ("1_ax0", (3, 4), None, 1, 0, False),
+    ("inf_ax1", (3, 4), "distinct", np.inf, 1, False),
+    ("neginf_ax1", (3, 4), "distinct", -np.inf, -1, False),
+    ("0_ax1", (3, 4), "nonzero", 0, 1, False),
+    ("3_ax1", (3, 4), None, 3, 1, False),
+    ("p0.5_ax0", (3, 4), "nonzero", 0.5, 0, False),
+    ("vector_1d_ord1", (5,), "nonzero", 1, None, False),
+    ("fro_2d", (3, 4), None, "fro", None, False),
+    ("fro_ax1_2_kd", (2, 3, 4), None, "fro", (1, 2), True),
+    ("mat1", (3, 4), None, 1, None, False),
+    ("mat_neg1_ax2_0", (3, 2, 4), None, -1, (2, 0), False),
+    ("mat_inf", (3, 4), None, np.inf, None, False),
+    ("mat_neginf_kd", (2, 3, 4), None, -np.inf, (1, 2), True),
+]
+for _v, _shape, _dom, _ord, _axis, _kd in _NORMS:
+    _add("norm", lambda x, ord, axis, keepdims: avalon.norm(x, ord, axis, keepdims), [_F(_shape, _dom)],
+         lambda t, x, ord, axis, keepdims: t.linalg.norm(x, ord, axis, keepdims), _v,
+         kwargs={"ord": _ord, "axis": _axis, "keepdims": _kd})
+# the gradient of a norm at a zero vector is 0 (as torch's), not nan
+_add("norm", lambda x: avalon.norm(x, axis=1), [_F((3, 4), _zero_row)], lambda t, x: t.linalg.norm(x, dim=1),
+     "zero_row", fd=False, fd_reason="the norm is not differentiable at a zero vector; checks torch's 0 there")
+_add("norm", lambda x: avalon.norm(x), [_I((3, 4))], lambda t, x: t.linalg.norm(x.to(t.float32)), "int")
+
+for _axis, _ddof, _kd in ((None, 0, False), (1, 1, True), ((0, 2), 1, False), (-1, 0, False)):
+    _add("std", lambda x, axis, ddof, keepdims: avalon.std(x, axis, keepdims, ddof=ddof), [_F(_X3)],
+         lambda t, x, axis, ddof, keepdims: t.std(x, dim=_dims(x, axis), correction=ddof, keepdim=keepdims),
+         f"{_axis_name(_axis)}_ddof{_ddof}_kd{int(_kd)}", kwargs={"axis": _axis, "ddof": _ddof, "keepdims": _kd})
+_add("var", lambda x: avalon.var(x, 1, ddof=1), [_F(_X3)], lambda t, x: t.var(x, dim=1, correction=1), "ddof_kw")
+
+for _axis in (None, 0, (0, 2), -1):
+    _add("flip", lambda x, axis: avalon.flip(x, axis), [_F(_X3)],
+         lambda t, x, axis: t.flip(x, _dims(x, axis)), _axis_name(_axis), kwargs={"axis": _axis})
+_add("flip", lambda x: avalon.flip(x, 1), [_I((3, 4))], lambda t, x: t.flip(x, (1,)), "int")
+
+def _t_roll(t, x, shift, axis):
+    """np.roll in torch: several shifts of one axis add up (torch wants one per dim)."""
+    if isinstance(shift, tuple) and isinstance(axis, int):
+        shift = sum(shift)
+    return t.roll(x, shift, axis)
+
+
+for _v, _shift, _axis in (("1_ax1", 1, 1), ("neg2_ax0", -2, 0), ("5_all", 5, None), ("pair", (1, 2), (0, 2)),
+                          ("7_ax2_wraps", 7, 2), ("two_on_ax1", (1, 1), 1)):
+    _add("roll", lambda x, shift, axis: avalon.roll(x, shift, axis), [_F(_X3)], _t_roll, _v,
+         kwargs={"shift": _shift, "axis": _axis})
+
+for _op in ("tril", "triu"):
+    for _k, _shape in ((0, (4, 4)), (-1, (3, 5)), (2, (5, 3)), (1, (2, 3, 4))):
+        _add(_op, lambda x, k, _op=_op: getattr(avalon, _op)(x, k), [_F(_shape)],
+             lambda t, x, k, _op=_op: getattr(t, _op)(x, k), f"k{_k}_{_fmt_shape(_shape)}", kwargs={"k": _k})
+    _add(_op, lambda x, _op=_op: getattr(avalon, _op)(x), [_I((3, 3))], lambda t, x, _op=_op: getattr(t, _op)(x),
+         "int")
+    _add(_op, lambda x, _op=_op: getattr(avalon, _op)(x), [_B((3, 3))], lambda t, x, _op=_op: getattr(t, _op)(x),
+         "bool")
+
+for _op in ("any", "all"):
+    for _axis, _kd in ((None, False), (1, True), ((0, 2), False), (-1, False)):
+        _add(_op, lambda x, axis, keepdims, _op=_op: getattr(avalon, _op)(x, axis, keepdims), [_F(_X3, "ties")],
+             lambda t, x, axis, keepdims, _op=_op: getattr(t, _op)(x, _dims(x, axis), keepdims) if axis is not None
+             else getattr(t, _op)(x), f"{_axis_name(_axis)}_kd{int(_kd)}", kwargs={"axis": _axis, "keepdims": _kd},
+             grad=())
+    _add(_op, lambda x, _op=_op: getattr(avalon, _op)(x, 0), [_B((3, 4))],
+         lambda t, x, _op=_op: getattr(t, _op)(x, 0), "bool", grad=())
 
 
 # -- queries -----------------------------------------------------------------------------------
