@@ -48,3 +48,83 @@ def test_a_read_between_two_writes_sees_the_first():
     out = avalon.jit(f)(a)
     np.testing.assert_allclose(a, np.full(3, 10.0))
     np.testing.assert_allclose(out, np.full(3, 11.0))
+
+
+# -- tied arrays: one leaf, one input, one summed gradient -------------------------------------------------------
+
+class _Tied:
+    def __init__(self):
+        rng = np.random.default_rng(1)
+        self.wte = rng.standard_normal((5, 3)).astype(np.float32)
+        self.head = self.wte          # GPT's lm_head.weight = wte.weight
+
+
+def _tied_loss(m, x):
+    h = m.wte[x]                      # (n, 3)
+    return avalon.sum(avalon.tanh(h @ m.head.T))
+
+
+def test_the_same_array_at_two_places_flattens_to_one_leaf_and_an_alias():
+    m = _Tied()
+    leaves, td = avalon.tree.flatten(m)
+    assert len(leaves) == 1 and leaves[0] is m.wte
+    assert avalon.tree.leaf_paths(td) == [".wte"]
+    assert avalon.tree.alias_paths(td) == [(".head", 0)]
+    rebuilt = avalon.tree.unflatten(td, [np.zeros((5, 3), np.float32)])
+    assert rebuilt.head is rebuilt.wte
+    untied = _Tied()
+    untied.head = untied.wte.copy()
+    assert avalon.tree.flatten(untied)[1] != td   # the tie is part of the signature
+
+
+def test_tied_weights_get_the_sum_of_both_uses_at_both_places_as_torch():
+    import torch
+    m, x = _Tied(), np.array([0, 3, 3, 1])
+    loss, (g, _) = avalon.grad(_tied_loss, m, x)
+    w = torch.from_numpy(m.wte.copy()).requires_grad_(True)
+    tloss = torch.tanh(w[torch.from_numpy(x)] @ w.T).sum()
+    tloss.backward()
+    np.testing.assert_allclose(loss, tloss.item(), rtol=1e-5)
+    np.testing.assert_allclose(g.wte, w.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert g.head is g.wte
+    assert len(avalon.value_and_grad(_tied_loss)._last().compiled.graph.inputs) == 2
+
+
+# -- an input the result does not depend on has no gradient ------------------------------------------------------
+
+def test_an_unused_array_gets_none_not_zeros():
+    params = {"used": np.ones(3, np.float32), "unused": np.ones(2, np.float32)}
+    loss, (g,) = avalon.grad(lambda p: avalon.sum(p["used"] * 2.0), params)
+    np.testing.assert_allclose(g["used"], np.full(3, 2.0))
+    assert g["unused"] is None
+
+
+def test_an_array_reached_only_through_stop_gradient_gets_none():
+    params = {"w": np.ones(3, np.float32), "c": np.ones(3, np.float32)}
+    _, (g,) = avalon.grad(lambda p: avalon.sum(p["w"] * avalon.stop_gradient(p["c"])), params)
+    assert g["c"] is None and g["w"] is not None
+
+
+# -- objects declare which of their arrays are not trained -------------------------------------------------------
+
+class _WithCache:
+    """A plain class using the protocol: `mask` is cached, not trained."""
+
+    def __init__(self):
+        self.w = np.ones(3, np.float32)
+        self.mask = np.ones(3, np.float32)
+
+    def __avalon_nondiff_fields__(self):
+        return ("mask",)
+
+
+def test_fields_declared_not_trained_get_no_gradient_and_are_part_of_the_signature():
+    m = _WithCache()
+    f = avalon.value_and_grad(lambda m: avalon.sum(m.w * m.mask))
+    loss, (g,) = f(m)
+    assert g.mask is None
+    np.testing.assert_allclose(g.w, np.ones(3))
+    _, td = avalon.tree.flatten(m)
+    assert avalon.tree.trainable_leaves(td) == [True, False]
+    f(m)
+    assert f.traces == 1

@@ -299,7 +299,11 @@ class JitFunction(CompiledFunction):
 
 class GradFunction(CompiledFunction):
     """f's value and its gradient with respect to every floating-point array in
-    the arguments (or in the arguments selected by `argnums`)."""
+    the arguments (or in the arguments selected by `argnums`) that is trainable
+    (see avalon.tree: fields an object declares not trained get None).  An
+    array the value does not depend on gets None, as in PyTorch; an array
+    reached at two places (tied weights) is one input, and both places hold
+    the sum of its gradients."""
     kind = "grad"
 
     def __init__(self, f, argnums=None, passes=None, parallel=True):
@@ -309,7 +313,8 @@ class GradFunction(CompiledFunction):
 
     def _transform(self, graph, leaves, treedef):
         owners = _leaf_owner(treedef)
-        wrt = [differentiable(x.dtype) and (self.argnums is None or owners[k] in self.argnums)
+        trainable = tree.trainable_leaves(treedef)
+        wrt = [differentiable(x.dtype) and trainable[k] and (self.argnums is None or owners[k] in self.argnums)
                for k, x in enumerate(leaves)]
         if not any(wrt):
             raise AvalonError(f"grad: nothing to differentiate{at(user_location())}: "
@@ -317,7 +322,9 @@ class GradFunction(CompiledFunction):
                               "Gradients are taken with respect to NumPy (or backend) float arrays; "
                               "Python numbers and lists are constants: pass np.asarray(x, dtype=np.float32).")
         check_scalar_output(graph, self.__name__)
-        return grad_graph(graph, wrt), None, wrt
+        g = grad_graph(graph, wrt)
+        # an input the result does not depend on has no gradient: None, as in PyTorch
+        return g, None, g.has_gradient
 
     def _differentiable_args_text(self, treedef):
         chosen = self.argnums if self.argnums is not None else range(len(treedef.children))
