@@ -124,13 +124,19 @@ def _is_flat_view(p) -> bool:
 
 def _owners(model, entries):
     """(module, attribute) holding each entry's parameter, or None when one is
-    not a plain attribute of a module of the model."""
+    not a plain attribute of a module of the model, or is held by two (tied
+    weights: the optimizer sees one parameter, at its first path; moving it
+    into the buffer would cut the tie)."""
     modules = dict(model.named_modules())
+    held = {}
+    for module in modules.values():
+        for value in vars(module).values():
+            held[id(value)] = held.get(id(value), 0) + 1
     owners = []
     for e in entries:
         name, _, attr = e.path.rpartition(".")
         module = modules.get(name)
-        if module is None or module.__dict__.get(attr) is not e.param:
+        if module is None or module.__dict__.get(attr) is not e.param or held.get(id(e.param)) != 1:
             return None
         owners.append((module, attr))
     return owners
