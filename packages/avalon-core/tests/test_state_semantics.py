@@ -128,3 +128,11 @@ def test_fields_declared_not_trained_get_no_gradient_and_are_part_of_the_signatu
     assert avalon.tree.trainable_leaves(td) == [True, False]
     f(m)
     assert f.traces == 1
+
+
+def test_equal_gradients_of_two_arrays_are_two_arrays():
+    # both gradients are the same value (CSE computes it once): they must stay two arrays
+    params = {"a": np.zeros(3, np.float32), "b": np.zeros(3, np.float32)}
+    _, (g,) = avalon.grad(lambda p: avalon.sum(p["a"]) + avalon.sum(p["b"]), params)
+    assert g["a"] is not g["b"]
+    np.testing.assert_array_equal(g["a"], g["b"])

@@ -334,9 +334,21 @@ class GradFunction(CompiledFunction):
     def __call__(self, *args):
         entry, leaves = self._lookup(args)
         outs = entry.shared.fn(*leaves)
-        grads = iter(outs[1:])
+        grads = iter(_distinct(outs[1:]))
         grad_leaves = [next(grads) if w else None for w in entry.wrt]
         return outs[0], tree.unflatten(entry.in_tree, grad_leaves, static=None)
+
+
+def _distinct(arrays):
+    """The arrays, each its own object: two gradients the passes found equal (and
+    computed once) must not be one array, or a tie would appear where the model
+    has none and an in-place change of one would change the other."""
+    seen: set = set()
+    out = []
+    for a in arrays:
+        out.append(a.copy() if id(a) in seen else a)
+        seen.add(id(a))
+    return out
 
 
 def _leaf_owner(treedef):
