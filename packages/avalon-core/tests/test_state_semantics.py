@@ -136,3 +136,14 @@ def test_equal_gradients_of_two_arrays_are_two_arrays():
     _, (g,) = avalon.grad(lambda p: avalon.sum(p["a"]) + avalon.sum(p["b"]), params)
     assert g["a"] is not g["b"]
     np.testing.assert_array_equal(g["a"], g["b"])
+
+
+def test_a_value_computed_before_the_first_write_is_written_second():
+    def f(a, x):
+        second = x * 3.0
+        avalon.assign(a, x * 2.0)
+        avalon.assign(a, second)
+        return avalon.sum(a)
+    a, x = np.zeros(3, np.float32), np.ones(3, np.float32)
+    np.testing.assert_allclose(avalon.jit(f)(a, x), 9.0)
+    np.testing.assert_allclose(a, np.full(3, 3.0))
