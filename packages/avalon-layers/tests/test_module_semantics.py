@@ -319,3 +319,14 @@ def test_one_parameter_frozen_with_requires_grad_false():
     _, (g, _) = avalon.grad(lambda m, x: m(x).sum(), model, x)
     assert g.head_a.bias is None and g.head_a.weight is not None
     assert "head_a.bias" in dict(model.named_parameters()) and "head_a.bias" in model.state_dict()
+
+
+def test_a_module_with_only_undeclared_arrays_says_how_to_declare_them():
+    class Raw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = np.ones(3, np.float32)   # not declared: not a parameter, as in torch
+
+    with pytest.raises(avalon.AvalonError, match=r"nn.Parameter\(array\)"):
+        avalon.grad(lambda m: (m.w * 2.0).sum(), Raw())
+    assert Raw().parameters() == [] and list(Raw().state_dict()) == []

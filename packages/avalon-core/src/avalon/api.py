@@ -316,6 +316,12 @@ class GradFunction(CompiledFunction):
         trainable = tree.trainable_leaves(treedef)
         wrt = [differentiable(x.dtype) and trainable[k] and (self.argnums is None or owners[k] in self.argnums)
                for k, x in enumerate(leaves)]
+        if not any(wrt) and any(differentiable(x.dtype) and not t for x, t in zip(leaves, trainable)):
+            raise AvalonError(f"grad: nothing to differentiate{at(user_location())}: every floating-point array "
+                              f"in {self._differentiable_args_text(treedef).removeprefix('none of ')} is declared "
+                              "not trained (its object's __avalon_nondiff_fields__: an nn.Module trains only "
+                              "declared parameters). Declare them with nn.Parameter(array) or register_parameter, "
+                              "or unfreeze them with requires_grad_(True).")
         if not any(wrt):
             raise AvalonError(f"grad: nothing to differentiate{at(user_location())}: "
                               f"{self._differentiable_args_text(treedef)} holds no floating-point array. "

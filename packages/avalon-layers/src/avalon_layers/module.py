@@ -50,10 +50,6 @@ class LayerInputError(AvalonError, TypeError):
     a Python list, None, ..."""
 
 
-def _is_float_array(x) -> bool:
-    return is_array(x) and np.dtype(x.dtype).kind == "f"
-
-
 # -- nn.Parameter: a mark on an array, read when a module gets the array ----------------------------------------
 
 _PARAMETER_MARKS: dict = {}   # id(array) -> (a reference to the array, requires_grad)
