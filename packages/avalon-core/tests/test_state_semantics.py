@@ -147,3 +147,18 @@ def test_a_value_computed_before_the_first_write_is_written_second():
     a, x = np.zeros(3, np.float32), np.ones(3, np.float32)
     np.testing.assert_allclose(avalon.jit(f)(a, x), 9.0)
     np.testing.assert_allclose(a, np.full(3, 3.0))
+
+
+def test_the_retrace_log_says_which_array_was_frozen(caplog):
+    import logging
+    m = _WithCache()
+    f = avalon.value_and_grad(lambda m: avalon.sum(m.w * m.mask))
+    f(m)
+    _WithCache.__avalon_nondiff_fields__ = lambda self: ("mask", "w")
+    try:
+        with caplog.at_level(logging.DEBUG, logger="avalon.trace"), \
+                __import__("pytest").raises(avalon.AvalonError, match="declared not trained"):
+            f(m)
+    finally:
+        _WithCache.__avalon_nondiff_fields__ = lambda self: ("mask",)
+    assert "args[0].w is no longer trained" in caplog.text

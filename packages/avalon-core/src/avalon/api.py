@@ -255,6 +255,11 @@ def explain_difference(old, new) -> str:
         for p in ostat:
             if tree.Static(ostat[p]) != tree.Static(nstat[p]):
                 changes.append(f"static value {p} changed from {ostat[p]!r} to {nstat[p]!r}")
+        for p, a, b in zip(npaths, tree.trainable_leaves(otd), tree.trainable_leaves(ntd)):
+            if a != b:
+                changes.append(f"{p} is {'now' if b else 'no longer'} trained")
+        if tree.alias_paths(otd, "args") != tree.alias_paths(ntd, "args"):
+            changes.append(f"tied arrays changed: {tree.alias_paths(otd, 'args')} -> {tree.alias_paths(ntd, 'args')}")
     paths = tree.leaf_paths(ntd, "args")
     for p, a, b in zip(paths, oavals, navals):
         if a == b:
