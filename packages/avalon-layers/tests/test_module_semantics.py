@@ -307,9 +307,16 @@ def test_a_frozen_module_gets_no_gradient_and_no_update_and_retraces_once():
     np.testing.assert_allclose(model.head_a.weight, tmodel.head_a.weight.detach().numpy(), rtol=1e-4, atol=1e-6)
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in tmodel.named_parameters()]
     model.body.requires_grad_(True)
-    _, (g, _) = f(model, x)
-    _, (g, _) = f(model, x)
+    tmodel.body.requires_grad_(True)
+    for _ in range(2):   # unfrozen: trained again, its optimizer state starting now, as torch's
+        _, (g, _) = f(model, x)
+        opt.step(model, g)
+        topt.zero_grad()
+        (tmodel(torch.from_numpy(x)) ** 2).mean().backward()
+        topt.step()
     assert g.body.weight is not None and f.traces == 2   # the unfrozen signature was compiled first
+    for name, p in tmodel.named_parameters():
+        np.testing.assert_allclose(model.get_parameter(name), p.detach().numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_one_parameter_frozen_with_requires_grad_false():

@@ -54,6 +54,9 @@ class FlatGroup:
         for e, view, (module, attr) in zip(entries, self.param_views, owners):
             view[...] = e.param
             object.__setattr__(module, attr, view)
+            # the entry now names the model's array: a per-parameter update of this
+            # step (when the flat one cannot serve it) must write where the model reads
+            e.param = view
 
     def _views(self, flat):
         return [flat[a:b].reshape(shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.shapes)]
