@@ -162,3 +162,11 @@ def test_the_retrace_log_says_which_array_was_frozen(caplog):
     finally:
         _WithCache.__avalon_nondiff_fields__ = lambda self: ("mask",)
     assert "args[0].w is no longer trained" in caplog.text
+
+
+def test_an_array_passed_in_two_arguments_is_differentiated_for_either():
+    w = np.arange(3, dtype=np.float32)
+    f = lambda a, b: avalon.sum(a * b)  # noqa: E731
+    _, grads = avalon.grad(f, w, w, argnums=1)
+    np.testing.assert_allclose(grads[1], 2 * w)   # d/dw sum(w * w), as torch for one tensor used twice
+    assert grads[1] is grads[0]

@@ -317,10 +317,9 @@ class GradFunction(CompiledFunction):
             (argnums,) if isinstance(argnums, int) else tuple(argnums))
 
     def _transform(self, graph, leaves, treedef):
-        owners = _leaf_owner(treedef)
         trainable = tree.trainable_leaves(treedef)
-        wrt = [differentiable(x.dtype) and trainable[k] and (self.argnums is None or owners[k] in self.argnums)
-               for k, x in enumerate(leaves)]
+        chosen = self._chosen_leaves(treedef, len(leaves))
+        wrt = [differentiable(x.dtype) and trainable[k] and chosen[k] for k, x in enumerate(leaves)]
         if not any(wrt) and any(differentiable(x.dtype) and not t for x, t in zip(leaves, trainable)):
             raise AvalonError(f"grad: nothing to differentiate{at(user_location())}: every floating-point array "
                               f"in {self._differentiable_args_text(treedef).removeprefix('none of ')} is declared "
@@ -336,6 +335,18 @@ class GradFunction(CompiledFunction):
         g = grad_graph(graph, wrt)
         # an input the result does not depend on has no gradient: None, as in PyTorch
         return g, None, g.has_gradient
+
+    def _chosen_leaves(self, treedef, n):
+        """Whether each leaf is in an argument of argnums (at any of its places: an
+        array passed in two arguments is one leaf)."""
+        if self.argnums is None:
+            return [True] * n
+        chosen = [k in self.argnums for k in _leaf_owner(treedef)]
+        for k in self.argnums:
+            if 0 <= k < len(treedef.children):
+                for _, i in tree.alias_paths(treedef.children[k]):
+                    chosen[i] = True
+        return chosen
 
     def _differentiable_args_text(self, treedef):
         chosen = self.argnums if self.argnums is not None else range(len(treedef.children))
