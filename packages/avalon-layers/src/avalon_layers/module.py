@@ -103,8 +103,10 @@ class Parameter(metaclass=_ParameterType):
 
 @export("nn", "Basic layers")
 class Module:
-    """Base class: subclasses set arrays and sub-modules as attributes in
-    __init__ (after super().__init__()) and define forward()."""
+    """Base class: subclasses set parameters (`nn.Parameter(array)`), buffers
+    (`register_buffer`) and sub-modules as attributes in __init__ (after
+    super().__init__()) and define forward().  Only declared parameters are
+    trained (see the module docstring)."""
 
     def __init__(self):
         object.__setattr__(self, "training", True)
@@ -328,8 +330,9 @@ class Module:
         values, and values the model's dtype cannot hold without losing
         information (fractions or out-of-range numbers for an integer buffer,
         complex numbers for a real array, strings, objects) raise one error
-        listing all of them, and leave the model as it was.  The model gets
-        copies, never the given arrays themselves.  Returns (missing_keys,
+        listing all of them, and leave the model as it was.  The values are
+        copied into the model's own arrays (never the given arrays themselves),
+        so a weight tied under two names stays tied.  Returns (missing_keys,
         unexpected_keys)."""
         own = self.state_dict()
         missing = [k for k in own if k not in state_dict]
