@@ -21,7 +21,7 @@ import pytest
 import avalon
 from avalon_layers import checkpoint
 from avalon_layers.checkpoint import CheckpointError
-from avalon_layers.module import Module
+from avalon_layers.module import Module, Parameter
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "checkpoints"
 
@@ -32,7 +32,7 @@ class Tiny(Module):
     def __init__(self, seed=0):
         super().__init__()
         rng = np.random.default_rng(seed)
-        self.weight = rng.standard_normal((3, 4)).astype(np.float32)
+        self.weight = Parameter(rng.standard_normal((3, 4)).astype(np.float32))
         self.head = Head(rng)
 
     def forward(self, x):
@@ -42,7 +42,7 @@ class Tiny(Module):
 class Head(Module):
     def __init__(self, rng):
         super().__init__()
-        self.bias = rng.standard_normal(3).astype(np.float32)
+        self.bias = Parameter(rng.standard_normal(3).astype(np.float32))
         self.register_buffer("running_mean", rng.standard_normal(3).astype(np.float32))
         self.register_buffer("num_batches_tracked", np.array(int(rng.integers(100)), np.int64))
 

@@ -43,7 +43,7 @@ class ModuleNet(nn.Module):
 
     def __init__(self, rng):
         super().__init__()
-        self.weight = _arr(rng, 3, 4)
+        self.weight = nn.Parameter(_arr(rng, 3, 4))
         self.child = Child(rng)
         self.register_buffer("running_mean", np.zeros(3, np.float32))
 
@@ -51,7 +51,7 @@ class ModuleNet(nn.Module):
 class Child(nn.Module):
     def __init__(self, rng):
         super().__init__()
-        self.bias = _arr(rng, 3)
+        self.bias = nn.Parameter(_arr(rng, 3))
 
 
 def dict_model(rng):
@@ -256,8 +256,8 @@ def test_training_with_avalon_grad_matches_torch():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.w1, self.b1 = _arr(rng, 8, 5) * 0.3, np.zeros(8, np.float32)
-            self.w2, self.b2 = _arr(rng, 3, 8) * 0.3, np.zeros(3, np.float32)
+            self.w1, self.b1 = nn.Parameter(_arr(rng, 8, 5) * 0.3), nn.Parameter(np.zeros(8, np.float32))
+            self.w2, self.b2 = nn.Parameter(_arr(rng, 3, 8) * 0.3), nn.Parameter(np.zeros(3, np.float32))
 
         def forward(self, x):
             return avalon.linear(avalon.relu(avalon.linear(x, self.w1, self.b1)), self.w2, self.b2)

@@ -31,14 +31,14 @@ class Tiny(nn.Module):
     def __init__(self, seed=0):
         super().__init__()
         rng = np.random.default_rng(seed)
-        self.weight = rng.standard_normal((3, 4)).astype(np.float32)
+        self.weight = nn.Parameter(rng.standard_normal((3, 4)).astype(np.float32))
         self.head = Head(rng)
 
 
 class Head(nn.Module):
     def __init__(self, rng):
         super().__init__()
-        self.bias = rng.standard_normal(3).astype(np.float32)
+        self.bias = nn.Parameter(rng.standard_normal(3).astype(np.float32))
         self.register_buffer("running_mean", rng.standard_normal(3).astype(np.float32))
         self.register_buffer("num_batches_tracked", np.array(7, np.int64))
 
@@ -100,7 +100,7 @@ def test_a_float64_that_overflows_float16_is_refused():
     class Half(nn.Module):
         def __init__(self):
             super().__init__()
-            self.w = np.zeros(2, np.float16)
+            self.w = nn.Parameter(np.zeros(2, np.float16))
 
     model = Half()
     with pytest.raises(avalon.DtypeError, match="outside the range of float16"):

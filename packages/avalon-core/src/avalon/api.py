@@ -268,6 +268,11 @@ def explain_difference(old, new) -> str:
         for p in ostat:
             if tree.Static(ostat[p]) != tree.Static(nstat[p]):
                 changes.append(f"static value {p} changed from {ostat[p]!r} to {nstat[p]!r}")
+        for p, a, b in zip(npaths, tree.trainable_leaves(otd), tree.trainable_leaves(ntd)):
+            if a != b:
+                changes.append(f"{p} is {'now' if b else 'no longer'} trained")
+        if tree.alias_paths(otd, "args") != tree.alias_paths(ntd, "args"):
+            changes.append(f"tied arrays changed: {tree.alias_paths(otd, 'args')} -> {tree.alias_paths(ntd, 'args')}")
     paths = tree.leaf_paths(ntd, "args")
     for p, a, b in zip(paths, oavals, navals):
         if a == b:
@@ -312,7 +317,11 @@ class JitFunction(CompiledFunction):
 
 class GradFunction(CompiledFunction):
     """f's value and its gradient with respect to every floating-point array in
-    the arguments (or in the arguments selected by `argnums`)."""
+    the arguments (or in the arguments selected by `argnums`) that is trainable
+    (see avalon.tree: fields an object declares not trained get None).  An
+    array the value does not depend on gets None, as in PyTorch; an array
+    reached at two places (tied weights) is one input, and both places hold
+    the sum of its gradients."""
     kind = "grad"
 
     def __init__(self, f, argnums=None, passes=None, parallel=True):
@@ -321,9 +330,15 @@ class GradFunction(CompiledFunction):
             (argnums,) if isinstance(argnums, int) else tuple(argnums))
 
     def _transform(self, graph, leaves, treedef):
-        owners = _leaf_owner(treedef)
-        wrt = [differentiable(x.dtype) and (self.argnums is None or owners[k] in self.argnums)
-               for k, x in enumerate(leaves)]
+        trainable = tree.trainable_leaves(treedef)
+        chosen = self._chosen_leaves(treedef, len(leaves))
+        wrt = [differentiable(x.dtype) and trainable[k] and chosen[k] for k, x in enumerate(leaves)]
+        if not any(wrt) and any(differentiable(x.dtype) and not t for x, t in zip(leaves, trainable)):
+            raise AvalonError(f"grad: nothing to differentiate{at(user_location())}: every floating-point array "
+                              f"in {self._differentiable_args_text(treedef).removeprefix('none of ')} is declared "
+                              "not trained (its object's __avalon_nondiff_fields__: an nn.Module trains only "
+                              "declared parameters). Declare them with nn.Parameter(array) or register_parameter, "
+                              "or unfreeze them with requires_grad_(True).")
         if not any(wrt):
             raise AvalonError(f"grad: nothing to differentiate{at(user_location())}: "
                               f"{self._differentiable_args_text(treedef)} holds no floating-point array"
@@ -331,7 +346,21 @@ class GradFunction(CompiledFunction):
                               "Gradients are taken with respect to NumPy (or backend) float arrays; "
                               "Python numbers and lists are constants: pass np.asarray(x, dtype=np.float32).")
         check_scalar_output(graph, self.__name__)
-        return grad_graph(graph, wrt), None, wrt
+        g = grad_graph(graph, wrt)
+        # an input the result does not depend on has no gradient: None, as in PyTorch
+        return g, None, g.has_gradient
+
+    def _chosen_leaves(self, treedef, n):
+        """Whether each leaf is in an argument of argnums (at any of its places: an
+        array passed in two arguments is one leaf)."""
+        if self.argnums is None:
+            return [True] * n
+        chosen = [k in self.argnums for k in _leaf_owner(treedef)]
+        for k in self.argnums:
+            if 0 <= k < len(treedef.children):
+                for _, i in tree.alias_paths(treedef.children[k]):
+                    chosen[i] = True
+        return chosen
 
     def _differentiable_args_text(self, treedef):
         chosen = self.argnums if self.argnums is not None else range(len(treedef.children))
@@ -341,7 +370,7 @@ class GradFunction(CompiledFunction):
     def __call__(self, *args):
         entry, leaves = self._lookup(args)
         outs = entry.shared.fn(*leaves)
-        grads = iter(outs[1:])
+        grads = iter(_distinct(outs[1:]))
         grad_leaves = [next(grads) if w else None for w in entry.wrt]
         result = tree.unflatten(entry.in_tree, grad_leaves, static=None)
         _record_sources(args, result)
@@ -365,6 +394,18 @@ def _arg_sequences(treedef):
 def _sequences_text(treedef):
     found = _arg_sequences(treedef)
     return " (" + "; ".join(f"{path} is {what}" for path, what in found) + ")" if found else ""
+
+
+def _distinct(arrays):
+    """The arrays, each its own object: two gradients the passes found equal (and
+    computed once) must not be one array, or a tie would appear where the model
+    has none and an in-place change of one would change the other."""
+    seen: set = set()
+    out = []
+    for a in arrays:
+        out.append(a.copy() if id(a) in seen else a)
+        seen.add(id(a))
+    return out
 
 
 def _leaf_owner(treedef):

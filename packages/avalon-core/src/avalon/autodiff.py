@@ -21,7 +21,8 @@ def differentiable(dtype) -> bool:
 
 def grad_graph(fwd: Graph, wrt: list[bool]) -> Graph:
     """A graph with inputs of `fwd` and outputs (loss, grad of each input marked
-    in `wrt`).  `fwd` must have one scalar floating-point output."""
+    in `wrt` that the loss depends on); `graph.has_gradient` says which inputs
+    have an output.  `fwd` must have one scalar floating-point output."""
     (loss_node,) = fwd.outputs
     g = Graph(fwd.name + "_grad")
     env: dict = {}
@@ -58,21 +59,38 @@ def grad_graph(fwd: Graph, wrt: list[bool]) -> Graph:
                     if c.dtype != i.dtype:
                         c = ops.cast(c, i.dtype)
                     cts[i] = c if i not in cts else ops.add(cts[i], c)
-        grads = []
-        for inp, w in zip(fwd.inputs, wrt):
-            if not w:
-                continue
-            c = cts.get(inp)
-            grads.append(c if c is not None else ops.zeros(inp.shape, inp.dtype))
+        # an input with no differentiable path to the output has no gradient
+        # (None, as in PyTorch): no output at all; one whose path gives zero
+        # (sign, a padding row) has zeros
+        reached = _reaches_output(fwd, wrt, loss_node)
+        has_gradient = [bool(w) and inp in reached for inp, w in zip(fwd.inputs, wrt)]
+        grads = [cts[inp] if inp in cts else ops.zeros(inp.shape, inp.dtype)
+                 for inp, has in zip(fwd.inputs, has_gradient) if has]
     g.outputs = [env[loss_node].node] + [c.node for c in grads]
     # VJP rules give cotangents for every operand; those nobody needs go now
     # (even when no optimization pass runs), as do forward values the
     # backward pass does not read
     from .passes.dce import dce
     g = dce(g)
+    g.has_gradient = has_gradient
     # what detect_anomaly reports as the backward pass (kept only until passes rewrite the graph)
     g.backward_nodes = frozenset(n for n in g.nodes if n not in forward_nodes)
     return g
+
+
+def _reaches_output(fwd: Graph, wrt: list[bool], out) -> set:
+    """The inputs in `wrt` from which `out` is reached through floating-point
+    values and no detaching op (PyTorch's rule for a None gradient)."""
+    depends = {inp: bool(w) and differentiable(inp.dtype) for inp, w in zip(fwd.inputs, wrt)}
+    for n in fwd.nodes:
+        if n.op not in ("input", "const"):
+            depends[n] = (not PRIMITIVES[n.op].detaches and differentiable(n.dtype)
+                          and any(depends.get(i, False) for i in n.inputs))
+    reached = {out} if depends.get(out) else set()
+    for n in reversed(fwd.nodes):
+        if n in reached:
+            reached.update(i for i in n.inputs if depends.get(i))
+    return reached
 
 
 def _needs_grad(fwd: Graph, wrt: list[bool]) -> dict:

@@ -123,6 +123,10 @@ def _plan_assign_targets(graph, backend, plan, root, index):
                 or not backend.supports_out(prim) or src in plan.write_into):
             continue
         at = index[src]
+        if index[dst] > at:
+            # dst is an earlier write's result (a buffer updated twice), made after
+            # src: writing src there early would be undone by that earlier write
+            continue
         later = [k for k in readers.get(root[dst], ()) if k > at and graph.nodes[k] is not a]
         reads_dst = any(root[i] is root[dst] for i in src.inputs)
         if later or (reads_dst and not (prim.inplace or src.op == "fused")):

@@ -42,8 +42,8 @@ class Primitive:
 
     def __init__(self, name, *, shape, impl, vjp=None, ufunc=None, elementwise=False, view=False,
                  effectful=False, accepts_out=False, foldable=True, nondiff=False, expr=None, inplace=None,
-                 writes_input=False, draws_random=False, output_shape_attr=None, collective=False, doc="",
-                 **rules):
+                 writes_input=False, draws_random=False, output_shape_attr=None, collective=False, detaches=False,
+                 doc="", **rules):
         self.name = name
         self.shape_rule = shape
         self.impl = impl
@@ -54,7 +54,8 @@ class Primitive:
         self.effectful = effectful
         self.accepts_out = accepts_out or ufunc is not None
         self.foldable = foldable and not effectful
-        self.nondiff = nondiff
+        self.nondiff = nondiff or detaches
+        self.detaches = detaches
         self.expr = expr
         self.inplace = (ufunc is not None) if inplace is None else inplace
         self.writes_input = writes_input
@@ -114,6 +115,9 @@ def defprim(name, **fields) -> Primitive:
     effectful: not a pure function of its inputs (randomness): never merged or folded.
     accepts_out: impl takes an out= array of the output's shape and dtype.
     nondiff: the output carries no gradient (comparisons, argmax).
+    detaches: the output is cut from the gradient (stop_gradient, torch's
+        detach): an input reached only through it gets no gradient (None),
+        where one reached through a nondiff op (sign) gets zeros, as in PyTorch.
     expr: C expression template ("exp({0})") a GPU backend may use to fuse the op.
     inplace: out= may be one of the inputs (true for ufuncs; default: ufunc is set).
     writes_input: the op writes into its first input (assign): a side effect that

@@ -5,6 +5,18 @@ namedtuples, dataclasses and plain class instances, plus a hashable `TreeDef`
 that records the structure and every non-array value (ints, flags, strings,
 callables).  `unflatten(treedef, leaves)` builds the same structure again, with
 new leaves, so gradients come back with the shape of the model they belong to.
+
+Two rules make a model's arrays mean what they mean in PyTorch:
+
+* the same array object reached twice (tied weights: `lm_head.weight is
+  wte.weight`) is one leaf; its second place is an `Alias` of the first in the
+  TreeDef (so the tie is part of a compiled function's signature), and
+  `unflatten` puts the same new leaf at both places;
+* an object may say which of its array fields are not trained by defining
+  `__avalon_nondiff_fields__(self)` (the protocol nn.Module implements: its
+  buffers, frozen parameters and arrays it merely caches).  Arrays inside
+  those fields are `FROZEN` leaves: still inputs of a compiled function, never
+  differentiated (`trainable_leaves(treedef)` says which leaves are).
 """
 from __future__ import annotations
 
@@ -90,6 +102,25 @@ class Static:
 
 
 ARRAY = "*"  # marks an array leaf in a TreeDef
+FROZEN = "-"  # marks an array leaf that is never differentiated (see __avalon_nondiff_fields__)
+NONDIFF_PROTOCOL = "__avalon_nondiff_fields__"
+
+
+class Alias:
+    """The second place of an array already flattened: leaf number `index`."""
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __eq__(self, other):
+        return isinstance(other, Alias) and self.index == other.index
+
+    def __hash__(self):
+        return hash(("alias", self.index))
+
+    def __repr__(self):
+        return f"Alias({self.index})"
 
 
 class TreeDef:
@@ -121,7 +152,7 @@ def flatten(obj, is_leaf=None, name: str = "args") -> tuple[list, TreeDef]:
     inside it raises ForeignArrayError naming where (`name` is obj's own name)."""
     leaves: list = []
     try:
-        treedef = _flatten(obj, leaves, is_leaf, set())
+        treedef = _flatten(obj, leaves, is_leaf, set(), {}, ARRAY)
     except _Foreign as e:
         from .errors import at, user_location
         t = type(e.value)
@@ -166,10 +197,19 @@ def _object_fields(obj):
     return slots
 
 
-def _flatten(obj, leaves, is_leaf, active):
-    if isinstance(obj, _array_types) or (is_leaf is not None and is_leaf(obj)):
+def _flatten(obj, leaves, is_leaf, active, seen, mark):
+    """`seen`: id -> leaf index of the arrays met so far; `mark`: ARRAY, or
+    FROZEN inside a field its object declares not trained."""
+    if is_leaf is not None and is_leaf(obj):
         leaves.append(obj)
         return ARRAY
+    if isinstance(obj, _array_types):
+        first = seen.get(id(obj))
+        if first is not None and leaves[first] is obj:
+            return Alias(first)
+        seen[id(obj)] = len(leaves)
+        leaves.append(obj)
+        return mark
     t = type(obj)
     if isinstance(obj, _OPAQUE) or isinstance(obj, np.generic):
         return Static(obj)
@@ -182,21 +222,43 @@ def _flatten(obj, leaves, is_leaf, active):
     active.add(oid)
     try:
         if t is list or t is tuple:
-            return TreeDef(t, None, [_flatten(c, leaves, is_leaf, active) for c in obj])
+            return TreeDef(t, None, [_flatten(c, leaves, is_leaf, active, seen, mark) for c in obj])
         if isinstance(obj, tuple) and hasattr(t, "_fields"):  # namedtuple
-            return TreeDef(t, None, [_flatten(c, leaves, is_leaf, active) for c in obj])
+            return TreeDef(t, None, [_flatten(c, leaves, is_leaf, active, seen, mark) for c in obj])
         if isinstance(obj, dict):
             keys = tuple(obj)
-            return TreeDef(t, keys, [_flatten(obj[k], leaves, is_leaf, active) for k in keys])
+            return TreeDef(t, keys, [_flatten(obj[k], leaves, is_leaf, active, seen, mark) for k in keys])
         if isinstance(obj, (list, tuple)):
-            return TreeDef(t, None, [_flatten(c, leaves, is_leaf, active) for c in obj])
+            return TreeDef(t, None, [_flatten(c, leaves, is_leaf, active, seen, mark) for c in obj])
         fields = _object_fields(obj)
         if not fields and not hasattr(obj, "__dict__"):
             return Static(obj)
+        nondiff = _nondiff_fields(obj)
         return TreeDef("obj", (t, tuple(fields)),
-                       [_flatten(getattr(obj, f), leaves, is_leaf, active) for f in fields])
+                       [_flatten(getattr(obj, f), leaves, is_leaf, active, seen,
+                                 FROZEN if f in nondiff else mark) for f in fields])
     finally:
         active.discard(oid)
+
+
+def _nondiff_fields(obj) -> frozenset:
+    declare = getattr(type(obj), NONDIFF_PROTOCOL, None)
+    return frozenset(declare(obj)) if declare is not None else frozenset()
+
+
+def trainable_leaves(treedef) -> list[bool]:
+    """For each array leaf, whether it may be differentiated (not FROZEN)."""
+    out: list[bool] = []
+    _marks(treedef, out)
+    return out
+
+
+def _marks(td, out):
+    if isinstance(td, str):
+        out.append(td is ARRAY)
+    elif isinstance(td, TreeDef):
+        for c in td.children:
+            _marks(c, out)
 
 
 _KEEP = object()
@@ -205,12 +267,27 @@ _KEEP = object()
 def unflatten(treedef, leaves, static=_KEEP):
     """Rebuild the structure with `leaves`; non-array values are kept, or all
     replaced by `static` when it is given (grads use None)."""
-    return _unflatten(treedef, iter(leaves), static)
+    return _unflatten(treedef, _Leaves(leaves), static)
+
+
+class _Leaves:
+    """The leaves handed out in order, remembered for aliases."""
+    __slots__ = ("it", "given")
+
+    def __init__(self, leaves):
+        self.it, self.given = iter(leaves), []
+
+    def __next__(self):
+        x = next(self.it)
+        self.given.append(x)
+        return x
 
 
 def _unflatten(td, it, static=_KEEP):
-    if td is ARRAY:
+    if td is ARRAY or td is FROZEN:
         return next(it)
+    if isinstance(td, Alias):
+        return it.given[td.index] if td.index < len(it.given) else None
     if isinstance(td, Static):
         return td.value if static is _KEEP else static
     kind = td.kind
@@ -247,13 +324,24 @@ def static_paths(treedef, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+def alias_paths(treedef, prefix: str = "") -> list[tuple[str, int]]:
+    """(path, index of the leaf it repeats) of each second place of an array."""
+    out: list = []
+    _paths(treedef, prefix, out, arrays=Alias)
+    return out
+
+
 def _paths(td, prefix, out, arrays):
+    if isinstance(td, Alias):
+        if arrays is Alias:
+            out.append((prefix, td.index))
+        return
     if isinstance(td, str):
-        if arrays:
+        if arrays is True:
             out.append(prefix)
         return
     if isinstance(td, Static):
-        if not arrays:
+        if arrays is False:
             out.append((prefix, td.value))
         return
     if td.kind == "obj":
@@ -316,8 +404,10 @@ def tree_map(fn, obj, is_leaf=None):
 
 def describe(td) -> str:
     """A short type description of a TreeDef node (for retrace messages)."""
+    if isinstance(td, Alias):
+        return f"the array of leaf {td.index} again"
     if isinstance(td, str):
-        return "array"
+        return "array" if td is ARRAY else "array not trained"
     if isinstance(td, Static):
         return f"{type(td.value).__name__} {td.value!r}"
     if td.kind == "obj":

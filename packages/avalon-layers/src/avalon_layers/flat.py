@@ -54,6 +54,9 @@ class FlatGroup:
         for e, view, (module, attr) in zip(entries, self.param_views, owners):
             view[...] = e.param
             object.__setattr__(module, attr, view)
+            # the entry now names the model's array: a per-parameter update of this
+            # step (when the flat one cannot serve it) must write where the model reads
+            e.param = view
 
     def _views(self, flat):
         return [flat[a:b].reshape(shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.shapes)]
@@ -124,13 +127,19 @@ def _is_flat_view(p) -> bool:
 
 def _owners(model, entries):
     """(module, attribute) holding each entry's parameter, or None when one is
-    not a plain attribute of a module of the model."""
+    not a plain attribute of a module of the model, or is held by two (tied
+    weights: the optimizer sees one parameter, at its first path; moving it
+    into the buffer would cut the tie)."""
     modules = dict(model.named_modules())
+    held = {}
+    for module in modules.values():
+        for value in vars(module).values():
+            held[id(value)] = held.get(id(value), 0) + 1
     owners = []
     for e in entries:
         name, _, attr = e.path.rpartition(".")
         module = modules.get(name)
-        if module is None or module.__dict__.get(attr) is not e.param:
+        if module is None or module.__dict__.get(attr) is not e.param or held.get(id(e.param)) != 1:
             return None
         owners.append((module, attr))
     return owners

@@ -2,8 +2,25 @@
 
 Parameters are plain arrays held as attributes: a model is a plain object that
 avalon.grad walks.  A module adds names (named_parameters, state_dict), modes
-(train/eval) and devices (to).  Buffers (BatchNorm's running statistics) are
-arrays registered with register_buffer: saved in state_dict, never trained.
+(train/eval) and devices (to).
+
+What is trained follows PyTorch's rule.  A parameter is declared: an array
+wrapped in `nn.Parameter(array)` assigned to an attribute (every layer's
+weights are made that way, by `layers.basic.new_param`), or one given to
+`register_parameter`.  A buffer (BatchNorm's running statistics) is registered
+with `register_buffer`: saved in state_dict, never trained.  Any other array
+attribute (a mask computed and cached in forward) is neither: not trained
+(None in the gradient), not in state_dict, not in parameters().  A module
+tells avalon.grad through the `__avalon_nondiff_fields__` protocol of
+avalon.tree, and the declared names are part of every compiled signature, so
+`requires_grad_(False)` retraces once.  (A plain Python class that is not a
+Module keeps avalon's own rule: every float array in it is trained.)
+
+`nn.Parameter(x)` returns x itself, a plain array of its backend (NumPy keeps
+working on it, it traces like any array), marked so that the module it is
+assigned to records the attribute as a parameter; `isinstance(x, nn.Parameter)`
+tells a marked array.  Replacing the array under a parameter's name (loading,
+moving, flat buffers) keeps the name a parameter.
 
 Calling a module checks its arguments before forward() runs: an array that no
 installed backend owns (a torch tensor, ...) is refused in any argument, and the
@@ -34,18 +51,105 @@ class LayerInputError(AvalonError, TypeError):
     a Python list, None, ..."""
 
 
-def _is_float_array(x) -> bool:
-    return is_array(x) and np.dtype(x.dtype).kind == "f"
+# -- nn.Parameter: a mark on an array, read when a module gets the array ----------------------------------------
+
+_PARAMETER_MARKS: dict = {}   # id(array) -> (a reference to the array, requires_grad)
+
+
+def _mark(array, requires_grad: bool) -> None:
+    key = id(array)
+    try:
+        ref = weakref.ref(array, lambda _r, key=key: _PARAMETER_MARKS.pop(key, None))
+    except TypeError:   # an array type without weak references: kept alive by its mark
+        ref = (lambda a: (lambda: a))(array)
+    _PARAMETER_MARKS[key] = (ref, requires_grad)
+
+
+def _parameter_mark(value):
+    """requires_grad of a value made by nn.Parameter, or None for any other value."""
+    entry = _PARAMETER_MARKS.get(id(value))
+    if entry is None or entry[0]() is not value:
+        return None
+    return entry[1]
+
+
+class _ParameterType(type):
+    def __instancecheck__(cls, value):
+        return _parameter_mark(value) is not None
+
+
+@export("nn", "Basic layers")
+class Parameter(metaclass=_ParameterType):
+    """Declare an array a parameter, as torch.nn.Parameter: `self.w = nn.Parameter(x)`
+    inside a Module makes `w` a parameter (trained, in parameters() and state_dict).
+
+    Returns `data` itself (no copy): a plain floating-point array of its backend,
+    usable everywhere an array is; `data=None` gives an empty float32 array.
+    `requires_grad=False` declares a frozen parameter (in state_dict and
+    parameters(), never given a gradient)."""
+
+    def __new__(cls, data=None, requires_grad: bool = True):
+        if data is None:
+            data = np.empty((0,), np.float32)
+        if not is_array(data):
+            raise TypeError(f"nn.Parameter: data must be an array of an installed avalon backend, got "
+                            f"{_kind_of(data)}{at(user_location())}; {_fix_for(data)}")
+        if requires_grad and np.dtype(data.dtype).kind not in "fc":
+            raise avalon.DtypeError(f"nn.Parameter: only arrays of floating point and complex dtype can require "
+                                    f"gradients, got {np.dtype(data.dtype).name}{at(user_location())}; pass a "
+                                    "float array, or requires_grad=False")
+        _mark(data, bool(requires_grad))
+        return data
 
 
 @export("nn", "Basic layers")
 class Module:
-    """Base class: subclasses set arrays and sub-modules as attributes in
-    __init__ (after super().__init__()) and define forward()."""
+    """Base class: subclasses set parameters (`nn.Parameter(array)`), buffers
+    (`register_buffer`) and sub-modules as attributes in __init__ (after
+    super().__init__()) and define forward().  Only declared parameters are
+    trained (see the module docstring)."""
 
     def __init__(self):
         object.__setattr__(self, "training", True)
         object.__setattr__(self, "_buffer_names", frozenset())
+        object.__setattr__(self, "_parameter_names", frozenset())
+        object.__setattr__(self, "_frozen_names", frozenset())         # parameters with requires_grad=False
+        object.__setattr__(self, "_non_persistent", frozenset())       # buffers kept out of state_dict
+
+    def __setattr__(self, name, value):
+        requires_grad = _parameter_mark(value)
+        if requires_grad is not None:
+            self._declare_parameter(name, requires_grad)
+        elif isinstance(value, Module):
+            self._unregister(name)
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        object.__delattr__(self, name)
+        self._unregister(name)
+
+    def _names_of(self, kind: str) -> frozenset:
+        return self.__dict__.get(kind) or frozenset()
+
+    def _set_names_of(self, kind: str, names) -> None:
+        object.__setattr__(self, kind, frozenset(names))
+
+    def _declare_parameter(self, name: str, requires_grad: bool) -> None:
+        self._unregister(name)
+        self._set_names_of("_parameter_names", self._names_of("_parameter_names") | {name})
+        if not requires_grad:
+            self._set_names_of("_frozen_names", self._names_of("_frozen_names") | {name})
+
+    def _unregister(self, name: str) -> None:
+        for kind in ("_parameter_names", "_frozen_names", "_buffer_names", "_non_persistent"):
+            if name in self._names_of(kind):
+                self._set_names_of(kind, self._names_of(kind) - {name})
+
+    def __avalon_nondiff_fields__(self):
+        """avalon.tree's protocol: the array attributes that are not trained
+        (buffers, frozen parameters, and arrays that are neither)."""
+        trainable = self._names_of("_parameter_names") - self._names_of("_frozen_names")
+        return [name for name, value in vars(self).items() if name not in trainable and is_array(value)]
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} must define forward()")
@@ -61,60 +165,164 @@ class Module:
         return self.forward(*args, **kwargs)
 
     # -- structure -------------------------------------------------------------
-    def register_buffer(self, name: str, value) -> None:
-        object.__setattr__(self, "_buffer_names", self.__dict__.get("_buffer_names", frozenset()) | {name})
-        setattr(self, name, value)
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        """Add a buffer: an array saved in state_dict (unless persistent=False), never trained."""
+        self._check_new_name("buffer", name)
+        if tensor is not None and not is_array(tensor):
+            raise TypeError(f"cannot assign {_kind_of(tensor)} object to buffer '{name}' (an array or None "
+                            f"required){at(user_location())}")
+        self._unregister(name)
+        self._set_names_of("_buffer_names", self._names_of("_buffer_names") | {name})
+        if not persistent:
+            self._set_names_of("_non_persistent", self._names_of("_non_persistent") | {name})
+        object.__setattr__(self, name, tensor)
+
+    def register_parameter(self, name: str, param) -> None:
+        """Add a parameter (an array, trained unless nn.Parameter(x, requires_grad=False)
+        made it, or None), as torch.nn.Module.register_parameter."""
+        self._check_new_name("parameter", name)
+        if param is not None and not is_array(param):
+            raise TypeError(f"cannot assign {_kind_of(param)} object to parameter '{name}' (nn.Parameter, an "
+                            f"array or None required){at(user_location())}")
+        requires_grad = _parameter_mark(param)
+        self._declare_parameter(name, True if requires_grad is None else requires_grad)
+        object.__setattr__(self, name, param)
+
+    def add_module(self, name: str, module) -> None:
+        """Add a child module (or None) under `name`, as torch.nn.Module.add_module."""
+        if module is not None and not isinstance(module, Module):
+            raise TypeError(f"{type(module).__name__} is not a Module subclass")
+        self._check_new_name("module", name)
+        self._unregister(name)
+        object.__setattr__(self, name, module)
+
+    def register_module(self, name: str, module) -> None:
+        """Alias of add_module."""
+        self.add_module(name, module)
+
+    def _check_new_name(self, what: str, name) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"{what} name should be a string. Got {type(name).__name__}")
+        if "." in name:
+            raise KeyError(f'{what} name can\'t contain "."')
+        if name == "":
+            raise KeyError(f'{what} name can\'t be empty string ""')
+        if hasattr(type(self), name) or (name in vars(self) and not self._is_registered(name)
+                                          and not isinstance(vars(self)[name], Module)):
+            raise KeyError(f"attribute '{name}' already exists")
+
+    def _is_registered(self, name: str) -> bool:
+        return name in self._names_of("_parameter_names") or name in self._names_of("_buffer_names")
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """Freeze (False) or unfreeze every parameter of this module and its children:
+        a frozen parameter gets no gradient (None) and no optimizer update."""
+        for m in self.modules():
+            m._set_names_of("_frozen_names", () if requires_grad else m._names_of("_parameter_names"))
+        return self
 
     def named_children(self):
+        seen = set()
         for name, value in vars(self).items():
-            if isinstance(value, Module):
+            if isinstance(value, Module) and id(value) not in seen:
+                seen.add(id(value))
                 yield name, value
 
     def children(self):
         return [m for _, m in self.named_children()]
 
-    def named_modules(self, prefix: str = ""):
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        """(dotted name, module) of this module and every descendant, each once
+        (unless remove_duplicate=False), as torch."""
+        if memo is None:
+            memo = set()
+        if remove_duplicate:
+            if id(self) in memo:
+                return
+            memo.add(id(self))
         yield prefix, self
-        for name, child in self.named_children():
-            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+        for name, child in vars(self).items():
+            if isinstance(child, Module):
+                yield from child.named_modules(memo, f"{prefix}.{name}" if prefix else name, remove_duplicate)
 
     def modules(self):
         return [m for _, m in self.named_modules()]
 
     def _own_arrays(self, buffers: bool):
-        # gradients (which mirror a module) hold None for its non-array fields
-        names = self.__dict__.get("_buffer_names") or frozenset()
+        kind = "_buffer_names" if buffers else "_parameter_names"
+        if kind in self.__dict__ and self.__dict__[kind] is None:
+            # a gradient (which mirrors a module, with None for its non-array
+            # fields) holds arrays exactly where parameters get gradients
+            yield from ((n, v) for n, v in vars(self).items() if not buffers and is_array(v))
+            return
+        names = self._names_of(kind)
         for name, value in vars(self).items():
-            if buffers and name in names and is_array(value):
-                yield name, value
-            elif not buffers and name not in names and _is_float_array(value):
+            if name in names and is_array(value):
                 yield name, value
 
-    def named_parameters(self, prefix: str = ""):
-        for mod_name, mod in self.named_modules(prefix):
-            for name, value in mod._own_arrays(buffers=False):
+    def _named_members(self, buffers: bool, prefix: str, recurse: bool, remove_duplicate: bool):
+        modules = self.named_modules(prefix=prefix, remove_duplicate=remove_duplicate) if recurse else [(prefix, self)]
+        seen = set()
+        for mod_name, mod in modules:
+            for name, value in mod._own_arrays(buffers):
+                if remove_duplicate:
+                    if id(value) in seen:
+                        continue
+                    seen.add(id(value))
                 yield (f"{mod_name}.{name}" if mod_name else name), value
 
-    def parameters(self):
-        return [p for _, p in self.named_parameters()]
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """(dotted name, array) of every parameter, a tied one once (its first name), as torch."""
+        yield from self._named_members(False, prefix, recurse, remove_duplicate)
 
-    def named_buffers(self, prefix: str = ""):
-        for mod_name, mod in self.named_modules(prefix):
-            for name, value in mod._own_arrays(buffers=True):
-                yield (f"{mod_name}.{name}" if mod_name else name), value
+    def parameters(self, recurse: bool = True):
+        return [p for _, p in self.named_parameters(recurse=recurse)]
 
-    def buffers(self):
-        return [b for _, b in self.named_buffers()]
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        yield from self._named_members(True, prefix, recurse, remove_duplicate)
+
+    def buffers(self, recurse: bool = True):
+        return [b for _, b in self.named_buffers(recurse=recurse)]
+
+    def get_submodule(self, target: str) -> "Module":
+        """The module at dotted path `target` ("" is self)."""
+        mod = self
+        for item in target.split(".") if target else ():
+            child = mod.__dict__.get(item)
+            if not isinstance(child, Module):
+                raise AttributeError(f"{type(mod).__name__} has no attribute `{item}`" if child is None
+                                     else f"`{item}` is not an nn.Module")
+            mod = child
+        return mod
+
+    def get_parameter(self, target: str):
+        """The parameter at dotted path `target`."""
+        return self._get_member(target, "_parameter_names", "parameter")
+
+    def get_buffer(self, target: str):
+        """The buffer at dotted path `target`."""
+        return self._get_member(target, "_buffer_names", "buffer")
+
+    def _get_member(self, target, kind, what):
+        mod_path, _, name = target.rpartition(".")
+        mod = self.get_submodule(mod_path)
+        if name not in mod.__dict__:
+            raise AttributeError(f"{type(mod).__name__} has no attribute `{name}`")
+        if name not in mod._names_of(kind):
+            raise AttributeError(f"`{name}` is not a {what}")
+        return mod.__dict__[name]
 
     # -- state -------------------------------------------------------------------
-    def state_dict(self) -> "OrderedDict[str, object]":
-        """Parameters and buffers by dotted name, as in PyTorch (same names and layouts)."""
-        out = OrderedDict()
-        for mod_name, mod in self.named_modules():
-            names = mod.__dict__.get("_buffer_names") or frozenset()
-            for name, value in vars(mod).items():
-                if _is_float_array(value) or (name in names and is_array(value)):
-                    out[f"{mod_name}.{name}" if mod_name else name] = value
+    def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False) -> "OrderedDict[str, object]":
+        """Parameters, then persistent buffers, of each module by dotted name, as in
+        PyTorch (same names, order and layouts; a tied weight under each of its names)."""
+        out = OrderedDict() if destination is None else destination
+        for mod_name, mod in self.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False):
+            skip = mod._names_of("_non_persistent")
+            for buffers in (False, True):
+                for name, value in mod._own_arrays(buffers):
+                    if name not in skip:
+                        out[f"{mod_name}.{name}" if mod_name else name] = value
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True):
@@ -123,8 +331,9 @@ class Module:
         values, and values the model's dtype cannot hold without losing
         information (fractions or out-of-range numbers for an integer buffer,
         complex numbers for a real array, strings, objects) raise one error
-        listing all of them, and leave the model as it was.  The model gets
-        copies, never the given arrays themselves.  Returns (missing_keys,
+        listing all of them, and leave the model as it was.  The values are
+        copied into the model's own arrays (never the given arrays themselves),
+        so a weight tied under two names stays tied.  Returns (missing_keys,
         unexpected_keys)."""
         own = self.state_dict()
         missing = [k for k in own if k not in state_dict]
@@ -132,13 +341,13 @@ class Module:
         converted, misshaped, mistyped = _convert_all(own, state_dict)
         if misshaped or mistyped or (strict and (missing or unexpected)):
             raise self._load_error(missing, unexpected, misshaped, mistyped)
-        # Device copies first, assignments last: a failure here (out of device memory)
-        # still leaves every array of the model as it was.
+        # Device copies first, writes last: a failure here (out of device memory)
+        # still leaves every array of the model as it was.  Each value is copied
+        # into the model's own array, so arrays shared by two names (tied
+        # weights) and views of flat parameter buffers stay what they are.
         new = {key: backend_of(own[key]).asarray(host) for key, host in converted.items()}
-        modules = dict(self.named_modules())
         for key, value in new.items():
-            mod_name, _, attr = key.rpartition(".")
-            object.__setattr__(modules[mod_name], attr, value)
+            avalon.assign(own[key], value)
         return missing, unexpected
 
     def _load_error(self, missing, unexpected, misshaped, mistyped) -> AvalonError:
@@ -177,8 +386,10 @@ class Module:
         return self
 
     def apply(self, fn):
-        for m in self.modules():
-            fn(m)
+        """fn(module) on every child (recursively, children first), then on self, as torch."""
+        for child in self.children():
+            child.apply(fn)
+        fn(self)
         return self
 
     # -- printing --------------------------------------------------------------------

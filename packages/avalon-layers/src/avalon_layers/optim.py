@@ -719,7 +719,13 @@ def _plan(model, leaves, td, gtd, grads, ignore):
         elif gstatic.get(path, _MISSING) is not None:
             raise AvalonError(f"optimizer step: grads has no gradient at {name} (found "
                               f"{_what(gstatic.get(path, _MISSING))}); {_hint(model, grads)}")
-    extra = sorted(set(gpaths) - set(paths))
+    # a tied array's second place (an alias in the model's tree): a gradient given
+    # there separately is added to the first place's (avalon.grad gives the sum at both)
+    aliases = tree.alias_paths(td)
+    for path, i in aliases:
+        if path in gindex and any(k == i for _, k, _ in plan):
+            plan.append((next(n for n, k, _ in plan if k == i), i, gindex[path]))
+    extra = sorted(set(gpaths) - set(paths) - {p for p, _ in aliases})
     if extra:
         raise AvalonError(f"optimizer step: grads has arrays at {', '.join(extra[:5])} where the model has none; "
                           f"{_hint(model, grads)}")

@@ -184,7 +184,7 @@ cast_p = defprim("cast", shape=lambda x, *, dtype: (x.shape, np.dtype(dtype)), e
                  sharding=_sharding.pointwise(_sharding.all_partial), layout=_layout.POINTWISE,
                  accepts_out=True, inplace=True, expr="({T}){0}", impl=_cast_impl, vjp=_cast_vjp)
 
-stop_gradient_p = defprim("stop_gradient", shape=lambda x: (x.shape, x.dtype), elementwise=True,
+stop_gradient_p = defprim("stop_gradient", shape=lambda x: (x.shape, x.dtype), elementwise=True, detaches=True,
                           sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
                           expr="{0}", impl=lambda xp, x: x, vjp=lambda g, out, x: (None,))
 

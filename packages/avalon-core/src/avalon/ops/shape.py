@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ShapeError
-from ..primitive import bind, defprim
+from ..primitive import Tracer, bind, defprim
 from ._rules import checked_shape, normalize_axes
 from .indexing import _located  # errors name the user's line
 from ._sharding import P, R, S, NeedsReduce, NoSplit, created, on_sharded
@@ -257,8 +257,16 @@ assign_p = defprim("assign", shape=_assign_rule, impl=_assign_impl, writes_input
 
 def assign(dst, src):
     """Write `src` into the array `dst` in place and return dst.  In a compiled
-    function the op producing src writes straight into dst when it can."""
-    return bind(assign_p, (dst, src))
+    function the op producing src writes straight into dst when it can.
+
+    Traced, `dst` (a tracer) is rebound to the written value, so every later
+    read of it sees that value, as eager code does: a buffer updated twice in
+    one step (BatchNorm applied to two batches) takes both updates in order."""
+    out = bind(assign_p, (dst, src))
+    if isinstance(dst, Tracer):
+        dst.node = out.node
+        return dst
+    return out
 
 
 # -- repeat, tile: broadcasts and reshapes (a gather for per-element repeats) -----------------

@@ -120,8 +120,21 @@ def _first_match(rules, n):
     return None
 
 
+def _written_buffers(graph):
+    """The arrays (seen through views) that an op writes into (assign): a value
+    of theirs read after the write differs from the one read before."""
+    from ..primitive import PRIMITIVES
+    root = {}
+    for n in graph.nodes:
+        prim = PRIMITIVES.get(n.op)
+        root[n] = root.get(n.inputs[0], n.inputs[0]) if prim is not None and prim.view and n.inputs else n
+    return root, {root.get(n.inputs[0], n.inputs[0]) for n in graph.nodes
+                  if getattr(PRIMITIVES.get(n.op), "writes_input", False)}
+
+
 def simplify(graph, rules=None):
     rules = RULES if rules is None else rules
+    root, written = _written_buffers(graph)
     rename = {}
     out = []
     present = set()
@@ -129,6 +142,9 @@ def simplify(graph, rules=None):
         if rename:
             n.inputs = [rename.get(i, i) for i in n.inputs]
         new = None if n.op in ("input", "const") else _first_match(rules, n)
+        # x * 1 -> x would make a copy of an array that is written later an alias of it
+        if new is not None and new[-1] in present and root.get(new[-1], new[-1]) in written:
+            new = None
         if new is None:
             out.append(n)
             present.add(n)

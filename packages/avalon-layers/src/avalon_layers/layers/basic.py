@@ -1,8 +1,11 @@
 """Basic layers: Linear, Identity, Flatten, Dropout, Embedding, and the
-containers Sequential and ModuleList; F.linear, F.dropout, F.embedding.
+containers Sequential, ModuleList, ModuleDict, ParameterList and ParameterDict;
+F.linear, F.dropout, F.embedding.
 
-Also the helpers the other layer files share: parameter creation in a dtype,
-placement on a device, and the ShapeError a layer raises for a bad input.
+Also the helpers the other layer files share: parameter creation in a dtype
+(`new_param` declares a layer's parameter, `new_buffer` makes an array for
+register_buffer), placement on a device, and the ShapeError a layer raises for
+a bad input.
 """
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ import numpy as np
 
 import avalon
 from avalon.errors import at, user_location
+from avalon.tree import is_array
 
 from .. import init
-from ..module import Module
+from ..module import Module, Parameter
 from ..registry import export
 
 _BASIC = "Basic layers"
@@ -24,10 +28,19 @@ _BASIC = "Basic layers"
 # -- shared helpers ------------------------------------------------------------------------------------
 
 def new_param(shape, dtype=None):
-    """An uninitialized parameter array (float32 unless `dtype` says otherwise)."""
+    """An uninitialized parameter array (float32 unless `dtype` says otherwise),
+    declared a parameter (nn.Parameter): the way a layer makes its weights."""
     dtype = np.dtype(np.float32 if dtype is None else dtype)
     if dtype.kind != "f":
         raise avalon.DtypeError(f"parameters must be floating-point, got dtype {dtype.name}")
+    return Parameter(np.empty(tuple(int(s) for s in shape), dtype=dtype))
+
+
+def new_buffer(shape, dtype=None):
+    """An uninitialized floating-point array for register_buffer (not a parameter)."""
+    dtype = np.dtype(np.float32 if dtype is None else dtype)
+    if dtype.kind != "f":
+        raise avalon.DtypeError(f"buffers made by new_buffer must be floating-point, got dtype {dtype.name}")
     return np.empty(tuple(int(s) for s in shape), dtype=dtype)
 
 
@@ -207,6 +220,8 @@ class Embedding(Module):
             self.reset_parameters()
         else:
             self.weight = self._given_weight(_weight, dtype)
+        if _freeze:
+            self.requires_grad_(False)
         place(self, device)
 
     def _padding_index(self, padding_idx):
@@ -222,7 +237,7 @@ class Embedding(Module):
         if w.shape != (self.num_embeddings, self.embedding_dim):
             raise avalon.ShapeError(f"Embedding: _weight has shape {w.shape}, expected "
                                     f"({self.num_embeddings}, {self.embedding_dim})")
-        return w
+        return Parameter(w)
 
     def reset_parameters(self):
         init.normal_(self.weight)
@@ -368,3 +383,171 @@ class ModuleList(_Container):
             head = f"({start}): " if start == end else f"({start}-{end}): {end - start + 1} x "
             lines.append((head + r).replace("\n", "\n  "))
         return "ModuleList(\n  " + "\n  ".join(lines) + "\n)"
+
+
+@export("nn", _BASIC)
+class ModuleDict(Module):
+    """Layers by name, registered as children under their keys (insertion order), as
+    torch.nn.ModuleDict; it has no forward of its own."""
+
+    _array_arguments = ()
+
+    def __init__(self, modules=None):
+        super().__init__()
+        if modules is not None:
+            self.update(modules)
+
+    def __getitem__(self, key: str):
+        if key not in self:
+            raise KeyError(key)
+        return self.__dict__[key]
+
+    def __setitem__(self, key: str, module) -> None:
+        self.add_module(key, module)
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        delattr(self, key)
+
+    def __len__(self):
+        return len(self.keys())
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and isinstance(self.__dict__.get(key), Module)
+
+    def keys(self):
+        return [name for name, _ in self.named_children()]
+
+    def items(self):
+        return list(self.named_children())
+
+    def values(self):
+        return self.children()
+
+    def clear(self) -> None:
+        for key in self.keys():
+            del self[key]
+
+    def pop(self, key: str):
+        module = self[key]
+        del self[key]
+        return module
+
+    def update(self, modules) -> None:
+        """Add (name, module) pairs from a mapping or an iterable of pairs."""
+        pairs = modules.items() if hasattr(modules, "items") else modules
+        for key, module in pairs:
+            self[key] = module
+
+
+class _ParameterContainer(Module):
+    """Arrays registered as parameters under names, in insertion order."""
+
+    _array_arguments = ()
+
+    def _keys(self):
+        names = self._names_of("_parameter_names")
+        return [name for name in vars(self) if name in names]
+
+    def _put(self, name: str, value) -> None:
+        if not is_array(value):
+            raise TypeError(f"{type(self).__name__}: {type(value).__name__} is not an array")
+        if not isinstance(value, Parameter):
+            value = Parameter(value)
+        self.register_parameter(name, value)
+
+    def __len__(self):
+        return len(self._keys())
+
+    def extra_repr(self):
+        return "\n".join(f"({k}): Parameter containing: [{np.dtype(v.dtype).name} of size {tuple(v.shape)}]"
+                         for k, v in ((k, self.__dict__[k]) for k in self._keys()))
+
+
+@export("nn", _BASIC)
+class ParameterList(_ParameterContainer):
+    """A list of parameters named "0", "1", ..., as torch.nn.ParameterList; arrays
+    given that are not nn.Parameter yet are made parameters."""
+
+    def __init__(self, values=None):
+        super().__init__()
+        self.extend(values or ())
+
+    def _key(self, idx: int) -> str:
+        n = len(self)
+        if not -n <= idx < n:
+            raise IndexError(f"index {idx} is out of range for ParameterList of length {n}")
+        return str(idx % n)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return ParameterList([self[i] for i in range(len(self))[idx]])
+        return self.__dict__[self._key(idx)]
+
+    def __setitem__(self, idx: int, value) -> None:
+        self._put(self._key(idx), value)
+
+    def __iter__(self):
+        return iter([self.__dict__[k] for k in self._keys()])
+
+    def append(self, value):
+        self._put(str(len(self)), value)
+        return self
+
+    def extend(self, values):
+        for v in values:
+            self.append(v)
+        return self
+
+
+@export("nn", _BASIC)
+class ParameterDict(_ParameterContainer):
+    """Parameters by name, as torch.nn.ParameterDict; arrays given that are not
+    nn.Parameter yet are made parameters."""
+
+    def __init__(self, parameters=None):
+        super().__init__()
+        if parameters is not None:
+            self.update(parameters)
+
+    def __getitem__(self, key: str):
+        if key not in self:
+            raise KeyError(key)
+        return self.__dict__[key]
+
+    def __setitem__(self, key: str, value) -> None:
+        self._put(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        delattr(self, key)
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and key in self._names_of("_parameter_names") and key in self.__dict__
+
+    def __iter__(self):
+        return iter(self._keys())
+
+    def keys(self):
+        return self._keys()
+
+    def items(self):
+        return [(k, self.__dict__[k]) for k in self._keys()]
+
+    def values(self):
+        return [self.__dict__[k] for k in self._keys()]
+
+    def pop(self, key: str):
+        value = self[key]
+        del self[key]
+        return value
+
+    def update(self, parameters) -> None:
+        pairs = parameters.items() if hasattr(parameters, "items") else parameters
+        for key, value in pairs:
+            self[key] = value

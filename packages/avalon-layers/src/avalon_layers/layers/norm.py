@@ -16,7 +16,7 @@ import avalon
 from .. import init
 from ..module import Module
 from ..registry import export
-from .basic import new_param, place, shape_error
+from .basic import new_buffer, new_param, place, shape_error
 
 _BASIC = "Basic layers"
 
@@ -116,8 +116,8 @@ class _BatchNorm(Module):
         self.weight = new_param((num_features,), dtype) if affine else None
         self.bias = new_param((num_features,), dtype) if affine and bias else None
         if track_running_stats:
-            self.register_buffer("running_mean", new_param((num_features,), dtype))
-            self.register_buffer("running_var", new_param((num_features,), dtype))
+            self.register_buffer("running_mean", new_buffer((num_features,), dtype))
+            self.register_buffer("running_var", new_buffer((num_features,), dtype))
             self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None

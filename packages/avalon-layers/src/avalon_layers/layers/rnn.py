@@ -19,7 +19,7 @@ import numpy as np
 import avalon
 from avalon.errors import at, user_location
 
-from ..module import Module
+from ..module import Module, Parameter
 from ..registry import export
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
@@ -28,9 +28,10 @@ _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
 # -- initialization and checks ---------------------------------------------------------
 
 def _uniform(shape, bound, dtype, device):
-    """U(-bound, bound), drawn from avalon's generator (repeatable after avalon.manual_seed)."""
+    """A parameter drawn from U(-bound, bound), from avalon's generator (repeatable after
+    avalon.manual_seed)."""
     u = avalon.random_uniform(shape, dtype, device=device)
-    return ((u * 2.0 - 1.0) * bound).astype(dtype, copy=False)
+    return Parameter(((u * 2.0 - 1.0) * bound).astype(dtype, copy=False))
 
 
 def _shape_error(layer, msg):

@@ -60,7 +60,7 @@ class AffineCoupling(nn.Module):
         last.weight[...] = 0  # start as the identity map
         last.bias[...] = 0
         self.net = nn.Sequential(*layers, last)
-        self.scale = np.ones(dim, np.float32)
+        self.scale = nn.Parameter(np.ones(dim, np.float32))
 
     def _scale_shift(self, kept):
         h = self.net(kept)
