@@ -231,7 +231,8 @@ def test_tied_parameters_are_updated_once_with_the_summed_gradient():
     class Tied(nn.Module):
         def __init__(self, w):
             super().__init__()
-            self.a, self.b = w, w
+            self.a = nn.Parameter(w)
+            self.b = self.a
 
         def forward(self, x):
             return avalon.sum(x * self.a) + avalon.sum(x * x * self.b)
