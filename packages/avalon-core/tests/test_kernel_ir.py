@@ -245,7 +245,10 @@ def test_c_rendering_spells_exact_c():
     src = CRenderer().render_module([lower(where_body(), name="mix"), lower(chain_body(), name="chain")])
     assert src.count("#include <math.h>") == 1 and "void mix(" in src and "void chain(" in src
     assert "restrict" not in src and "#pragma GCC ivdep" in src
-    assert "tanhf(" in src and "((x0 > 0.0f) | (x0 != x0)) ? x0 : 0.0f" in src
+    assert "tanhf(" in src and "avl_max_f32(x0, 0.0f)" in src
+    # NumPy's maximum: a NaN first operand wins, then a NaN second one, ties give the second
+    assert ("static inline float avl_max_f32(float a, float b) "
+            "{ float m = a > b ? a : b; m = b != b ? b : m; return a != a ? a : m; }") in src
     f64 = CRenderer().render(lower(body_of([((4,), F64)], lambda op, x: op("tanh", op("exp", x)))))
     assert "tanh(" in f64 and "exp(" in f64 and "tanhf" not in f64
     ints = CRenderer().render(lower(body_of([((4,), np.int32), ((4,), np.int32)],

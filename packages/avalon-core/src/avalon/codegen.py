@@ -70,9 +70,8 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
             env[var] = backend.asarray(_host(n.value))
             names[n] = var
             continue
-        prim = PRIMITIVES[n.op]
         kname = f"{_ident(n.op)}_{k}"
-        env[kname] = _compile_fused(backend, n, k) if n.op == "fused" else backend.kernel(prim, n.attrs)
+        env[kname] = _compile_fused(backend, n, k) if n.op == "fused" else backend.node_kernel(n)
         args = ", ".join(names[i] for i in n.inputs)
         comment = f"  # {type_str(n.shape, n.dtype)}"
         if n.loc:

@@ -32,6 +32,7 @@ RULE_KINDS = {
     "sharding": "the batch split across threads (avalon.passes.sharding)",
     "shard_attrs": "the attributes of a node in a shard graph (avalon.passes.sharding)",
     "layout": "the batch-innermost layout (avalon.passes.layout)",
+    "lower": "the op as one loop-level kernel, node -> Kernel or None (avalon.kernel_ir; the CPU backend's C)",
 }
 
 _NO_DEFAULT = object()

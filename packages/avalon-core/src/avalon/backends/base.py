@@ -95,6 +95,13 @@ class Backend:
             pass
         return k
 
+    def node_kernel(self, node):
+        """The kernel of one graph node, which knows its static shapes and dtypes:
+        a backend may return one specialized to them (the CPU's C kernels); by
+        default, `kernel(prim, attrs)`."""
+        from ..primitive import PRIMITIVES
+        return self.kernel(PRIMITIVES[node.op], node.attrs)
+
     def _make_kernel(self, prim, attrs):
         override = getattr(self, "k_" + prim.name, None)
         if override is not None:

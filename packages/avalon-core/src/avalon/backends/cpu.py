@@ -41,6 +41,17 @@ class CpuBackend(Backend):
 
     out_kernels = ("where", "im2col_csn", "col2im_csn")
 
+    def node_kernel(self, node):
+        """Ops with a `lower` rule (the batch-innermost glue: im2col, col2im, max
+        pooling) as C kernels specialized to the node's shapes (cpu_native), with
+        the NumPy kernel for arrays they were not compiled for; NumPy alone when
+        AVALON_NATIVE=0 or no C compiler is usable."""
+        from . import cpu_native
+        fallback = super().node_kernel(node)
+        if not cpu_native.enabled():
+            return fallback
+        return cpu_native.compile_node_c(node, fallback) or fallback
+
     def compile_fused(self, body):
         """A fused elementwise group as ONE compiled C kernel (avalon.kernel_ir, built
         with the system compiler: cpu_native); the group's NumPy ufuncs in turn

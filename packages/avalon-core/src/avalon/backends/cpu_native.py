@@ -145,11 +145,56 @@ def _compile(body, backend):
     return fn
 
 
+# -- single ops lowered by their primitive's `lower` rule (avalon.kernel_ir.glue) -------------------------------
+
+def compile_node_c(node, fallback):
+    """The node's op as one C kernel (its primitive's `lower` rule), built lazily
+    like fused groups: a callable f(*inputs, out=None) that runs the kernel on
+    contiguous arrays of the compiled shapes and dtypes and `fallback` (the
+    NumPy kernel, same signature) on anything else.  None when the op has no
+    kernel for this node (no rule, the rule declines, or no compiler)."""
+    from ..primitive import PRIMITIVES
+    rule = PRIMITIVES[node.op].rule("lower", None)
+    if rule is None or not OBJECT_CALLS or not native.available():
+        return None
+    kernel = rule(node)
+    if kernel is None:
+        return None
+    key = (kernel.name, "node")
+    with _lock:
+        built = _built.get(key)
+        if built is None:
+            entry = _pending.get(key)
+            if entry is None:
+                entry = _pending[key] = _Pending(kernel, _renderer().render_kernel(kernel), True, in_place=False)
+            source = entry.source
+        else:
+            source = built.source
+        env = {"_empty": np.empty, "_id": id, "_slow": fallback,
+               "_SHAPE": tuple(node.shape), "_DT": np.dtype(node.dtype)}
+        env["_entry"] = built.entry if built is not None else _Stub(env, "_entry")
+        env["_k"] = built.cfn if built is not None else _Stub(env, "_k")
+        if built is None:
+            entry.envs.append(env)
+    args = [f"a{k}" for k in range(len(kernel.inputs))]
+    src = "\n".join([f"def op({', '.join(args + ['out=None'])}):",
+                     "    if out is None:",
+                     "        out = _empty(_SHAPE, _DT)",
+                     f"    if _entry({', '.join(f'_id({a})' for a in args + ['out'])}):",
+                     f"        return _slow({', '.join(args)}, out=out)",
+                     "    return out"]) + "\n"
+    exec(compile(src, f"<avalon C {kernel.name}>", "exec"), env)
+    fn = env["op"]
+    fn.kernel, fn.source, fn.native = kernel, source, True
+    return fn
+
+
 # -- building: one shared object for every group compiled since the last build -------------------------------------
 
 class _Pending:
-    def __init__(self, kernel, source, object_calls):
+    def __init__(self, kernel, source, object_calls, in_place=True):
         self.kernel, self.source, self.object_calls = kernel, source, object_calls
+        self.in_place = in_place
         self.envs = []       # globals of the wrappers waiting for this kernel
 
 
@@ -196,7 +241,7 @@ def _build(entries):
     source = renderer.assemble([e.source for e in entries])
     objects = [e for e in entries if e.object_calls]
     if objects:
-        source += _ENTRY_PRELUDE + "".join(_entry_source(e.kernel) for e in objects)
+        source += _ENTRY_PRELUDE + "".join(_entry_source(e.kernel, e.in_place) for e in objects)
     name = entries[0].kernel.name if len(entries) == 1 else f"fused{len(entries)}"
     lib = native.build(source, flags=flags(), name=name)
     if objects:
@@ -308,9 +353,10 @@ static inline int avl_overlap(const char* p, intptr_t nbytes, const char* o, int
 """
 
 
-def _entry_source(kernel) -> str:
+def _entry_source(kernel, in_place=True) -> str:
     """int NAME_objects(in0, ..., out): 0 = ran, 1 = out overlaps an input, 2 = an array
-    the kernel was not compiled for (the caller takes the slow path)."""
+    the kernel was not compiled for (the caller takes the slow path).  in_place: an
+    input may be exactly `out` (elementwise code reads each element before writing it)."""
     ins, outb = kernel.inputs, kernel.outputs[0]
     ctypes_of = CRenderer()
     params = ", ".join(f"const void* o_{b.name}" for b in kernel.params)
@@ -323,7 +369,7 @@ def _entry_source(kernel) -> str:
     onb = outb.size * outb.dtype.itemsize
     for b in ins:
         nb = b.size * b.dtype.itemsize
-        same_layout = b.size == outb.size and b.dtype.itemsize == outb.dtype.itemsize
+        same_layout = in_place and b.size == outb.size and b.dtype.itemsize == outb.dtype.itemsize
         exact = f"p_{b.name} != p_out && " if same_layout else ""
         lines.append(f"    if ({exact}avl_overlap(p_{b.name}, {nb}, p_out, {onb})) return 1;")
     args = ", ".join(f"({'const ' if b.role == 'in' else ''}{ctypes_of.buffer_type(b.dtype)}*)p_{b.name}"

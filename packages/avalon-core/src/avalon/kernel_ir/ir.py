@@ -6,7 +6,9 @@ statements:
 
 * `Loop(var, extent, body)`: ``for var in [0, extent)``;
 * `Let(var, value)`: a new local (SSA: each name is bound once);
-* `Store(buffer, index, value)`: ``buffer[index] = value``.
+* `Store(buffer, index, value)`: ``buffer[index] = value``;
+* `Update(buffer, index, op, value)`: ``buffer[index] = buffer[index] op value``
+  on an output buffer (a scatter-add: col2im, overlapping windows).
 
 Expressions carry their dtype on every node: `Var`, `Const` (a value of exact
 dtype), `Load(buffer, index)`, `Unary`, `Binary`, `Call`, `Select` and
@@ -214,6 +216,19 @@ class Store:
     value: Expr
 
 
+#: Update ops: name -> the C compound assignment
+UPDATE_OPS = {"add": "+="}
+
+
+@dataclass(frozen=True)
+class Update:
+    """buffer[index] = buffer[index] <op> value (an output buffer read back)."""
+    buffer: Buffer
+    index: Index
+    op: str
+    value: Expr
+
+
 @dataclass(frozen=True)
 class Loop:
     var: Var
@@ -338,6 +353,9 @@ def _format_stmts(stmts, indent, lines):
             lines.append(f"{indent}let {s.var.name}: {dtype_str(s.var.dtype)} = {format_expr(s.value)}")
         elif isinstance(s, Store):
             lines.append(f"{indent}{s.buffer.name}[{format_index(s.index)}] = {format_expr(s.value)}")
+        elif isinstance(s, Update):
+            lines.append(f"{indent}{s.buffer.name}[{format_index(s.index)}] {UPDATE_OPS.get(s.op, s.op)} "
+                         f"{format_expr(s.value)}")
         else:
             lines.append(f"{indent}<{type(s).__name__}>")
 
@@ -414,8 +432,11 @@ class _Verifier:
                 if s.value.dtype != s.var.dtype:
                     self.fail(f"declared {dtype_str(s.var.dtype)} but its value is {dtype_str(s.value.dtype)}")
                 self.define(s.var, scope)
-            elif isinstance(s, Store):
-                self.where = f"store {s.buffer.name}[{format_index(s.index)}]: "
+            elif isinstance(s, (Store, Update)):
+                kind = "store" if isinstance(s, Store) else "update"
+                self.where = f"{kind} {s.buffer.name}[{format_index(s.index)}]: "
+                if isinstance(s, Update) and s.op not in UPDATE_OPS:
+                    self.fail(f"unknown update op {s.op!r}; ops are {', '.join(UPDATE_OPS)}")
                 self.buffer(s.buffer, "out", "stored to")
                 self.index(s.index, s.buffer, scope, extents)
                 self.expr(s.value, scope, extents)

@@ -33,9 +33,24 @@ from __future__ import annotations
 from .render_cstyle import CStyleRenderer
 
 
+#: NumPy's float maximum/minimum as functions of three selects (a NaN first operand
+#: wins, then a NaN second one; ties give the second): gcc 12 vectorizes loops calling
+#: them, not the one-expression form `((a > b) | (a != a)) ? a : b` once its results
+#: chain through several statements (a max-pooling window)
+_MAXMIN = "".join(
+    f"static inline {t} avl_{fn}_{name}({t} a, {t} b) "
+    f"{{ {t} m = a {cmp} b ? a : b; m = b != b ? b : m; return a != a ? a : m; }}\n"
+    for t, name in (("float", "f32"), ("double", "f64")) for fn, cmp in (("max", ">"), ("min", "<")))
+
+
 class CRenderer(CStyleRenderer):
     language = "c"
     FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off")
+    FUNCS = {**CStyleRenderer.FUNCS,
+             "max": {**CStyleRenderer.FUNCS["max"], "float32": "avl_max_f32({0}, {1})",
+                     "float64": "avl_max_f64({0}, {1})"},
+             "min": {**CStyleRenderer.FUNCS["min"], "float32": "avl_min_f32({0}, {1})",
+                     "float64": "avl_min_f64({0}, {1})"}}
 
     def __init__(self, vector_math: str = ""):
         # declarations after <math.h> that let the compiler call vector versions of
@@ -49,7 +64,8 @@ class CRenderer(CStyleRenderer):
                 "#if defined(__GNUC__)\n#define AVL_EXPORT __attribute__((visibility(\"default\")))\n"
                 "#else\n#define AVL_EXPORT\n#endif\n"
                 "static inline float avl_f32_bits(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }\n"
-                "static inline double avl_f64_bits(uint64_t u) { double f; memcpy(&f, &u, sizeof f); return f; }\n")
+                "static inline double avl_f64_bits(uint64_t u) { double f; memcpy(&f, &u, sizeof f); return f; }\n"
+                + _MAXMIN)
 
     def float_from_bits(self, dtype, bits: int) -> str:
         if dtype.itemsize == 4:

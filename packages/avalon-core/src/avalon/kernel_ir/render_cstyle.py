@@ -23,7 +23,8 @@ import math
 import numpy as np
 
 from .ir import (ARITH_OPS, COMPARE_OPS, Binary, Call, Cast, Const, Index, Let, Load, Loop, Select,
-                 Store, Unary, Var)
+                 Store, Unary, Update, Var)
+from .ir import UPDATE_OPS
 
 
 class CStyleRenderer:
@@ -168,6 +169,8 @@ class CStyleRenderer:
             return [f"{indent}const {self.c_type(s.var.dtype)} {s.var.name} = {self.expr(s.value)};"]
         if isinstance(s, Store):
             return [f"{indent}{s.buffer.name}[{self.index(s.index)}] = {self.expr(s.value)};"]
+        if isinstance(s, Update):
+            return [f"{indent}{s.buffer.name}[{self.index(s.index)}] {UPDATE_OPS[s.op]} {self.expr(s.value)};"]
         if isinstance(s, Loop):
             return self.loop(s, indent)
         raise TypeError(f"cannot render {type(s).__name__}")

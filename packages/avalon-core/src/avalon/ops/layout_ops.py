@@ -8,6 +8,7 @@ CSE shares between the forward product and the weight gradient.
 """
 from __future__ import annotations
 
+from ..kernel_ir import glue
 from ..kernels import conv_csn as K
 from ..kernels.conv import conv_output_shape
 from ..primitive import defprim
@@ -66,12 +67,13 @@ def _col2im_sharding(node, states, ctx):
 
 
 im2col_csn_p = defprim("im2col_csn", shape=_im2col_rule, accepts_out=True, sharding=_batch_last(0),
+                       lower=glue.lower_im2col_csn,
                        impl=lambda xp, x, out=None, **a: K.im2col_csn(xp, x, out=out, **a),
                        doc="columns (C*K, out*N) of (C, *S, N) activations: a convolution is then one matmul.")
 
 col2im_csn_p = defprim(
     "col2im_csn", shape=lambda cols, *, input_shape, **a: (tuple(input_shape), cols.dtype), accepts_out=True,
-    output_shape_attr="input_shape", sharding=on_sharded(_col2im_sharding),
+    output_shape_attr="input_shape", sharding=on_sharded(_col2im_sharding), lower=glue.lower_col2im_csn,
     impl=lambda xp, cols, out=None, **a: K.col2im_csn(xp, cols, out=out, **a),
     doc="the adjoint of im2col_csn: columns summed back into (C, *S, N).")
 
@@ -82,12 +84,13 @@ def _pool_rule(x, *, kernel_size, stride, padding, dilation):
 
 
 max_pool_csn_p = defprim("max_pool_csn", shape=_pool_rule, accepts_out=True, sharding=_batch_last(0),
+                         lower=glue.lower_max_pool_csn,
                          impl=lambda xp, x, out=None, **a: K.max_pool_csn_forward(xp, x, out=out, **a),
                          doc="max pooling of (C, *S, N) activations.")
 
 max_pool_csn_grad_p = defprim(
     "max_pool_csn_grad", shape=lambda x, y, g, **a: (tuple(x.shape), g.dtype), accepts_out=True,
-    sharding=_batch_last(0, 1, 2),
+    sharding=_batch_last(0, 1, 2), lower=glue.lower_max_pool_csn_grad,
     impl=lambda xp, x, y, g, out=None, **a: K.max_pool_csn_backward(xp, x, g, out=out, y=y, **a),
     doc="gradient of max_pool_csn (x, its pooled output y, cotangent g): each window's cotangent "
         "to its first maximum.")
