@@ -19,6 +19,8 @@ from .api import (CompiledFunction, GradFunction, JitFunction, compile_graph, gr
                   value_and_grad)
 from .backends import (Backend, Device, backends, best_available_device, device, manual_seed,  # noqa: F401
                        to_device)
+from .custom_vjp import custom_vjp  # noqa: F401
+from .remat import checkpoint  # noqa: F401
 from .anomaly import AnomalyError, detect_anomaly  # noqa: F401
 from .errors import (AvalonError, ConcretizationError, DeviceError, DtypeError, GraphError,  # noqa: F401
                      LabelError, MissingRuleError, OutOfMemoryError, ShapeError)
