@@ -143,11 +143,14 @@ class CompiledFunction:
         return self._cache[self._last_key]
 
     def _lookup(self, args):
-        leaves, treedef = tree.flatten(args)
+        try:
+            leaves, treedef = tree.flatten(args)
+        except tree.ForeignArrayError:
+            _refuse_leaked_tracers(args, self.__name__)  # a tracer is no foreign array: say what it is
+            raise
         key = (treedef, tuple(map(_leaf_key, leaves)), (pipeline_version(), anomaly.is_enabled()))
         entry = self._cache.get(key)
         if entry is None:
-            _refuse_leaked_tracers(args, self.__name__)
             with self._compiling:  # two threads missing at once compile once
                 entry = self._cache.get(key) or self._compile(key, leaves, treedef)
         self._last_key = key
