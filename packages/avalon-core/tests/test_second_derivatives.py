@@ -129,7 +129,7 @@ def _torch_hvp(case, inputs, cts, vs):
         grads = torch.func.grad(loss, argnums=wrt)(*ts)
         return sum((g * v).sum() for g, v in zip(grads, tvs))
 
-    return [g.detach().numpy() for g in torch.func.grad(directional, argnums=wrt)(*tins)]
+    return [g.detach().numpy(force=True) for g in torch.func.grad(directional, argnums=wrt)(*tins)]
 
 
 @pytest.mark.parametrize("case", _params(_CASES, np.float32, lambda c: c.torch_fn is not None and not c.random))
