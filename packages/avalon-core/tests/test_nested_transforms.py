@@ -416,3 +416,32 @@ def _line_of(marker):
             if line.rstrip().endswith("# " + marker):
                 return k
     raise AssertionError(marker)
+
+
+def test_nested_step_still_splits_its_batch_across_threads():
+    """The outermost graph (here a gradient penalty: grad of grad) is an
+    ordinary graph: the batch split applies to it, with the same result."""
+    from avalon.passes.sharding import split_batch
+    rng = _rng(30)
+    w = rng.standard_normal((64, 64)).astype(np.float32) / 8
+    x = rng.standard_normal((4096, 64)).astype(np.float32)
+
+    def critic(w, x):
+        return avalon.tanh(x @ w).sum()
+
+    def loss(w, x):
+        _, (_, gx) = avalon.value_and_grad(critic, argnums=1)(w, x)
+        return ((gx * gx).sum(axis=1) - 1.0).mean() ** 2 + critic(w, x) / x.shape[0]
+
+    split = avalon.value_and_grad(loss, argnums=0)
+    whole = avalon.value_and_grad(loss, argnums=0, parallel=False)
+    val, (g, _) = split(w, x)
+    assert split_batch(split.graph, {split.graph.inputs[1]}, 2) is not None
+    for _ in range(3):  # the autotuner times each schedule on the first calls
+        again, (g2, _) = split(w, x)
+        np.testing.assert_allclose(again, val, rtol=1e-5)
+        np.testing.assert_allclose(g2, g, rtol=1e-4, atol=1e-6)
+    want_val, (want_g, _) = whole(w, x)
+    np.testing.assert_allclose(val, want_val, rtol=1e-5)
+    np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-6)
+    assert split.traces == 1
