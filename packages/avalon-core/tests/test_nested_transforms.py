@@ -376,6 +376,29 @@ def test_random_draw_in_an_inner_grad_is_drawn_once_per_outer_call():
     assert hvp.traces == 1
 
 
+def test_assign_in_an_inner_grad_writes_once_per_outer_call():
+    """A running-statistics update inside an inner function is inlined once:
+    one write per call of the outermost compiled function."""
+    running = np.zeros(3, np.float32)
+
+    def f(x, state):
+        avalon.assign(state["running"], state["running"] * 0.5 + x)
+        return (x * x * x).sum()
+
+    def d(x, state):
+        _, (g, _) = avalon.value_and_grad(f, argnums=0)(x, state)
+        return g.sum()
+
+    vg = avalon.value_and_grad(d, argnums=0)
+    x = np.float32([1, 2, 3])
+    _, (g, _) = vg(x, {"running": running})
+    np.testing.assert_array_equal(g, 6 * x)
+    np.testing.assert_array_equal(running, x)
+    vg(x, {"running": running})
+    np.testing.assert_array_equal(running, 1.5 * x)
+    assert vg.traces == 1
+
+
 # -- tracers that leak out of their trace ----------------------------------------
 
 class _Model:
