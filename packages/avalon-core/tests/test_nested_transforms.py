@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import avalon
-from avalon.primitive import LeakedTracerError
+from avalon import LeakedTracerError
 
 torch = pytest.importorskip("torch")
 tf = torch.func

@@ -23,7 +23,7 @@ from .custom_vjp import custom_vjp  # noqa: F401
 from .remat import checkpoint  # noqa: F401
 from .anomaly import AnomalyError, detect_anomaly  # noqa: F401
 from .errors import (AvalonError, ConcretizationError, DeviceError, DtypeError, GraphError,  # noqa: F401
-                     LabelError, MissingRuleError, OutOfMemoryError, ShapeError)
+                     LabelError, LeakedTracerError, MissingRuleError, OutOfMemoryError, ShapeError)
 from .graph import Graph, Node  # noqa: F401
 from .plugins import hookimpl, plugin_errors  # noqa: F401
 from .profiler import profile  # noqa: F401

@@ -22,7 +22,8 @@ import threading
 import numpy as np
 
 from . import anomaly
-from .errors import AvalonError, ConcretizationError, MissingRuleError, at, model_location, user_location
+from .errors import (AvalonError, ConcretizationError, LeakedTracerError, MissingRuleError, at, model_location,
+                     user_location)
 from .graph import Graph, Node, type_str
 
 PRIMITIVES: dict[str, "Primitive"] = {}
@@ -365,10 +366,6 @@ def capture(graph: Graph, t: "Tracer") -> Node:
         node = table[t.node] = graph.add_input(t.shape, t.dtype, "captured")
         graph.__dict__.setdefault("captures", []).append(t)
     return node
-
-
-class LeakedTracerError(AvalonError):
-    """A traced value used after its trace finished, or in a trace that does not enclose its own."""
 
 
 def leaked_tracer_error(t: "Tracer", what: str) -> LeakedTracerError:
