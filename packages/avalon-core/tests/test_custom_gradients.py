@@ -208,6 +208,22 @@ def test_errors_name_the_function_and_what_to_do():
         avalon.grad(lambda x: bad_fwd(x).sum(), np.ones(2, np.float32))
 
 
+def test_fwd_closing_over_a_traced_float_is_refused():
+    """bwd gives cotangents for the arguments only: a traced value fwd reads
+    from its closure would silently get no gradient, so it is refused."""
+    def loss(w, x):
+        @avalon.custom_vjp
+        def scale(x):
+            return x * w
+
+        scale.defvjp(lambda x: (x * w, ()), lambda res, ct: (ct * w,))
+        return scale(x).sum()
+
+    with pytest.raises(AvalonError, match=r"scale: fwd uses a traced f32\[2\] value that is not one of its "
+                                          r"arguments.*Pass it to the function as an argument"):
+        avalon.grad(loss, np.ones(2, np.float32), np.ones(2, np.float32))
+
+
 # -- checkpoint ---------------------------------------------------------------------
 
 def _segment(h, *ws):
@@ -276,6 +292,36 @@ def test_checkpoint_inside_grad_of_grad_and_jit():
     jitted = avalon.jit(lambda x, *ws: ck(x, *ws))
     np.testing.assert_allclose(_called_twice(jitted, x, *ws), _segment(x, *ws), rtol=1e-12)
     assert "remat_barrier" not in {n.op for n in jitted.graph.nodes}
+
+
+class _Block:
+    def __init__(self, w):
+        self.w = w
+
+    def __call__(self, h):
+        return avalon.tanh(h @ self.w)
+
+
+def test_checkpoint_of_a_block_holding_its_parameters():
+    """The checkpointed function closes over traced parameters (a layer
+    holding its weights): their gradients flow through the recomputation."""
+    ws, x = _deep_mlp(layers=3, width=6, batch=4)
+
+    def loss(blocks, x, wrap):
+        h = x
+        for b in blocks:
+            h = wrap(b)(h)
+        return (h ** 2).sum()
+
+    blocks = [_Block(w) for w in ws]
+    plain = avalon.value_and_grad(lambda blocks, x: loss(blocks, x, lambda b: b), argnums=0)
+    remat = avalon.value_and_grad(lambda blocks, x: loss(blocks, x, avalon.checkpoint), argnums=0)
+    val, (g, _) = plain(blocks, x)
+    rval, (rg, _) = _called_twice(remat, blocks, x)
+    np.testing.assert_allclose(rval, val, rtol=1e-12)
+    for a, b in zip(g, rg):
+        np.testing.assert_allclose(b.w, a.w, rtol=1e-10, atol=1e-14)
+    assert "remat_barrier" in {n.op for n in remat.graph.nodes}
 
 
 def test_checkpoint_refuses_a_random_draw():

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from . import tree
 from .errors import AvalonError, ShapeError, at, user_location
 from .graph import type_str
-from .primitive import PRIMITIVES, active_graph, bind, bind_into, defprim, is_tracer
+from .primitive import PRIMITIVES, active_graph, bind, bind_into, defprim, inline, is_tracer
 
 
 class _VJPRule:
@@ -139,11 +141,7 @@ class custom_vjp:
         return self._traced(leaves, arg_tree, args)
 
     def _traced(self, leaves, arg_tree, args):
-        got = self.fwd(*args)
-        if not isinstance(got, tuple) or len(got) != 2:
-            raise AvalonError(f"custom_vjp {self.name}: fwd must return a pair (output, residuals), it returned "
-                              f"{type(got).__name__}{at(user_location())}")
-        out, residuals = got
+        out, residuals = self._forward(leaves, arg_tree)
         out_leaves, out_tree = tree.flatten(out, is_leaf=is_tracer)
         res_leaves, res_tree = tree.flatten(residuals, is_leaf=is_tracer)
         avals = [(tuple(y.shape), y.dtype) for y in out_leaves]
@@ -152,3 +150,27 @@ class custom_vjp:
             rule = _VJPRule(self.name, self.bwd, arg_tree, len(leaves), res_tree, out_tree, avals, k)
             outs.append(bind(custom_vjp_call_p, [y, *leaves, *res_leaves], {"rule": rule}))
         return tree.unflatten(out_tree, outs)
+
+    def _forward(self, leaves, arg_tree):
+        """fwd(*args), traced on its own first: a floating-point value of an
+        enclosing trace that fwd uses without taking it as an argument would
+        get no gradient (bwd returns cotangents for the arguments only), so it
+        is refused; then fwd's ops are inlined into the caller's trace."""
+        from .api import _trace
+        graph = _trace(self._checked_fwd, leaves, arg_tree, f"{self.name}_fwd")
+        captures = list(graph.__dict__.get("captures", ()))
+        for t in captures:
+            if np.dtype(t.dtype).kind in "fc":
+                made = at(t.node.loc) if t.node.loc else f" (an argument of {t.graph.name})"
+                raise AvalonError(
+                    f"custom_vjp {self.name}: fwd uses a traced {type_str(t.shape, t.dtype)} value that is not one of "
+                    f"its arguments{made}; its gradient would be lost, since bwd gives cotangents for the "
+                    "arguments only. Pass it to the function as an argument (bwd then returns its cotangent too).")
+        return tree.unflatten(graph.out_tree, inline(graph, list(leaves) + captures))
+
+    def _checked_fwd(self, *args):
+        got = self.fwd(*args)
+        if not isinstance(got, tuple) or len(got) != 2:
+            raise AvalonError(f"custom_vjp {self.name}: fwd must return a pair (output, residuals), it returned "
+                              f"{type(got).__name__}{at(user_location())}")
+        return got

@@ -6,9 +6,11 @@ activation checkpointing).
 
 The gradient graph normally reads the activations the forward pass computed
 inside f, so they stay in memory from the forward pass until the backward pass
-reaches them.  A checkpointed f keeps only its inputs: it is a custom_vjp
-whose residuals are its arguments, and whose backward pass traces f again on
-them (a nested grad, inlined into the gradient graph) and differentiates it.
+reaches them.  A checkpointed f keeps only its inputs: f is traced into a
+graph of its own, whose inputs (f's arguments and the traced values it closes
+over, such as a layer's parameters) are the arguments of a custom_vjp; its
+residuals are those inputs, and its backward pass runs the graph again on them
+(a nested grad, inlined into the gradient graph) and differentiates it.
 The inputs reach the recomputation through `remat_barrier`, an identity op
 that no pass merges or folds, so common-subexpression elimination cannot
 replace the recomputed values by the stored forward ones.
@@ -28,7 +30,7 @@ from . import ops, tree
 from .custom_vjp import custom_vjp
 from .errors import AvalonError, at
 from .ops import _layout, _sharding
-from .primitive import PRIMITIVES, bind, defprim, is_tracer
+from .primitive import PRIMITIVES, active_graph, bind, defprim, inline, is_tracer
 
 remat_barrier_p = defprim(
     "remat_barrier", shape=lambda x: (x.shape, x.dtype), impl=lambda xp, x: x, view=True, effectful=True,
@@ -45,49 +47,60 @@ def checkpoint(f):
     """f, recomputed in the backward pass instead of keeping its intermediate
     values (see the module's doc).  Eagerly, and in a trace nobody
     differentiates, it is f itself."""
-    rule = custom_vjp(f)
-
-    def fwd(*args):
-        return f(*args), args
-
-    def bwd(args, ct):
-        return _recomputed_vjp(f, args, ct)
-
-    rule.defvjp(fwd, bwd)
+    name = getattr(f, "__qualname__", None) or getattr(f, "__name__", "function")
 
     @functools.wraps(f)
     def checkpointed(*args):
-        return rule(*args)
+        leaves, treedef = tree.flatten(args, is_leaf=is_tracer)
+        if active_graph() is None and not any(map(is_tracer, leaves)):
+            return f(*args)
+        from .api import _trace
+        graph = _trace(f, leaves, treedef, name)
+        _refuse_effects(graph, name)
+        # values f closes over (a model's traced parameters) are inputs like its arguments: their
+        # gradients flow through the recomputation too
+        captures = list(graph.__dict__.get("captures", ()))
+        outs = _remat_rule(graph, name)(*leaves, *captures)
+        return tree.unflatten(graph.out_tree, outs)
 
     checkpointed.__wrapped__ = f
     return checkpointed
 
 
-def _recomputed_vjp(f, args, ct):
+def _remat_rule(graph, name):
+    """A custom_vjp over the traced graph's inputs, one argument each: fwd
+    runs the graph and keeps its inputs; bwd runs and differentiates it again."""
+    def run(*values):
+        return inline(graph, list(values))
+
+    run.__qualname__ = run.__name__ = name
+    rule = custom_vjp(run)
+    return rule.defvjp(lambda *values: (run(*values), values),
+                       lambda values, cts: _recomputed_vjp(graph, name, values, cts))
+
+
+def _recomputed_vjp(graph, name, values, cts):
+    """The cotangent of each input of `graph` (None for non-float ones): a
+    nested grad of <graph(values), cts>, inlined into the gradient graph, on
+    the inputs passed through remat_barrier."""
     from .api import GradFunction
-    name = getattr(f, "__qualname__", None) or getattr(f, "__name__", "function")
-    ct_leaves = tree.flatten(ct, is_leaf=is_tracer)[0]
-    barred = tree.tree_map(lambda x: remat_barrier(x) if is_tracer(x) else x, args, is_leaf=is_tracer)
+    barred = tuple(remat_barrier(v) if is_tracer(v) else v for v in values)
 
     def recompute_loss(*xs):
-        outs = tree.flatten(f(*xs), is_leaf=is_tracer)[0]
         total = None
-        for o, c in zip(outs, ct_leaves):
+        for o, c in zip(inline(graph, list(xs)), cts):
             if np.dtype(o.dtype).kind not in "fc":
                 continue
-            # ct is a value of the gradient graph: a constant of this inner
+            # c is a value of the gradient graph: a constant of this inner
             # differentiation, yet an enclosing grad differentiates through it
             s = ops.sum(ops.mul(o, c))
             total = s if total is None else ops.add(total, s)
         return total
 
     recompute_loss.__qualname__ = recompute_loss.__name__ = f"{name}_recomputed"
-    gf = GradFunction(recompute_loss)
-    outs, entry = gf._call_inlined(tuple(barred))
-    _refuse_effects(entry.graph, name)
+    outs, entry = GradFunction(recompute_loss)._call_inlined(barred)
     grads = iter(outs[1:])
-    grad_leaves = [next(grads) if w else None for w in entry.wrt]
-    return tree.unflatten(entry.in_tree, grad_leaves, static=None)
+    return tuple(next(grads) if w else None for w in entry.wrt)
 
 
 def _refuse_effects(graph, name):
