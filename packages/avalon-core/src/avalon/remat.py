@@ -47,9 +47,9 @@ def checkpoint(f):
     """f, recomputed in the backward pass instead of keeping its intermediate
     values (see the module's doc).  Eagerly, and in a trace nobody
     differentiates, it is f itself."""
-    name = getattr(f, "__qualname__", None) or getattr(f, "__name__", "function")
+    name = getattr(f, "__qualname__", None) or getattr(f, "__name__", None) or type(f).__name__
 
-    @functools.wraps(f)
+    @functools.wraps(f, updated=())  # f may be a layer object: its attributes stay its own
     def checkpointed(*args):
         leaves, treedef = tree.flatten(args, is_leaf=is_tracer)
         if active_graph() is None and not any(map(is_tracer, leaves)):
