@@ -157,6 +157,49 @@ def test_jacobian_of_the_gradient_row_by_row_matches_jacrev():
     np.testing.assert_allclose(np.stack(rows), want.numpy(), rtol=1e-10, atol=1e-12)
 
 
+def test_jit_of_jit_and_grad_of_jit_of_grad():
+    x = _rng(15).standard_normal(6).astype(np.float64)
+    inner = avalon.jit(lambda x: avalon.tanh(x) * x)
+    outer = avalon.jit(lambda x: inner(x) + inner(x * 2.0))
+    np.testing.assert_allclose(_called_twice(outer, x)[0], np.tanh(x) * x + np.tanh(2 * x) * 2 * x, rtol=1e-12)
+    assert inner.traces == 1   # both calls inside outer's trace share one signature
+
+    def d(x):
+        return avalon.jit(lambda x: avalon.grad(f_scalar, x)[1][0])(x).sum()
+
+    vg = avalon.value_and_grad(d)
+    (_, (got,)), _ = _called_twice(vg, x)
+    want = tf.grad(lambda x: tf.grad(t_scalar)(x).sum())(_t(x))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_nested_traces_in_several_threads_at_once():
+    """Each thread traces with its own stack of traces: concurrent first
+    calls of grad-of-grad functions do not mix their graphs."""
+    import threading
+
+    results, errors = {}, []
+
+    def work(k):
+        try:
+            def d(x):
+                return (avalon.grad(lambda x: (avalon.tanh(x) * k).sum(), x)[1][0] ** 2).sum()
+            x = np.linspace(-1, 1, 5) + k
+            results[k] = (x, avalon.value_and_grad(d)(x)[1][0])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k, (x, got) in results.items():
+        want = tf.grad(lambda x: (tf.grad(lambda x: (torch.tanh(x) * k).sum())(x) ** 2).sum())(_t(x))
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-12)
+
+
 # -- values of an outer trace inside an inner one --------------------------------
 
 def test_outer_value_closed_over_by_inner_function_is_a_constant_whose_derivative_flows():
