@@ -246,11 +246,6 @@ class CompiledFunction:
         self._last_key = None
 
     # -- calls inside another trace (grad of grad, jit inside grad) ----------------
-    def _in_trace(self, args) -> bool:
-        """True when this call is part of another function's trace: the
-        transformed graph is then inlined into that trace instead of running."""
-        return active_graph() is not None
-
     def _call_inlined(self, args):
         """The transformed (not yet optimized) graph of this signature, its nodes
         re-emitted in the enclosing trace, so the outermost transformation
@@ -334,7 +329,7 @@ class JitFunction(CompiledFunction):
         super().__init__(f, passes, parallel)
 
     def __call__(self, *args):
-        if self._in_trace(args):
+        if _inside_a_trace():
             outs, entry = self._call_inlined(args)
             return tree.unflatten(entry.out_tree, outs)
         entry, leaves = self._lookup(args)
@@ -370,7 +365,7 @@ class GradFunction(CompiledFunction):
         return "none of " + ", ".join(names) if len(names) > 1 else (names[0] if names else "no argument")
 
     def __call__(self, *args):
-        if self._in_trace(args):
+        if _inside_a_trace():
             outs, entry = self._call_inlined(args)
         else:
             entry, leaves = self._lookup(args)
@@ -378,6 +373,13 @@ class GradFunction(CompiledFunction):
         grads = iter(outs[1:])
         grad_leaves = [next(grads) if w else None for w in entry.wrt]
         return outs[0], tree.unflatten(entry.in_tree, grad_leaves, static=None)
+
+
+def _inside_a_trace() -> bool:
+    """True when a call is part of another function's trace: a compiled
+    function then inlines its transformed graph into that trace instead of
+    running its compiled code."""
+    return active_graph() is not None
 
 
 def _refuse_leaked_tracers(args, name):
