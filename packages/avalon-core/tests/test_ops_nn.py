@@ -337,12 +337,26 @@ def test_max_pool_unbatched_and_alias():
     check_against_torch(lambda x: avalon.maxpool2d(x, 2), lambda x: F.max_pool2d(x, 2), [x], (3, 3, 3), r)
 
 
-def test_max_pool_grad_has_no_vjp():
+@pytest.mark.parametrize("attrs", [
+    dict(kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1)),
+    dict(kernel_size=(3, 3), stride=(1, 2), padding=(1, 1), dilation=(1, 1)),   # overlapping, padded
+    dict(kernel_size=(2, 2), stride=(1, 1), padding=(0, 1), dilation=(2, 1)),
+], ids=["disjoint", "overlap_pad", "dilated"])
+def test_max_pool_grad_vjp_is_its_adjoint(attrs):
+    """max_pool_grad is linear in g; its VJP (max_pool_gather) is its adjoint:
+    <max_pool_grad(x, g), c> == <g, max_pool_gather(x, c)>, so max pooling
+    has second derivatives."""
     r = _rng("maxpool-grad-grad")
-    attrs = dict(kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1))
-    x, g = _randn(r, (1, 1, 4, 4)), _randn(r, (1, 1, 2, 2))
-    with pytest.raises(avalon.MissingRuleError, match="max_pool_grad"):
-        avalon.grad(lambda x, g: bind(nn_ops.max_pool_grad_p, (x, g), attrs).sum(), x, g)
+    x = _distinct(r, (2, 3, 5, 6), np.float64)
+    g = avalon.trace(lambda x: bind(nn_ops.max_pool_p, (x,), attrs), x).outputs[0]
+    g = r.standard_normal(g.shape)
+    c = r.standard_normal(x.shape)
+    lhs = np.sum(bind(nn_ops.max_pool_grad_p, (x, g), attrs) * c)
+    gathered = bind(nn_ops.max_pool_gather_p, (x, c), attrs)
+    np.testing.assert_allclose(lhs, np.sum(g * gathered), rtol=1e-12)
+    _, (gx, gg) = avalon.grad(lambda x, g: (bind(nn_ops.max_pool_grad_p, (x, g), attrs) * c).sum(), x, g)
+    np.testing.assert_array_equal(gx, np.zeros_like(x))
+    np.testing.assert_allclose(gg, gathered, rtol=1e-12)
 
 
 AVG_POOL = {1: (avalon.avg_pool1d, F.avg_pool1d), 2: (avalon.avg_pool2d, F.avg_pool2d),

@@ -19,9 +19,11 @@ from .api import (CompiledFunction, GradFunction, JitFunction, compile_graph, gr
                   value_and_grad)
 from .backends import (Backend, Device, backends, best_available_device, device, manual_seed,  # noqa: F401
                        to_device)
+from .custom_vjp import custom_vjp  # noqa: F401
+from .remat import checkpoint  # noqa: F401
 from .anomaly import AnomalyError, detect_anomaly  # noqa: F401
 from .errors import (ArgumentError, AvalonError, ConcretizationError, DeviceError, DtypeError,  # noqa: F401
-                     GraphError, LabelError, MissingRuleError, OutOfMemoryError, ShapeError,
+                     GraphError, LabelError, LeakedTracerError, MissingRuleError, OutOfMemoryError, ShapeError,
                      TracerAttributeError)
 from .graph import Graph, Node  # noqa: F401
 from .plugins import hookimpl, plugin_errors  # noqa: F401

@@ -20,7 +20,7 @@ from .errors import AvalonError, at, user_location, warn_at_user
 from .graph import Graph
 from .passes import forward_pipeline, pipeline_version, run_pipeline
 from .passes.sharding import split_batch, split_components
-from .primitive import Tracer, tracing
+from .primitive import Tracer, active_graph, inline, is_tracer, leaked_tracer_error, node_in, tracing
 from .runtime.threads import Autotuned, BlasThreads, ComponentParallel, ShardedFunction
 from .threadsafe import SharedCompiled, private_backend
 
@@ -51,7 +51,7 @@ def _trace(f, leaves, treedef, name) -> Graph:
     g = Graph(_safe_name(name))
     paths = tree.leaf_paths(treedef, "args")
     with tracing(g):
-        tracers = [Tracer(g, g.add_input(np.shape(x), x.dtype, p)) for x, p in zip(leaves, paths)]
+        tracers = [Tracer(g, g.add_input(tuple(x.shape), x.dtype, p)) for x, p in zip(leaves, paths)]
         try:
             out = f(*tree.unflatten(treedef, tracers))
         except Exception as e:
@@ -61,9 +61,8 @@ def _trace(f, leaves, treedef, name) -> Graph:
         outs = []
         for x in out_leaves:
             if isinstance(x, Tracer):
-                if x.graph is not g:
-                    raise AvalonError(f"{name} returned a value from another trace")
-                outs.append(x.node)
+                # a value of an enclosing trace returned as it is: captured
+                outs.append(node_in(g, x, f"{name}'s result"))
             else:
                 outs.append(g.add_const(x))
     g.outputs = outs
@@ -109,6 +108,15 @@ class _Entry:
         self.shared.primary = value
 
 
+class _Inlined:
+    """One signature's transformed graph kept for inlining into enclosing traces;
+    `captures` are the enclosing traces' tracers its extra inputs stand for."""
+    __slots__ = ("graph", "out_tree", "wrt", "in_tree", "captures")
+
+    def __init__(self, graph, out_tree, wrt, in_tree, captures):
+        self.graph, self.out_tree, self.wrt, self.in_tree, self.captures = graph, out_tree, wrt, in_tree, captures
+
+
 class CompiledFunction:
     """Common machinery of jit and value_and_grad: the per-signature cache."""
 
@@ -122,6 +130,7 @@ class CompiledFunction:
         self._compiling = threading.Lock()
         self._last_key = None
         self.traces = 0
+        self._inlined: dict = {}   # signature -> _Inlined, for calls made inside another trace
         self.__wrapped__ = f
         self.__name__ = _fname(f)
         self.__doc__ = getattr(f, "__doc__", None)
@@ -147,7 +156,11 @@ class CompiledFunction:
         return self._cache[self._last_key]
 
     def _lookup(self, args):
-        leaves, treedef = tree.flatten(args)
+        try:
+            leaves, treedef = tree.flatten(args)
+        except tree.ForeignArrayError:
+            _refuse_leaked_tracers(args, self.__name__)  # a tracer is no foreign array: say what it is
+            raise
         key = (treedef, tuple(map(_leaf_key, leaves)), (pipeline_version(), anomaly.is_enabled()))
         entry = self._cache.get(key)
         if entry is None:
@@ -242,7 +255,31 @@ class CompiledFunction:
 
     def clear_cache(self):
         self._cache.clear()
+        self._inlined.clear()
         self._last_key = None
+
+    # -- calls inside another trace (grad of grad, jit inside grad) ----------------
+    def _call_inlined(self, args):
+        """The transformed (not yet optimized) graph of this signature, its nodes
+        re-emitted in the enclosing trace, so the outermost transformation
+        optimizes and compiles everything as one graph; returns the output
+        leaves and the traced entry."""
+        leaves, treedef = tree.flatten(args, is_leaf=is_tracer)
+        key = (treedef, tuple((tuple(x.shape), np.dtype(x.dtype)) for x in leaves))
+        entry = self._inlined.get(key)
+        if entry is None:
+            entry = self._trace_for_inlining(leaves, treedef)
+            if not entry.captures:  # a graph capturing values of one trace is good for that call only
+                self._inlined[key] = entry
+        outs = inline(entry.graph, list(leaves) + list(entry.captures))
+        return outs, entry
+
+    def _trace_for_inlining(self, leaves, treedef):
+        self.traces += 1
+        graph = _trace(self.f, leaves, treedef, self.__name__)
+        captures = graph.__dict__.get("captures", ())
+        graph, out_tree, wrt = self._transform(graph, leaves, treedef)
+        return _Inlined(graph, out_tree, wrt, treedef, tuple(captures))
 
 
 def _spare_copy(graph, backend):
@@ -310,6 +347,9 @@ class JitFunction(CompiledFunction):
         super().__init__(f, passes, parallel)
 
     def __call__(self, *args):
+        if _inside_a_trace():
+            outs, entry = self._call_inlined(args)
+            return tree.unflatten(entry.out_tree, outs)
         entry, leaves = self._lookup(args)
         outs = entry.shared.fn(*leaves)
         return tree.unflatten(entry.out_tree, outs)
@@ -368,8 +408,11 @@ class GradFunction(CompiledFunction):
         return "none of " + ", ".join(names) if len(names) > 1 else (names[0] if names else "no argument")
 
     def __call__(self, *args):
-        entry, leaves = self._lookup(args)
-        outs = entry.shared.fn(*leaves)
+        if _inside_a_trace():
+            outs, entry = self._call_inlined(args)
+        else:
+            entry, leaves = self._lookup(args)
+            outs = entry.shared.fn(*leaves)
         grads = iter(_distinct(outs[1:]))
         grad_leaves = [next(grads) if w else None for w in entry.wrt]
         result = tree.unflatten(entry.in_tree, grad_leaves, static=None)
@@ -406,6 +449,21 @@ def _distinct(arrays):
         out.append(a.copy() if id(a) in seen else a)
         seen.add(id(a))
     return out
+
+
+def _inside_a_trace() -> bool:
+    """True when a call is part of another function's trace: a compiled
+    function then inlines its transformed graph into that trace instead of
+    running its compiled code."""
+    return active_graph() is not None
+
+
+def _refuse_leaked_tracers(args, name):
+    """A traced value passed to a compiled function when no trace is running
+    (kept from an earlier trace): say where it was made."""
+    for x in tree.flatten(args, is_leaf=is_tracer)[0]:
+        if is_tracer(x):
+            raise leaked_tracer_error(x, name)
 
 
 def _leaf_owner(treedef):

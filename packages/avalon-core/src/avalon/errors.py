@@ -25,6 +25,11 @@ class DeviceError(AvalonError, RuntimeError):
     """An unknown, missing or unavailable device or backend."""
 
 
+class LeakedTracerError(AvalonError):
+    """A traced value used after its trace finished (kept on a model, in a
+    global), or in a trace that does not enclose its own."""
+
+
 class GraphError(AvalonError, ValueError):
     """A graph that breaks the IR's invariants (see Graph.check)."""
 

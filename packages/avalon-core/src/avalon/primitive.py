@@ -22,7 +22,8 @@ import threading
 import numpy as np
 
 from . import anomaly
-from .errors import AvalonError, ConcretizationError, MissingRuleError, at, model_location, user_location
+from .errors import (AvalonError, ConcretizationError, LeakedTracerError, MissingRuleError, at, model_location,
+                     user_location)
 from .graph import Graph, Node, type_str
 
 PRIMITIVES: dict[str, "Primitive"] = {}
@@ -303,22 +304,28 @@ def infer_type(prim, avals, attrs):
 
 
 def bind(prim: Primitive, args, attrs=None):
-    """Apply a primitive: eagerly on arrays, or by recording a node on tracers."""
+    """Apply a primitive: eagerly on arrays, or by recording a node on tracers.
+
+    Tracers of several nested traces may meet (a function given to grad that
+    calls another grad, or closes over an outer traced value): the node goes
+    into the innermost of their traces, and the values of outer traces become
+    inputs of it ("captures": constants of the inner differentiation, connected
+    back when the inner graph is inlined into the outer one)."""
     attrs = attrs or {}
-    graph = None
-    for a in args:
-        if isinstance(a, Tracer):
-            graph = a.graph
-            break
+    graph = _innermost_graph(args, prim.name)
     if graph is None:
         return _eager(prim, args, attrs)
+    return bind_into(graph, prim, args, attrs)
+
+
+def bind_into(graph: Graph, prim: Primitive, args, attrs):
+    """Record prim(*args) as a node of `graph` (whatever the operands: arrays
+    become constants, tracers of enclosing traces become captured inputs)."""
     ref = _reference_dtype(args)
     inputs = []
     for a in args:
         if isinstance(a, Tracer):
-            if a.graph is not graph:
-                raise AvalonError(f"{prim.name}: operands come from two different traces{at(user_location())}")
-            inputs.append(a.node)
+            inputs.append(node_in(graph, a, prim.name))
         elif isinstance(a, _PY_SCALARS):
             inputs.append(graph.add_const(weak_scalar(a, ref)))
         else:
@@ -326,6 +333,82 @@ def bind(prim: Primitive, args, attrs=None):
     loc = current_location()
     shape, dtype = _checked_type(prim, inputs, attrs, loc)
     return Tracer(graph, graph.add_node(prim.name, inputs, attrs, shape, dtype, loc))
+
+
+# -- nested traces ---------------------------------------------------------------
+
+def trace_level(graph: Graph) -> int:
+    """The depth of `graph` among the traces in progress (0: outermost), or -1
+    when it is not being traced (its trace finished: its tracers leaked)."""
+    for k in range(len(_state.graphs) - 1, -1, -1):
+        if _state.graphs[k] is graph:
+            return k
+    return -1
+
+
+def _innermost_graph(args, what):
+    """The trace a node with these operands goes into: the innermost trace
+    among its tracers' (None when no operand is traced)."""
+    graph, level = None, -2
+    for a in args:
+        if isinstance(a, Tracer) and a.graph is not graph:
+            k = trace_level(a.graph)
+            if k < 0:
+                raise leaked_tracer_error(a, what)
+            if k > level:
+                graph, level = a.graph, k
+    return graph
+
+
+def node_in(graph: Graph, t: "Tracer", what: str) -> Node:
+    """The node standing for tracer `t` in `graph`: its own node, or, for a
+    tracer of an enclosing trace, an input of `graph` capturing it."""
+    if t.graph is graph:
+        return t.node
+    if trace_level(t.graph) < 0 or trace_level(t.graph) > trace_level(graph):
+        raise leaked_tracer_error(t, what)
+    return capture(graph, t)
+
+
+def capture(graph: Graph, t: "Tracer") -> Node:
+    """An input of `graph` standing for `t`, a tracer of an enclosing trace;
+    `graph.captures` lists them in the order of graph.inputs (after the
+    function's own arguments)."""
+    table = graph.__dict__.setdefault("_capture_nodes", {})
+    node = table.get(t.node)
+    if node is None:
+        node = table[t.node] = graph.add_input(t.shape, t.dtype, "captured")
+        graph.__dict__.setdefault("captures", []).append(t)
+    return node
+
+
+def leaked_tracer_error(t: "Tracer", what: str) -> LeakedTracerError:
+    made = f"made at {t.node.loc}" if t.node.loc else f"an argument of {t.graph.name}"
+    used = user_location()
+    return LeakedTracerError(
+        f"{what}: a traced {type_str(t.shape, t.dtype)} array of {t.graph.name} ({made}) is used outside the "
+        f"trace that made it{at(used)}. A traced value lives only while its function is being traced: "
+        "storing it on a model, in a global or in a closure and reading it in a later call (or in another "
+        "function's trace) has no meaning. Return it from the traced function instead, or compute it "
+        "where it is used.")
+
+
+def inline(graph: Graph, in_values, target: Graph | None = None):
+    """Re-emit the nodes of `graph` in the trace `target` (default: the
+    innermost trace in progress), its inputs standing for `in_values`
+    (tracers or arrays); returns the values of its outputs.  Each node goes
+    through bind_into, so tracers of enclosing traces are captured as usual."""
+    target = target if target is not None else active_graph()
+    env = dict(zip(graph.inputs, in_values))
+    for n in graph.nodes:
+        if n in env:
+            continue
+        if n.op == "const":
+            env[n] = n.value
+            continue
+        with source_location(n.loc):
+            env[n] = bind_into(target, PRIMITIVES[n.op], [env[i] for i in n.inputs], n.attrs)
+    return [env[o] for o in graph.outputs]
 
 
 def _as_const(a):

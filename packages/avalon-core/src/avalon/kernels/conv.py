@@ -335,24 +335,13 @@ def max_pool_forward(xp, x, *, kernel_size, stride=None, padding=0,
     return y
 
 
-def max_pool_backward(xp, x, g, *, kernel_size, stride=None, padding=0,
-                      dilation=1):
-    """Gradient of :func:`max_pool_forward` w.r.t. ``x``.
-
-    x: ``(N, C, *S)``; g: ``(N, C, *out)`` -> ``dx`` of shape ``x.shape``.
-    Each window's gradient goes to its first maximal element in row-major
-    window order (PyTorch's tie rule; a NaN wins over numbers, the last NaN
-    over earlier ones, as in PyTorch's CPU kernel); overlapping windows
-    accumulate.
-    """
-    nd = x.ndim - 2
-    kernel, stride, padding, dilation = _pool_params(
-        nd, kernel_size, stride, padding, dilation)
-    out = tuple(g.shape[2:])
-    kp = math.prod(kernel)
-    xpad = _pad_spatial(xp, x, padding, _lowest(xp, x.dtype))
+def _window_argmax(xp, xpad, kernel, out, stride, dilation):
+    """The position (row-major offset in the window) of each window's first
+    maximum: PyTorch's tie rule; a NaN wins over numbers, the last NaN over
+    earlier ones, as in PyTorch's CPU kernel."""
     full = (slice(None), slice(None))
-    is_float = x.dtype.kind == "f"
+    is_float = xpad.dtype.kind == "f"
+    kp = math.prod(kernel)
     # Running (max, argmax) over the flattened window axis; the strict ">"
     # keeps the first maximum.
     best = arg = None
@@ -368,6 +357,44 @@ def max_pool_backward(xp, x, g, *, kernel_size, stride=None, padding=0,
         # arg < i everywhere, so max(arg, upd * i) sets arg = i where upd.
         xp.maximum(arg, xp.multiply(upd, i, dtype=arg.dtype), out=arg)
         xp.maximum(best, v, out=best)
+    return arg
+
+
+def max_pool_gather(xp, x, c, *, kernel_size, stride=None, padding=0, dilation=1):
+    """The adjoint of :func:`max_pool_backward` in its cotangent: each window
+    of ``x`` reads ``c`` (shaped like ``x``) at its first maximum.
+
+    x, c: ``(N, C, *S)`` -> ``(N, C, *out)``.  (The VJP of max_pool_backward,
+    so max pooling has second derivatives.)"""
+    nd = x.ndim - 2
+    kernel, stride, padding, dilation = _pool_params(nd, kernel_size, stride, padding, dilation)
+    out = conv_output_shape(x.shape[2:], kernel, stride, padding, dilation)
+    arg = _window_argmax(xp, _pad_spatial(xp, x, padding, _lowest(xp, x.dtype)), kernel, out, stride, dilation)
+    cpad = _pad_spatial(xp, c, padding, 0)
+    full = (slice(None), slice(None))
+    result = xp.zeros(tuple(c.shape[:2]) + tuple(out), dtype=c.dtype)
+    for i, offset in enumerate(_offsets(kernel)):
+        result += _select(xp, arg == i, cpad[full + _offset_slices(offset, out, stride, dilation)])
+    return result
+
+
+def max_pool_backward(xp, x, g, *, kernel_size, stride=None, padding=0,
+                      dilation=1):
+    """Gradient of :func:`max_pool_forward` w.r.t. ``x``.
+
+    x: ``(N, C, *S)``; g: ``(N, C, *out)`` -> ``dx`` of shape ``x.shape``.
+    Each window's gradient goes to its first maximal element in row-major
+    window order (PyTorch's tie rule; a NaN wins over numbers, the last NaN
+    over earlier ones, as in PyTorch's CPU kernel); overlapping windows
+    accumulate.
+    """
+    nd = x.ndim - 2
+    kernel, stride, padding, dilation = _pool_params(
+        nd, kernel_size, stride, padding, dilation)
+    out = tuple(g.shape[2:])
+    xpad = _pad_spatial(xp, x, padding, _lowest(xp, x.dtype))
+    full = (slice(None), slice(None))
+    arg = _window_argmax(xp, xpad, kernel, out, stride, dilation)
     # Scatter each window's gradient to its argmax position.
     disjoint = _disjoint(kernel, stride, dilation)
     buf = xp.zeros(tuple(x.shape[:2]) + tuple(xpad.shape[2:]), dtype=g.dtype)

@@ -10,6 +10,7 @@ Primitives (one registration block each; attributes are static tuples/ints):
 * conv_transpose(x, w)        stride, padding, output_padding, dilation, groups
 * max_pool(x)                 kernel_size, stride, padding, dilation
 * max_pool_grad(x, g)         the same attributes
+* max_pool_gather(x, c)       the same attributes (max_pool_grad's VJP)
 * avg_pool(x)                 kernel_size, stride, padding, count_include_pad
 * avg_pool_grad(g)            input_shape + avg_pool's attributes
 * check_labels(t)             num_classes, ignore_index, name, loc, traced_shape
@@ -34,7 +35,7 @@ import operator
 
 import numpy as np
 
-from ..errors import AvalonError, DtypeError, LabelError, MissingRuleError, ShapeError, at, user_location
+from ..errors import AvalonError, DtypeError, LabelError, ShapeError, at, user_location
 from ..kernels import conv as K
 from ..primitive import Tracer, bind, current_location, defprim
 from ._layout import CSN, NC, POINTWISE, batch_innermost, to_csn
@@ -431,8 +432,9 @@ def _max_pool_grad_rule(x, g, **attrs):
 
 
 def _max_pool_grad_vjp(ct, out, x, g, **attrs):
-    raise MissingRuleError("max_pool_grad has no VJP rule: second derivatives through max pooling "
-                           "(differentiating the gradient of max_pool) are not implemented")
+    # linear in g (each window's g goes to its argmax); the argmax is piecewise
+    # constant in x, so x gets no cotangent
+    return None, bind(max_pool_gather_p, (x, ct), attrs)
 
 
 def _max_pool_grad_batch_last(rw, node):
@@ -447,6 +449,20 @@ max_pool_grad_p = defprim("max_pool_grad", shape=_max_pool_grad_rule, vjp=_max_p
                           impl=lambda xp, x, g, **attrs: K.max_pool_backward(xp, x, g, **attrs),
                           sharding=_batch_on_axis0(0, 1), layout=batch_innermost(_max_pool_grad_batch_last),
                           doc="Gradient of max_pool: each window's cotangent goes to its first maximum.")
+
+
+def _max_pool_gather_rule(x, c, **attrs):
+    if _t(c.shape) != _t(x.shape):
+        raise ShapeError(f"max_pool_gather: the cotangent has shape {_t(c.shape)}, the input {_t(x.shape)}")
+    return _pool_check("max_pool_gather", x.shape, **attrs), c.dtype
+
+
+max_pool_gather_p = defprim("max_pool_gather", shape=_max_pool_gather_rule,
+                            vjp=lambda ct, out, x, c, **attrs: (None, bind(max_pool_grad_p, (x, ct), attrs)),
+                            impl=lambda xp, x, c, **attrs: K.max_pool_gather(xp, x, c, **attrs),
+                            sharding=_batch_on_axis0(0, 1),
+                            doc="The VJP of max_pool_grad in its cotangent: each window of x reads c at its "
+                                "first maximum (so max pooling has second derivatives).")
 
 
 def _avg_pool_rule(x, **attrs):

@@ -74,7 +74,7 @@ def identity_shape_ops(n):
         return n.inputs[0]
     if n.op == "transpose" and tuple(n.attrs["perm"]) == tuple(range(n.ndim)):
         return n.inputs[0]
-    if n.op in ("stop_gradient",):
+    if n.op in ("stop_gradient", "custom_vjp_call"):  # gradient markers: identities once differentiated
         return n.inputs[0]
     if n.op == "cast" and n.inputs[0].dtype == n.dtype:
         return n.inputs[0]
