@@ -92,17 +92,32 @@ def test_tied_weights_get_the_sum_of_both_uses_at_both_places_as_torch():
 
 # -- an input the result does not depend on has no gradient ------------------------------------------------------
 
-def test_an_unused_array_gets_none_not_zeros():
+class _Params:
+    """A model as a plain object: its arrays are parameters, as a Module's are."""
+
+    def __init__(self, **arrays):
+        self.__dict__.update(arrays)
+
+
+def test_an_unused_parameter_gets_none_not_zeros():
+    params = _Params(used=np.ones(3, np.float32), unused=np.ones(2, np.float32))
+    loss, (g,) = avalon.grad(lambda p: avalon.sum(p.used * 2.0), params)
+    np.testing.assert_allclose(g.used, np.full(3, 2.0))
+    assert g.unused is None
+
+
+def test_an_unused_array_outside_a_model_gets_zeros_as_in_torch_func():
     params = {"used": np.ones(3, np.float32), "unused": np.ones(2, np.float32)}
-    loss, (g,) = avalon.grad(lambda p: avalon.sum(p["used"] * 2.0), params)
-    np.testing.assert_allclose(g["used"], np.full(3, 2.0))
-    assert g["unused"] is None
+    loss, (g, x_grad) = avalon.grad(lambda p, x: avalon.sum(p["used"] * 2.0), params, np.ones(4, np.float32))
+    np.testing.assert_array_equal(g["unused"], np.zeros(2, np.float32))
+    np.testing.assert_array_equal(x_grad, np.zeros(4, np.float32))
+    assert g["unused"].dtype == np.float32
 
 
 def test_an_array_reached_only_through_stop_gradient_gets_none():
-    params = {"w": np.ones(3, np.float32), "c": np.ones(3, np.float32)}
-    _, (g,) = avalon.grad(lambda p: avalon.sum(p["w"] * avalon.stop_gradient(p["c"])), params)
-    assert g["c"] is None and g["w"] is not None
+    params = _Params(w=np.ones(3, np.float32), c=np.ones(3, np.float32))
+    _, (g,) = avalon.grad(lambda p: avalon.sum(p.w * avalon.stop_gradient(p.c)), params)
+    assert g.c is None and g.w is not None
 
 
 # -- objects declare which of their arrays are not trained -------------------------------------------------------

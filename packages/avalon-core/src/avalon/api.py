@@ -12,7 +12,7 @@ import weakref
 
 import numpy as np
 
-from . import anomaly, tree
+from . import anomaly, ops, tree
 from .autodiff import check_scalar_output, differentiable, grad_graph
 from .backends import backend_of_args
 from .codegen import generate
@@ -387,8 +387,14 @@ class GradFunction(CompiledFunction):
                               "Python numbers and lists are constants: pass np.asarray(x, dtype=np.float32).")
         check_scalar_output(graph, self.__name__)
         g = grad_graph(graph, wrt)
-        # an input the result does not depend on has no gradient: None, as in PyTorch
-        return g, None, g.has_gradient
+        # an input the result does not depend on has no gradient: None for a model's
+        # parameter, as in PyTorch; zeros for an array passed on its own or in a list,
+        # tuple or dict, as torch.func and JAX give (so grad of grad of a linear
+        # function is zeros, and code using the gradient needs no None check)
+        has = _GradientLeaves(g.has_gradient)
+        in_object = tree.leaves_in_objects(treedef)
+        has.zeros = tuple(k for k, (w, h) in enumerate(zip(wrt, g.has_gradient)) if w and not h and not in_object[k])
+        return g, None, has
 
     def _chosen_leaves(self, treedef, n):
         """Whether each leaf is in an argument of argnums (at any of its places: an
@@ -410,14 +416,24 @@ class GradFunction(CompiledFunction):
     def __call__(self, *args):
         if _inside_a_trace():
             outs, entry = self._call_inlined(args)
+            leaves = tree.flatten(args, is_leaf=is_tracer)[0] if entry.wrt.zeros else ()
         else:
             entry, leaves = self._lookup(args)
             outs = entry.shared.fn(*leaves)
         grads = iter(_distinct(outs[1:]))
         grad_leaves = [next(grads) if w else None for w in entry.wrt]
+        for k in entry.wrt.zeros:
+            grad_leaves[k] = ops.zeros_like(leaves[k])
         result = tree.unflatten(entry.in_tree, grad_leaves, static=None)
         _record_sources(args, result)
         return outs[0], result
+
+
+class _GradientLeaves(list):
+    """For each input leaf, whether the gradient graph has an output for it;
+    `zeros`: the leaves whose gradient is structurally zero and is returned as
+    zeros rather than None (see GradFunction._transform)."""
+    zeros: tuple = ()
 
 
 def _record_sources(args, grads) -> None:
@@ -446,7 +462,8 @@ def _distinct(arrays):
     seen: set = set()
     out = []
     for a in arrays:
-        out.append(a.copy() if id(a) in seen else a)
+        # traced values are not stored anywhere yet: the same tracer twice is harmless
+        out.append(a.copy() if id(a) in seen and not is_tracer(a) else a)
         seen.add(id(a))
     return out
 

@@ -253,6 +253,22 @@ def trainable_leaves(treedef) -> list[bool]:
     return out
 
 
+def leaves_in_objects(treedef) -> list[bool]:
+    """For each array leaf, whether it is a field of an object (a model's
+    parameter) rather than an argument itself or an item of a list, tuple or dict."""
+    out: list[bool] = []
+    _in_objects(treedef, False, out)
+    return out
+
+
+def _in_objects(td, inside, out):
+    if isinstance(td, str):
+        out.append(inside)
+    elif isinstance(td, TreeDef):
+        for c in td.children:
+            _in_objects(c, inside or td.kind == "obj", out)
+
+
 def _marks(td, out):
     if isinstance(td, str):
         out.append(td is ARRAY)
