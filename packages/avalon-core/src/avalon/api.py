@@ -364,10 +364,11 @@ class GradFunction(CompiledFunction):
     the sum of its gradients."""
     kind = "grad"
 
-    def __init__(self, f, argnums=None, passes=None, parallel=True):
+    def __init__(self, f, argnums=None, passes=None, parallel=True, has_aux=False):
         super().__init__(f, passes, parallel)
         self.argnums = None if argnums is None else (
             (argnums,) if isinstance(argnums, int) else tuple(argnums))
+        self.has_aux = bool(has_aux)
 
     def _transform(self, graph, leaves, treedef):
         trainable = tree.trainable_leaves(treedef)
@@ -385,7 +386,7 @@ class GradFunction(CompiledFunction):
                               f"{_sequences_text(treedef)}. "
                               "Gradients are taken with respect to NumPy (or backend) float arrays; "
                               "Python numbers and lists are constants: pass np.asarray(x, dtype=np.float32).")
-        check_scalar_output(graph, self.__name__)
+        check_scalar_output(graph, self.__name__, self.has_aux)
         g = grad_graph(graph, wrt)
         # an input the result does not depend on has no gradient: None for a model's
         # parameter, as in PyTorch; zeros for an array passed on its own or in a list,
@@ -394,7 +395,8 @@ class GradFunction(CompiledFunction):
         has = _GradientLeaves(g.has_gradient)
         in_object = tree.leaves_in_objects(treedef)
         has.zeros = tuple(k for k, (w, h) in enumerate(zip(wrt, g.has_gradient)) if w and not h and not in_object[k])
-        return g, None, has
+        has.n_aux = len(graph.outputs) - 1
+        return g, graph.out_tree.children[1] if self.has_aux else None, has
 
     def _chosen_leaves(self, treedef, n):
         """Whether each leaf is in an argument of argnums (at any of its places: an
@@ -420,12 +422,15 @@ class GradFunction(CompiledFunction):
         else:
             entry, leaves = self._lookup(args)
             outs = entry.shared.fn(*leaves)
-        grads = iter(_distinct(outs[1:]))
+        n_aux = entry.wrt.n_aux
+        grads = iter(_distinct(outs[1 + n_aux:]))
         grad_leaves = [next(grads) if w else None for w in entry.wrt]
         for k in entry.wrt.zeros:
             grad_leaves[k] = ops.zeros_like(leaves[k])
         result = tree.unflatten(entry.in_tree, grad_leaves, static=None)
         _record_sources(args, result)
+        if self.has_aux:
+            return (outs[0], tree.unflatten(entry.out_tree, list(outs[1:1 + n_aux]))), result
         return outs[0], result
 
 
@@ -434,6 +439,7 @@ class _GradientLeaves(list):
     `zeros`: the leaves whose gradient is structurally zero and is returned as
     zeros rather than None (see GradFunction._transform)."""
     zeros: tuple = ()
+    n_aux: int = 0    # outputs between the value and the gradients (has_aux)
 
 
 def _record_sources(args, grads) -> None:
@@ -503,30 +509,36 @@ _grad_fns: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _grad_fns_strong: dict = {}
 
 
-def value_and_grad(f, argnums=None, passes=None, parallel=True) -> GradFunction:
+def value_and_grad(f, argnums=None, passes=None, parallel=True, has_aux=False) -> GradFunction:
     """The compiled function args -> (f(*args), grads), cached per f: calling it
-    again for the same f returns the same object (and its compiled signatures)."""
+    again for the same f returns the same object (and its compiled signatures).
+    has_aux=True: f returns (value, aux), and the call returns ((value, aux),
+    grads); aux (any structure of arrays: a new hidden state, metrics) is
+    computed in the same compiled step, not differentiated (as in JAX and
+    torch.func)."""
     if passes is not None or not parallel:
-        return GradFunction(f, argnums, passes, parallel)
-    key = argnums if not isinstance(argnums, list) else tuple(argnums)
+        return GradFunction(f, argnums, passes, parallel, has_aux)
+    key = (argnums if not isinstance(argnums, list) else tuple(argnums), bool(has_aux))
     try:
         table = _grad_fns.setdefault(f, {})
     except TypeError:
         table = _grad_fns_strong.setdefault(f, {})
     gf = table.get(key)
     if gf is None:
-        gf = table[key] = GradFunction(f, argnums)
+        gf = table[key] = GradFunction(f, argnums, has_aux=has_aux)
     return gf
 
 
-def grad(f, *args, argnums=None):
+def grad(f, *args, argnums=None, has_aux=False):
     """loss, grads = avalon.grad(f, *args).
 
     Returns f's scalar value and one gradient per argument, each with the
-    argument's structure (same classes, arrays replaced by their gradients,
-    None for integer arrays and non-array values).  f is traced, differentiated
-    and compiled once per input signature and cached."""
-    return value_and_grad(f, argnums)(*args)
+    argument's structure (same classes, arrays replaced by their gradients;
+    None for integer arrays, non-array values and a model's parameters the
+    value does not depend on).  f is traced, differentiated and compiled once
+    per input signature and cached.  has_aux=True: f returns (value, aux) and
+    the result is ((value, aux), grads)."""
+    return value_and_grad(f, argnums, has_aux=has_aux)(*args)
 
 
 def compile_graph(graph: Graph, device="cpu", passes=(), name: str | None = None):

@@ -20,10 +20,11 @@ def differentiable(dtype) -> bool:
 
 
 def grad_graph(fwd: Graph, wrt: list[bool]) -> Graph:
-    """A graph with inputs of `fwd` and outputs (loss, grad of each input marked
-    in `wrt` that the loss depends on); `graph.has_gradient` says which inputs
-    have an output.  `fwd` must have one scalar floating-point output."""
-    (loss_node,) = fwd.outputs
+    """A graph with inputs of `fwd` and outputs (loss, *aux, grad of each input
+    marked in `wrt` that the loss depends on); `graph.has_gradient` says which
+    inputs have an output.  `fwd`'s first output is the scalar floating-point
+    loss; any further outputs (has_aux) are passed through, not differentiated."""
+    loss_node, aux_nodes = fwd.outputs[0], list(fwd.outputs[1:])
     g = Graph(fwd.name + "_grad")
     env: dict = {}
     with tracing(g):
@@ -66,7 +67,7 @@ def grad_graph(fwd: Graph, wrt: list[bool]) -> Graph:
         has_gradient = [bool(w) and inp in reached for inp, w in zip(fwd.inputs, wrt)]
         grads = [cts[inp] if inp in cts else ops.zeros(inp.shape, inp.dtype)
                  for inp, has in zip(fwd.inputs, has_gradient) if has]
-    g.outputs = [env[loss_node].node] + [c.node for c in grads]
+    g.outputs = [env[loss_node].node] + [env[a].node for a in aux_nodes] + [c.node for c in grads]
     # VJP rules give cotangents for every operand; those nobody needs go now
     # (even when no optimization pass runs), as do forward values the
     # backward pass does not read
@@ -109,9 +110,19 @@ def _needs_grad(fwd: Graph, wrt: list[bool]) -> dict:
     return needs
 
 
-def check_scalar_output(g: Graph, fname: str) -> None:
-    if len(g.outputs) != 1:
-        raise AvalonError(f"grad: {fname} must return one scalar, it returned {len(g.outputs)} arrays")
+def check_scalar_output(g: Graph, fname: str, has_aux: bool = False) -> None:
+    if has_aux:
+        td = getattr(g, "out_tree", None)
+        if not (getattr(td, "kind", None) in (tuple, list) and len(td.children) == 2 and len(g.outputs) >= 1):
+            raise AvalonError(f"grad: {fname} must return a pair (value, aux) when has_aux=True, it returned "
+                              f"{td.kind.__name__ if isinstance(getattr(td, 'kind', None), type) else 'another value'}"
+                              f" of {len(getattr(td, 'children', ()) or ())} items")
+        if not isinstance(td.children[0], str):  # an array leaf (tree.ARRAY), not a structure or a constant
+            raise AvalonError(f"grad: the value {fname} returns first (before aux) must be an array, a scalar "
+                              "computed from the arguments")
+    elif len(g.outputs) != 1:
+        raise AvalonError(f"grad: {fname} must return one scalar, it returned {len(g.outputs)} arrays; to return "
+                          "more, return (value, aux) and pass has_aux=True")
     out = g.outputs[0]
     if out.shape != ():
         raise ShapeError(f"grad: {fname} must return a scalar (shape ()), it returned "
