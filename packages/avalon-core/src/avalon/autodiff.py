@@ -118,8 +118,8 @@ def check_scalar_output(g: Graph, fname: str, has_aux: bool = False) -> None:
                               f"{td.kind.__name__ if isinstance(getattr(td, 'kind', None), type) else 'another value'}"
                               f" of {len(getattr(td, 'children', ()) or ())} items")
         if not isinstance(td.children[0], str):  # an array leaf (tree.ARRAY), not a structure or a constant
-            raise AvalonError(f"grad: the value {fname} returns first (before aux) must be an array, a scalar "
-                              "computed from the arguments")
+            raise AvalonError(f"grad: with has_aux=True, the value {fname} returns first (before aux) must be "
+                              "a scalar array computed from the arguments, not a Python value")
     elif len(g.outputs) != 1:
         raise AvalonError(f"grad: {fname} must return one scalar, it returned {len(g.outputs)} arrays; to return "
                           "more, return (value, aux) and pass has_aux=True")
