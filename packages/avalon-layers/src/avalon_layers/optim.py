@@ -1150,6 +1150,23 @@ def _nadam_mu(beta1, momentum_decay, step):
     return beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
 
 
+def _weight_decay(p, g, hp, k):
+    """(the parameter to update, the gradient) after weight decay: decoupled (AdamW's
+    p * (1 - lr * wd)) or L2 (g + wd * p), as torch's NAdam and RAdam choose."""
+    if hp["weight_decay"] == 0:
+        return p, g
+    if hp["decoupled_weight_decay"]:
+        return p * k["decay"], g
+    return p, g + p * hp["weight_decay"]
+
+
+def _adam_moments(state, g, k):
+    """Adam's running moments, updated in place: (exp_avg, exp_avg_sq)."""
+    m = avalon.assign(state["exp_avg"], state["exp_avg"] + (g - state["exp_avg"]) * k["one_minus_beta1"])
+    v = avalon.assign(state["exp_avg_sq"], state["exp_avg_sq"] * k["beta2"] + (g * g) * k["one_minus_beta2"])
+    return m, v
+
+
 @export("optim", "Optimizers")
 class NAdam(Optimizer):
     """NAdam (Dozat): Adam with Nesterov momentum and PyTorch's momentum
@@ -1191,14 +1208,8 @@ class NAdam(Optimizer):
                 "avg_coef": lr * mu_next / (1 - product * mu_next), **_beta_terms(group)}
 
     def _rule(self, p, g, state, k, hp):
-        param = p
-        if hp["weight_decay"] != 0:
-            if hp["decoupled_weight_decay"]:
-                param = p * k["decay"]
-            else:
-                g = g + p * hp["weight_decay"]
-        m = avalon.assign(state["exp_avg"], state["exp_avg"] + (g - state["exp_avg"]) * k["one_minus_beta1"])
-        v = avalon.assign(state["exp_avg_sq"], state["exp_avg_sq"] * k["beta2"] + (g * g) * k["one_minus_beta2"])
+        param, g = _weight_decay(p, g, hp, k)
+        m, v = _adam_moments(state, g, k)
         denom = avalon.sqrt(v / k["bc2"]) + hp["eps"]
         avalon.assign(p, param - k["grad_coef"] * (g / denom) - k["avg_coef"] * (m / denom))
 
@@ -1252,13 +1263,7 @@ class RAdam(Optimizer):
                 "adaptive": rect * math.sqrt(bc2), "plain": 0.0 if rectified else 1.0, **_beta_terms(group)}
 
     def _rule(self, p, g, state, k, hp):
-        param = p
-        if hp["weight_decay"] != 0:
-            if hp["decoupled_weight_decay"]:
-                param = p * k["decay"]
-            else:
-                g = g + p * hp["weight_decay"]
-        m = avalon.assign(state["exp_avg"], state["exp_avg"] + (g - state["exp_avg"]) * k["one_minus_beta1"])
-        v = avalon.assign(state["exp_avg_sq"], state["exp_avg_sq"] * k["beta2"] + (g * g) * k["one_minus_beta2"])
+        param, g = _weight_decay(p, g, hp, k)
+        m, v = _adam_moments(state, g, k)
         scale = k["adaptive"] / (avalon.sqrt(v) + hp["eps"]) + k["plain"]
         avalon.assign(p, param - k["step_size"] * (m * scale))

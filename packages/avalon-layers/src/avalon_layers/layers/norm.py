@@ -71,6 +71,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return out
 
 
+def _reset_affine(layer) -> None:
+    """A normalization layer's affine parameters to the identity: weight 1, bias 0."""
+    if layer.weight is not None:
+        init.ones_(layer.weight)
+    if layer.bias is not None:
+        init.zeros_(layer.bias)
+
+
 def _normalized_shape(normalized_shape) -> tuple:
     if isinstance(normalized_shape, (int, np.integer)):
         return (int(normalized_shape),)
@@ -206,10 +214,7 @@ class LayerNorm(Module):
         place(self, device)
 
     def reset_parameters(self):
-        if self.weight is not None:
-            init.ones_(self.weight)
-        if self.bias is not None:
-            init.zeros_(self.bias)
+        _reset_affine(self)
 
     def forward(self, input):
         ns = self.normalized_shape
@@ -265,10 +270,7 @@ class GroupNorm(Module):
         place(self, device)
 
     def reset_parameters(self):
-        if self.weight is not None:
-            init.ones_(self.weight)
-        if self.bias is not None:
-            init.zeros_(self.bias)
+        _reset_affine(self)
 
     def forward(self, input):
         shape = tuple(input.shape)
