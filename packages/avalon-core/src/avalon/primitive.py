@@ -34,6 +34,8 @@ RULE_KINDS = {
     "shard_attrs": "the attributes of a node in a shard graph (avalon.passes.sharding)",
     "layout": "the batch-innermost layout (avalon.passes.layout)",
     "lower": "the op as one loop-level kernel, node -> Kernel or None (avalon.kernel_ir; the CPU backend's C)",
+    "batching": "the op on a batch of examples, (args, dims, **attrs) -> (out, out_dim) (avalon.vmap; "
+                "avalon.ops._batching)",
 }
 
 _NO_DEFAULT = object()
