@@ -17,6 +17,7 @@ from hypothesis import assume, given, settings, strategies as st
 import avalon
 from avalon.errors import LabelError
 from avalon.ops import nn as nn_ops
+from avalon.ops._batching import fold_batch, unfold_batch
 from avalon.primitive import PRIMITIVES, bind
 
 B = 3  # examples per batch
@@ -31,6 +32,31 @@ def _rng(*key):
 
 def _normal(r, shape):
     return r.standard_normal(shape)
+
+
+# -- the shared helpers: fold_batch / unfold_batch ---------------------------------------------------------
+
+@pytest.mark.parametrize("example", [(2, 6, 3), (1, 6, 3), (3, 1, 2)])
+@pytest.mark.parametrize("axis,outer", [(0, 1), (1, 1), (1, 2), (1, 3), (2, 1)])
+@pytest.mark.parametrize("d", [0, 1, 2, 3, -1])
+def test_fold_batch_orders_the_merged_axis_outer_example_inner(example, axis, outer, d):
+    if example[axis] % outer:
+        pytest.skip("the axis does not split into `outer` blocks")
+    xs = _normal(_rng(example, axis, outer, d), (B,) + example)   # example-major
+    folded = np.asarray(fold_batch(np.moveaxis(xs, 0, d), d, axis, outer))
+    n = example[axis]
+    blocks = xs.reshape((B,) + example[:axis] + (outer, n // outer) + example[axis + 1:])
+    expected = np.moveaxis(blocks, 0, axis + 1).reshape(example[:axis] + (outer * B * n // outer,)
+                                                        + example[axis + 1:])
+    np.testing.assert_array_equal(folded, expected)
+    back, out_dim = unfold_batch(folded, axis, B, outer)
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(back), out_dim, 0), xs)
+
+
+def test_fold_batch_is_a_reshape_when_only_size_one_axes_move():
+    # a vmapped example's image batch N = 1: the examples join the channels with no copy
+    graph = avalon.trace(lambda x: fold_batch(x, 0, 1), np.ones((4, 1, 3, 5, 5)))
+    assert [n.op for n in graph.nodes if n.op != "input"] == ["reshape"]
 
 
 # -- the table: one example's operands and attributes per case -------------------------------------
@@ -153,10 +179,9 @@ AXIS_CHOICES = {   # where operand k of rank r (with its batch axis) gets its ba
 
 def _dims_choices(case):
     """Every choice of mapped operands (at least one) and batch axes, once each."""
-    n = len(case.make(_rng(case.name)))
     ranks = [len(a.shape) + 1 for a in case.make(_rng(case.name))]
     seen = []
-    for mapped in itertools.product((True, False), repeat=n):
+    for mapped in itertools.product((True, False), repeat=len(ranks)):
         if not any(mapped):
             continue
         for place in AXIS_CHOICES.values():

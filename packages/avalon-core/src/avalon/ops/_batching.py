@@ -132,9 +132,12 @@ def fold_batch(x, d, axis: int, outer: int = 1):
     batched, folded = _example_axes(rank, d, axis, outer)
     sizes = dict(zip([lab for lab in batched if lab != ("b",)], example))
     sizes[("b",)] = size
+    merged = tuple(shape[:axis] + [n * size] + shape[axis + 1:])
+    if [lab for lab in batched if sizes[lab] != 1] == [lab for lab in folded if sizes[lab] != 1]:
+        return reshape(x, merged)   # only size-1 axes move (a vmapped example's N = 1): no transpose
     x = reshape(x, tuple(sizes[lab] for lab in batched))
     x = transpose(x, tuple(batched.index(lab) for lab in folded))
-    return reshape(x, tuple(shape[:axis] + [n * size] + shape[axis + 1:]))
+    return reshape(x, merged)
 
 
 def unfold_batch(y, axis: int, size: int, outer: int = 1):
