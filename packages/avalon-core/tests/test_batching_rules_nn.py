@@ -5,8 +5,9 @@ axes (at the front, second, last, mixed), rule(args, dims, **attrs) on eager
 float64 NumPy arrays equals the primitive applied to each example (eager bind)
 and stacked; with groups > 1, stride/padding/dilation variants (uneven "same"
 padding pairs included) and 1-D, 2-D and 3-D convolutions and pools.  Each rule
-is one call of its primitive (no loop over the examples), and the graphs the
-rules record compile (avalon.jit) to the same values."""
+is one call of its primitive (no loop over the examples), the graphs the rules
+record compile (avalon.jit) to the same values, and examples folded into N
+keep the batch split across threads."""
 import itertools
 import zlib
 
@@ -16,6 +17,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 import avalon
 from avalon.errors import LabelError
+from avalon.passes import sharding
 from avalon.ops import nn as nn_ops
 from avalon.ops._batching import fold_batch, unfold_batch
 from avalon.primitive import PRIMITIVES, bind
@@ -295,17 +297,38 @@ PER_EXAMPLE_GRADIENT = [   # the ops of vmap(grad(loss), in_axes=(None, 0, 0)) o
 ]
 
 
+def _transposed_to_front(rule, dims, attrs):
+    def batched(*a):
+        out, out_dim = rule(a, dims, **attrs)
+        return avalon.transpose(out, (out_dim,) + tuple(i for i in range(len(out.shape)) if i != out_dim))
+    return batched
+
+
 @pytest.mark.parametrize("name,dims", PER_EXAMPLE_GRADIENT)
 def test_compiled_rule_matches_eager(name, dims):
     case = next(c for c in CASES if c.name == name)
-    rule = PRIMITIVES[case.prim].rule("batching")
-    args, examples = _batch(case, dims)
+    args, examples = _batch(case, dims, size=8)
+    batched = _transposed_to_front(PRIMITIVES[case.prim].rule("batching"), dims, case.attrs)
+    np.testing.assert_allclose(np.asarray(avalon.jit(batched)(*args)), _per_example(case, examples), **F64)
 
-    def batched(*a):
-        out, out_dim = rule(a, dims, **case.attrs)
-        return avalon.moveaxis(out, out_dim, 0) if hasattr(avalon, "moveaxis") else \
-            avalon.transpose(out, (out_dim,) + tuple(i for i in range(len(out.shape)) if i != out_dim))
 
+FOLDED_INTO_N = [   # one image per example (N = 1), the examples at the front: the batch split still applies
+    ("conv[2d_groups_strided_dilated]", (0, None)),
+    ("conv_input_grad[3d_groups]", (0, None)),
+    ("max_pool_grad[3d]", (0, 0)),
+    ("avg_pool[3d,include_pad=True]", (0,)),
+]
+
+
+@pytest.mark.parametrize("name,dims", FOLDED_INTO_N)
+def test_examples_folded_into_n_keep_the_batch_split_across_threads(name, dims, monkeypatch):
+    monkeypatch.setattr(sharding, "MIN_SHARD_ELEMENTS", 0)
+    case = next(c for c in CASES if c.name == name)
+    args, examples = _batch(case, dims, size=8)
+    batched = _transposed_to_front(PRIMITIVES[case.prim].rule("batching"), dims, case.attrs)
+    graph = avalon.trace(batched, *args)
+    mapped = {graph.inputs[k] for k, d in enumerate(dims) if d == 0}
+    assert sharding.split_batch(graph, mapped, 2) is not None
     np.testing.assert_allclose(np.asarray(avalon.jit(batched)(*args)), _per_example(case, examples), **F64)
 
 
