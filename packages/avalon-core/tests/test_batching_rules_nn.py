@@ -312,6 +312,27 @@ def test_compiled_rule_matches_eager(name, dims):
     np.testing.assert_allclose(np.asarray(avalon.jit(batched)(*args)), _per_example(case, examples), **F64)
 
 
+@pytest.mark.parametrize("name,dims", [("conv[2d_groups_strided_dilated]", (0, 2)), ("conv[1d_groups]", (None, 1)),
+                                       ("conv_weight_grad[2d_groups_strided_dilated]", (0, 0)),
+                                       ("conv_weight_grad[3d_groups]", (4, None)),
+                                       ("conv_input_grad[2d_depthwise]", (1, 0)),
+                                       ("conv_transpose[1d_groups]", (0, 0)), ("max_pool_grad[2d_dilated]", (None, 0))])
+def test_the_batched_call_is_differentiable_as_the_examples_are(name, dims):
+    """grad of a batched call (grad(vmap(...)), per-example gradient norms in a loss)
+    equals each example's gradient: stacked for a mapped operand, summed for a shared one."""
+    case = next(c for c in CASES if c.name == name)
+    args, examples = _batch(case, dims)
+    prim, rule = PRIMITIVES[case.prim], PRIMITIVES[case.prim].rule("batching")
+    proj = _normal(_rng(name, "projection"), _per_example(case, examples).shape)
+    _, got = avalon.grad(lambda *a: avalon.sum(_transposed_to_front(rule, dims, case.attrs)(*a) * proj), *args)
+    per_example = [avalon.grad(lambda *a, r=r: avalon.sum(bind(prim, a, dict(case.attrs)) * r), *ex)[1]
+                   for ex, r in zip(examples, proj)]
+    for k, d in enumerate(dims):
+        parts = [np.asarray(grads[k]) for grads in per_example]
+        want = np.stack(parts, axis=d) if d is not None else np.sum(parts, axis=0)
+        np.testing.assert_allclose(np.asarray(got[k]), want, **F64)
+
+
 FOLDED_INTO_N = [   # one image per example (N = 1), the examples at the front: the batch split still applies
     ("conv[2d_groups_strided_dilated]", (0, None)),
     ("conv_input_grad[3d_groups]", (0, None)),
