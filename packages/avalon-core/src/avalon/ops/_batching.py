@@ -88,3 +88,69 @@ def elementwise_rule(prim):
     def rule(args, dims, **attrs):
         return bind(prim, tuple(align_for_broadcast(args, dims)), attrs), 0
     return rule
+
+
+# -- folding the examples into an axis the primitive already has ---------------------------------
+# (shared by the rules of ops/nn.py: a convolution or a pooling runs on a batch
+# of examples as ONE call of itself, with the examples merged into its N axis,
+# its channel axis or its groups)
+
+def _example_axes(rank, d, axis, outer):
+    """Labels of the axes of a batched operand once the example's axis `axis`
+    is split into (outer, inner) (no outer part when outer == 1), and of the
+    folded order: the batch right after the outer part."""
+    split = [("e", i) for i in range(axis)] + ([("o",)] if outer > 1 else []) + [("i",)] + \
+            [("e", i) for i in range(axis + 1, rank)]
+    at = d if d <= axis else d + (1 if outer > 1 else 0)   # the batch axis among the split axes
+    batched = split[:at] + [("b",)] + split[at:]
+    k = split.index(("i",))
+    folded = split[:k] + [("b",)] + split[k:]
+    return batched, folded
+
+
+def fold_batch(x, d, axis: int, outer: int = 1):
+    """A mapped operand as one example-shaped array, its batch axis `d` merged
+    into the example's axis `axis`.
+
+    The example's axis (size n) is read as (outer, n // outer) and the examples
+    go between the two: the merged axis, of size outer * B * (n // outer),
+    runs over (outer block, example, inner index).  With outer == 1 example b
+    owns entries b*n .. b*n + n - 1 of it (examples stacked along N, or along
+    channels); with outer = groups each group's block holds every example's
+    share of that group (the channel order of a grouped convolution whose
+    groups are the original ones).  `unfold_batch` undoes it on a result."""
+    from . import reshape, transpose
+    shape = list(x.shape)
+    rank = len(shape) - 1
+    d = d % (rank + 1)
+    size = shape.pop(d)
+    n = shape[axis]
+    if n % outer:
+        raise ValueError(f"fold_batch: axis {axis} of size {n} does not split into {outer} blocks")
+    parts = ([outer] if outer > 1 else []) + [n // outer]
+    example = shape[:axis] + parts + shape[axis + 1:]
+    batched, folded = _example_axes(rank, d, axis, outer)
+    sizes = dict(zip([lab for lab in batched if lab != ("b",)], example))
+    sizes[("b",)] = size
+    merged = tuple(shape[:axis] + [n * size] + shape[axis + 1:])
+    if [lab for lab in batched if sizes[lab] != 1] == [lab for lab in folded if sizes[lab] != 1]:
+        return reshape(x, merged)   # only size-1 axes move (a vmapped example's N = 1): no transpose
+    x = reshape(x, tuple(sizes[lab] for lab in batched))
+    x = transpose(x, tuple(batched.index(lab) for lab in folded))
+    return reshape(x, merged)
+
+
+def unfold_batch(y, axis: int, size: int, outer: int = 1):
+    """The inverse of fold_batch on a result: y's axis `axis` runs over
+    (outer block, example, inner index) for `size` examples; returns
+    (the batched result, its batch axis), the batch axis at `axis`."""
+    from . import reshape, transpose
+    shape = list(y.shape)
+    n = shape[axis] // size
+    if outer == 1:
+        return reshape(y, tuple(shape[:axis] + [size, n] + shape[axis + 1:])), axis
+    y = reshape(y, tuple(shape[:axis] + [outer, size, n // outer] + shape[axis + 1:]))
+    perm = list(range(len(shape) + 2))
+    perm[axis], perm[axis + 1] = perm[axis + 1], perm[axis]
+    y = transpose(y, tuple(perm))
+    return reshape(y, tuple(shape[:axis] + [size, n] + shape[axis + 1:])), axis

@@ -27,6 +27,11 @@ The public functions follow torch.nn.functional's signatures and defaults:
 conv1d/2d/3d, conv_transpose1d/2d/3d, max_pool1d/2d/3d, avg_pool1d/2d/3d,
 adaptive_avg_pool1d/2d/3d, adaptive_max_pool1d/2d/3d (divisible sizes only).
 Each accepts an unbatched input (no N axis) as PyTorch does.
+
+Batching rules (avalon.vmap) run a batch of examples as ONE call of the same
+primitive: examples that share the weight are more images (folded into N);
+examples with weights of their own are more channels, or more groups, of a
+grouped convolution, which keeps them apart exactly (see _conv_batching).
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ import numpy as np
 
 from ..errors import AvalonError, DtypeError, LabelError, ShapeError, at, user_location
 from ..kernels import conv as K
-from ..primitive import Tracer, bind, current_location, defprim
+from ..primitive import PRIMITIVES, Tracer, bind, current_location, defprim
+from ._batching import NOT_MAPPED, align_for_broadcast, batch_size, broadcast_batch, fold_batch, unfold_batch
 from ._layout import CSN, NC, POINTWISE, batch_innermost, to_csn
 from ._rules import elementwise_rule
 from ._sharding import P, R, S, NoSplit, on_sharded, pointwise
@@ -237,8 +243,24 @@ def _conv_as_columns(rw, node):
     return _matrix(rw, y, to_csn(node.shape), node), CSN
 
 
+def _conv_batching(args, dims, *, groups, **geometry):
+    """conv on a batch.  Shared weight: the examples are more images (N).
+    Shared input, a weight per example: more output channels in each group
+    (the weights' channels ordered (group, example, channel)).  Both mapped:
+    the examples are groups, groups * B of them, each seeing only its own
+    example's channels, so the result is exact (no cross-example terms)."""
+    (x, w), (dx, dw), b = args, dims, batch_size(args, dims)
+    if dw is NOT_MAPPED:
+        return unfold_batch(bind(conv_p, (fold_batch(x, dx, 0), w), dict(geometry, groups=groups)), 0, b)
+    if dx is NOT_MAPPED:
+        y = bind(conv_p, (x, fold_batch(w, dw, 0, groups)), dict(geometry, groups=groups))
+        return unfold_batch(y, 1, b, groups)
+    y = bind(conv_p, (fold_batch(x, dx, 1), fold_batch(w, dw, 0)), dict(geometry, groups=b * groups))
+    return unfold_batch(y, 1, b)
+
+
 conv_p = defprim("conv", shape=_conv_rule, impl=_conv_impl, vjp=_conv_vjp,
-                 sharding=_batch_on_axis0(0), layout=batch_innermost(_conv_as_columns),
+                 sharding=_batch_on_axis0(0), layout=batch_innermost(_conv_as_columns), batching=_conv_batching,
                  doc="N-d grouped convolution (cross-correlation) of x (N, C, *S) with w (O, C/groups, *K).")
 
 
@@ -280,9 +302,28 @@ def _conv_input_grad_from_columns(rw, node):
     return rw.emit("col2im_csn", [cols], attrs, to_csn(node.shape), node.dtype, node.loc), CSN
 
 
+def _conv_input_grad_batching(args, dims, *, input_shape, groups, **geometry):
+    """conv_input_grad on a batch, as conv's rule: a shared weight folds the
+    examples into N; a weight per example gives each group more input
+    channels (ordered (group, example, channel)), or, with g mapped too,
+    makes the examples groups."""
+    (g, w), (dg, dw), b = args, dims, batch_size(args, dims)
+    n, c, spatial = input_shape[0], input_shape[1], tuple(input_shape[2:])
+    if dw is NOT_MAPPED:
+        attrs = dict(geometry, groups=groups, input_shape=(b * n, c) + spatial)
+        return unfold_batch(bind(conv_input_grad_p, (fold_batch(g, dg, 0), w), attrs), 0, b)
+    attrs = dict(geometry, input_shape=(n, b * c) + spatial)
+    if dg is NOT_MAPPED:
+        dx = bind(conv_input_grad_p, (g, fold_batch(w, dw, 1)), dict(attrs, groups=groups))
+        return unfold_batch(dx, 1, b, groups)
+    dx = bind(conv_input_grad_p, (fold_batch(g, dg, 1), fold_batch(w, dw, 0)), dict(attrs, groups=b * groups))
+    return unfold_batch(dx, 1, b)
+
+
 conv_input_grad_p = defprim("conv_input_grad", shape=_conv_input_grad_rule, impl=_conv_input_grad_impl,
                             vjp=_conv_input_grad_vjp, output_shape_attr="input_shape",
                             sharding=_batch_on_axis0(0), layout=batch_innermost(_conv_input_grad_from_columns),
+                            batching=_conv_input_grad_batching,
                             doc="Gradient of conv w.r.t. its input: a transposed convolution of g with w.")
 
 
@@ -323,9 +364,32 @@ def _conv_weight_grad_from_columns(rw, node):
     return _matrix(rw, _product(rw, gm, _transposed(rw, cols, node), node), node.shape, node), NC
 
 
+def _conv_weight_grad_batching(args, dims, *, weight_shape, groups, **geometry):
+    """conv_weight_grad on a batch: one weight gradient per example, from one
+    call.  It sums over N, so the examples cannot join N; they join the
+    channels instead.  Both mapped (per-example gradients,
+    vmap(grad(loss), in_axes=(None, 0, 0))): the examples are groups, groups * B
+    of them; the kernel's one im2col and one matmul batched over groups give
+    every example's gradient, summed over that example's own images only.
+    Only x mapped: more input channels per group (weight (O, B*C/groups, *K));
+    only g mapped: more output channels per group (weight (B*O, C/groups, *K))."""
+    (x, g), (dx, dg), b = args, dims, batch_size(args, dims)
+    o, cg, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
+    if dg is NOT_MAPPED:
+        attrs = dict(geometry, groups=groups, weight_shape=(o, b * cg) + kernel)
+        return unfold_batch(bind(conv_weight_grad_p, (fold_batch(x, dx, 1, groups), g), attrs), 1, b)
+    attrs = dict(geometry, weight_shape=(b * o, cg) + kernel)
+    if dx is NOT_MAPPED:
+        dw = bind(conv_weight_grad_p, (x, fold_batch(g, dg, 1, groups)), dict(attrs, groups=groups))
+        return unfold_batch(dw, 0, b, groups)
+    dw = bind(conv_weight_grad_p, (fold_batch(x, dx, 1), fold_batch(g, dg, 1)), dict(attrs, groups=b * groups))
+    return unfold_batch(dw, 0, b)
+
+
 conv_weight_grad_p = defprim("conv_weight_grad", shape=_conv_weight_grad_rule, impl=_conv_weight_grad_impl,
                              vjp=_conv_weight_grad_vjp, sharding=on_sharded(_conv_weight_grad_sharding),
                              layout=batch_innermost(_conv_weight_grad_from_columns, output=NC),
+                             batching=_conv_weight_grad_batching,
                              doc="Gradient of conv w.r.t. its weight.")
 
 
@@ -377,8 +441,23 @@ def _conv_transpose_vjp(ct, out, x, w, *, stride, padding, output_padding, dilat
             bind(conv_weight_grad_p, (ct, x), dict(weight_shape=_t(w.shape), **a)))
 
 
+def _conv_transpose_batching(args, dims, *, groups, **geometry):
+    """conv_transpose on a batch (a conv_input_grad; same folds): a shared
+    weight folds the examples into N, a weight per example gives each group
+    more output channels, or with x mapped too makes the examples groups."""
+    (x, w), (dx, dw), b = args, dims, batch_size(args, dims)
+    if dw is NOT_MAPPED:
+        y = bind(conv_transpose_p, (fold_batch(x, dx, 0), w), dict(geometry, groups=groups))
+        return unfold_batch(y, 0, b)
+    if dx is NOT_MAPPED:
+        y = bind(conv_transpose_p, (x, fold_batch(w, dw, 1)), dict(geometry, groups=groups))
+        return unfold_batch(y, 1, b, groups)
+    y = bind(conv_transpose_p, (fold_batch(x, dx, 1), fold_batch(w, dw, 0)), dict(geometry, groups=b * groups))
+    return unfold_batch(y, 1, b)
+
+
 conv_transpose_p = defprim("conv_transpose", shape=_conv_transpose_rule, impl=_conv_transpose_impl,
-                           vjp=_conv_transpose_vjp, sharding=_batch_on_axis0(0),
+                           vjp=_conv_transpose_vjp, sharding=_batch_on_axis0(0), batching=_conv_transpose_batching,
                            doc="N-d grouped transposed convolution; w is (C_in, C_out/groups, *K).")
 
 
@@ -402,6 +481,26 @@ def _pool_check(op, xs, *, kernel_size, stride, padding, dilation=None, count_in
     return xs[:2] + out
 
 
+def _pool_batching(name, shape_attr=None):
+    """The batching rule of a pooling primitive or its gradient: pooling
+    treats N and C alike, so the examples join one of them: C when every
+    operand has them right before its channels (a reshape, no copy), else N.
+    An operand the examples share (a cotangent's input) is broadcast first.
+    `shape_attr` names an attribute holding the input's shape (avg_pool_grad)."""
+    def rule(args, dims, **attrs):
+        b = batch_size(args, dims)
+        if any(d is NOT_MAPPED for d in dims):
+            args, dims = [broadcast_batch(a, d, b) for a, d in zip(args, dims)], [0] * len(args)
+        axis = 1 if all(d % len(a.shape) == 1 for a, d in zip(args, dims)) else 0
+        if shape_attr is not None:
+            shape = list(attrs[shape_attr])
+            shape[axis] *= b
+            attrs[shape_attr] = tuple(shape)
+        y = bind(PRIMITIVES[name], tuple(fold_batch(a, d, axis) for a, d in zip(args, dims)), attrs)
+        return unfold_batch(y, axis, b)
+    return rule
+
+
 def _max_pool_rule(x, **attrs):
     return _pool_check("max_pool", x.shape, **attrs), x.dtype
 
@@ -418,6 +517,7 @@ def _max_pool_batch_last(rw, node):
 max_pool_p = defprim("max_pool", shape=_max_pool_rule, vjp=_max_pool_vjp,
                      impl=lambda xp, x, **attrs: K.max_pool_forward(xp, x, **attrs),
                      sharding=_batch_on_axis0(0), layout=batch_innermost(_max_pool_batch_last),
+                     batching=_pool_batching("max_pool"),
                      doc="N-d max pooling (padding with -inf, floor mode).")
 
 
@@ -448,6 +548,7 @@ def _max_pool_grad_batch_last(rw, node):
 max_pool_grad_p = defprim("max_pool_grad", shape=_max_pool_grad_rule, vjp=_max_pool_grad_vjp,
                           impl=lambda xp, x, g, **attrs: K.max_pool_backward(xp, x, g, **attrs),
                           sharding=_batch_on_axis0(0, 1), layout=batch_innermost(_max_pool_grad_batch_last),
+                          batching=_pool_batching("max_pool_grad"),
                           doc="Gradient of max_pool: each window's cotangent goes to its first maximum.")
 
 
@@ -460,7 +561,7 @@ def _max_pool_gather_rule(x, c, **attrs):
 max_pool_gather_p = defprim("max_pool_gather", shape=_max_pool_gather_rule,
                             vjp=lambda ct, out, x, c, **attrs: (None, bind(max_pool_grad_p, (x, ct), attrs)),
                             impl=lambda xp, x, c, **attrs: K.max_pool_gather(xp, x, c, **attrs),
-                            sharding=_batch_on_axis0(0, 1),
+                            sharding=_batch_on_axis0(0, 1), batching=_pool_batching("max_pool_gather"),
                             doc="The VJP of max_pool_grad in its cotangent: each window of x reads c at its "
                                 "first maximum (so max pooling has second derivatives).")
 
@@ -471,6 +572,7 @@ def _avg_pool_rule(x, **attrs):
 
 
 avg_pool_p = defprim("avg_pool", shape=_avg_pool_rule, sharding=_batch_on_axis0(0),
+                     batching=_pool_batching("avg_pool"),
                      impl=lambda xp, x, **attrs: K.avg_pool_forward(xp, x, **attrs),
                      vjp=lambda ct, out, x, **attrs: (bind(avg_pool_grad_p, (ct,),
                                                            dict(input_shape=_t(x.shape), **attrs)),),
@@ -486,7 +588,7 @@ def _avg_pool_grad_rule(g, *, input_shape, **attrs):
 
 
 avg_pool_grad_p = defprim("avg_pool_grad", shape=_avg_pool_grad_rule, output_shape_attr="input_shape",
-                          sharding=_batch_on_axis0(0),
+                          sharding=_batch_on_axis0(0), batching=_pool_batching("avg_pool_grad", "input_shape"),
                           impl=lambda xp, g, *, input_shape, **attrs: K.avg_pool_backward(
                               xp, g, input_shape=tuple(input_shape), **attrs),
                           # avg_pool_grad is the adjoint of the linear map avg_pool
@@ -533,8 +635,22 @@ def _bad_label_message(xp, target, bad, num_classes, ignore_index, name, loc, tr
     return f"{name}: target {value} is out of bounds for {num_classes} classes (valid: {valid}){found}{at(loc)}"
 
 
+def _check_labels_batching(args, dims, *, name, traced_shape, **attrs):
+    """check_labels on a batch is check_labels of all the labels at once
+    (elementwise; ignore_index and num_classes are per label).  The checked
+    shape is the batched one (a different shape at run time means a split
+    across threads), and the message says which axis of the position it
+    reports is the example's."""
+    (t,), (d,) = args, dims
+    d = d % len(t.shape)
+    attrs = dict(attrs, name=f"{name} (under vmap: axis {d} of the position is the example)",
+                 traced_shape=_t(t.shape))
+    return bind(check_labels_p, (t,), attrs), d
+
+
 check_labels_p = defprim(
     "check_labels", shape=_check_labels_rule, impl=_check_labels_impl, nondiff=True,
+    batching=_check_labels_batching,
     # elementwise: the batch split shards it with the labels and fusion may group it;
     # view: it returns its input, so the memory plan gives it no buffer of its own
     elementwise=True, view=True, sharding=pointwise(), layout=POINTWISE,
@@ -569,9 +685,16 @@ def _bce_vjp(g, out, x, t):
     return sum_to(gx, x.shape), sum_to(gt_, t.shape)
 
 
+def _bce_batching(args, dims):
+    # elementwise: the batch axes aligned at the front (no attributes; a reduction
+    # is a separate op after it)
+    return bind(binary_cross_entropy_p, tuple(align_for_broadcast(args, dims))), 0
+
+
 binary_cross_entropy_p = defprim(
     "binary_cross_entropy", shape=elementwise_rule("binary_cross_entropy", float_only=True),
     impl=_bce_impl, vjp=_bce_vjp, elementwise=True, sharding=pointwise(), layout=POINTWISE,
+    batching=_bce_batching,
     expr="(({1} - 1) * max(log1p(-{0}), ({T})-100) - {1} * max(log({0}), ({T})-100))",
     doc="Elementwise binary cross entropy -(t log(x) + (1 - t) log(1 - x)) of probabilities x, each "
         "log clamped to >= -100, with torch's gradient (finite at x = 0 and 1).")
