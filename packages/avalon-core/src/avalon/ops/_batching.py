@@ -82,9 +82,44 @@ def align_for_broadcast(args, dims):
 
 def elementwise_rule(prim):
     """The batching rule of an elementwise primitive (any arity): batch axes
-    aligned at the front (see align_for_broadcast), then the primitive itself."""
-    from ..primitive import bind
+    aligned at the front (see align_for_broadcast), then the primitive itself.
+    `prim` is the Primitive or its name (looked up when the rule runs, so a
+    registration block can name its own primitive)."""
+    from ..primitive import PRIMITIVES, bind
 
     def rule(args, dims, **attrs):
-        return bind(prim, tuple(align_for_broadcast(args, dims)), attrs), 0
+        p = PRIMITIVES[prim] if isinstance(prim, str) else prim
+        return bind(p, tuple(align_for_broadcast(args, dims)), attrs), 0
     return rule
+
+
+# -- the batch size of the vmap in progress (added for avalon.vmap) -------------------------
+# A primitive with no operands (a random draw) has no mapped operand to read the
+# batch size from: vmap gives its rule every draws_random node, and the rule
+# reads the size here.
+
+import contextlib as _contextlib
+import threading as _threading
+
+_sizes = _threading.local()
+
+
+@_contextlib.contextmanager
+def batch_of(size: int):
+    """Mark `size` as the number of examples of the vmap being emitted (nested
+    vmaps stack: the innermost is current)."""
+    stack = _sizes.__dict__.setdefault("stack", [])
+    stack.append(int(size))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def current_batch_size() -> int:
+    """The number of examples of the innermost vmap being emitted (for rules
+    of ops with no operand, such as random draws)."""
+    stack = _sizes.__dict__.get("stack")
+    if not stack:
+        raise ValueError("current_batch_size() is read only inside a batching rule called by avalon.vmap")
+    return stack[-1]
