@@ -541,6 +541,9 @@ def vmap(f, in_axes=0, out_axes=0):
     Python loop), compiled once per input signature; vmap composes with jit,
     grad and vmap.  A primitive without a batching rule raises
     MissingRuleError naming it."""
+    from .batching import check_axes_spec
+    check_axes_spec(in_axes, "in_axes")
+    check_axes_spec(out_axes, "out_axes")
     return VmapFunction(f, in_axes, out_axes)
 
 

@@ -36,82 +36,104 @@ class _Aval:
 
 # -- axis specifications ---------------------------------------------------------------
 
-def leaf_axes(spec, treedef, n_leaves: int, what: str) -> list:
-    """The batch axis (int or None) of each of the `n_leaves` array leaves of
-    the structure `treedef`, read from `spec` (an int, None, or a structure
-    matching a prefix of the tree, as in JAX).  `what` names the structure in
-    errors ("in_axes", "out_axes")."""
-    axes: list = [_UNSET] * n_leaves
-    counter = [0]
-    _assign_axes(spec, treedef, axes, counter, what, what)
-    return axes
+def leaf_axes(spec, treedef, leaves, what: str):
+    """The batch axis (int or None) of each array leaf of the structure
+    `treedef` (whose leaves are `leaves`), read from `spec`: an int, None, or a
+    structure matching a prefix of the tree, as in JAX.  Returns (treedef,
+    leaves, axes): one array reached at two places (an alias: `f(x, x)`) stays
+    one leaf where both places have the same axis (tied weights keep their tie
+    for a grad inside), and becomes two leaves where they differ
+    (`in_axes=(0, None)` on `f(x, x)`).  `what` names spec in errors."""
+    walk = _AxesWalk(leaves)
+    td = walk.match(spec, treedef, what, what)
+    return td, walk.leaves, walk.axes
 
 
-_UNSET = object()
+class _AxesWalk:
+    """The tree walked in flattening order with its spec, leaves renumbered."""
 
+    def __init__(self, leaves):
+        self.given, self.counter = leaves, 0
+        self.leaves, self.axes = [], []
+        self.placed: dict = {}     # original leaf number -> (new number, axis)
 
-def _assign_axes(spec, td, axes, counter, path, what):
-    if spec is None or _is_int(spec):
-        for k in _subtree_leaves(td, counter, axes, path, what):
-            _set_axis(axes, k, spec, path, what)
-        return
-    if td is tree.ARRAY or td is tree.FROZEN or isinstance(td, (tree.Alias, tree.Static)):
-        raise AvalonError(f"vmap: {what} gives {type(spec).__name__} {spec!r} at {path}, where the value is "
-                          f"{'an array' if not isinstance(td, tree.Static) else 'not an array'}; an array's "
-                          f"axis must be an int or None{at(user_location())}")
-    if isinstance(spec, (list, tuple)) and (td.kind in (list, tuple) or hasattr(td.kind, "_fields")):
-        if len(spec) != len(td.children):
-            raise AvalonError(f"vmap: {what} at {path} has {len(spec)} entries for a value of {len(td.children)} "
-                              f"items; give one axis (int or None) per item, or one int/None for all"
-                              f"{at(user_location())}")
-        for k, (s, c) in enumerate(zip(spec, td.children)):
-            _assign_axes(s, c, axes, counter, f"{path}[{k}]", what)
-        return
-    if isinstance(spec, dict) and isinstance(td.kind, type) and issubclass(td.kind, dict):
-        if set(spec) != set(td.meta):
-            raise AvalonError(f"vmap: {what} at {path} has keys {sorted(map(str, spec))} for a dict with keys "
-                              f"{sorted(map(str, td.meta))}{at(user_location())}")
-        for key, c in zip(td.meta, td.children):
-            _assign_axes(spec[key], c, axes, counter, f"{path}[{key!r}]", what)
-        return
-    kind = td.kind.__name__ if isinstance(td.kind, type) else "an object"
-    raise AvalonError(f"vmap: {what} at {path} is a {type(spec).__name__}, which does not match the value there "
-                      f"({kind}); give an int or None for it, or a structure of the same kind{at(user_location())}")
+    def match(self, spec, td, path, what):
+        if spec is None or _is_int(spec):
+            return self.apply(spec, td)
+        if td is tree.ARRAY or td is tree.FROZEN or isinstance(td, (tree.Alias, tree.Static)):
+            value = "not an array" if isinstance(td, tree.Static) else "an array"
+            raise AvalonError(f"vmap: {what} gives {type(spec).__name__} {spec!r} at {path}, where the value is "
+                              f"{value}; an array's axis must be an int or None{at(user_location())}")
+        if isinstance(spec, (list, tuple)) and (td.kind in (list, tuple) or hasattr(td.kind, "_fields")):
+            if len(spec) != len(td.children):
+                raise AvalonError(f"vmap: {what} at {path} has {len(spec)} entries for a value of "
+                                  f"{len(td.children)} items; give one axis (int or None) per item, or one "
+                                  f"int/None for all{at(user_location())}")
+            children = [self.match(s, c, f"{path}[{k}]", what) for k, (s, c) in enumerate(zip(spec, td.children))]
+            return tree.TreeDef(td.kind, td.meta, children)
+        if isinstance(spec, dict) and isinstance(td.kind, type) and issubclass(td.kind, dict):
+            if set(spec) != set(td.meta):
+                raise AvalonError(f"vmap: {what} at {path} has keys {sorted(map(str, spec))} for a dict with keys "
+                                  f"{sorted(map(str, td.meta))}{at(user_location())}")
+            children = [self.match(spec[key], c, f"{path}[{key!r}]", what) for key, c in zip(td.meta, td.children)]
+            return tree.TreeDef(td.kind, td.meta, children)
+        kind = td.kind.__name__ if isinstance(td.kind, type) else "an object"
+        raise AvalonError(f"vmap: {what} at {path} is a {type(spec).__name__}, which does not match the value "
+                          f"there ({kind}); give an int or None for it, or a structure of the same kind"
+                          f"{at(user_location())}")
+
+    def apply(self, axis, td):
+        """Every leaf of the subtree `td` gets `axis`."""
+        if td is tree.ARRAY or td is tree.FROZEN:
+            k = self.counter
+            self.counter += 1
+            self.placed[k] = (self.add(self.given[k], axis), axis, td)
+            return td
+        if isinstance(td, tree.Alias):
+            new, first_axis, mark = self.placed[td.index]
+            if first_axis == axis:
+                return tree.Alias(new)
+            self.add(self.given[td.index], axis)   # the same array, batched another way: a leaf of its own
+            return mark
+        if isinstance(td, tree.Static):
+            return td
+        return tree.TreeDef(td.kind, td.meta, [self.apply(axis, c) for c in td.children])
+
+    def add(self, leaf, axis) -> int:
+        self.leaves.append(leaf)
+        self.axes.append(axis)
+        return len(self.leaves) - 1
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _subtree_leaves(td, counter, axes, path, what):
-    """The leaf numbers of a subtree, in flattening order (aliases: the leaf
-    they repeat, so one array given two axes is caught)."""
-    if td is tree.ARRAY or td is tree.FROZEN:
-        counter[0] += 1
-        return [counter[0] - 1]
-    if isinstance(td, tree.Alias):
-        return [td.index]
-    if isinstance(td, tree.Static):
-        return []
-    out = []
-    for c in td.children:
-        out.extend(_subtree_leaves(c, counter, axes, path, what))
-    return out
-
-
-def _set_axis(axes, k, axis, path, what):
-    if axes[k] is not _UNSET and axes[k] != axis:
-        raise AvalonError(f"vmap: one array is reached at two places of the arguments with different {what} "
-                          f"({axes[k]} and {axis}, the second at {path}){at(user_location())}; pass separate "
-                          "arrays, or give both places the same axis")
-    axes[k] = axis
+def check_axes_spec(spec, what: str, path: str = "") -> None:
+    """Refuse an in_axes/out_axes that is not an int, None, or a list, tuple or
+    dict of those (checked when vmap is called, not at the first batch)."""
+    path = path or what
+    if spec is None or _is_int(spec):
+        return
+    if isinstance(spec, (list, tuple)):
+        for k, s in enumerate(spec):
+            check_axes_spec(s, what, f"{path}[{k}]")
+        return
+    if isinstance(spec, dict):
+        for key, s in spec.items():
+            check_axes_spec(s, what, f"{path}[{key!r}]")
+        return
+    raise AvalonError(f"vmap: {path} is {type(spec).__name__} {spec!r}{at(user_location())}; {what} holds ints "
+                      "(batch axes), None (not mapped), and lists, tuples or dicts of those matching the "
+                      "arguments or outputs")
 
 
 # -- the transformation ---------------------------------------------------------------
 
 def batch_size_of(leaves, axes, paths) -> int:
-    """The number of examples: the common extent of the mapped leaves' batch axes.
-    Normalizes nothing; raises naming the arguments that disagree."""
+    """The number of examples: the common extent of the mapped leaves' batch
+    axes (`paths` name the leaves in errors: two that disagree, an axis out of
+    range, no mapped leaf at all)."""
     size, first = None, None
     for x, d, p in zip(leaves, axes, paths):
         if d is NOT_MAPPED:
@@ -172,7 +194,12 @@ def _batch_node(target, n, operands, size):
     except MissingRuleError as e:
         raise MissingRuleError(f"vmap: {e}{at(n.loc)}; until it has one, vmap cannot batch {n.op!r}: call the "
                                "function once per example instead") from None
-    out, d = rule(args, dims, **n.attrs)
+    try:
+        out, d = rule(args, dims, **n.attrs)
+    except AvalonError as e:   # a rule refusing (assign into a shared array): say where
+        if n.loc and "(at " not in str(e):
+            raise type(e)(f"{e}{at(n.loc)}") from None
+        raise
     d = _norm(d, out)
     _check_rule_result(n, out, d, size)
     return out, d
@@ -255,19 +282,19 @@ class Vectorized:
         from .api import _trace
         leaves, treedef = tree.flatten(args, is_leaf=lambda x: isinstance(x, Tracer))
         spec = tuple(self.in_axes) if isinstance(self.in_axes, list) else self.in_axes
-        axes = leaf_axes(spec, treedef, len(leaves), "in_axes")
+        treedef, leaves, axes = leaf_axes(spec, treedef, leaves, "in_axes")
         paths = tree.leaf_paths(treedef, "args")
         size = batch_size_of(leaves, axes, paths)
         inner = _trace(self.f, [example_aval(x, d) for x, d in zip(leaves, axes)], treedef, self.name)
         captures = list(inner.__dict__.get("captures", ()))
         outs = batch_into(inner, list(leaves) + captures, list(axes) + [NOT_MAPPED] * len(captures), size)
-        out_axes = leaf_axes(self.out_axes, inner.out_tree, len(outs), "out_axes")
-        results = [self._place(v, d, to, size, k, inner) for k, ((v, d), to) in enumerate(zip(outs, out_axes))]
-        return tree.unflatten(inner.out_tree, results)
+        out_tree, outs, out_axes = leaf_axes(self.out_axes, inner.out_tree, outs, "out_axes")
+        results = [self._place(v, d, to, size, k, out_tree) for k, ((v, d), to) in enumerate(zip(outs, out_axes))]
+        return tree.unflatten(out_tree, results)
 
-    def _place(self, v, d, to, size, k, inner):
+    def _place(self, v, d, to, size, k, out_tree):
         if to is NOT_MAPPED and d is not NOT_MAPPED:
-            paths = tree.leaf_paths(inner.out_tree, "output")
+            paths = tree.leaf_paths(out_tree, "output")
             raise AvalonError(f"vmap: out_axes is None for {paths[k]}, but it differs between examples (it "
                               f"depends on a mapped argument){at(user_location())}; give it an int out_axes "
                               "(where its batch axis goes), or return only values every example shares there")

@@ -11,7 +11,9 @@ MissingRuleError naming it):
   constants);
 * ``dims[i]``: the axis of ``args[i]`` that indexes the examples, or
   ``NOT_MAPPED`` (None) when ``args[i]`` is the same for every example; at
-  least one operand is mapped;
+  least one operand is mapped, except for a ``draws_random`` primitive, whose
+  rule vmap always calls (each example draws its own numbers; a draw has no
+  operand to read the batch size from: see ``current_batch_size``);
 * ``attrs``: the node's attributes, written for one example (a reshape's
   target shape, a sum's axes): the rule translates them;
 * the result: the batched output, computed with avalon ops (``bind`` on
