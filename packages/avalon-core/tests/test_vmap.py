@@ -323,3 +323,29 @@ def test_a_refusing_rule_names_the_users_line():
     f = avalon.vmap(lambda dst, src: avalon.assign(dst, src) * 1.0, in_axes=(None, 0))
     with pytest.raises(AvalonError, match=r"assign writes.*\(at .*test_vmap.py:\d+\)"):
         f(np.zeros(2, np.float32), np.ones((3, 2), np.float32))
+
+
+class _Affine:
+    """A plain model object: its arrays are leaves of the argument."""
+
+    def __init__(self, w, b):
+        self.w, self.b = w, b
+
+    def __call__(self, x):
+        return avalon.tanh(x @ self.w + self.b)
+
+
+def test_a_model_object_shared_by_every_example_and_its_per_example_gradients():
+    rng = np.random.default_rng(10)
+    model = _Affine(rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32))
+    xs = rng.standard_normal((5, 4)).astype(np.float32)
+    out = _twice(avalon.vmap(lambda m, x: m(x), in_axes=(None, 0)), model, xs)
+    np.testing.assert_allclose(out, np.tanh(xs @ model.w + model.b), rtol=RTOL, atol=ATOL)
+    per_example = avalon.vmap(avalon.value_and_grad(lambda m, x: avalon.sum(m(x)), argnums=0), in_axes=(None, 0))
+    _, (g, _) = _twice(per_example, model, xs)
+    assert isinstance(g, _Affine) and g.w.shape == (5, 4, 3) and g.b.shape == (5, 3)
+    tw, tb = torch.from_numpy(model.w), torch.from_numpy(model.b)
+    want = torch.func.vmap(torch.func.grad(lambda w, b, x: torch.tanh(x @ w + b).sum(), argnums=(0, 1)),
+                           in_dims=(None, None, 0))(tw, tb, torch.from_numpy(xs))
+    np.testing.assert_allclose(g.w, want[0].numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(g.b, want[1].numpy(), rtol=RTOL, atol=ATOL)
