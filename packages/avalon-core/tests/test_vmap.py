@@ -272,6 +272,9 @@ def test_assign_into_mapped_arrays_along_any_axis():
     f = avalon.vmap(lambda d, s: avalon.assign(d, s) + 0.0, in_axes=(1, 0))
     out = _twice(f, dst.copy(), src)
     np.testing.assert_array_equal(out, src)
+    written = dst.copy()
+    f(written, src)
+    np.testing.assert_array_equal(written, src.T)   # in the caller's array, as jit's assign
     shared_src = np.array([5.0, 6.0], np.float32)
     g = avalon.vmap(lambda d, s: avalon.assign(d, s) + 0.0, in_axes=(1, None))
     np.testing.assert_array_equal(_twice(g, dst.copy(), shared_src), np.broadcast_to(shared_src, (3, 2)))

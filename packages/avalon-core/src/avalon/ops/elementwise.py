@@ -1,8 +1,9 @@
 """Elementwise primitives, one registration block each, and the activations
 built from them.  Binary ops broadcast as NumPy does; VJPs sum the cotangent
 back to each operand's shape (`sum_to`).  Every one shards as its operands do
-(the linear ones let partial sums through) and keeps the batch-innermost
-layout of its operands (ops/_sharding.py, ops/_layout.py)."""
+(the linear ones let partial sums through), keeps the batch-innermost
+layout of its operands, and runs on a vmap batch as itself with the batch
+axes aligned in front (ops/_sharding.py, ops/_layout.py, ops/_batching.py)."""
 from __future__ import annotations
 
 import numpy as np
