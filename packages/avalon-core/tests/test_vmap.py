@@ -214,6 +214,10 @@ def test_batch_graph_is_a_graph_to_graph_transform():
     fn = avalon.compile_graph(batched)
     xs = np.arange(15, dtype=np.float32).reshape(5, 3)
     np.testing.assert_allclose(fn(xs, np.full(3, 2.0, np.float32))[0], 2 * xs.sum(1))
+    last = batch_graph(g, [-1, None], 5).check()
+    assert [tuple(i.shape) for i in last.inputs] == [(3, 5), (3,)]
+    np.testing.assert_allclose(avalon.compile_graph(last)(xs.T.copy(), np.full(3, 2.0, np.float32))[0],
+                               2 * xs.sum(1))
 
 
 # -- errors ----------------------------------------------------------------------------------

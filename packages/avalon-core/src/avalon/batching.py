@@ -252,6 +252,7 @@ def batch_graph(graph: Graph, in_dims, size: int, out_dims=0) -> Graph:
     values = []
     with tracing(g):
         for inp, d in zip(graph.inputs, in_dims):
+            d = d if d is NOT_MAPPED else d % (len(inp.shape) + 1)   # an axis of the batched input
             shape = inp.shape if d is NOT_MAPPED else inp.shape[:d] + (size,) + inp.shape[d:]
             values.append(Tracer(g, g.add_input(shape, inp.dtype, inp.attrs.get("name"))))
         outs = batch_into(graph, values, in_dims, size)
