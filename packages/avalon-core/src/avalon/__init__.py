@@ -17,6 +17,7 @@ from . import layersets as _layersets
 from . import nn, optim  # noqa: F401  (namespaces that layer sets fill)
 from .api import (CompiledFunction, GradFunction, JitFunction, compile_graph, grad, jit, trace,  # noqa: F401
                   value_and_grad)
+from .api import VmapFunction, vmap  # noqa: F401
 from .backends import (Backend, Device, backends, best_available_device, device, manual_seed,  # noqa: F401
                        to_device)
 from .custom_vjp import custom_vjp  # noqa: F401

@@ -1,4 +1,4 @@
-"""Tracing and compiling user functions: trace, jit, grad, value_and_grad.
+"""Tracing and compiling user functions: trace, jit, grad, value_and_grad, vmap.
 
 A compiled function keeps one compiled graph per input signature: the tree
 structure of its arguments with every non-array value, and each array's
@@ -355,6 +355,30 @@ class JitFunction(CompiledFunction):
         return tree.unflatten(entry.out_tree, outs)
 
 
+class VmapFunction(CompiledFunction):
+    """f mapped over a batch of examples (avalon.vmap): f is traced for one
+    example and its graph batched by each primitive's batching rule into one
+    graph over the whole batch (avalon.batching), compiled once per input
+    signature; called inside another trace (jit, grad, vmap), that batched
+    graph is inlined into it."""
+    kind = "vmap"
+
+    def __init__(self, f, in_axes=0, out_axes=0, passes=None, parallel=True):
+        from .batching import Vectorized
+        super().__init__(Vectorized(f, in_axes, out_axes, _fname(f)), passes, parallel)
+        self.fun, self.in_axes, self.out_axes = f, in_axes, out_axes
+        self.__wrapped__ = f
+        self.__doc__ = getattr(f, "__doc__", None)
+
+    def __call__(self, *args):
+        if _inside_a_trace():
+            outs, entry = self._call_inlined(args)
+            return tree.unflatten(entry.out_tree, outs)
+        entry, leaves = self._lookup(args)
+        outs = entry.shared.fn(*leaves)
+        return tree.unflatten(entry.out_tree, outs)
+
+
 class GradFunction(CompiledFunction):
     """f's value and its gradient with respect to every floating-point array in
     the arguments (or in the arguments selected by `argnums`) that is trainable
@@ -503,6 +527,24 @@ def jit(f=None, *, passes=None, parallel=True):
     if f is None:
         return lambda g: JitFunction(g, passes, parallel)
     return JitFunction(f, passes, parallel)
+
+
+def vmap(f, in_axes=0, out_axes=0):
+    """f mapped over a batch of examples, as JAX's vmap: `in_axes` says where
+    each argument's batch axis is (an int, negative from the end; None: the
+    argument is shared by every example; or a tuple with one entry per
+    argument, each an int, None or a structure matching that argument) and
+    `out_axes` likewise where each output's goes (None: an output every
+    example shares).  Per-example gradients:
+    ``vmap(value_and_grad(loss), in_axes=(None, 0, 0))(params, x, y)``.
+    The batch runs as one graph built by the primitives' batching rules (no
+    Python loop), compiled once per input signature; vmap composes with jit,
+    grad and vmap.  A primitive without a batching rule raises
+    MissingRuleError naming it."""
+    from .batching import check_axes_spec
+    check_axes_spec(in_axes, "in_axes")
+    check_axes_spec(out_axes, "out_axes")
+    return VmapFunction(f, in_axes, out_axes)
 
 
 _grad_fns: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

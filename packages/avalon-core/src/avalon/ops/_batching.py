@@ -11,7 +11,9 @@ MissingRuleError naming it):
   constants);
 * ``dims[i]``: the axis of ``args[i]`` that indexes the examples, or
   ``NOT_MAPPED`` (None) when ``args[i]`` is the same for every example; at
-  least one operand is mapped;
+  least one operand is mapped, except for a ``draws_random`` primitive, whose
+  rule vmap always calls (each example draws its own numbers; a draw has no
+  operand to read the batch size from: see ``current_batch_size``);
 * ``attrs``: the node's attributes, written for one example (a reshape's
   target shape, a sum's axes): the rule translates them;
 * the result: the batched output, computed with avalon ops (``bind`` on
@@ -23,6 +25,9 @@ Python (vmap's promise is one batched graph).  The helpers below are shared by
 the rules of several files.
 """
 from __future__ import annotations
+
+import contextlib as _contextlib
+import threading as _threading
 
 NOT_MAPPED = None
 
@@ -82,11 +87,14 @@ def align_for_broadcast(args, dims):
 
 def elementwise_rule(prim):
     """The batching rule of an elementwise primitive (any arity): batch axes
-    aligned at the front (see align_for_broadcast), then the primitive itself."""
-    from ..primitive import bind
+    aligned at the front (see align_for_broadcast), then the primitive itself.
+    `prim` is the Primitive or its name (looked up when the rule runs, so a
+    registration block can name its own primitive)."""
+    from ..primitive import PRIMITIVES, bind
 
     def rule(args, dims, **attrs):
-        return bind(prim, tuple(align_for_broadcast(args, dims)), attrs), 0
+        p = PRIMITIVES[prim] if isinstance(prim, str) else prim
+        return bind(p, tuple(align_for_broadcast(args, dims)), attrs), 0
     return rule
 
 
@@ -154,3 +162,30 @@ def unfold_batch(y, axis: int, size: int, outer: int = 1):
     perm[axis], perm[axis + 1] = perm[axis + 1], perm[axis]
     y = transpose(y, tuple(perm))
     return reshape(y, tuple(shape[:axis] + [size, n] + shape[axis + 1:])), axis
+# -- the batch size of the vmap in progress (added for avalon.vmap) -------------------------
+# A primitive with no operands (a random draw) has no mapped operand to read the
+# batch size from: vmap gives its rule every draws_random node, and the rule
+# reads the size here.
+
+_sizes = _threading.local()
+
+
+@_contextlib.contextmanager
+def batch_of(size: int):
+    """Mark `size` as the number of examples of the vmap being emitted (nested
+    vmaps stack: the innermost is current)."""
+    stack = _sizes.__dict__.setdefault("stack", [])
+    stack.append(int(size))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def current_batch_size() -> int:
+    """The number of examples of the innermost vmap being emitted (for rules
+    of ops with no operand, such as random draws)."""
+    stack = _sizes.__dict__.get("stack")
+    if not stack:
+        raise ValueError("current_batch_size() is read only inside a batching rule called by avalon.vmap")
+    return stack[-1]

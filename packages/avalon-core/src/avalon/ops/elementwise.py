@@ -1,14 +1,15 @@
 """Elementwise primitives, one registration block each, and the activations
 built from them.  Binary ops broadcast as NumPy does; VJPs sum the cotangent
 back to each operand's shape (`sum_to`).  Every one shards as its operands do
-(the linear ones let partial sums through) and keeps the batch-innermost
-layout of its operands (ops/_sharding.py, ops/_layout.py)."""
+(the linear ones let partial sums through), keeps the batch-innermost
+layout of its operands, and runs on a vmap batch as itself with the batch
+axes aligned in front (ops/_sharding.py, ops/_layout.py, ops/_batching.py)."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..primitive import bind, defprim
-from . import _layout, _sharding  # (as modules: `from .elementwise import *` must not export their names)
+from . import _batching, _layout, _sharding  # (as modules: `from .elementwise import *` must not export their names)
 from ._rules import elementwise_rule
 
 
@@ -21,27 +22,32 @@ def _sum_to(x, shape):
 
 add_p = defprim("add", shape=elementwise_rule("add"), ufunc="add", elementwise=True, expr="{0} + {1}",
                 sharding=_sharding.pointwise(_sharding.all_partial), layout=_layout.POINTWISE,
+                batching=_batching.elementwise_rule("add"),
                 impl=lambda xp, a, b: xp.add(a, b),
                 vjp=lambda g, out, a, b: (_sum_to(g, a.shape), _sum_to(g, b.shape)))
 
 sub_p = defprim("sub", shape=elementwise_rule("sub"), ufunc="subtract", elementwise=True, expr="{0} - {1}",
                 sharding=_sharding.pointwise(_sharding.all_partial), layout=_layout.POINTWISE,
+                batching=_batching.elementwise_rule("sub"),
                 impl=lambda xp, a, b: xp.subtract(a, b),
                 vjp=lambda g, out, a, b: (_sum_to(g, a.shape), _sum_to(neg(g), b.shape)))
 
 mul_p = defprim("mul", shape=elementwise_rule("mul"), ufunc="multiply", elementwise=True, expr="{0} * {1}",
                 sharding=_sharding.pointwise(_sharding.one_partial), layout=_layout.POINTWISE,
+                batching=_batching.elementwise_rule("mul"),
                 impl=lambda xp, a, b: xp.multiply(a, b),
                 vjp=lambda g, out, a, b: (_sum_to(mul(g, b), a.shape), _sum_to(mul(g, a), b.shape)))
 
 div_p = defprim("div", shape=elementwise_rule("div"), ufunc="true_divide", elementwise=True, expr="{0} / {1}",
                 sharding=_sharding.pointwise(_sharding.partial_numerator), layout=_layout.POINTWISE,
+                batching=_batching.elementwise_rule("div"),
                 impl=lambda xp, a, b: xp.true_divide(a, b),
                 vjp=lambda g, out, a, b: (_sum_to(div(g, b), a.shape),
                                           _sum_to(neg(div(mul(g, out), b)), b.shape)))
 
 pow_p = defprim("pow", shape=elementwise_rule("pow"), ufunc="power", elementwise=True, expr="pow({0}, {1})",
                 sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                batching=_batching.elementwise_rule("pow"),
                 impl=lambda xp, a, b: xp.power(a, b),
                 vjp=lambda g, out, a, b: (_sum_to(mul(g, mul(b, pow(a, sub(b, 1)))), a.shape),
                                           _sum_to(mul(g, mul(out, log(a))), b.shape)))
@@ -54,12 +60,14 @@ def _tie_split(a, b, first_wins):
 
 maximum_p = defprim("maximum", shape=elementwise_rule("maximum"), ufunc="maximum", elementwise=True,
                     sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                    batching=_batching.elementwise_rule("maximum"),
                     expr="max({0}, {1})", impl=lambda xp, a, b: xp.maximum(a, b),
                     vjp=lambda g, out, a, b: (_sum_to(mul(g, _tie_split(a, b, gt(a, b))), a.shape),
                                               _sum_to(mul(g, _tie_split(b, a, gt(b, a))), b.shape)))
 
 minimum_p = defprim("minimum", shape=elementwise_rule("minimum"), ufunc="minimum", elementwise=True,
                     sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                    batching=_batching.elementwise_rule("minimum"),
                     expr="min({0}, {1})", impl=lambda xp, a, b: xp.minimum(a, b),
                     vjp=lambda g, out, a, b: (_sum_to(mul(g, _tie_split(a, b, lt(a, b))), a.shape),
                                               _sum_to(mul(g, _tie_split(b, a, lt(b, a))), b.shape)))
@@ -69,6 +77,7 @@ minimum_p = defprim("minimum", shape=elementwise_rule("minimum"), ufunc="minimum
 def _comparison(name, ufunc, c_op):
     return defprim(name, shape=elementwise_rule(name, out_dtype=np.bool_), ufunc=ufunc, elementwise=True,
                    sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                   batching=_batching.elementwise_rule(name),
                    nondiff=True, expr=f"{{0}} {c_op} {{1}}",
                    impl=lambda xp, a, b: getattr(xp, ufunc)(a, b))
 
@@ -86,38 +95,47 @@ _float_rule = lambda name: elementwise_rule(name, float_only=True)  # noqa: E731
 
 neg_p = defprim("neg", shape=elementwise_rule("neg"), ufunc="negative", elementwise=True, expr="-{0}",
                 sharding=_sharding.pointwise(_sharding.all_partial), layout=_layout.POINTWISE,
+                batching=_batching.elementwise_rule("neg"),
                 impl=lambda xp, x: xp.negative(x), vjp=lambda g, out, x: (neg(g),))
 
 exp_p = defprim("exp", shape=_float_rule("exp"), ufunc="exp", elementwise=True, expr="exp({0})",
                 sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                batching=_batching.elementwise_rule("exp"),
                 impl=lambda xp, x: xp.exp(x), vjp=lambda g, out, x: (mul(g, out),))
 
 log_p = defprim("log", shape=_float_rule("log"), ufunc="log", elementwise=True, expr="log({0})",
                 sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                batching=_batching.elementwise_rule("log"),
                 impl=lambda xp, x: xp.log(x), vjp=lambda g, out, x: (div(g, x),))
 
 log1p_p = defprim("log1p", shape=_float_rule("log1p"), ufunc="log1p", elementwise=True, expr="log1p({0})",
                   sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                  batching=_batching.elementwise_rule("log1p"),
                   impl=lambda xp, x: xp.log1p(x), vjp=lambda g, out, x: (div(g, add(x, 1.0)),))
 
 expm1_p = defprim("expm1", shape=_float_rule("expm1"), ufunc="expm1", elementwise=True, expr="expm1({0})",
                   sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                  batching=_batching.elementwise_rule("expm1"),
                   impl=lambda xp, x: xp.expm1(x), vjp=lambda g, out, x: (mul(g, add(out, 1.0)),))
 
 sqrt_p = defprim("sqrt", shape=_float_rule("sqrt"), ufunc="sqrt", elementwise=True, expr="sqrt({0})",
                  sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                 batching=_batching.elementwise_rule("sqrt"),
                  impl=lambda xp, x: xp.sqrt(x), vjp=lambda g, out, x: (div(mul(g, 0.5), out),))
 
 abs_p = defprim("abs", shape=elementwise_rule("abs"), ufunc="absolute", elementwise=True, expr="abs({0})",
                 sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                batching=_batching.elementwise_rule("abs"),
                 impl=lambda xp, x: xp.absolute(x), vjp=lambda g, out, x: (mul(g, sign(x)),))
 
 sign_p = defprim("sign", shape=elementwise_rule("sign"), ufunc="sign", elementwise=True, nondiff=True,
                  sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                 batching=_batching.elementwise_rule("sign"),
                  expr="(({0} > 0) - ({0} < 0))", impl=lambda xp, x: xp.sign(x))
 
 tanh_p = defprim("tanh", shape=_float_rule("tanh"), ufunc="tanh", elementwise=True, expr="tanh({0})",
                  sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                 batching=_batching.elementwise_rule("tanh"),
                  impl=lambda xp, x: xp.tanh(x),
                  vjp=lambda g, out, x: (mul(g, sub(1.0, mul(out, out))),))
 
@@ -135,6 +153,7 @@ def _sigmoid_impl(xp, x, out=None):
 
 sigmoid_p = defprim("sigmoid", shape=_float_rule("sigmoid"), elementwise=True, accepts_out=True, inplace=True,
                     sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                    batching=_batching.elementwise_rule("sigmoid"),
                     expr="(1 / (1 + exp(-{0})))", impl=_sigmoid_impl,
                     vjp=lambda g, out, x: (mul(g, mul(out, sub(1.0, out))),))
 
@@ -145,6 +164,7 @@ def _relu_impl(xp, x, out=None):
 
 relu_p = defprim("relu", shape=_float_rule("relu"), elementwise=True, accepts_out=True, inplace=True,
                  sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                 batching=_batching.elementwise_rule("relu"),
                  expr="max({0}, 0)", impl=_relu_impl,
                  vjp=lambda g, out, x: (where(gt(x, 0.0), g, 0.0),))
 
@@ -164,6 +184,7 @@ def _where_rule(c, a, b):
 
 where_p = defprim("where", shape=_where_rule, elementwise=True, accepts_out=True, expr="({0} ? {1} : {2})",
                   sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                  batching=_batching.elementwise_rule("where"),
                   impl=_where_impl,
                   vjp=lambda g, out, c, a, b: (None, _sum_to(where(c, g, 0.0), a.shape),
                                                _sum_to(where(c, 0.0, g), b.shape)))
@@ -182,10 +203,12 @@ def _cast_vjp(g, out, x, *, dtype):
 
 cast_p = defprim("cast", shape=lambda x, *, dtype: (x.shape, np.dtype(dtype)), elementwise=True,
                  sharding=_sharding.pointwise(_sharding.all_partial), layout=_layout.POINTWISE,
+                 batching=_batching.elementwise_rule("cast"),
                  accepts_out=True, inplace=True, expr="({T}){0}", impl=_cast_impl, vjp=_cast_vjp)
 
 stop_gradient_p = defprim("stop_gradient", shape=lambda x: (x.shape, x.dtype), elementwise=True, detaches=True,
                           sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+                          batching=_batching.elementwise_rule("stop_gradient"),
                           expr="{0}", impl=lambda xp, x: x, vjp=lambda g, out, x: (None,))
 
 

@@ -6,6 +6,7 @@ import numpy as np
 
 from ..errors import ShapeError
 from ..primitive import bind, defprim
+from . import _batching
 from ._rules import broadcast_shapes, result_dtype
 from .indexing import _located  # errors name the user's line
 from ._sharding import P, R, S, NeedsReduce, NoSplit, on_sharded
@@ -60,8 +61,11 @@ def _matmul_sharding(node, states, ctx):
     raise NoSplit("matmul sharding")
 
 
+# vmap: the batch axes of the operands aligned in front of NumPy's broadcast
+# batch dims (an unmapped operand broadcasts over the batch), then one matmul
 matmul_p = defprim("matmul", shape=_matmul_rule, impl=_matmul_impl, accepts_out=True, vjp=_matmul_vjp,
-                   sharding=on_sharded(_matmul_sharding, reads_partials=True))
+                   sharding=on_sharded(_matmul_sharding, reads_partials=True),
+                   batching=_batching.elementwise_rule("matmul"))
 
 
 def matmul(a, b):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..primitive import bind, defprim
+from ..primitive import PRIMITIVES, bind, defprim
+from . import _batching
 from ._layout import CSN, NC, LayoutRule
 from ._rules import normalize_axes, reduced_shape
 from ._sharding import P, S, NeedsReduce, NoSplit, on_sharded
@@ -49,6 +50,17 @@ def _reduction_sharding(linear):
     return on_sharded(sharding, reads_partials=True)
 
 
+def _reduction_batching(name):
+    """A reduction of a batch: the batch axis moved to the front, the reduced
+    axes shifted past it (keepdims and the order of the axes unchanged, so
+    argmax's flattened block is the same)."""
+    def rule(args, dims, *, axes, keepdims):
+        x = _batching.move_to_front(args[0], dims[0])
+        shifted = tuple(a + 1 for a in axes)
+        return bind(PRIMITIVES[name], (x,), {"axes": shifted, "keepdims": keepdims}), 0
+    return rule
+
+
 def _sum_impl(xp, x, *, axes, keepdims, out=None):
     return xp.sum(x, axis=axes, keepdims=keepdims, out=out)
 
@@ -76,7 +88,8 @@ def _sum_batch_last(rw, node):
 
 sum_p = defprim("sum", shape=_reduce_rule("sum"), impl=_sum_impl, accepts_out=True,
                 vjp=lambda g, out, x, *, axes, keepdims: (_expand_back(g, x.shape, axes, keepdims),),
-                sharding=_reduction_sharding(linear=True), layout=LayoutRule(_sum_batch_last))
+                sharding=_reduction_sharding(linear=True), layout=LayoutRule(_sum_batch_last),
+                batching=_reduction_batching("sum"))
 
 
 def _extremum_vjp(g, out, x, *, axes, keepdims):
@@ -96,9 +109,9 @@ def _min_impl(xp, x, *, axes, keepdims, out=None):
 
 
 max_p = defprim("max", shape=_reduce_rule("max"), impl=_max_impl, accepts_out=True, vjp=_extremum_vjp,
-                sharding=_reduction_sharding(linear=False))
+                sharding=_reduction_sharding(linear=False), batching=_reduction_batching("max"))
 min_p = defprim("min", shape=_reduce_rule("min"), impl=_min_impl, accepts_out=True, vjp=_extremum_vjp,
-                sharding=_reduction_sharding(linear=False))
+                sharding=_reduction_sharding(linear=False), batching=_reduction_batching("min"))
 
 
 def _argmax_impl(xp, x, *, axes, keepdims):
@@ -116,7 +129,7 @@ def _argmax_rule(x, *, axes, keepdims):
 
 
 argmax_p = defprim("argmax", shape=_argmax_rule, impl=_argmax_impl, nondiff=True,
-                   sharding=_reduction_sharding(linear=False))
+                   sharding=_reduction_sharding(linear=False), batching=_reduction_batching("argmax"))
 
 
 def _argmin_impl(xp, x, *, axes, keepdims):
@@ -124,7 +137,7 @@ def _argmin_impl(xp, x, *, axes, keepdims):
 
 
 argmin_p = defprim("argmin", shape=_argmax_rule, impl=_argmin_impl, nondiff=True,
-                   sharding=_reduction_sharding(linear=False))
+                   sharding=_reduction_sharding(linear=False), batching=_reduction_batching("argmin"))
 
 
 # -- public functions ---------------------------------------------------------------

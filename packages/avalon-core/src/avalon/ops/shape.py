@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ShapeError
+from ..errors import AvalonError, ShapeError
 from ..primitive import Tracer, bind, defprim
+from . import _batching
 from ._rules import checked_shape, normalize_axes
 from .indexing import _located  # errors name the user's line
 from ._sharding import P, R, S, NeedsReduce, NoSplit, created, on_sharded
@@ -37,10 +38,16 @@ def _reshape_sharding(node, states, ctx):
     raise NoSplit("reshape splits the batch factor")
 
 
+def _reshape_batching(args, dims, *, shape):
+    """Each example reshaped: the batch axis in front, kept whole."""
+    x = _batching.move_to_front(args[0], dims[0])
+    return bind(reshape_p, (x,), {"shape": (x.shape[0],) + tuple(shape)}), 0
+
+
 reshape_p = defprim("reshape", shape=_reshape_rule, view=True, output_shape_attr="shape",
                     impl=lambda xp, x, *, shape: xp.reshape(x, shape),
                     vjp=lambda g, out, x, *, shape: (reshape(g, x.shape),),
-                    sharding=on_sharded(_reshape_sharding, reads_partials=True))
+                    sharding=on_sharded(_reshape_sharding, reads_partials=True), batching=_reshape_batching)
 
 
 def _transpose_rule(x, *, perm):
@@ -55,10 +62,19 @@ def _transpose_sharding(node, states, ctx):
     return P if s == P else S(list(node.attrs["perm"]).index(s[1]), s[2])
 
 
+def _transpose_batching(args, dims, *, perm):
+    """The example axes permuted around the batch axis, left where it is."""
+    x, d = args[0], dims[0]
+    example_axes = [k for k in range(len(x.shape)) if k != d]   # example axis i is batch axis example_axes[i]
+    full = [example_axes[p] for p in perm]
+    full.insert(d, d)
+    return bind(transpose_p, (x,), {"perm": tuple(full)}), d
+
+
 transpose_p = defprim("transpose", shape=_transpose_rule, view=True,
                       impl=lambda xp, x, *, perm: xp.transpose(x, perm),
                       vjp=lambda g, out, x, *, perm: (transpose(g, tuple(np.argsort(perm).tolist())),),
-                      sharding=on_sharded(_transpose_sharding, reads_partials=True))
+                      sharding=on_sharded(_transpose_sharding, reads_partials=True), batching=_transpose_batching)
 
 
 def _broadcast_rule(x, *, shape):
@@ -90,9 +106,20 @@ def _broadcast_sharding(node, states, ctx):
     return R
 
 
+def _broadcast_batching(args, dims, *, shape):
+    """Each example broadcast to `shape`: the batch axis in front, the example
+    padded with leading size-1 axes to the target's rank (NumPy's alignment)."""
+    x = _batching.move_to_front(args[0], dims[0])
+    n, example = x.shape[0], tuple(x.shape[1:])
+    padded = (n,) + (1,) * (len(shape) - len(example)) + example
+    if padded != tuple(x.shape):
+        x = bind(reshape_p, (x,), {"shape": padded})
+    return bind(broadcast_to_p, (x,), {"shape": (n,) + tuple(shape)}), 0
+
+
 broadcast_to_p = defprim("broadcast_to", shape=_broadcast_rule, view=True, output_shape_attr="shape",
                          impl=lambda xp, x, *, shape: xp.broadcast_to(x, shape), vjp=_broadcast_vjp,
-                         sharding=_broadcast_sharding)
+                         sharding=_broadcast_sharding, batching=_broadcast_batching)
 
 
 # -- public functions ---------------------------------------------------------------
@@ -189,6 +216,8 @@ def _full_impl(xp, *, shape, dtype, value, out=None):
     return out
 
 
+# No batching rule: full has no operand, so vmap never maps it; it re-emits the
+# node as it is, one array every example shares (avalon.vmap).
 full_p = defprim("full", shape=lambda *, shape, dtype, value: (tuple(shape), np.dtype(dtype)),
                  impl=_full_impl, accepts_out=True, foldable=False, nondiff=True, output_shape_attr="shape",
                  sharding=created)
@@ -251,7 +280,36 @@ def _assign_impl(xp, dst, src):
     return dst
 
 
+def _assign_batching(args, dims, **attrs):
+    """Each example's dst written with its src: src is laid out as dst is (its
+    batch axis, or a size-1 axis when src is shared, at dst's batch axis d), so
+    the write goes into dst's own buffer, not a transposed copy.  A mapped src
+    into a dst every example shares is refused: the examples would overwrite
+    one another and only the last would remain."""
+    (dst, src), (d, ds) = args, dims
+    if d is _batching.NOT_MAPPED:
+        raise AvalonError("vmap: assign writes a value that differs between examples (mapped) into an array "
+                          f"every example shares (shape {tuple(dst.shape)}, not mapped): "
+                          "the examples would overwrite one another. Map the destination too (give it a batch "
+                          "axis in in_axes), or compute a new array instead of writing in place")
+    rank = len(dst.shape) - 1
+    src = _batching.move_to_front(src, ds) if ds is not _batching.NOT_MAPPED else expand_dims(src, 0)
+    example = tuple(src.shape[1:])
+    src = reshape(src, (src.shape[0],) + (1,) * (rank - len(example)) + example)
+    if d != 0:
+        src = transpose(src, _front_to(d, rank + 1))
+    return bind(assign_p, (dst, src), attrs), d
+
+
+def _front_to(d, nd):
+    """The permutation moving axis 0 to position d."""
+    perm = list(range(1, nd))
+    perm.insert(d, 0)
+    return tuple(perm)
+
+
 assign_p = defprim("assign", shape=_assign_rule, impl=_assign_impl, writes_input=True, nondiff=True,
+                   batching=_assign_batching,
                    doc="Write src into the array dst in place (optimizer updates).")
 
 
