@@ -185,3 +185,22 @@ def test_an_array_passed_in_two_arguments_is_differentiated_for_either():
     _, grads = avalon.grad(f, w, w, argnums=1)
     np.testing.assert_allclose(grads[1], 2 * w)   # d/dw sum(w * w), as torch for one tensor used twice
     assert grads[1] is grads[0]
+
+
+def test_tied_and_frozen_arrays_keep_their_meaning_in_a_nested_grad():
+    """A grad inlined into another trace (jit of grad) sees tied weights as one
+    input, as a top-level grad does, and leaves untrained fields alone."""
+    w = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    x = np.array([[1.0, -1.0]], np.float32)
+
+    def loss(p, x):
+        return avalon.sum((x @ p["a"]) @ p["b"])
+
+    top = avalon.grad(loss, {"a": w, "b": w}, x)[1][0]
+    nested = avalon.jit(lambda p, x: avalon.grad(loss, p, x)[1][0])({"a": w, "b": w}, x)
+    np.testing.assert_allclose(nested["a"], top["a"])
+    np.testing.assert_allclose(nested["a"], nested["b"])
+
+    model = _WithCache()
+    inner = avalon.jit(lambda m: avalon.grad(lambda m: avalon.sum(m.w * m.mask), m)[1][0])(model)
+    assert inner.mask is None and inner.w is not None

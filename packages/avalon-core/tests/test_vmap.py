@@ -309,9 +309,6 @@ def test_one_array_passed_twice_with_two_in_axes():
     np.testing.assert_allclose(_twice(swapped, sq, sq), sq * sq.T)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (also jit(grad) on main): tree.flatten(..., is_leaf=is_tracer) "
-                   "records no Alias (and no FROZEN mark) for tracers, so a grad inlined into another trace sees "
-                   "tied weights as two inputs; fix in avalon.tree._flatten")
 def test_tied_weights_keep_their_tie_under_vmap_of_grad():
     """The same array at two places with the same in_axes stays one input, so
     a grad inside sums the gradients of both places (as without vmap)."""

@@ -200,10 +200,10 @@ def _object_fields(obj):
 def _flatten(obj, leaves, is_leaf, active, seen, mark):
     """`seen`: id -> leaf index of the arrays met so far; `mark`: ARRAY, or
     FROZEN inside a field its object declares not trained."""
-    if is_leaf is not None and is_leaf(obj):
-        leaves.append(obj)
-        return ARRAY
-    if isinstance(obj, _array_types):
+    # an is_leaf value (a tracer, when a trace flattens its arguments) is an array
+    # leaf like any other: the same one reached twice is tied, and a field its
+    # object declares untrained is FROZEN, inside a nested grad as at top level
+    if isinstance(obj, _array_types) or (is_leaf is not None and is_leaf(obj)):
         first = seen.get(id(obj))
         if first is not None and leaves[first] is obj:
             return Alias(first)
