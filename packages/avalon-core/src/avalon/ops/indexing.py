@@ -285,17 +285,18 @@ def _getitem_impl(xp, x, *arrays, index):
 # in the order one example's result has (NumPy moves advanced axes to the front when
 # other entries separate them).
 
-def _index_layout(index, arrays):
+def _index_layout(index, arrays, adims):
     """For one example: (advanced, split, n_pre, n_adv): whether the index has
     advanced entries, whether they are separated (their axes then come first),
-    the result axes before them, and how many axes they give."""
+    the result axes before them, and how many axes they give (the arrays are
+    batched as adims says)."""
     advanced = any(e[0] == "arr" for e in index)
     if not advanced:
         return False, False, 0, 0
     pos = [k for k, e in enumerate(index) if e[0] in ("int", "arr")]
     split = pos[-1] - pos[0] + 1 != len(pos)
     n_pre = sum(e[0] in ("slice", "new") for e in index[:pos[0]])
-    n_adv = max((len(a.shape) for a in arrays), default=0)
+    n_adv = max((len(a.shape) - (d is not NOT_MAPPED) for a, d in zip(arrays, adims)), default=0)
     return True, split, n_pre, n_adv
 
 
@@ -323,7 +324,7 @@ def _batch_first_layout(index, arrays, adims, size):
     """(index, arrays, perm) for indexing an array batched at axis 0 so that
     transpose(x[index], perm) is the batch (axis 0) of the examples' results;
     perm is None when no transpose is needed."""
-    advanced, split, n_pre, n_adv = _index_layout(index, arrays)
+    advanced, split, n_pre, n_adv = _index_layout(index, arrays, adims)
     if all(d is NOT_MAPPED for d in adims):
         index = (("slice", 0, size, 1),) + tuple(index)
         if advanced and split:  # the advanced axes come first, the batch after them
@@ -346,7 +347,7 @@ def _getitem_batch(args, dims, *, index):
     (x, *arrays), (xd, *adims) = args, dims
     size = batch_size(args, dims)
     if xd is NOT_MAPPED:  # the index arrays carry the batch: index x with them
-        _, split, n_pre, n_adv = _index_layout(index, arrays)
+        _, split, n_pre, n_adv = _index_layout(index, arrays, adims)
         idx, arrays = _batched_index(index, arrays, adims, size, n_adv)
         out = bind(getitem_p, (x, *arrays[1:]), {"index": idx[1:]})
         return out, (0 if split else n_pre)
