@@ -305,3 +305,75 @@ def test_integer_inputs_and_outputs_have_no_tangent():
     np.testing.assert_array_equal(order, [1, 2, 0])
     np.testing.assert_array_equal(dvals, [2.0, 2.0])
     assert dorder is None
+
+
+def test_a_random_draw_in_f_is_drawn_once_for_the_output_and_its_tangent():
+    x = np.random.default_rng(5).uniform(1.0, 2.0, (64,)).astype(np.float32)
+    t = np.random.default_rng(6).uniform(1.0, 2.0, (64,)).astype(np.float32)
+
+    def dropped(x):
+        return avalon.dropout(x, 0.5)
+
+    out, tout = avalon.jvp(dropped, (x,), (t,))
+    kept = out != 0
+    assert 0 < kept.sum() < 64
+    np.testing.assert_allclose(out[kept], 2 * x[kept], rtol=1e-6)
+    np.testing.assert_allclose(tout, np.where(kept, 2 * t, 0.0), rtol=1e-6)  # the same mask
+
+
+def test_an_in_place_write_in_f_happens_once_per_call():
+    count = np.zeros(1, np.float32)
+
+    def counted(x, count):
+        avalon.assign(count, count + 1.0)
+        return x * 3.0
+
+    x = np.ones(2, np.float32)
+    _, tout = avalon.jvp(counted, (x, count), (np.ones(2, np.float32), np.zeros(1, np.float32)))
+    np.testing.assert_array_equal(tout, [3.0, 3.0])
+    np.testing.assert_array_equal(count, [1.0])
+
+
+def test_a_function_without_float_output_has_no_tangent():
+    x = np.array([3.0, 1.0, 2.0], np.float32)
+    out, tout = avalon.jvp(avalon.argsort, (x,), (np.ones(3, np.float32),))
+    np.testing.assert_array_equal(out, [1, 2, 0])
+    assert tout is None
+
+
+@pytest.mark.parametrize("jac, tjac", [(avalon.jacrev, tf.jacrev), (avalon.jacfwd, tf.jacfwd)],
+                         ids=["jacrev", "jacfwd"])
+def test_jacobians_of_several_outputs_keep_their_structure(jac, tjac):
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal(3), rng.standard_normal((3, 2))
+    got = jac(lambda x, w: (avalon.tanh(x @ w), (x * x).sum()), (0, 1))(x, w)
+    want = tjac(lambda x, w: (torch.tanh(x @ w), (x * x).sum()), (0, 1))(*_t((x, w)))
+    assert isinstance(got, tuple) and len(got) == 2
+    for g_out, w_out in zip(got, want):
+        for g, w_ in zip(g_out, w_out):
+            np.testing.assert_allclose(g, w_.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def _drops(x):
+    return avalon.dropout(x, 0.5) * 2.0
+
+
+def _counts(x, count):
+    avalon.assign(count, count + 1.0)
+    return x * 3.0
+
+
+@pytest.mark.parametrize("transform", [
+    lambda f, *a: avalon.vjp(f, *a),
+    lambda f, *a: avalon.linearize(f, *a),
+    lambda f, *a: avalon.jacrev(f)(*a),
+    lambda f, *a: avalon.jacfwd(f)(*a),
+], ids=["vjp", "linearize", "jacrev", "jacfwd"])
+@pytest.mark.parametrize("f, effect", [(_drops, "draws random numbers"), (_counts, r"writes into an array \(assign\)")],
+                         ids=["random", "assign"])
+def test_transformations_that_run_f_again_refuse_effects_before_running_it(transform, f, effect):
+    count = np.zeros(1, np.float32)
+    args = (np.ones(3, np.float32),) + ((count,) if f is _counts else ())
+    with pytest.raises(avalon.AvalonError, match=effect + r".*test_forward_mode\.py.*so each run would draw"):
+        transform(f, *args)
+    np.testing.assert_array_equal(count, [0.0])  # nothing ran

@@ -30,6 +30,7 @@ Outputs may be any structure of arrays; an integer output's tangent is None.
 from __future__ import annotations
 
 import weakref
+from collections import namedtuple
 
 import numpy as np
 
@@ -37,7 +38,7 @@ from . import ops, tree
 from .api import JitFunction, value_and_grad
 from .autodiff import differentiable
 from .errors import AvalonError, ShapeError, at, user_location
-from .primitive import is_tracer
+from .primitive import PRIMITIVES, is_tracer
 
 __all__ = ["vjp", "jvp", "linearize", "jacrev", "jacfwd", "hessian", "hvp",
            "compiled_jvp", "compiled_vjp", "compiled_hvp"]
@@ -63,6 +64,51 @@ def _dot(xs, ys):
         s = ops.sum(ops.mul(x, y))
         total = s if total is None else ops.add(total, s)
     return total
+
+
+_Type = namedtuple("_Type", "shape dtype")
+
+
+def _output_types(f, in_tree, leaves, refuse_effects=None):
+    """(shape, dtype) of each output leaf of f and the output structure, from a
+    trace of its own: nothing is added to the enclosing trace, so an effect in
+    f (a random draw, BatchNorm's in-place statistics) happens once, in the
+    transformed computation.  refuse_effects: (what, why) for _refuse_effects."""
+    from .api import _trace
+    g = _trace(f, leaves, in_tree, _name(f))
+    if refuse_effects is not None:
+        _refuse_effects(g, *refuse_effects)
+    return [_Type(tuple(n.shape), np.dtype(n.dtype)) for n in g.outputs], g.out_tree
+
+
+def _refuse_effects(graph, what, why):
+    """A random draw or an in-place write in f, where the transformation runs f
+    more than once (`why`), would give results that do not belong together."""
+    for n in graph.nodes:
+        prim = PRIMITIVES.get(n.op)
+        if prim is not None and (prim.draws_random or prim.writes_input):
+            effect = "draws random numbers" if prim.draws_random else f"writes into an array ({n.op})"
+            raise AvalonError(f"{what}: {graph.name} {effect}{at(n.loc)}; {why}, so each run would draw (or "
+                              "write) again and the results would not belong together. Pass the random numbers "
+                              "in as an argument, or use avalon.jvp / avalon.hvp, which run f once.")
+
+
+_pure_signatures: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _check_pure(f, primals, what, why):
+    """_refuse_effects for f at these primals, traced once per signature."""
+    leaves, in_tree = tree.flatten(primals)
+    key = (in_tree, tuple((tuple(x.shape), np.dtype(x.dtype)) for x in leaves))
+    try:
+        seen = _pure_signatures.setdefault(f, set())
+    except TypeError:
+        seen = set()
+    if key in seen:
+        return
+    from .api import _trace
+    _refuse_effects(_trace(f, leaves, in_tree, _name(f)), what, why)
+    seen.add(key)
 
 
 def _zero_scalar(like):
@@ -105,11 +151,12 @@ def _vjp_leaves(f, in_tree, leaves, u):
 def _jvp_leaves(f, in_tree, leaves, tangents):
     """(output leaves, out_tree, output tangent leaves) by the double VJP:
     J t = d/du <J^T u, t> at u = 0."""
-    _first_float(leaves)
-    probe, out_tree = _flat(f(*tree.unflatten(in_tree, leaves)))  # shapes only: DCE drops it
-    u0 = [ops.zeros_like(o) for o in probe if _is_float(o)]
-    if not u0:
-        return probe, out_tree, [None] * len(probe)
+    like = leaves[_first_float(leaves)]
+    probe, out_tree = _output_types(f, in_tree, leaves)
+    u0 = [ops.zeros(o.shape, dtype=o.dtype, like=like) for o in probe if _is_float(o)]
+    if not u0:  # no floating-point output: no tangent
+        outs, out_tree = _flat(f(*tree.unflatten(in_tree, leaves)))
+        return outs, out_tree, [None] * len(outs)
     contract = _contraction(f, in_tree)
 
     def transposed(u, leaves, tangents):
@@ -178,7 +225,7 @@ def compiled_vjp(f) -> JitFunction:
     def vjp_step(primals, cotangents):
         leaves, in_tree = _flat(primals)
         cts, _ = _flat(cotangents)
-        probe, _ = _flat(f(*primals))  # which outputs are float: DCE drops it
+        probe, _ = _output_types(f, in_tree, leaves)
         u = [c for c, o in zip(cts, probe) if _is_float(o)]
         _, _, grads = _vjp_leaves(f, in_tree, leaves, u)
         return tree.unflatten(in_tree, grads, static=None)
@@ -192,7 +239,9 @@ def vjp(f, *primals):
     vjp_fn(cotangents) (cotangents with out's structure) returns a tuple of
     cotangents, one per primal, each with its structure (None for non-float
     leaves).  vjp_fn is compiled once per signature (it recomputes the forward
-    pass it needs: no residuals are kept between the calls)."""
+    pass it needs: no residuals are kept between the calls, so f may not draw
+    random numbers or write in place: refused with an error)."""
+    _check_pure(f, primals, "vjp", "vjp_fn runs f again to compute the cotangents")
     out = _cached("value", f, None, lambda: JitFunction(f))(*primals)
     step = compiled_vjp(f)
 
@@ -216,7 +265,9 @@ def linearize(f, *primals):
     """out, f_jvp = avalon.linearize(f, *primals), as jax.linearize:
     f_jvp(*tangents) = J t at the primals.  f_jvp is compiled once and reused
     for every tangent; each call recomputes the forward values the JVP needs
-    (three passes: forward, VJP, VJP of the VJP) rather than storing them."""
+    (three passes: forward, VJP, VJP of the VJP) rather than storing them, so
+    f may not draw random numbers or write in place (refused with an error)."""
+    _check_pure(f, primals, "linearize", "f_jvp runs f again on each call")
     out = _cached("value", f, None, lambda: JitFunction(f))(*primals)
     step = _cached("linearized", f, None, lambda: JitFunction(lambda p, t: compiled_jvp(f)(p, t)[1]))
 
@@ -322,7 +373,7 @@ def jacrev(f, argnums=0) -> JitFunction:
         xs, rest = _split_args(args, nums)
         leaves, in_tree = _flat((xs, rest))
         contract = _contraction(g, in_tree)
-        outs, out_tree = _flat(f(*args))
+        outs, out_tree = _output_types(g, in_tree, leaves, ("jacrev", "jacrev runs f once per output element"))
         per_output = []
         for j, o in enumerate(outs):
             if not _is_float(o):
@@ -353,7 +404,7 @@ def jacfwd(f, argnums=0) -> JitFunction:
         g = _substituting(f, nums)
         xs, rest = _split_args(args, nums)
         leaves, in_tree = _flat((xs, rest))
-        outs, out_tree = _flat(f(*args))
+        outs, out_tree = _output_types(g, in_tree, leaves, ("jacfwd", "jacfwd runs f once per input element"))
         cols = [[] for _ in nums]   # cols[k][i]: tangent outputs for basis vector i of xs[k]
         for k, x in enumerate(xs):
             for e in _basis(tuple(x.shape), x.dtype):
