@@ -56,57 +56,64 @@ def check_rule(name, make_example, attrs, rng, n=N):
 
 # -- getitem and getitem_grad ----------------------------------------------------------------
 
-X_SHAPE = (4, 5, 6)
+def _arr(p, r, ndim, size):
+    """An index array of ndim random extents (from p: the same for every
+    example) and values in [-size, size) (from r: the example's own)."""
+    return r.integers(-size, size, size=tuple(p.integers(1, 4, size=ndim))).astype(np.int64)
 
 
-def _arr(rng, shape, high):
-    return rng.integers(-high, high, size=shape).astype(np.int64)
-
-
-#: index builders: rng -> a NumPy index for an array of X_SHAPE (index arrays drawn anew per example)
+#: index builders: (p, r, s) -> an index for an array of shape s; p draws what every example
+#: shares (shapes, slice bounds, ints), r what each example draws anew (index values)
 INDICES = {
-    "basic": lambda r: (slice(1, 3), 2),
-    "new_ellipsis_step": lambda r: (None, Ellipsis, slice(None, None, -2)),
-    "int_only": lambda r: (3,),
-    "array_first": lambda r: (_arr(r, (2, 3), 4),),
-    "array_after_slice": lambda r: (slice(None), _arr(r, (2,), 5)),
-    "arrays_split": lambda r: (_arr(r, (3,), 4), slice(1, 4), _arr(r, (3,), 6)),
-    "int_and_array_split": lambda r: (1, slice(None), _arr(r, (2, 2), 6)),
-    "arrays_broadcast_after_slice": lambda r: (slice(None, 2), _arr(r, (3, 1), 5), _arr(r, (2,), 6)),
-    "new_then_arrays": lambda r: (None, slice(0, 3), _arr(r, (2,), 5), 1),
-    "scalar_array": lambda r: (slice(None), np.array(2, np.int64), _arr(r, (2,), 6)),
+    "basic": lambda p, r, s: (slice(1, s[0]), int(p.integers(0, s[1]))),
+    "new_ellipsis_step": lambda p, r, s: (None, Ellipsis, slice(None, None, -2)),
+    "int_only": lambda p, r, s: (int(p.integers(-s[0], s[0])),),
+    "array_first": lambda p, r, s: (_arr(p, r, 2, s[0]),),
+    "array_after_slice": lambda p, r, s: (slice(None), _arr(p, r, 1, s[1])),
+    "arrays_split": lambda p, r, s: (r.integers(0, s[0], size=3), slice(1, 3), r.integers(0, s[2], size=3)),
+    "int_and_array_split": lambda p, r, s: (1, slice(None), _arr(p, r, 2, s[2])),
+    "arrays_broadcast_after_slice": lambda p, r, s: (slice(None, 2), r.integers(0, s[1], size=(3, 1)),
+                                                     _arr(p, r, 1, s[2])),
+    "new_then_arrays": lambda p, r, s: (None, slice(0, 3), _arr(p, r, 1, s[1]), 1),
+    "scalar_array": lambda p, r, s: (slice(None), np.array(2, np.int64), _arr(p, r, 1, s[2])),
 }
 
 
 def _getitem_example(index_fn, seed, grad=False):
-    """make_example for getitem (x, *arrays) or getitem_grad (g, *arrays); the
-    normalized index is the same for every example (only array values differ)."""
-    entries = None
+    """(make_example for getitem (x, *arrays) or getitem_grad (g, *arrays), the
+    normalized index, x's shape): the shapes and the normalized index are the
+    same for every example, the values differ."""
+    found = {}
 
     def make(k):
-        nonlocal entries
-        r = np.random.default_rng(seed * 100 + k)
-        e, arrays = _normalize_index(X_SHAPE, index_fn(r))
-        entries = e
-        x = r.standard_normal(X_SHAPE)
+        p, r = np.random.default_rng(seed), np.random.default_rng(1000 * seed + k)
+        shape = tuple(int(n) for n in p.integers(3, 7, size=3))
+        e, arrays = _normalize_index(shape, index_fn(p, r, shape))
+        found.update(entries=e, shape=shape)
+        x = r.standard_normal(shape)
         if grad:
             out_shape = np.shape(bind(PRIMITIVES["getitem"], (x, *arrays), {"index": e}))
             return (r.standard_normal(out_shape), *arrays)
         return (x, *arrays)
     make(0)
-    return make, entries
+    return make, found["entries"], found["shape"]
 
 
+SEEDS = [1, 2, 3]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("which", list(INDICES), ids=str)
-def test_getitem_rule(which):
-    make, entries = _getitem_example(INDICES[which], 1)
-    check_rule("getitem", make, {"index": entries}, np.random.default_rng(2))
+def test_getitem_rule(which, seed):
+    make, entries, _ = _getitem_example(INDICES[which], seed)
+    check_rule("getitem", make, {"index": entries}, np.random.default_rng(seed), n=1 + seed)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("which", list(INDICES), ids=str)
-def test_getitem_grad_rule(which):
-    make, entries = _getitem_example(INDICES[which], 3, grad=True)
-    check_rule("getitem_grad", make, {"index": entries, "shape": X_SHAPE}, np.random.default_rng(4))
+def test_getitem_grad_rule(which, seed):
+    make, entries, shape = _getitem_example(INDICES[which], seed, grad=True)
+    check_rule("getitem_grad", make, {"index": entries, "shape": shape}, np.random.default_rng(seed), n=1 + seed)
 
 
 def test_getitem_grad_rule_accumulates_repeated_indices_per_example():
@@ -119,44 +126,62 @@ def test_getitem_grad_rule_accumulates_repeated_indices_per_example():
 
 # -- concatenate, pad, take_along_axis, check_index ------------------------------------------
 
+def _shape(p, ndim=3):
+    """A random example shape (the same for every example: p is seeded alike)."""
+    return [int(n) for n in p.integers(1, 5, size=ndim)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_concatenate_rule(axis):
+def test_concatenate_rule(axis, seed):
     def make(k):
-        r = np.random.default_rng(10 + k)
-        shapes = [[2, 3, 4], [2, 3, 4], [2, 3, 4]]
-        for j, s in enumerate(shapes):
-            s[axis] = j + 1
+        p, r = np.random.default_rng(seed), np.random.default_rng(1000 * seed + k)
+        base = _shape(p)
+        shapes = [base[:axis] + [int(p.integers(1, 4))] + base[axis + 1:] for _ in range(int(p.integers(2, 4)))]
         return tuple(r.standard_normal(s).astype(np.float32) for s in shapes)
-    check_rule("concatenate", make, {"axis": axis}, np.random.default_rng(axis))
+    check_rule("concatenate", make, {"axis": axis}, np.random.default_rng(seed), n=1 + seed)
 
 
-@pytest.mark.parametrize("value", [0.0, 1.5, ((1.0, 2.0), (3.0, 4.0))], ids=["zero", "scalar", "per_axis"])
-def test_pad_rule(value):
-    def make(k):
-        return (np.random.default_rng(20 + k).standard_normal((3, 2)),)
-    check_rule("pad", make, {"pad_width": ((1, 2), (0, 3)), "value": value}, np.random.default_rng(5))
-
-
-@pytest.mark.parametrize("axis, ishape", [(0, (2, 4, 5)), (1, (3, 6, 1)), (2, (1, 4, 2))], ids=str)
-def test_take_along_axis_rule(axis, ishape):
-    xshape = (3, 4, 5)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("value", [0.0, 1.5, "per_axis"], ids=["zero", "scalar", "per_axis"])
+def test_pad_rule(value, seed):
+    p = np.random.default_rng(seed)
+    shape = _shape(p, 2)
+    widths = tuple((int(b), int(a)) for b, a in p.integers(0, 3, size=(2, 2)))
+    if value == "per_axis":
+        value = tuple((float(b), float(a)) for b, a in p.standard_normal((2, 2)))
 
     def make(k):
-        r = np.random.default_rng(30 + k)
+        return (np.random.default_rng(1000 * seed + k).standard_normal(shape),)
+    check_rule("pad", make, {"pad_width": widths, "value": value}, p, n=1 + seed)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_take_along_axis_rule(axis, seed):
+    p = np.random.default_rng(seed)
+    xshape = _shape(p)
+    # indices: any length along axis, the array's extent or 1 (broadcast) along the others
+    ishape = [int(p.integers(1, 4)) if d == axis else (n if p.random() < 0.7 else 1) for d, n in enumerate(xshape)]
+
+    def make(k):
+        r = np.random.default_rng(1000 * seed + k)
         return r.standard_normal(xshape), r.integers(0, xshape[axis], size=ishape).astype(np.int64)
-    check_rule("take_along_axis", make, {"axis": axis}, np.random.default_rng(6))
+    check_rule("take_along_axis", make, {"axis": axis}, p, n=1 + seed)
 
 
-@pytest.mark.parametrize("axis", [0, 2])
-def test_take_along_axis_grad_rule(axis):
-    shape = (3, 4, 5)
-    ishape = tuple(2 if d == axis else s for d, s in enumerate(shape))
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_take_along_axis_grad_rule(axis, seed):
+    p = np.random.default_rng(seed)
+    shape = tuple(_shape(p))
+    ishape = tuple(int(p.integers(1, 4)) if d == axis else n for d, n in enumerate(shape))
 
     def make(k):
-        r = np.random.default_rng(40 + k)
-        idx = r.integers(0, shape[axis], size=ishape).astype(np.int64)
+        r = np.random.default_rng(1000 * seed + k)
+        idx = r.integers(0, shape[axis], size=ishape).astype(np.int64)  # repeats: the scatter adds them up
         return r.standard_normal(ishape), idx
-    check_rule("take_along_axis_grad", make, {"axis": axis, "shape": shape}, np.random.default_rng(7))
+    check_rule("take_along_axis_grad", make, {"axis": axis, "shape": shape}, p, n=1 + seed)
 
 
 def _check_index_attrs(shape):
@@ -176,26 +201,36 @@ def test_check_index_rule_passes_good_indices_and_refuses_a_bad_one_in_any_examp
 
 # -- scans and argsort -------------------------------------------------------------------------
 
-SCANS = [("cumsum", {"axis": 1, "reverse": False}), ("cumsum", {"axis": 0, "reverse": True}),
-         ("cumprod", {"axis": 2}), ("argsort", {"axis": 1, "descending": False, "k": 4}),
-         ("argsort", {"axis": 2, "descending": True, "k": 2})]
+SCANS = [("cumsum", {"reverse": False}), ("cumsum", {"reverse": True}), ("cumprod", {}),
+         ("argsort", {"descending": False}), ("argsort", {"descending": True})]
 
 
-@pytest.mark.parametrize("name, attrs", SCANS, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
-def test_scan_and_sort_rules(name, attrs):
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name, attrs", SCANS, ids=lambda v: v if isinstance(v, str) else str(*v.values()))
+def test_scan_and_sort_rules(name, attrs, seed):
+    p = np.random.default_rng(seed)
+    shape = _shape(p)
+    attrs = dict(attrs, axis=int(p.integers(0, 3)))
+    if name == "argsort":
+        attrs["k"] = int(p.integers(0, shape[attrs["axis"]] + 1))
+
     def make(k):
-        r = np.random.default_rng(60 + k)
-        return (np.round(r.standard_normal((3, 4, 5)), 1),)  # rounded: ties, whose order argsort keeps
-    check_rule(name, make, attrs, np.random.default_rng(9))
+        r = np.random.default_rng(1000 * seed + k)
+        return (np.round(r.standard_normal(shape), 1),)  # rounded: ties, whose order argsort keeps
+    check_rule(name, make, attrs, p, n=1 + seed)
 
 
-def test_cumprod_grad_rule():
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cumprod_grad_rule(seed):
+    p = np.random.default_rng(seed)
+    shape, axis = _shape(p), int(p.integers(0, 3))
+
     def make(k):
-        r = np.random.default_rng(70 + k)
-        x = r.standard_normal((3, 4))
-        x[k % 3, 1] = 0.0  # a zero in each example (the exact gradient at zeros)
-        return r.standard_normal((3, 4)), x
-    check_rule("cumprod_grad", make, {"axis": 1}, np.random.default_rng(10))
+        r = np.random.default_rng(1000 * seed + k)
+        x = r.standard_normal(shape)
+        x.flat[k % x.size] = 0.0  # zeros: the gradient is exact there too
+        return r.standard_normal(shape), x
+    check_rule("cumprod_grad", make, {"axis": axis}, p, n=1 + seed)
 
 
 # -- the identities: remat_barrier, process_all_reduce ------------------------------------------
@@ -299,7 +334,7 @@ def test_custom_vjp_call_rule_keeps_the_custom_gradient_of_each_example(monkeypa
     np.testing.assert_array_equal(gs, np.zeros(4, np.float32))  # bwd gives s no gradient
 
 
-def test_custom_vjp_call_rule_without_vmap_names_what_is_missing(monkeypatch):
+def test_custom_vjp_call_rule_without_vmap_names_what_is_missing():
     if hasattr(avalon, "vmap"):
         pytest.skip("avalon.vmap exists in this build")
     rule = PRIMITIVES["custom_vjp_call"].rule("batching")

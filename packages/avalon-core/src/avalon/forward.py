@@ -333,29 +333,8 @@ def _result(per_output, argnums, out_tree):
 
 
 def _rebuild(out_tree, leaves):
-    """out's structure with each leaf replaced (a leaf may become a tuple)."""
-    holders = [_Holder(x) for x in leaves]
-    built = tree.unflatten(out_tree, holders)
-    return _unhold(built)
-
-
-class _Holder:
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-
-def _unhold(obj):
-    if isinstance(obj, _Holder):
-        return obj.value
-    if isinstance(obj, tuple):
-        return tuple(_unhold(x) for x in obj)
-    if isinstance(obj, list):
-        return [_unhold(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _unhold(v) for k, v in obj.items()}
-    return obj
+    """out's structure with each leaf replaced (by a Jacobian, or a tuple of them)."""
+    return tree.unflatten(out_tree, leaves)
 
 
 def jacrev(f, argnums=0) -> JitFunction:
