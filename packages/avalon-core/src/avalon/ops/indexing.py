@@ -21,6 +21,10 @@ repeated indices; a backend may override them with kernels of its own
 scatter (`take_along_axis_grad`) added to its input.  `check_index` range-checks
 an index array where the kernel runs, so torch-style ops (no negative indices)
 raise for a bad traced index inside compiled code too.
+
+Batching (avalon.vmap): the ops along an axis shift it past the batch axis
+(`shifted_axis_rule`); getitem and getitem_grad batch their index arrays too
+(see the block before getitem's registration).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ by the input), and `argsort` (the first k indices of a stable sort, so ties
 keep their order; the descending order used by topk keeps ties in order too).
 sort and topk gather with take_along_axis at argsort's indices, so their
 gradients flow to the positions the values came from.  Each shards along any
-axis but its own.
+axis but its own, and batches (avalon.vmap) with its axis moved past the batch's.
 """
 from __future__ import annotations
 
