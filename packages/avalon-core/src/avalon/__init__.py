@@ -22,6 +22,7 @@ from .backends import (Backend, Device, backends, best_available_device, device,
                        to_device)
 from .custom_vjp import custom_vjp  # noqa: F401
 from .remat import checkpoint  # noqa: F401
+from .forward import hessian, hvp, jacfwd, jacrev, jvp, linearize, vjp  # noqa: F401
 from .anomaly import AnomalyError, detect_anomaly  # noqa: F401
 from .errors import (ArgumentError, AvalonError, ConcretizationError, DeviceError, DtypeError,  # noqa: F401
                      GraphError, LabelError, LeakedTracerError, MissingRuleError, OutOfMemoryError, ShapeError,

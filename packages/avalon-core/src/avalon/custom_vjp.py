@@ -34,7 +34,7 @@ import functools
 import numpy as np
 
 from . import tree
-from .errors import AvalonError, ShapeError, at, user_location
+from .errors import AvalonError, MissingRuleError, ShapeError, at, user_location
 from .graph import type_str
 from .primitive import PRIMITIVES, active_graph, bind, bind_into, defprim, inline, is_tracer
 
@@ -64,8 +64,36 @@ def _call_vjp(ct, out, y, *rest, rule):
     return (None, *_arg_cotangents(rule, result, args), *([None] * len(res)))
 
 
+def _call_batch(args, dims, *, rule):
+    """Batching (avalon.vmap): the node on the batch, every operand batched at
+    axis 0 (unmapped ones broadcast, so each argument's cotangent has the
+    batch too and sums back through the broadcast), with a rule whose bwd is
+    the user's bwd under avalon.vmap: the custom gradient of each example."""
+    from .ops._batching import batch_size, broadcast_batch
+    size = batch_size(args, dims)
+    operands = tuple(broadcast_batch(a, d, size) for a, d in zip(args, dims))
+    batched = _VJPRule(rule.name, _vmapped_bwd(rule.bwd, rule.name), rule.arg_tree, rule.n_args, rule.res_tree,
+                       rule.out_tree, tuple(((size,) + tuple(shape), dtype) for shape, dtype in rule.out_avals),
+                       rule.index)
+    return bind(custom_vjp_call_p, operands, {"rule": batched}), 0
+
+
+def _vmapped_bwd(bwd, name):
+    """bwd(residuals, cotangents) for a batch: avalon.vmap(bwd), every
+    residual and cotangent batched at axis 0, each cotangent it returns too."""
+    def batched_bwd(residuals, cotangents):
+        import avalon
+        vmap = getattr(avalon, "vmap", None)
+        if vmap is None:
+            raise MissingRuleError(f"custom_vjp {name}: the gradient of a batched custom_vjp call runs its bwd "
+                                   "under avalon.vmap, which is not available in this build")
+        return vmap(bwd)(residuals, cotangents)
+    return batched_bwd
+
+
 custom_vjp_call_p = defprim(
     "custom_vjp_call", shape=_call_rule, impl=lambda xp, y, *rest, rule: y, view=True, vjp=_call_vjp,
+    batching=_call_batch,
     doc="The identity on a custom_vjp function's output (its first operand); its VJP calls the user's "
         "bwd with the residuals (the operands after the function's arguments).")
 

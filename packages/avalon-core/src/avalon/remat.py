@@ -29,12 +29,13 @@ import numpy as np
 from . import ops, tree
 from .custom_vjp import custom_vjp
 from .errors import AvalonError, at
-from .ops import _layout, _sharding
+from .ops import _batching, _layout, _sharding
 from .primitive import PRIMITIVES, active_graph, bind, defprim, inline, is_tracer
 
 remat_barrier_p = defprim(
     "remat_barrier", shape=lambda x: (x.shape, x.dtype), impl=lambda xp, x: x, view=True, effectful=True,
     vjp=lambda g, out, x: (g,), sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
+    batching=_batching.identity_rule("remat_barrier"),
     doc="The identity, kept apart from every other node (never merged, folded or fused): the inputs of "
         "a computation that avalon.checkpoint repeats in the backward pass.")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ops._batching import identity_rule
 from ..ops._sharding import NoSplit
 from ..primitive import bind, defprim
 from . import _world
@@ -44,8 +45,11 @@ def _never_split(node, states, ctx):
     raise NoSplit("process_all_reduce communicates with other processes: it runs once per step, in one thread")
 
 
+# Batching: the reduction runs across processes, element by element, so a batch of
+# examples is reduced as one array, in one call (every rank still calls it once per step).
 process_all_reduce_p = defprim(
     "process_all_reduce", shape=_shape_rule, impl=_impl, vjp=_vjp, collective=True, sharding=_never_split,
+    batching=identity_rule("process_all_reduce"),
     doc="the all-reduce (op: sum, mean, max) of an array across the processes of avalon.distributed")
 
 

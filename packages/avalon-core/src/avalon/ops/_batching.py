@@ -189,3 +189,55 @@ def current_batch_size() -> int:
     if not stack:
         raise ValueError("current_batch_size() is read only inside a batching rule called by avalon.vmap")
     return stack[-1]
+# -- shared by the rules of indexing.py, sort_scan.py, remat.py, distributed/ops.py --------
+# (ops along one axis, ops whose attributes name an axis or an output shape, identities)
+
+def _primitive(prim):
+    """A Primitive, or its name looked up when the rule runs (so a rule can be
+    given in the primitive's own registration block: defprim(name, ...,
+    batching=shifted_axis_rule(name)))."""
+    if isinstance(prim, str):
+        from ..primitive import PRIMITIVES
+        return PRIMITIVES[prim]
+    return prim
+
+
+def shifted_axis_rule(prim, shape_attr=None):
+    """The batching rule of a primitive (or its name) that works along the axis in its
+    attribute `axis` (cumsum, argsort, concatenate, take_along_axis): every
+    operand's batch axis goes to the front (an unmapped operand is broadcast,
+    a view: the operands of these ops share their leading axes), and `axis`
+    moves one place on.  `shape_attr` names an attribute holding the output
+    shape of one example (take_along_axis_grad's "shape"): the batch is
+    prepended to it.  The result is batched at axis 0."""
+    from ..primitive import bind
+
+    def rule(args, dims, **attrs):
+        size = batch_size(args, dims)
+        p = _primitive(prim)
+        attrs = dict(attrs, axis=attrs["axis"] + 1)
+        if shape_attr is not None:
+            attrs[shape_attr] = (size,) + tuple(attrs[shape_attr])
+        return bind(p, tuple(broadcast_batch(a, d, size) for a, d in zip(args, dims)), attrs), 0
+    return rule
+
+
+def identity_rule(prim):
+    """The batching rule of a one-operand primitive that acts on each element
+    alone and whose attributes do not depend on the shape (remat_barrier, the
+    all-reduce across processes): the primitive on the batched operand, whose
+    batch axis stays where it is."""
+    from ..primitive import bind
+
+    def rule(args, dims, **attrs):
+        (x,), (d,) = args, dims
+        return bind(_primitive(prim), (x,), attrs), d
+    return rule
+
+
+#: Primitives with no operands (the random draws) are batched too: each
+#: example must get numbers of its own, not one draw shared by the batch.  vmap
+#: calls their rule with no operands and the number of examples as a keyword:
+#:     rule((), (), axis_size=n, **attrs) -> (out, 0)
+#: (for a primitive whose `draws_random` is set, even though no operand is mapped).
+AXIS_SIZE = "axis_size"

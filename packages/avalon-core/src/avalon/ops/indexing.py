@@ -21,6 +21,10 @@ repeated indices; a backend may override them with kernels of its own
 scatter (`take_along_axis_grad`) added to its input.  `check_index` range-checks
 an index array where the kernel runs, so torch-style ops (no negative indices)
 raise for a bad traced index inside compiled code too.
+
+Batching (avalon.vmap): the ops along an axis shift it past the batch axis
+(`shifted_axis_rule`); getitem and getitem_grad batch their index arrays too
+(see the block before getitem's registration).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import numpy as np
 
 from ..errors import AvalonError, ConcretizationError, DtypeError, MissingRuleError, ShapeError, at, user_location
 from ..primitive import Tracer, bind, defprim
+from ._batching import NOT_MAPPED, batch_size, broadcast_batch, move_to_front, shifted_axis_rule
 from ._rules import broadcast_shapes, result_dtype
 from ._layout import POINTWISE
 from ._sharding import P, NoSplit, on_sharded, pointwise
@@ -277,12 +282,105 @@ def _getitem_impl(xp, x, *arrays, index):
     return x[_build_index(index, arrays)]
 
 
+# batching (avalon.vmap): getitem and getitem_grad on a batch of examples.  Without a
+# mapped index array the batch axis is one more full slice in front; with one, the
+# index gets an advanced index of its own, arange(batch), in front, each index array
+# its batch axis in front (size 1 when unmapped), and the result's axes are put back
+# in the order one example's result has (NumPy moves advanced axes to the front when
+# other entries separate them).
+
+def _index_layout(index, arrays, adims):
+    """For one example: (advanced, split, n_pre, n_adv): whether the index has
+    advanced entries, whether they are separated (their axes then come first),
+    the result axes before them, and how many axes they give (the arrays are
+    batched as adims says)."""
+    advanced = any(e[0] == "arr" for e in index)
+    if not advanced:
+        return False, False, 0, 0
+    pos = [k for k, e in enumerate(index) if e[0] in ("int", "arr")]
+    split = pos[-1] - pos[0] + 1 != len(pos)
+    n_pre = sum(e[0] in ("slice", "new") for e in index[:pos[0]])
+    n_adv = max((len(a.shape) - (d is not NOT_MAPPED) for a, d in zip(arrays, adims)), default=0)
+    return True, split, n_pre, n_adv
+
+
+def _reshaped(a, shape):
+    from .shape import reshape
+    return a.reshape(shape) if type(a) is np.ndarray else reshape(a, shape)
+
+
+def _batched_index(index, arrays, adims, size, n_adv):
+    """The index of a batch whose examples have their own index arrays: an
+    arange(size) index in front, every index array batched at axis 0 and
+    padded to n_adv example axes, so they broadcast to (size,) + one example's."""
+    out = [_reshaped(np.arange(size, dtype=np.int64), (size,) + (1,) * n_adv)]
+    for a, d in zip(arrays, adims):
+        if d is NOT_MAPPED:
+            out.append(_reshaped(a, (1,) * (1 + n_adv - len(a.shape)) + tuple(a.shape)))
+        else:
+            a = move_to_front(a, d)
+            ex = tuple(a.shape[1:])
+            out.append(_reshaped(a, (int(a.shape[0]),) + (1,) * (n_adv - len(ex)) + ex))
+    return (("arr",),) + tuple(index), out
+
+
+def _batch_first_layout(index, arrays, adims, size):
+    """(index, arrays, perm) for indexing an array batched at axis 0 so that
+    transpose(x[index], perm) is the batch (axis 0) of the examples' results;
+    perm is None when no transpose is needed."""
+    advanced, split, n_pre, n_adv = _index_layout(index, arrays, adims)
+    if all(d is NOT_MAPPED for d in adims):
+        index = (("slice", 0, size, 1),) + tuple(index)
+        if advanced and split:  # the advanced axes come first, the batch after them
+            return index, list(arrays), (n_adv,) + tuple(range(n_adv)), n_adv
+        return index, list(arrays), None, 0
+    index, arrays = _batched_index(index, arrays, adims, size, n_adv)
+    if split or n_pre == 0:
+        return index, arrays, None, 0
+    # one example's advanced axes sat after n_pre axes; now they come first, after the batch
+    perm = (0,) + tuple(range(1 + n_adv, 1 + n_adv + n_pre)) + tuple(range(1, 1 + n_adv))
+    return index, arrays, perm, n_pre
+
+
+def _full_perm(perm, ndim):
+    return tuple(perm) + tuple(range(len(perm), ndim))
+
+
+def _getitem_batch(args, dims, *, index):
+    from .shape import transpose
+    (x, *arrays), (xd, *adims) = args, dims
+    size = batch_size(args, dims)
+    if xd is NOT_MAPPED:  # the index arrays carry the batch: index x with them
+        _, split, n_pre, n_adv = _index_layout(index, arrays, adims)
+        idx, arrays = _batched_index(index, arrays, adims, size, n_adv)
+        out = bind(getitem_p, (x, *arrays[1:]), {"index": idx[1:]})
+        return out, (0 if split else n_pre)
+    idx, arrays, perm, _ = _batch_first_layout(index, arrays, adims, size)
+    out = bind(getitem_p, (move_to_front(x, xd), *arrays), {"index": idx})
+    if perm is None:
+        return out, 0
+    return transpose(out, *_full_perm(perm, len(out.shape))), 0
+
+
+def _getitem_grad_batch(args, dims, *, index, shape):
+    from .shape import transpose
+    (g, *arrays), (gd, *adims) = args, dims
+    size = batch_size(args, dims)
+    idx, arrays, perm, _ = _batch_first_layout(index, arrays, adims, size)
+    g = broadcast_batch(g, gd, size)
+    if perm is not None:  # g in the order x[idx] gives, the inverse of perm
+        full = _full_perm(perm, len(g.shape))
+        g = transpose(g, *np.argsort(full).tolist())
+    return bind(getitem_grad_p, (g, *arrays), {"index": idx, "shape": (size,) + tuple(shape)}), 0
+
+
 def _getitem_vjp(g, out, x, *arrays, index):
     gx = bind(getitem_grad_p, (g, *arrays), {"index": index, "shape": tuple(x.shape)})
     return (gx,) + (None,) * len(arrays)
 
 
 getitem_p = defprim("getitem", shape=_getitem_rule, impl=_getitem_impl, view=True, vjp=_getitem_vjp,
+                    batching=_getitem_batch,
                     doc="x[index]: basic indexing (a view) and advanced indexing by integer arrays.")
 
 
@@ -326,7 +424,7 @@ def _getitem_grad_vjp(ct, out, g, *arrays, index, shape):
 
 
 getitem_grad_p = defprim("getitem_grad", shape=_getitem_grad_rule, impl=_getitem_grad_impl, accepts_out=True,
-                         vjp=_getitem_grad_vjp,
+                         vjp=_getitem_grad_vjp, batching=_getitem_grad_batch,
                          doc="zeros(shape) with g added at index (repeated indices accumulate): "
                              "the VJP of getitem.")
 
@@ -395,7 +493,7 @@ def _concat_vjp(g, out, *xs, axis):
 
 
 concatenate_p = defprim("concatenate", shape=_concat_rule, impl=_concat_impl, accepts_out=True,
-                        vjp=_concat_vjp)
+                        vjp=_concat_vjp, batching=shifted_axis_rule("concatenate"))
 
 
 @_located
@@ -501,7 +599,16 @@ def _pad_vjp(g, out, x, *, pad_width, value):
     return (getitem(g, tuple(slice(b, b + s) for s, (b, _) in zip(x.shape, pad_width))),)
 
 
-pad_p = defprim("pad", shape=_pad_rule, impl=_pad_impl, accepts_out=True, vjp=_pad_vjp)
+def _pad_batch(args, dims, *, pad_width, value):
+    """No padding along the batch axis (moved to the front); a per-axis value
+    gets a pair for it too, never written (its width is 0)."""
+    (x,), (d,) = args, dims
+    if isinstance(value, tuple):
+        value = (value[0],) + value
+    return bind(pad_p, (move_to_front(x, d),), {"pad_width": ((0, 0),) + tuple(pad_width), "value": value}), 0
+
+
+pad_p = defprim("pad", shape=_pad_rule, impl=_pad_impl, accepts_out=True, vjp=_pad_vjp, batching=_pad_batch)
 
 
 def _as_pairs(opname, value, ndim, what, integral):
@@ -584,7 +691,7 @@ def _off_the_batch_axis(node, states, ctx):
 
 
 take_along_axis_p = defprim("take_along_axis", shape=_tala_rule, impl=_tala_impl, vjp=_tala_vjp,
-                            sharding=on_sharded(_off_the_batch_axis))
+                            sharding=on_sharded(_off_the_batch_axis), batching=shifted_axis_rule("take_along_axis"))
 
 
 def _tala_grad_rule(g, idx, *, axis, shape):
@@ -614,6 +721,7 @@ def _tala_grad_vjp(ct, out, g, idx, *, axis, shape):
 
 tala_grad_p = defprim("take_along_axis_grad", shape=_tala_grad_rule, impl=_tala_grad_impl, accepts_out=True,
                       vjp=_tala_grad_vjp, output_shape_attr="shape", sharding=on_sharded(_off_the_batch_axis),
+                      batching=shifted_axis_rule("take_along_axis_grad", shape_attr="shape"),
                       doc="zeros(shape) with g added at take_along_axis's positions (repeats accumulate).")
 
 
@@ -744,6 +852,9 @@ check_index_p = defprim(
     # as check_labels: elementwise (the batch split shards it with the indices), and a
     # view (it returns its input, so the memory plan gives it no buffer of its own)
     elementwise=True, view=True, sharding=pointwise(), layout=POINTWISE,
+    # a batch of index arrays is checked as one (traced_shape: the batched array's, which it checks)
+    batching=lambda args, dims, **attrs: (bind(check_index_p, args, dict(attrs, traced_shape=tuple(args[0].shape))),
+                                          dims[0]),
     doc="The index array itself, checked when the kernel runs (eagerly or in compiled code): an index "
         "outside [0, size) (or [-size, size) with negative_ok) raises ShapeError naming the op (attribute "
         "name), the index, its position and the user's line (attribute loc).")

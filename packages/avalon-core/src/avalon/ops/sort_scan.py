@@ -8,7 +8,7 @@ by the input), and `argsort` (the first k indices of a stable sort, so ties
 keep their order; the descending order used by topk keeps ties in order too).
 sort and topk gather with take_along_axis at argsort's indices, so their
 gradients flow to the positions the values came from.  Each shards along any
-axis but its own.
+axis but its own, and batches (avalon.vmap) with its axis moved past the batch's.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import ArgumentError, ShapeError, at, user_location
 from ..primitive import bind, defprim
+from ._batching import shifted_axis_rule
 from ._rules import normalize_axes
 from ._sharding import P, NoSplit, on_sharded
 
@@ -65,7 +66,7 @@ def _cumsum_impl(xp, x, *, axis, reverse):
 cumsum_p = defprim("cumsum", shape=_same_shape_rule("cumsum"), impl=_cumsum_impl,
                    vjp=lambda g, out, x, *, axis, reverse: (
                        bind(cumsum_p, (g,), {"axis": axis, "reverse": not reverse}),),
-                   sharding=_along_axis_sharding(linear=True),
+                   sharding=_along_axis_sharding(linear=True), batching=shifted_axis_rule("cumsum"),
                    doc="Running sums along `axis` (from the end when reverse: the VJP of the forward scan).")
 
 
@@ -80,7 +81,7 @@ def _cumprod_vjp(g, out, x, *, axis):
 
 
 cumprod_p = defprim("cumprod", shape=_same_shape_rule("cumprod"), impl=_cumprod_impl, vjp=_cumprod_vjp,
-                    sharding=_along_axis_sharding(linear=False),
+                    sharding=_along_axis_sharding(linear=False), batching=shifted_axis_rule("cumprod"),
                     doc="Running products along `axis`.")
 
 
@@ -112,7 +113,7 @@ def _cumprod_grad_impl(xp, g, x, *, axis):
 
 
 cumprod_grad_p = defprim("cumprod_grad", shape=_cumprod_grad_rule, impl=_cumprod_grad_impl,
-                         sharding=_along_axis_sharding(linear=False),
+                         sharding=_along_axis_sharding(linear=False), batching=shifted_axis_rule("cumprod_grad"),
                          doc="The VJP of cumprod (itself not differentiable: no second derivatives).")
 
 
@@ -140,7 +141,7 @@ def _argsort_impl(xp, x, *, axis, descending, k):
 
 
 argsort_p = defprim("argsort", shape=_argsort_rule, impl=_argsort_impl, nondiff=True,
-                    sharding=_along_axis_sharding(linear=False),
+                    sharding=_along_axis_sharding(linear=False), batching=shifted_axis_rule("argsort"),
                     doc="The first k of the indices that sort `axis` (stable: equal values keep their order), "
                         "ascending or descending.")
 
