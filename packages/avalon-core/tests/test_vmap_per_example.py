@@ -35,14 +35,14 @@ def example_loss(p, x, y):
 
 def torch_example_loss(p, x, y):
     logits = _logits("torch", p, x[None])
-    return -torch.log_softmax(logits, dim=1)[0, y]
+    return -torch.log_softmax(logits, dim=1)[0].gather(0, y[None])[0]   # torch.func.vmap refuses [0, y]
 
 
 def test_per_example_gradients_of_a_cnn_match_torch_func_and_a_loop():
     xs = RNG.standard_normal((5, 2, 6, 6)).astype(np.float32)
     ys = RNG.integers(0, 3, 5).astype(np.int64)
     per_example = avalon.vmap(avalon.value_and_grad(example_loss, argnums=0), in_axes=(None, 0, 0))
-    losses, (grads,) = per_example(PARAMS, xs, ys)
+    losses, (grads, *_) = per_example(PARAMS, xs, ys)
 
     tparams = {k: torch.tensor(v) for k, v in PARAMS.items()}
     tgrads = tvmap(tgrad(torch_example_loss), in_dims=(None, 0, 0))(tparams, torch.tensor(xs), torch.tensor(ys))
@@ -71,7 +71,7 @@ def test_clipped_per_example_gradients_average_in_one_compiled_step():
 
     @avalon.jit
     def dp_step(p, xs, ys):
-        _, (g,) = avalon.vmap(avalon.value_and_grad(example_loss, argnums=0), in_axes=(None, 0, 0))(p, xs, ys)
+        _, (g, *_) = avalon.vmap(avalon.value_and_grad(example_loss, argnums=0), in_axes=(None, 0, 0))(p, xs, ys)
         norms = avalon.sqrt(sum(avalon.sum(avalon.reshape(v, (4, -1)) ** 2, axis=1) for v in g.values()))
         scale = 1.0 / avalon.maximum(norms, 1.0)
         return {k: avalon.mean(v * avalon.reshape(scale, (4,) + (1,) * (v.ndim - 1)), axis=0) for k, v in g.items()}
