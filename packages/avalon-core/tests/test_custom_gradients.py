@@ -335,3 +335,20 @@ def test_checkpoint_refuses_a_random_draw():
 def test_checkpoint_eager_is_the_function():
     ws, x = _deep_mlp(layers=2, width=3, batch=2)
     np.testing.assert_array_equal(avalon.checkpoint(_segment)(x, *ws), _segment(x, *ws))
+
+
+def test_custom_vjp_under_vmap_keeps_its_gradient_per_example():
+    """vmap of grad of a function using a custom VJP: each example's gradient is
+    the straight-through one, as the loop of per-example grads gives."""
+    xs = np.linspace(-2, 2, 12).astype(np.float32).reshape(3, 4)
+    ys = (np.arange(12, dtype=np.float32).reshape(3, 4) - 6) / 3
+
+    def loss(x, y):
+        return ((straight_through_sign(x) - y) ** 2 * x).sum()
+
+    per_example = avalon.vmap(avalon.value_and_grad(loss, argnums=0))
+    values, (gx, _) = _called_twice(per_example, xs, ys)
+    for i in range(3):
+        v, (g, _) = avalon.grad(loss, xs[i], ys[i], argnums=0)
+        np.testing.assert_allclose(values[i], v, rtol=1e-6)
+        np.testing.assert_allclose(gx[i], g, rtol=1e-6)
