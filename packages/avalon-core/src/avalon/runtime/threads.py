@@ -229,17 +229,25 @@ class BlasThreads:
 
 class Autotuned:
     """Several compiled schedules of one graph (split across threads or not,
-    BLAS threads or not): the first calls time each in turn, then the fastest
+    BLAS threads or not): the first calls try each in turn, then the fastest
     runs from there on.  Every call computes the same step, so the trial calls
-    are real work."""
+    are real work.
 
-    WARMUP, TRIALS = 1, 3
+    A schedule is judged by the caller's whole iteration: the time from the
+    start of one call to the start of the next, which holds what the caller
+    does in between (the optimizer update, the next batch).  A schedule whose
+    call is quick but leaves threads spinning afterwards (BLAS's) slows that
+    work, and timing the call alone would pick it wrongly.  Each schedule gets
+    WARMUP calls, then TRIALS timed iterations, and the median decides."""
+
+    WARMUP, TRIALS = 1, 5
 
     def __init__(self, candidates):
         self.candidates = candidates          # [(label, compiled)]
         self.calls = [0] * len(candidates)
-        self.times = [[] for _ in candidates]
+        self.times = [[] for _ in candidates]  # seconds per iteration (call to next call)
         self.choice = None
+        self._open = None                     # (candidate, start) of the iteration being timed
         self.fn = self.__call__
 
     def current(self):
@@ -256,18 +264,26 @@ class Autotuned:
     def __call__(self, *args):
         if self.choice is not None:
             return self.candidates[self.choice][1].fn(*args)
-        # one candidate after the other (not round-robin): a schedule that leaves
-        # threads spinning (BLAS) must not slow the timing of the others, so it is last
-        k = next(i for i in range(len(self.candidates)) if len(self.times[i]) < self.TRIALS)
+        start = time.perf_counter()
+        self._close_iteration(start)
+        if all(len(t) >= self.TRIALS for t in self.times):
+            self.choice = min(range(len(self.candidates)), key=lambda i: sorted(self.times[i])[len(self.times[i]) // 2])
+            return self.candidates[self.choice][1].fn(*args)
+        # one candidate after the other (not round-robin): the threads a schedule
+        # leaves spinning slow the caller's work after ITS calls, not the next schedule's
+        k = next(i for i in range(len(self.candidates)) if self.calls[i] < self.WARMUP + self.TRIALS)
         self.calls[k] += 1
-        t0 = time.perf_counter()
         out = self.candidates[k][1].fn(*args)
         self.backend_sync()
         if self.calls[k] > self.WARMUP:
-            self.times[k].append(time.perf_counter() - t0)
-        if all(len(t) >= self.TRIALS for t in self.times):
-            self.choice = min(range(len(self.candidates)), key=lambda i: sorted(self.times[i])[len(self.times[i]) // 2])
+            self._open = (k, start)
         return out
+
+    def _close_iteration(self, now):
+        if self._open is not None:
+            k, start = self._open
+            self.times[k].append(now - start)
+            self._open = None
 
     def backend_sync(self):
         b = getattr(self.candidates[0][1], "backend", None)

@@ -1,0 +1,51 @@
+"""The autotuner of compiled schedules (avalon.runtime.threads.Autotuned)
+chooses by the time of the whole loop iteration as the caller runs it: from
+one call to the next, so what runs between the calls (an optimizer update,
+slowed by threads a schedule leaves spinning) counts against that schedule."""
+from __future__ import annotations
+
+import time
+
+from avalon.runtime.threads import Autotuned
+
+
+class _Schedule:
+    """A compiled schedule stand-in: `call_s` seconds per call, and `after_s`
+    seconds of slowdown it leaves for the caller's next piece of work."""
+
+    def __init__(self, call_s, after_s, log):
+        self.call_s, self.after_s, self.log = call_s, after_s, log
+        self.fn = self.__call__
+
+    def __call__(self, *args):
+        time.sleep(self.call_s)
+        self.log["penalty"] = self.after_s
+        return args
+
+
+def _train(tuned, log, steps, update_s=0.002):
+    for _ in range(steps):
+        tuned(1)
+        time.sleep(update_s + log.pop("penalty", 0.0))   # the optimizer update, slowed or not
+
+
+def test_the_whole_iteration_decides_not_the_call_alone():
+    log = {}
+    fast_call_slow_after = _Schedule(0.002, 0.010, log)    # BLAS threads: quick call, spinning afterwards
+    steady = _Schedule(0.004, 0.0, log)
+    tuned = Autotuned([("spins afterwards", fast_call_slow_after), ("steady", steady)])
+    _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1)
+    assert tuned.label == "steady"
+
+
+def test_the_faster_iteration_wins_when_nothing_spins():
+    log = {}
+    tuned = Autotuned([("slow", _Schedule(0.008, 0.0, log)), ("fast", _Schedule(0.002, 0.0, log))])
+    _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1)
+    assert tuned.label == "fast"
+
+
+def test_every_call_returns_its_own_result_while_timing():
+    log = {}
+    tuned = Autotuned([("a", _Schedule(0.0, 0.0, log)), ("b", _Schedule(0.0, 0.0, log))])
+    assert [tuned(k) for k in range(12)] == [(k,) for k in range(12)]
