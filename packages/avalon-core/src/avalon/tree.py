@@ -230,15 +230,122 @@ def _flatten(obj, leaves, is_leaf, active, seen, mark):
             return TreeDef(t, keys, [_flatten(obj[k], leaves, is_leaf, active, seen, mark) for k in keys])
         if isinstance(obj, (list, tuple)):
             return TreeDef(t, None, [_flatten(c, leaves, is_leaf, active, seen, mark) for c in obj])
-        fields = _object_fields(obj)
-        if not fields and not hasattr(obj, "__dict__"):
-            return Static(obj)
-        nondiff = _nondiff_fields(obj)
-        return TreeDef("obj", (t, tuple(fields)),
-                       [_flatten(getattr(obj, f), leaves, is_leaf, active, seen,
-                                 FROZEN if f in nondiff else mark) for f in fields])
+        if is_leaf is None and getattr(t, CACHE_PROTOCOL, False):
+            cached = _cached_subtree(obj, leaves, seen, mark)
+            if cached is not None:
+                return cached
+            start = len(leaves)
+            td = _flatten_object(obj, t, leaves, is_leaf, active, seen, mark)
+            _remember_subtree(obj, td, leaves, start, mark)
+            return td
+        return _flatten_object(obj, t, leaves, is_leaf, active, seen, mark)
     finally:
         active.discard(oid)
+
+
+def _flatten_object(obj, t, leaves, is_leaf, active, seen, mark):
+    """The TreeDef of an object with fields (its leaves appended to `leaves`)."""
+    fields = _object_fields(obj)
+    if not fields and not hasattr(obj, "__dict__"):
+        return Static(obj)
+    nondiff = _nondiff_fields(obj)
+    return TreeDef("obj", (t, tuple(fields)),
+                   [_flatten(getattr(obj, f), leaves, is_leaf, active, seen,
+                             FROZEN if f in nondiff else mark) for f in fields])
+
+
+# -- the flattening of a model, remembered between calls ----------------------------------------
+# A compiled function flattens its arguments on every call to find its
+# signature: for a model of a few dozen modules that walk costs ~100-200 us,
+# more than a small model's prediction.  A class that sets
+# __avalon_flatten_cache__ = True (nn.Module does) has its objects' subtrees
+# remembered with a fingerprint: every object of the subtree, the names of its
+# fields and the identity of each field's value.  A later flatten reuses the
+# subtree when the fingerprint still holds, which takes one pass over the
+# objects' __dict__s and no TreeDef building.  Any assignment (setattr,
+# object.__setattr__, train(), a replaced array) changes an identity and is
+# seen; values that could change in place (lists, dicts, sets, arbitrary
+# objects without a __dict__) make a subtree ineligible, so they are always
+# walked.
+
+CACHE_PROTOCOL = "__avalon_flatten_cache__"
+_IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), np.dtype, range, type, types.FunctionType,
+              types.BuiltinFunctionType, functools.partial, frozenset, np.generic)
+_subtrees: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class _Subtree:
+    __slots__ = ("offset", "mark", "treedef", "leaves", "objects", "ids")
+
+    def __init__(self, offset, mark, treedef, leaves, objects):
+        self.offset, self.mark, self.treedef, self.leaves = offset, mark, treedef, leaves
+        self.objects = objects                      # [(obj, field names)]
+        self.ids = [tuple(map(id, vars(o).values())) for o, _ in objects]
+
+
+def _cached_subtree(obj, leaves, seen, mark):
+    try:
+        entry = _subtrees.get(obj)
+    except TypeError:   # unhashable (a dataclass with eq=True)
+        return None
+    # (a class defining __eq__ could find another object's entry: the identity decides)
+    if entry is None or entry.objects[0][0] is not obj or entry.offset != len(leaves) or entry.mark is not mark:
+        return None
+    for (o, names), ids in zip(entry.objects, entry.ids):
+        d = vars(o)
+        if len(d) != len(names) or tuple(map(id, d.values())) != ids or tuple(d) != names:
+            return None
+    if any(id(x) in seen for x in entry.leaves):
+        return None   # an array also met before this object: its tie must be recorded afresh
+    for k, x in enumerate(entry.leaves, len(leaves)):
+        seen[id(x)] = k
+    leaves.extend(entry.leaves)
+    return entry.treedef
+
+
+def _remember_subtree(obj, td, leaves, start, mark):
+    objects = []
+    if not _collect_objects(obj, objects, set()):
+        return
+    if _refers_before(td, start):
+        return
+    try:
+        _subtrees[obj] = _Subtree(start, mark, td, leaves[start:], objects)
+    except TypeError:   # not weakly referable
+        pass
+
+
+def _collect_objects(obj, out, done) -> bool:
+    """Every object with a __dict__ in obj's subtree, with its field names, into
+    `out`; False when a value could change without an assignment (a list, a
+    dict, an object without a __dict__) or an object is its own ancestor."""
+    if id(obj) in done:
+        return True
+    done.add(id(obj))
+    d = getattr(obj, "__dict__", None)
+    if d is None:
+        return False
+    out.append((obj, tuple(d)))
+    return all(_eligible(v, out, done) for v in d.values())
+
+
+def _eligible(v, out, done) -> bool:
+    if isinstance(v, _array_types) or isinstance(v, _IMMUTABLE):
+        return True
+    if type(v) is tuple:
+        return all(_eligible(x, out, done) for x in v)
+    if isinstance(v, (list, dict, set, bytearray)) or looks_like_foreign_array(v):
+        return False
+    return _collect_objects(v, out, done)
+
+
+def _refers_before(td, start) -> bool:
+    """Whether the subtree holds an Alias of a leaf flattened before it."""
+    if isinstance(td, Alias):
+        return td.index < start
+    if isinstance(td, TreeDef):
+        return any(_refers_before(c, start) for c in td.children)
+    return False
 
 
 def _nondiff_fields(obj) -> frozenset:

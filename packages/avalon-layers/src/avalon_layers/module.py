@@ -109,6 +109,10 @@ class Module:
     super().__init__()) and define forward().  Only declared parameters are
     trained (see the module docstring)."""
 
+    #: avalon.tree remembers a module's flattened structure between calls of a
+    #: compiled function, checked against a fingerprint of its attributes
+    __avalon_flatten_cache__ = True
+
     def __init__(self):
         object.__setattr__(self, "training", True)
         object.__setattr__(self, "_buffer_names", frozenset())
