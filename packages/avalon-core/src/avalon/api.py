@@ -21,6 +21,7 @@ from .graph import Graph
 from .passes import forward_pipeline, pipeline_version, run_pipeline
 from .passes.sharding import split_batch, split_components
 from .primitive import Tracer, active_graph, inline, is_tracer, leaked_tracer_error, node_in, tracing
+from .runtime.native import denormals_flushed
 from .runtime.threads import Autotuned, BlasThreads, ComponentParallel, ShardedFunction
 from .threadsafe import SharedCompiled, private_backend
 
@@ -340,18 +341,27 @@ def _diff_list(a, b):
 
 
 class JitFunction(CompiledFunction):
-    """f compiled for prediction: calling it runs the compiled forward graph."""
+    """f compiled for prediction: calling it runs the compiled forward graph.
+    flush_denormals=True runs it with denormal numbers flushed to zero in the
+    calling thread (avalon.runtime.native.denormals_flushed: x86's FTZ and DAZ,
+    as XLA's CPU code runs), for code whose values decay towards zero (an
+    optimizer's moments) where denormal arithmetic is several times slower."""
     kind = "jit"
 
-    def __init__(self, f, passes=None, parallel=True):
+    def __init__(self, f, passes=None, parallel=True, flush_denormals=False):
         super().__init__(f, passes, parallel)
+        self.flush_denormals = bool(flush_denormals)
 
     def __call__(self, *args):
         if _inside_a_trace():
             outs, entry = self._call_inlined(args)
             return tree.unflatten(entry.out_tree, outs)
         entry, leaves = self._lookup(args)
-        outs = entry.shared.fn(*leaves)
+        if self.flush_denormals:
+            with denormals_flushed():
+                outs = entry.shared.fn(*leaves)
+        else:
+            outs = entry.shared.fn(*leaves)
         return tree.unflatten(entry.out_tree, outs)
 
 
@@ -521,12 +531,13 @@ def _leaf_owner(treedef):
     return owners
 
 
-def jit(f=None, *, passes=None, parallel=True):
+def jit(f=None, *, passes=None, parallel=True, flush_denormals=False):
     """Compile f (forward only) once per input signature; usable as a decorator.
-    parallel=False keeps the batch in one thread (see avalon.runtime.threads)."""
+    parallel=False keeps the batch in one thread (see avalon.runtime.threads);
+    flush_denormals=True computes with denormals flushed to zero (JitFunction)."""
     if f is None:
-        return lambda g: JitFunction(g, passes, parallel)
-    return JitFunction(f, passes, parallel)
+        return lambda g: JitFunction(g, passes, parallel, flush_denormals)
+    return JitFunction(f, passes, parallel, flush_denormals)
 
 
 def vmap(f, in_axes=0, out_axes=0):

@@ -164,7 +164,9 @@ class Optimizer:
         self._index: dict = {}  # id(parameter) -> (position over all groups, group index)
         self._indexed: tuple = ()  # the ids of the parameters _index was built from, in order
         self._parameters_by_position: dict = {}
-        self.update_fn = avalon.jit(self._update_all)
+        # Moments of parameters that stop getting gradient decay into denormals within
+        # ~800 steps, where x86 arithmetic is ~3x slower: the update flushes them to zero
+        self.update_fn = avalon.jit(self._update_all, flush_denormals=True)
         if params is None:
             self.param_groups.append({"params": [], **self.defaults})
             return
