@@ -130,3 +130,22 @@ def test_objects_that_compare_equal_are_still_told_apart():
     _same((a,))
     leaves, _ = _same((b,))
     assert leaves[0] is b.w
+
+
+def test_an_object_that_cannot_be_remembered_is_not_examined_again_on_every_call(monkeypatch):
+    """Holding a list keeps a subtree out of the cache; finding that out walks
+    the subtree once more, which must not happen on every call while nothing
+    changed (it would double the cost of flattening such a model)."""
+    net = Net()
+    net.history = [np.zeros(2, np.float32)]
+    tree.flatten((net,))
+    walks = []
+    real = tree._collect_objects
+    monkeypatch.setattr(tree, "_collect_objects", lambda *a: walks.append(a[0]) or real(*a))
+    for _ in range(3):
+        leaves, _ = tree.flatten((net,))
+        assert leaves[-1] is net.history[0]
+    assert net not in walks
+    net.history = []            # a changed attribute: examined afresh
+    tree.flatten((net,))
+    assert net in walks

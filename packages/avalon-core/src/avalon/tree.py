@@ -272,6 +272,10 @@ CACHE_PROTOCOL = "__avalon_flatten_cache__"
 _IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), np.dtype, range, type, types.FunctionType,
               types.BuiltinFunctionType, functools.partial, frozenset, np.generic)
 _subtrees: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# objects found ineligible, with the identities of their own attributes then: not
+# examined again (a second walk per call) until one of those changes.  Only the
+# cache's use depends on this, never a result.
+_ineligible: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class _Subtree:
@@ -304,8 +308,15 @@ def _cached_subtree(obj, leaves, seen, mark):
 
 
 def _remember_subtree(obj, td, leaves, start, mark):
+    own = tuple(map(id, vars(obj).values()))
+    try:
+        if _ineligible.get(obj) == own:
+            return
+    except TypeError:   # unhashable: never remembered
+        return
     objects = []
     if not _collect_objects(obj, objects, set()):
+        _ineligible[obj] = own
         return
     if _refers_before(td, start):
         return
