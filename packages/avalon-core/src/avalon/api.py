@@ -119,14 +119,24 @@ class _Inlined:
 
 
 class CompiledFunction:
-    """Common machinery of jit and value_and_grad: the per-signature cache."""
+    """Common machinery of jit and value_and_grad: the per-signature cache, and
+    the floating-point mode calls run in.
+
+    flush_denormals (default True) runs each call with denormal numbers (below
+    ~1.2e-38 in float32) flushed to zero and read as zero, in the calling thread
+    and in the engine's threads (avalon.runtime.native.denormals_flushed: x86's
+    FTZ and DAZ), as XLA's CPU code runs.  Values that decay towards zero (an
+    optimizer's moments, a saturated sigmoid's gradient) otherwise take x86's
+    microcode path, several times slower, and a training step slows down as
+    training goes.  False keeps IEEE gradual underflow, as NumPy and PyTorch."""
 
     kind = "jit"
 
-    def __init__(self, f, passes=None, parallel=True):
+    def __init__(self, f, passes=None, parallel=True, flush_denormals=True):
         self.f = f
         self.passes = passes
         self.parallel = parallel
+        self.flush_denormals = bool(flush_denormals)
         self._cache: dict = {}
         self._compiling = threading.Lock()
         self._last_key = None
@@ -155,6 +165,14 @@ class CompiledFunction:
         if self._last_key is None:
             raise AvalonError(f"{self.__name__} has not been called yet, so nothing is compiled")
         return self._cache[self._last_key]
+
+    def _run(self, entry, leaves):
+        """The compiled code of `entry` called on the flat leaves, in this
+        function's floating-point mode."""
+        if self.flush_denormals:
+            with denormals_flushed():
+                return entry.shared.fn(*leaves)
+        return entry.shared.fn(*leaves)
 
     def _lookup(self, args):
         try:
@@ -341,28 +359,15 @@ def _diff_list(a, b):
 
 
 class JitFunction(CompiledFunction):
-    """f compiled for prediction: calling it runs the compiled forward graph.
-    flush_denormals=True runs it with denormal numbers flushed to zero in the
-    calling thread (avalon.runtime.native.denormals_flushed: x86's FTZ and DAZ,
-    as XLA's CPU code runs), for code whose values decay towards zero (an
-    optimizer's moments) where denormal arithmetic is several times slower."""
+    """f compiled for prediction: calling it runs the compiled forward graph."""
     kind = "jit"
-
-    def __init__(self, f, passes=None, parallel=True, flush_denormals=False):
-        super().__init__(f, passes, parallel)
-        self.flush_denormals = bool(flush_denormals)
 
     def __call__(self, *args):
         if _inside_a_trace():
             outs, entry = self._call_inlined(args)
             return tree.unflatten(entry.out_tree, outs)
         entry, leaves = self._lookup(args)
-        if self.flush_denormals:
-            with denormals_flushed():
-                outs = entry.shared.fn(*leaves)
-        else:
-            outs = entry.shared.fn(*leaves)
-        return tree.unflatten(entry.out_tree, outs)
+        return tree.unflatten(entry.out_tree, self._run(entry, leaves))
 
 
 class VmapFunction(CompiledFunction):
@@ -385,8 +390,7 @@ class VmapFunction(CompiledFunction):
             outs, entry = self._call_inlined(args)
             return tree.unflatten(entry.out_tree, outs)
         entry, leaves = self._lookup(args)
-        outs = entry.shared.fn(*leaves)
-        return tree.unflatten(entry.out_tree, outs)
+        return tree.unflatten(entry.out_tree, self._run(entry, leaves))
 
 
 class GradFunction(CompiledFunction):
@@ -398,8 +402,8 @@ class GradFunction(CompiledFunction):
     the sum of its gradients."""
     kind = "grad"
 
-    def __init__(self, f, argnums=None, passes=None, parallel=True, has_aux=False):
-        super().__init__(f, passes, parallel)
+    def __init__(self, f, argnums=None, passes=None, parallel=True, has_aux=False, flush_denormals=True):
+        super().__init__(f, passes, parallel, flush_denormals)
         self.argnums = None if argnums is None else (
             (argnums,) if isinstance(argnums, int) else tuple(argnums))
         self.has_aux = bool(has_aux)
@@ -455,7 +459,7 @@ class GradFunction(CompiledFunction):
             leaves = tree.flatten(args, is_leaf=is_tracer)[0] if entry.wrt.zeros else ()
         else:
             entry, leaves = self._lookup(args)
-            outs = entry.shared.fn(*leaves)
+            outs = self._run(entry, leaves)
         n_aux = entry.wrt.n_aux
         grads = iter(_distinct(outs[1 + n_aux:]))
         grad_leaves = [next(grads) if w else None for w in entry.wrt]
@@ -531,10 +535,10 @@ def _leaf_owner(treedef):
     return owners
 
 
-def jit(f=None, *, passes=None, parallel=True, flush_denormals=False):
+def jit(f=None, *, passes=None, parallel=True, flush_denormals=True):
     """Compile f (forward only) once per input signature; usable as a decorator.
     parallel=False keeps the batch in one thread (see avalon.runtime.threads);
-    flush_denormals=True computes with denormals flushed to zero (JitFunction)."""
+    flush_denormals=False keeps IEEE denormals (CompiledFunction)."""
     if f is None:
         return lambda g: JitFunction(g, passes, parallel, flush_denormals)
     return JitFunction(f, passes, parallel, flush_denormals)
@@ -562,27 +566,28 @@ _grad_fns: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _grad_fns_strong: dict = {}
 
 
-def value_and_grad(f, argnums=None, passes=None, parallel=True, has_aux=False) -> GradFunction:
+def value_and_grad(f, argnums=None, passes=None, parallel=True, has_aux=False,
+                   flush_denormals=True) -> GradFunction:
     """The compiled function args -> (f(*args), grads), cached per f: calling it
     again for the same f returns the same object (and its compiled signatures).
     has_aux=True: f returns (value, aux), and the call returns ((value, aux),
     grads); aux (any structure of arrays: a new hidden state, metrics) is
     computed in the same compiled step, not differentiated (as in JAX and
-    torch.func)."""
+    torch.func).  flush_denormals=False keeps IEEE denormals (CompiledFunction)."""
     if passes is not None or not parallel:
-        return GradFunction(f, argnums, passes, parallel, has_aux)
-    key = (argnums if not isinstance(argnums, list) else tuple(argnums), bool(has_aux))
+        return GradFunction(f, argnums, passes, parallel, has_aux, flush_denormals)
+    key = (argnums if not isinstance(argnums, list) else tuple(argnums), bool(has_aux), bool(flush_denormals))
     try:
         table = _grad_fns.setdefault(f, {})
     except TypeError:
         table = _grad_fns_strong.setdefault(f, {})
     gf = table.get(key)
     if gf is None:
-        gf = table[key] = GradFunction(f, argnums, has_aux=has_aux)
+        gf = table[key] = GradFunction(f, argnums, has_aux=has_aux, flush_denormals=flush_denormals)
     return gf
 
 
-def grad(f, *args, argnums=None, has_aux=False):
+def grad(f, *args, argnums=None, has_aux=False, flush_denormals=True):
     """loss, grads = avalon.grad(f, *args).
 
     Returns f's scalar value and one gradient per argument, each with the
@@ -590,8 +595,9 @@ def grad(f, *args, argnums=None, has_aux=False):
     None for integer arrays, non-array values and a model's parameters the
     value does not depend on).  f is traced, differentiated and compiled once
     per input signature and cached.  has_aux=True: f returns (value, aux) and
-    the result is ((value, aux), grads)."""
-    return value_and_grad(f, argnums, has_aux=has_aux)(*args)
+    the result is ((value, aux), grads).  flush_denormals=False keeps IEEE
+    denormals (see CompiledFunction)."""
+    return value_and_grad(f, argnums, has_aux=has_aux, flush_denormals=flush_denormals)(*args)
 
 
 def compile_graph(graph: Graph, device="cpu", passes=(), name: str | None = None):

@@ -585,16 +585,18 @@ def _glibc_release() -> tuple[int, int] | None:
 # microcode path, ~3x slower per loop here.  An optimizer's moments for a
 # parameter that stops getting gradient decay into that range within about
 # 800 Adam steps, and the whole update slows down.  XLA's CPU code runs with
-# denormals flushed to zero (FTZ) and read as zero (DAZ); a compiled function
-# may ask for the same (avalon.jit(f, flush_denormals=True)).
+# denormals flushed to zero (FTZ) and read as zero (DAZ); so do Avalon's
+# compiled functions unless asked not to (avalon.jit(f, flush_denormals=False)),
+# and the engine's threads run each share of a call in its caller's mode.
 
 _FPENV_SOURCE = r"""
 #include <xmmintrin.h>
 __attribute__((visibility("default"))) unsigned int avl_flush_denormals(void)
 { unsigned int old = _mm_getcsr(); _mm_setcsr(old | 0x8040u); return old; }   /* FTZ | DAZ */
 __attribute__((visibility("default"))) void avl_restore_fp(unsigned int old) { _mm_setcsr(old); }
+__attribute__((visibility("default"))) unsigned int avl_fp_mode(void) { return _mm_getcsr(); }
 """
-_fpenv = None          # (flush, restore) once built; False where unsupported
+_fpenv = None          # (flush, restore, mode) once built; False where unsupported
 _fpenv_lock = threading.Lock()
 
 
@@ -617,7 +619,9 @@ def _build_fp_functions():
     flush = bind(lib, "avl_flush_denormals", ())
     flush.restype = ctypes.c_uint
     restore = bind(lib, "avl_restore_fp", (ctypes.c_uint,))
-    return flush, restore
+    mode = bind(lib, "avl_fp_mode", ())
+    mode.restype = ctypes.c_uint
+    return flush, restore, mode
 
 
 @contextlib.contextmanager
@@ -630,7 +634,7 @@ def denormals_flushed():
     if not fns:
         yield
         return
-    flush, restore = fns
+    flush, restore, _ = fns
     old = flush()
     try:
         yield
@@ -641,6 +645,29 @@ def denormals_flushed():
 def flushes_denormals() -> bool:
     """Whether denormals_flushed() takes effect on this machine."""
     return bool(_fp_functions())
+
+
+def fp_mode():
+    """The calling thread's floating-point mode (x86's MXCSR), to hand to another
+    thread with `in_fp_mode`; None where denormals_flushed() changes nothing."""
+    fns = _fp_functions()
+    return fns[2]() if fns else None
+
+
+def in_fp_mode(mode, fn, *args):
+    """fn(*args) run in floating-point mode `mode` (from fp_mode()), the thread's
+    own mode restored afterwards."""
+    if mode is None:
+        return fn(*args)
+    _, restore, current = _fp_functions()
+    old = current()
+    if old == mode:
+        return fn(*args)
+    restore(mode)
+    try:
+        return fn(*args)
+    finally:
+        restore(old)
 
 
 # -- tests -------------------------------------------------------------------------------------

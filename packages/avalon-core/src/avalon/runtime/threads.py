@@ -25,6 +25,7 @@ import numpy as np
 from ..ops._sharding import P, R
 from ..primitive import PRIMITIVES
 from ..threadsafe import private_backend
+from .native import fp_mode, in_fp_mode
 
 __all__ = ["ShardedFunction", "ComponentParallel", "BlasThreads", "Autotuned", "shard_count"]
 
@@ -159,7 +160,9 @@ def _workers(n):
 
 
 class _Workers:
-    """n persistent worker threads; the calling thread runs the last task."""
+    """n persistent worker threads; the calling thread runs the last task.  Each
+    task runs in the caller's floating-point mode (denormals flushed or not), as
+    if the caller ran it."""
 
     def __init__(self, n):
         self.lock = threading.Lock()
@@ -187,8 +190,10 @@ class _Workers:
 
     def _run(self, jobs):
         n = len(self.tasks)
+        mode = fp_mode()
         for k in range(n):
-            self.tasks[k] = jobs[k]
+            fn, args = jobs[k]
+            self.tasks[k] = (in_fp_mode, (mode, fn) + tuple(args))
             self.done[k].clear()
             self.go[k].set()
         last_fn, last_args = jobs[n]
