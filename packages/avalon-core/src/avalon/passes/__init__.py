@@ -19,9 +19,11 @@ from .fold import constant_fold
 from .fusion import fuse_elementwise
 from .layout import layout
 from .pool_first import pool_first
+from .products import transposed_products
 from .simplify import simplify
 
-__all__ = ["dce", "cse", "constant_fold", "simplify", "layout", "pool_first", "fuse_elementwise",
+__all__ = ["dce", "cse", "constant_fold", "simplify", "transposed_products", "layout", "pool_first",
+           "fuse_elementwise",
            "BUILTIN", "FORWARD", "default_pipeline", "forward_pipeline",
            "add_pass", "remove_pass", "run_pipeline", "reset_pipeline", "pipeline_version"]
 
@@ -29,6 +31,7 @@ log = logging.getLogger("avalon.passes")
 
 BUILTIN = [
     ("dce", dce),
+    ("transposed_products", transposed_products),
     ("simplify", simplify),
     ("cse", cse),
     ("constant_fold", constant_fold),
