@@ -113,6 +113,33 @@ def test_fusion_leaves_values_used_outside_the_group():
     assert ops_of(g).count("fused") == 1
 
 
+def _scaled_by_row_and_column(x, r, c):
+    return avalon.tanh(x * avalon.ops.broadcast_to(r, (4, 5))) + avalon.ops.broadcast_to(c, (4, 5))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["C", "NumPy"])
+def test_fusion_reads_broadcast_inputs_through_zero_strides(native, monkeypatch):
+    # a broadcast view as a kernel's operand would take the strided (NumPy) path:
+    # the group takes the small array and broadcasts it itself
+    monkeypatch.setenv("AVALON_NATIVE", "1" if native else "0")
+    r, c = rng.standard_normal((1, 5)).astype(np.float32), rng.standard_normal((4, 1)).astype(np.float32)
+    g = passes.fuse_elementwise(avalon.trace(_scaled_by_row_and_column, X, r, c))
+    g.check()
+    assert ops_of(g) == ["fused"]
+    fused = g.nodes[-1]
+    assert sorted(i.shape for i in fused.inputs) == [(1, 5), (4, 1), (4, 5)]
+    np.testing.assert_allclose(run(g, X, r, c)[0], np.tanh(X * r) + c, rtol=1e-6)
+
+
+def test_a_broadcast_used_outside_the_group_stays_a_view():
+    def f(x, r):
+        b = avalon.ops.broadcast_to(r, (4, 5))
+        return avalon.exp(x * b), b @ W
+    r = rng.standard_normal((1, 5)).astype(np.float32)
+    g = passes.fuse_elementwise(avalon.trace(f, X, r))
+    assert ops_of(g).count("broadcast_to") == 1 and ops_of(g).count("fused") == 1
+
+
 def test_cpu_fused_kernel_runs_in_place_in_scratch():
     g = passes.fuse_elementwise(avalon.trace(lambda x, y: avalon.sigmoid(x * y - 1.0) * 2.0, X, Y))
     fused = [n for n in g.nodes if n.op == "fused"][0]

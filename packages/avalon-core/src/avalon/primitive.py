@@ -47,13 +47,14 @@ class Primitive:
     def __init__(self, name, *, shape, impl, vjp=None, ufunc=None, elementwise=False, view=False,
                  effectful=False, accepts_out=False, foldable=True, nondiff=False, expr=None, inplace=None,
                  writes_input=False, draws_random=False, output_shape_attr=None, collective=False, detaches=False,
-                 doc="", **rules):
+                 fusible=None, doc="", **rules):
         self.name = name
         self.shape_rule = shape
         self.impl = impl
         self.vjp = vjp
         self.ufunc = ufunc
         self.elementwise = elementwise
+        self.fusible = elementwise if fusible is None else fusible
         self.view = view
         self.effectful = effectful
         self.accepts_out = accepts_out or ufunc is not None
@@ -115,6 +116,10 @@ def defprim(name, **fields) -> Primitive:
     ufunc: name of an xp ufunc that computes the op directly (fast path, takes out=).
     elementwise: output element i depends only on input elements i (after
         broadcasting); fusion groups such ops.
+    fusible: the op may join an elementwise fusion group, computed by its `expr`
+        (default: elementwise).  broadcast_to is: its output element i is its
+        input's element at i's broadcast position, so a group reads the small
+        input through zero strides instead of a broadcast view.
     view: the output may share memory with the first input (reshape, transpose).
     effectful: not a pure function of its inputs (randomness): never merged or folded.
     accepts_out: impl takes an out= array of the output's shape and dtype.

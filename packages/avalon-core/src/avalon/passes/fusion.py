@@ -29,7 +29,7 @@ MIN_GROUP = 2
 
 def _fusible(n):
     p = PRIMITIVES.get(n.op)
-    return p is not None and p.elementwise and not p.effectful
+    return p is not None and p.fusible and not p.effectful
 
 
 def _write_epochs(graph):
