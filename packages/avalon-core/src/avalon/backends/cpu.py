@@ -31,7 +31,9 @@ class CpuBackend(Backend):
         # convolutional stacks batch-innermost: im2col and one large matrix product
         # per convolution, the shapes NumPy's BLAS runs fastest
         from ..passes.layout import layout
-        return [("layout", layout, "after:dce_2")]
+        from ..passes.updates import fuse_updates
+        # in-place updates (an optimizer's) as one multi-output C kernel: one pass over memory
+        return [("layout", layout, "after:dce_2"), ("fuse_updates", fuse_updates, "after:fuse_elementwise")]
 
     @classmethod
     def forward_passes(cls):

@@ -160,13 +160,16 @@ def compile_node_c(node, fallback):
     kernel = rule(node)
     if kernel is None:
         return None
+    # an op writing its inputs in place (fused_update) reads each element before
+    # writing it, at the same index: an output may be exactly an input
+    in_place = PRIMITIVES[node.op].writes_input
     key = (kernel.name, "node")
     with _lock:
         built = _built.get(key)
         if built is None:
             entry = _pending.get(key)
             if entry is None:
-                entry = _pending[key] = _Pending(kernel, _renderer().render_kernel(kernel), True, in_place=False)
+                entry = _pending[key] = _Pending(kernel, _renderer().render_kernel(kernel), True, in_place=in_place)
             source = entry.source
         else:
             source = built.source
@@ -176,17 +179,33 @@ def compile_node_c(node, fallback):
         env["_k"] = built.cfn if built is not None else _Stub(env, "_k")
         if built is None:
             entry.envs.append(env)
-    args = [f"a{k}" for k in range(len(kernel.inputs))]
-    src = "\n".join([f"def op({', '.join(args + ['out=None'])}):",
-                     "    if out is None:",
-                     "        out = _empty(_SHAPE, _DT)",
-                     f"    if _entry({', '.join(f'_id({a})' for a in args + ['out'])}):",
-                     f"        return _slow({', '.join(args)}, out=out)",
-                     "    return out"]) + "\n"
+    src = _updating_op_source(kernel) if in_place else _node_op_source(kernel)
     exec(compile(src, f"<avalon C {kernel.name}>", "exec"), env)
     fn = env["op"]
     fn.kernel, fn.source, fn.native = kernel, source, True
     return fn
+
+
+def _node_op_source(kernel):
+    """op(a0, ..., out=None): the kernel's output in `out` (allocated when None)."""
+    args = [f"a{k}" for k in range(len(kernel.inputs))]
+    return "\n".join([f"def op({', '.join(args + ['out=None'])}):",
+                      "    if out is None:",
+                      "        out = _empty(_SHAPE, _DT)",
+                      f"    if _entry({', '.join(f'_id({a})' for a in args + ['out'])}):",
+                      f"        return _slow({', '.join(args)}, out=out)",
+                      "    return out"]) + "\n"
+
+
+def _updating_op_source(kernel):
+    """op(d0, ..., a0, ...): the kernel's outputs written into the destinations d
+    (the op's first inputs), from the values a; returns d0."""
+    dests = [f"d{j}" for j in range(len(kernel.outputs))]
+    args = [f"a{k}" for k in range(len(kernel.inputs))]
+    return "\n".join([f"def op({', '.join(dests + args)}):",
+                      f"    if _entry({', '.join(f'_id({a})' for a in args + dests)}):",
+                      f"        return _slow({', '.join(dests + args)})",
+                      "    return d0"]) + "\n"
 
 
 # -- building: one shared object for every group compiled since the last build -------------------------------------
@@ -354,10 +373,11 @@ static inline int avl_overlap(const char* p, intptr_t nbytes, const char* o, int
 
 
 def _entry_source(kernel, in_place=True) -> str:
-    """int NAME_objects(in0, ..., out): 0 = ran, 1 = out overlaps an input, 2 = an array
-    the kernel was not compiled for (the caller takes the slow path).  in_place: an
-    input may be exactly `out` (elementwise code reads each element before writing it)."""
-    ins, outb = kernel.inputs, kernel.outputs[0]
+    """int NAME_objects(in0, ..., out): 0 = ran, 1 = an output overlaps an input or
+    another output, 2 = an array the kernel was not compiled for (the caller takes
+    the slow path).  in_place: an input may be exactly an output (elementwise code
+    reads each element before writing it)."""
+    ins, outs = kernel.inputs, kernel.outputs
     ctypes_of = CRenderer()
     params = ", ".join(f"const void* o_{b.name}" for b in kernel.params)
     lines = [f"AVL_EXPORT int {kernel.name}_objects({params})", "{"]
@@ -366,12 +386,16 @@ def _entry_source(kernel, in_place=True) -> str:
         lines.append(f"    char* p_{b.name} = avl_data(o_{b.name}, {DTYPES.index(b.dtype)}, {b.size}, "
                      f"{need[b.role]});")
         lines.append(f"    if (!p_{b.name}) return 2;")
-    onb = outb.size * outb.dtype.itemsize
-    for b in ins:
-        nb = b.size * b.dtype.itemsize
-        same_layout = in_place and b.size == outb.size and b.dtype.itemsize == outb.dtype.itemsize
-        exact = f"p_{b.name} != p_out && " if same_layout else ""
-        lines.append(f"    if ({exact}avl_overlap(p_{b.name}, {nb}, p_out, {onb})) return 1;")
+    for k, outb in enumerate(outs):
+        onb = outb.size * outb.dtype.itemsize
+        for b in ins:
+            nb = b.size * b.dtype.itemsize
+            same_layout = in_place and b.size == outb.size and b.dtype.itemsize == outb.dtype.itemsize
+            exact = f"p_{b.name} != p_{outb.name} && " if same_layout else ""
+            lines.append(f"    if ({exact}avl_overlap(p_{b.name}, {nb}, p_{outb.name}, {onb})) return 1;")
+        for other in outs[:k]:   # two outputs in one array: the later store would win
+            lines.append(f"    if (avl_overlap(p_{other.name}, {other.size * other.dtype.itemsize}, "
+                         f"p_{outb.name}, {onb})) return 1;")
     args = ", ".join(f"({'const ' if b.role == 'in' else ''}{ctypes_of.buffer_type(b.dtype)}*)p_{b.name}"
                      for b in kernel.params)
     lines += [f"    {kernel.name}({args});", "    return 0;", "}", ""]

@@ -425,20 +425,24 @@ def _host_scalar(value):
 
 def lower(body, *, name=None, exprs=None) -> Kernel:
     """The Kernel of a fused body Graph: `in0..in{n-1}` are the body's inputs
-    (flat, C-contiguous), `out` its output (C-contiguous).  `exprs` is the
+    (flat, C-contiguous), `out` its output (C-contiguous; `out0, out1, ...`
+    for a body with several outputs of one shape).  `exprs` is the
     target's table of template overrides (a renderer's EXPR); `name` defaults
     to a hash of the kernel's text, so equal kernels get equal names."""
     if exprs is None:
         from .render_cstyle import CStyleRenderer
         exprs = CStyleRenderer.EXPR
-    if len(body.outputs) != 1:
-        raise Unfusable(f"a fused body has one output, this one has {len(body.outputs)}")
-    out_node = body.outputs[0]
-    if out_node.op in ("input", "const"):
-        raise Unfusable("the body's output is not computed by an op of the body")
-    out_shape = tuple(out_node.shape)
-    out_buf = Buffer("out", kernel_dtype(out_node.dtype, "the output"), int(np.prod(out_shape, dtype=np.int64)),
-                     "out")
+    if not body.outputs:
+        raise Unfusable("a fused body has no output")
+    out_shape = tuple(body.outputs[0].shape)
+    if any(o.op in ("input", "const") for o in body.outputs):
+        raise Unfusable("a body's output is not computed by an op of the body")
+    if any(tuple(o.shape) != out_shape for o in body.outputs):
+        raise Unfusable(f"a body's outputs differ in shape: {[tuple(o.shape) for o in body.outputs]}")
+    # one output is `out`; several (an in-place update of several arrays) out0, out1, ...
+    names = ["out"] if len(body.outputs) == 1 else [f"out{j}" for j in range(len(body.outputs))]
+    out_bufs = [Buffer(name, kernel_dtype(o.dtype, "an output"), int(np.prod(out_shape, dtype=np.int64)), "out")
+                for name, o in zip(names, body.outputs)]
     in_bufs = [Buffer(f"in{k}", kernel_dtype(n.dtype, f"input {k}"), n.size, "in")
                for k, n in enumerate(body.inputs)]
     for n in body.nodes:
@@ -469,10 +473,11 @@ def lower(body, *, name=None, exprs=None) -> Kernel:
         v = Var(f"t{idx}", n.dtype)
         stmts.append(Let(v, e))
         values[n] = v
-    stmts.append(Store(out_buf, index(0), values[out_node]))
+    # every store after every load: an output may be an input's own array (in place)
+    stmts += [Store(buf, index(0), values[o]) for buf, o in zip(out_bufs, body.outputs)]
     for v, (extent, _) in reversed(list(zip(loop_vars, nest))):
         stmts = [Loop(v, extent, stmts)]
-    params = in_bufs + [out_buf]
+    params = in_bufs + out_bufs
     kernel = Kernel(name or "kernel", params, stmts)
     if name is None:
         text = kernel.text

@@ -21,9 +21,10 @@ from .layout import layout
 from .pool_first import pool_first
 from .products import transposed_products
 from .simplify import simplify
+from .updates import fuse_updates
 
 __all__ = ["dce", "cse", "constant_fold", "simplify", "transposed_products", "layout", "pool_first",
-           "fuse_elementwise",
+           "fuse_elementwise", "fuse_updates",
            "BUILTIN", "FORWARD", "default_pipeline", "forward_pipeline",
            "add_pass", "remove_pass", "run_pipeline", "reset_pipeline", "pipeline_version"]
 

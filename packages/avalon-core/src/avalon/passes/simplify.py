@@ -132,6 +132,15 @@ def _written_buffers(graph):
                   if getattr(PRIMITIVES.get(n.op), "writes_input", False)}
 
 
+def _allowed(new, present, root, written):
+    """A rewrite, or None where it would turn a copy of an array that is written
+    later (x * 1 before an assign to x) into an alias of it: the copy must keep
+    the value from before the write."""
+    if new is not None and new[-1] in present and root.get(new[-1], new[-1]) in written:
+        return None
+    return new
+
+
 def simplify(graph, rules=None):
     rules = RULES if rules is None else rules
     root, written = _written_buffers(graph)
@@ -141,10 +150,7 @@ def simplify(graph, rules=None):
     for n in graph.nodes:
         if rename:
             n.inputs = [rename.get(i, i) for i in n.inputs]
-        new = None if n.op in ("input", "const") else _first_match(rules, n)
-        # x * 1 -> x would make a copy of an array that is written later an alias of it
-        if new is not None and new[-1] in present and root.get(new[-1], new[-1]) in written:
-            new = None
+        new = _allowed(None if n.op in ("input", "const") else _first_match(rules, n), present, root, written)
         if new is None:
             out.append(n)
             present.add(n)
@@ -155,7 +161,8 @@ def simplify(graph, rules=None):
                     out.append(m)
                     present.add(m)
             target = new[-1]
-            new = None if target.op in ("input", "const") else _first_match(rules, target)
+            new = _allowed(None if target.op in ("input", "const") else _first_match(rules, target),
+                           present, root, written)
             if new is None:
                 break
         rename[n] = target

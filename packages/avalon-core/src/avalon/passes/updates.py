@@ -1,0 +1,223 @@
+"""Fusion of in-place updates: several arrays written elementwise in one pass.
+
+An optimizer's update writes each of its arrays in place: Adam writes its two
+moments, then the parameters from the new moments.  After elementwise fusion
+that is one kernel and one `assign` per array, each kernel a full pass over
+memory that reads again what the previous one just wrote.  This pass merges a
+run of such writes into ONE `fused_update` node: a multi-output elementwise
+body computing every new value from the old ones, each written into its
+destination, so the arrays are read once and written once.
+
+A write joins the run when it is `assign(dest, value)`, the value computed by
+a fused group or one elementwise op, with `dest` an input of the graph (the caller's array: parameters, optimizer state), of the
+run's shape and dtype, its group read by nothing else, and its result read by
+nothing but later writes of the run.  Every element is read before it is
+written, and at the same index, so writing in place is exact.  A node outside
+the run that reads a destination, or writes any array, ends the run first: no
+read or write moves across another.
+
+Graph semantics are kept: a member reading a destination that an earlier
+member of the run wrote reads the new value (the earlier member's output), as
+it did in the graph; one reading a destination not yet written reads the old.
+"""
+from __future__ import annotations
+
+from ..graph import Graph, Node
+from ..primitive import PRIMITIVES, defprim
+
+__all__ = ["fuse_updates", "fused_update_p"]
+
+
+def _update_rule(*inputs, body, n_dest):
+    return tuple(inputs[0].shape), inputs[0].dtype
+
+
+def _evaluate(xp, body, values):
+    """The body's outputs from the values of its inputs, op by op (the reference
+    implementation: a backend compiles the body as one kernel)."""
+    env = dict(zip(body.inputs, values))
+    for n in body.nodes:
+        if n.op == "input":
+            continue
+        if n.op == "const":
+            env[n] = n.value
+            continue
+        prim = PRIMITIVES[n.op]
+        args = [env[i] for i in n.inputs]
+        if prim.ufunc is not None and not n.attrs:
+            env[n] = getattr(xp, prim.ufunc)(*args)
+        else:
+            env[n] = prim.impl(xp, *args, **n.attrs)
+    return [env[o] for o in body.outputs]
+
+
+def _update_impl(xp, *arrays, body, n_dest):
+    dests, values = arrays[:n_dest], arrays[n_dest:]
+    new = _evaluate(xp, body, values)    # every output from the old values, then the writes
+    for d, v in zip(dests, new):
+        xp.copyto(d, xp.broadcast_to(v, d.shape), casting="same_kind")
+    return dests[0]
+
+
+def _update_lower(node):
+    from ..kernel_ir.lower import Unfusable, lower
+    try:
+        return lower(node.attrs["body"])
+    except Unfusable:
+        return None
+
+
+fused_update_p = defprim(
+    "fused_update", shape=_update_rule, impl=_update_impl, writes_input=True, nondiff=True, lower=_update_lower,
+    doc="In-place writes of several arrays computed by one elementwise body: inputs are the n_dest "
+        "destinations, then the body's inputs; output j of the body is written into destination j "
+        "(see passes.updates).")
+
+
+def _candidate(a, users, outputs):
+    """Whether assign node `a` can join a run: (dest, src) or None."""
+    if a.op != "assign":
+        return None
+    dest, src = a.inputs
+    prim = PRIMITIVES.get(src.op)
+    computed = src.op == "fused" or (prim is not None and prim.elementwise and prim.expr and not prim.effectful)
+    if (dest.op != "input" or not computed or users.get(src) != [a] or src in outputs
+            or tuple(src.shape) != tuple(dest.shape) or src.dtype != dest.dtype):
+        return None
+    return dest, src
+
+
+def _full_size(src, dest):
+    """The arrays of dest's size src reads, and dest (scalars shared by every
+    write, a learning rate, connect nothing)."""
+    return {i for i in src.inputs if i.size == dest.size} | {dest}
+
+
+def _body_of(src):
+    """The elementwise body computing src: a fused group's, or one op's."""
+    if src.op == "fused":
+        return src.attrs["body"]
+    body = Graph(src.op)
+    ins = [body.add_input(i.shape, i.dtype) for i in src.inputs]
+    body.outputs = [body.add_node(src.op, ins, src.attrs, src.shape, src.dtype, src.loc)]
+    return body
+
+
+class _Run:
+    def __init__(self):
+        self.assigns, self.dests, self.srcs = [], [], []
+        self.arrays = set()   # the full-size arrays the run reads or writes
+
+    def fits(self, dest, src):
+        """Whether the write of src into dest joins the run: of its shape and dtype,
+        to another array, and connected to it (reading or writing an array the
+        run does).  Unconnected writes stay apart, so independent updates (each
+        parameter's, when they are not in one flat buffer) can still run in
+        parallel threads (runtime.threads.ComponentParallel)."""
+        if not self.dests:
+            return True
+        first = self.dests[0]
+        if dest in self.dests or dest.shape != first.shape or dest.dtype != first.dtype:
+            return False
+        return bool(self.arrays & _full_size(src, dest))
+
+    def add(self, a, dest, src):
+        self.assigns.append(a)
+        self.dests.append(dest)
+        self.srcs.append(src)
+        self.arrays |= _full_size(src, dest) | {a}
+
+    def touches(self, n):
+        """Whether n (outside the run) reads a destination or a write's result."""
+        return any(i in self.dests or i in self.assigns for i in n.inputs)
+
+
+def fuse_updates(graph):
+    users = graph.uses()
+    outputs = set(graph.outputs)
+    cands = {a: c for a in graph.nodes if (c := _candidate(a, users, outputs)) is not None}
+    srcs = {src: a for a, (_, src) in cands.items()}
+    runs, run = [], _Run()
+    pending, stale = set(), set()   # groups seen before their write; those a closed run passed
+
+    def close():
+        nonlocal run
+        if len(run.assigns) >= 2 and _self_contained(run, users):
+            runs.append(run)
+        run = _Run()
+        # a group computed before the run's writes must not move past them
+        stale.update(pending)
+        pending.clear()
+
+    for n in graph.nodes:
+        if n in srcs:
+            if not run.fits(cands[srcs[n]][0], n):
+                close()
+            pending.add(n)
+            continue
+        if n in cands and cands[n][1] not in stale:
+            dest, src = cands[n]
+            pending.discard(src)
+            run.add(n, dest, src)
+            continue
+        if run.assigns and (run.touches(n) or getattr(PRIMITIVES.get(n.op), "writes_input", False)):
+            close()
+    close()
+    if not runs:
+        return graph
+    return _replace(graph, runs)
+
+
+def _self_contained(run, users):
+    """Whether the writes' results are read only by later writes of the run (the
+    merged node has no result of its own to give anyone else)."""
+    later = set()
+    for a, src in reversed(list(zip(run.assigns, run.srcs))):
+        if any(u not in later for u in users.get(a, ())):
+            return False
+        later.add(src)
+    return True
+
+
+def _replace(graph, runs):
+    merged = {}
+    members = set()
+    for r in runs:
+        merged[r.assigns[-1]] = _merge(r)
+        members.update(r.assigns)
+        members.update(r.srcs)
+    graph.nodes = [merged.get(n, n) for n in graph.nodes if n not in members or n in merged]
+    return graph
+
+
+def _merge(run):
+    """One fused_update node for the run's writes, in their order."""
+    body = Graph("fused_update")
+    body.made_by = "fuse_updates"
+    ext: dict = {}          # outer node -> body input
+    new_value: dict = {}    # destination or write -> the body node of its new value
+    outs = []
+    for a, dest, src in zip(run.assigns, run.dests, run.srcs):
+        inner = _body_of(src)
+        env = {}
+        for bi, outer in zip(inner.inputs, src.inputs):
+            if outer in new_value:
+                env[bi] = new_value[outer]
+            else:
+                if outer not in ext:
+                    ext[outer] = body.add_input(outer.shape, outer.dtype)
+                env[bi] = ext[outer]
+        for m in inner.nodes:
+            if m.op == "input":
+                continue
+            if m.op == "const":
+                env[m] = body.add_const(m.value, m.loc)
+                continue
+            env[m] = body.add_node(m.op, [env[i] for i in m.inputs], m.attrs, m.shape, m.dtype, m.loc)
+        value = env[inner.outputs[0]]
+        new_value[a] = new_value[dest] = value
+        outs.append(value)
+    body.outputs = outs
+    last = run.assigns[-1]
+    return Node("fused_update", list(run.dests) + list(ext), {"body": body, "n_dest": len(run.dests)},
+                last.shape, last.dtype, last.loc)
