@@ -49,6 +49,41 @@ def test_a_batch_mean_loss_is_split_and_matches_one_thread():
     assert "runs in 2 threads" in split.source
 
 
+def _sharded(fn):
+    return [c for _, c in fn._last().compiled.candidates if isinstance(c, ShardedFunction)][0]
+
+
+def _sum_of_weights(m, x):
+    return avalon.sum(x @ m["w1"]) + avalon.sum(m["w2"])
+
+
+def test_summed_shares_are_new_arrays_each_call_and_the_first_share_is_not_copied():
+    m, x = mlp(), rng.standard_normal((32, 8)).astype(np.float32)
+    f = avalon.GradFunction(_sum_of_weights, argnums=0)
+    f(m, x)
+    sharded = _sharded(f)
+    leaves = f._lookup((m, x))[1]
+    first = sharded(*leaves)
+    kept = [np.array(g) for g in first]
+    made = []
+    real = sharded._pool.run
+
+    def spy(jobs):   # the arrays each thread's share returned
+        out = real(jobs)
+        made.extend(id(a) for r in out for a in r)
+        return out
+    sharded._pool.run = spy
+    second = sharded(*[a * 2 if a.ndim == 2 and a.shape == x.shape else a for a in leaves])
+    for a, b in zip(first, kept):        # a later call leaves earlier results alone
+        np.testing.assert_array_equal(a, b)
+    # the gradient of w1 (a matrix product in each share, summed) is summed into the
+    # first share's array, not into a copy of it
+    gw1 = second[1 + list(m).index("w1")]
+    assert id(gw1) in made
+    whole = avalon.GradFunction(_sum_of_weights, argnums=0, parallel=False)(m, x * 2)[1][0]
+    np.testing.assert_allclose(gw1, whole["w1"], rtol=1e-5)
+
+
 def test_batch_statistics_are_summed_across_threads():
     def batchnorm_like(m, x):
         h = x @ m["w1"]

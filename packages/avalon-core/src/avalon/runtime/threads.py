@@ -60,6 +60,7 @@ class ShardedFunction:
                        f"combined as {[_describe(s) for s in plan.output_states]}\n" + self.compiled.source)
         self.fn = self.__call__
         self._pool = _workers(plan.shards - 1)
+        self._fresh = _fresh_outputs(plan.graph)
 
     def __call__(self, *args):
         plan = self.plan
@@ -112,7 +113,10 @@ class ShardedFunction:
             return results[0][j]
         if st == P:
             total = results[0][j]
-            total = total.copy() if hasattr(total, "copy") else total
+            # the first share's array is summed into when the shard made it for this
+            # call alone (saves a copy of every gradient per call); else copied
+            if hasattr(total, "copy") and not (j in self._fresh and getattr(total, "base", 0) is None):
+                total = total.copy()
             for r in results[1:]:
                 total = xp.add(total, r[j], out=total) if getattr(total, "ndim", 0) else total + r[j]
             return total
@@ -151,6 +155,22 @@ def _describe(state):
 
 
 _pools: dict = {}
+
+
+def _fresh_outputs(graph):
+    """Positions of the graph's outputs made by a kernel for the call alone: not
+    an input, a constant, a view or an array written in place, and not returned
+    twice (such an array, when it owns its memory, may be summed into)."""
+    count: dict = {}
+    for o in graph.outputs:
+        count[o] = count.get(o, 0) + 1
+    fresh = set()
+    for j, o in enumerate(graph.outputs):
+        prim = PRIMITIVES.get(o.op)
+        if (prim is not None and not prim.view and not prim.writes_input and count[o] == 1
+                and o.op not in ("input", "const")):
+            fresh.add(j)
+    return fresh
 
 
 def _workers(n):
