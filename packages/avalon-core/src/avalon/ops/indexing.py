@@ -423,8 +423,129 @@ def _getitem_grad_vjp(ct, out, g, *arrays, index, shape):
     return (bind(getitem_p, (ct, *arrays), {"index": index}),) + (None,) * len(arrays)
 
 
+# -- scatter_slices: one buffer holding several gradients of basic slices -------------------------
+# A value read through many static slices (an RNN's per-step input projection
+# x_proj[t], the gates split out of one matrix) gets one getitem_grad per read:
+# each a zero array of the full shape with its slice written, then summed.
+# `merge_sums` (avalon.passes.sums) turns such a sum into one scatter_slices
+# node through the `merge_sum` rule below: zeros once (none when the slices
+# tile the array), each piece written in place (added where slices overlap).
+
+def _basic_index(index) -> bool:
+    return all(e[0] in ("int", "slice", "new") for e in index)
+
+
+def _scatter_slices_rule(*values, shape, indices):
+    if not values or len(values) != len(indices):
+        raise ShapeError(f"scatter_slices: {len(values)} values for {len(indices)} indices; give one index "
+                         "per value (and at least one)")
+    dtypes = {np.dtype(v.dtype) for v in values}
+    if len(dtypes) > 1:
+        raise DtypeError(f"scatter_slices: values of different dtypes {sorted(d.name for d in dtypes)}")
+    dtype = dtypes.pop()
+    for k, (v, index) in enumerate(zip(values, indices)):
+        if not _basic_index(index):
+            raise ShapeError(f"scatter_slices: index {k} ({index!r}) is not a basic index (ints, slices, None)")
+        expect, _ = _getitem_rule(_Aval(shape, dtype), index=index)
+        if tuple(v.shape) != expect:
+            raise ShapeError(f"scatter_slices: value {k} has shape {tuple(v.shape)}, but index {index!r} of an "
+                             f"array of shape {tuple(shape)} selects shape {expect}")
+    return tuple(shape), dtype
+
+
+def _axis_ranges(index, shape):
+    """The positions a basic index selects on each axis of `shape`, as ranges."""
+    ranges = [range(e[1], e[1] + 1) if e[0] == "int" else range(*e[1:]) for e in index if e[0] != "new"]
+    return ranges + [range(n) for n in shape[len(ranges):]]
+
+
+def _ranges_meet(a, b) -> bool:
+    if not a or not b:
+        return False
+    if a.step == b.step == 1:
+        return a.start < b.stop and b.start < a.stop
+    return not set(a).isdisjoint(b)
+
+
+@functools.lru_cache(maxsize=512)
+def _scatter_plan(shape, indices):
+    """(whether the buffer must be zeroed first, per piece whether it overlaps an
+    earlier one and so must be added rather than written).  No zeroing when the
+    pieces are disjoint and together cover every element."""
+    ranges = [_axis_ranges(index, shape) for index in indices]
+    adds = tuple(any(all(_ranges_meet(a, b) for a, b in zip(r, q)) for q in ranges[:k])
+                 for k, r in enumerate(ranges))
+    covered = sum(int(np.prod([len(a) for a in r], dtype=np.int64)) for r in ranges)
+    tiles = not any(adds) and covered == int(np.prod(shape, dtype=np.int64))
+    return not tiles, adds
+
+
+def _scatter_slices_impl(xp, *values, shape, indices, out=None):
+    zero, adds = _scatter_plan(tuple(shape), tuple(indices))
+    if out is None:
+        out = (xp.zeros if zero else xp.empty)(shape, dtype=values[0].dtype)
+    elif zero:
+        out.fill(0)
+    for v, index, add in zip(values, indices, adds):
+        where = _build_index(index, ())
+        if add:
+            out[where] += v
+        else:
+            out[where] = v
+    return out
+
+
+def _scatter_slices_vjp(ct, out, *values, shape, indices):
+    return tuple(bind(getitem_p, (ct,), {"index": index}) if index else ct for index in indices)
+
+
+def _scatter_slices_batch(args, dims, *, shape, indices):
+    size = batch_size(args, dims)
+    values = [broadcast_batch(v, d, size) for v, d in zip(args, dims)]
+    whole = ("slice", 0, size, 1)
+    return bind(scatter_slices_p, values, {"shape": (size,) + tuple(shape),
+                                           "indices": tuple((whole,) + tuple(ix) for ix in indices)}), 0
+
+
+def _placed_pieces(node):
+    """[(value node, basic index)] when `node` is zeros of its shape with each
+    value added at its index (getitem_grad by a basic index, scatter_slices), else None."""
+    if node.op == "scatter_slices":
+        return list(zip(node.inputs, node.attrs["indices"]))
+    if node.op == "getitem_grad" and len(node.inputs) == 1 and _basic_index(node.attrs["index"]):
+        return [(node.inputs[0], node.attrs["index"])]
+    return None
+
+
+def _merge_slice_sum(nodes):
+    """merge_sum rule of getitem_grad and scatter_slices: a sum of several of
+    them (same shape and dtype) is one scatter_slices of all their pieces."""
+    from ..graph import Node
+    used, pieces = [], []
+    for n in nodes:
+        p = _placed_pieces(n)
+        if p is not None:
+            used.append(n)
+            pieces += p
+    if len(used) < 2:
+        return None
+    first = used[0]
+    merged = Node("scatter_slices", [v for v, _ in pieces],
+                  {"shape": first.shape, "indices": tuple(tuple(ix) for _, ix in pieces)},
+                  first.shape, first.dtype, first.loc)
+    return [merged], used
+
+
+scatter_slices_p = defprim("scatter_slices", shape=_scatter_slices_rule, impl=_scatter_slices_impl,
+                           accepts_out=True, vjp=_scatter_slices_vjp, batching=_scatter_slices_batch,
+                           merge_sum=_merge_slice_sum,
+                           doc="zeros(shape) with each value added at its basic index (ints, slices, None); "
+                               "a sum of getitem_grad of static slices, made by avalon.passes.sums.")
+
+
 getitem_grad_p = defprim("getitem_grad", shape=_getitem_grad_rule, impl=_getitem_grad_impl, accepts_out=True,
                          vjp=_getitem_grad_vjp, batching=_getitem_grad_batch,
+                         merge_sum=_merge_slice_sum,
                          doc="zeros(shape) with g added at index (repeated indices accumulate): "
                              "the VJP of getitem.")
 

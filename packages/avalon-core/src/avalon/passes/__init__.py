@@ -20,8 +20,9 @@ from .fusion import fuse_elementwise
 from .layout import layout
 from .pool_first import pool_first
 from .simplify import simplify
+from .sums import merge_sums
 
-__all__ = ["dce", "cse", "constant_fold", "simplify", "layout", "pool_first", "fuse_elementwise",
+__all__ = ["dce", "cse", "constant_fold", "simplify", "layout", "pool_first", "fuse_elementwise", "merge_sums",
            "BUILTIN", "FORWARD", "default_pipeline", "forward_pipeline",
            "add_pass", "remove_pass", "run_pipeline", "reset_pipeline", "pipeline_version"]
 
@@ -31,6 +32,8 @@ BUILTIN = [
     ("dce", dce),
     ("simplify", simplify),
     ("cse", cse),
+    # sums of like terms (gradients of slices, per-step weight products) as one node
+    ("merge_sums", merge_sums),
     ("constant_fold", constant_fold),
     ("simplify_2", simplify),
     ("cse_2", cse),
