@@ -31,7 +31,9 @@ class CpuBackend(Backend):
         # convolutional stacks batch-innermost: im2col and one large matrix product
         # per convolution, the shapes NumPy's BLAS runs fastest
         from ..passes.layout import layout
-        return [("layout", layout, "after:dce_2")]
+        from ..passes.views import fuse_views
+        # slices read in place by the C kernels of fused groups (they lower strided loads)
+        return [("layout", layout, "after:dce_2"), ("fuse_views", fuse_views, "after:fuse_elementwise")]
 
     @classmethod
     def forward_passes(cls):

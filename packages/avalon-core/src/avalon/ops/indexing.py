@@ -379,8 +379,28 @@ def _getitem_vjp(g, out, x, *arrays, index):
     return (gx,) + (None,) * len(arrays)
 
 
+def _getitem_strided(node):
+    """strided_view rule: a basic index is an offset and a stride per result axis
+    (0 for a new axis) over the input's C order; index arrays are not."""
+    index = node.attrs["index"]
+    if len(node.inputs) != 1 or not _basic_index(index):
+        return None
+    shape = node.inputs[0].shape
+    c_strides = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
+    offset, strides, d = 0, [], 0
+    for e in index:
+        if e[0] == "new":
+            strides.append(0)
+            continue
+        offset += e[1] * c_strides[d]
+        if e[0] == "slice":
+            strides.append(e[3] * c_strides[d])
+        d += 1
+    return offset, tuple(strides) + tuple(c_strides[d:])
+
+
 getitem_p = defprim("getitem", shape=_getitem_rule, impl=_getitem_impl, view=True, vjp=_getitem_vjp,
-                    batching=_getitem_batch,
+                    batching=_getitem_batch, strided_view=_getitem_strided,
                     doc="x[index]: basic indexing (a view) and advanced indexing by integer arrays.")
 
 

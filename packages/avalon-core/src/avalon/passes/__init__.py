@@ -21,8 +21,10 @@ from .layout import layout
 from .pool_first import pool_first
 from .simplify import simplify
 from .sums import merge_sums
+from .views import fuse_views
 
 __all__ = ["dce", "cse", "constant_fold", "simplify", "layout", "pool_first", "fuse_elementwise", "merge_sums",
+           "fuse_views",
            "BUILTIN", "FORWARD", "default_pipeline", "forward_pipeline",
            "add_pass", "remove_pass", "run_pipeline", "reset_pipeline", "pipeline_version"]
 
