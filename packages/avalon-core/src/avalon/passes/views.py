@@ -61,10 +61,15 @@ def _body_of(n):
     if n.op == "fused":
         return n.attrs["body"], list(n.inputs)
     body = Graph("fused")
-    ins = [body.add_const(i.value) if i.op == "const" and i.size == 1 else body.add_input(i.shape, i.dtype)
-           for i in n.inputs]
-    body.outputs = [body.add_node(n.op, ins, n.attrs, n.shape, n.dtype, n.loc)]
-    return body, [i for i in n.inputs if not (i.op == "const" and i.size == 1)]
+    env, outside = {}, []
+    for i in n.inputs:
+        if i not in env:
+            scalar = i.op == "const" and i.size == 1
+            env[i] = body.add_const(i.value) if scalar else body.add_input(i.shape, i.dtype)
+            if not scalar:
+                outside.append(i)
+    body.outputs = [body.add_node(n.op, [env[i] for i in n.inputs], n.attrs, n.shape, n.dtype, n.loc)]
+    return body, outside
 
 
 def _absorb_views(n):
