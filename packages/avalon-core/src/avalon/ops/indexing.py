@@ -557,14 +557,20 @@ def _scatter_plan(shape, indices):
     return not tiles, adds
 
 
+@functools.lru_cache(maxsize=512)
+def _scatter_steps(shape, indices):
+    """_scatter_plan with each piece's Python index: (zero, ((index, add), ...))."""
+    zero, adds = _scatter_plan(shape, indices)
+    return zero, tuple((_build_index(index, ()), add) for index, add in zip(indices, adds))
+
+
 def _scatter_slices_impl(xp, *values, shape, indices, out=None):
-    zero, adds = _scatter_plan(tuple(shape), tuple(indices))
+    zero, steps = _scatter_steps(tuple(shape), tuple(indices))
     if out is None:
         out = (xp.zeros if zero else xp.empty)(shape, dtype=values[0].dtype)
     elif zero:
         out.fill(0)
-    for v, index, add in zip(values, indices, adds):
-        where = _build_index(index, ())
+    for v, (where, add) in zip(values, steps):
         if add:
             out[where] += v
         else:
