@@ -184,6 +184,8 @@ EXEMPT = {
     "fused": "internal: a group of elementwise nodes built by the fusion pass, never bound by user code",
     "fused_update": "internal: in-place writes merged by the CPU's fuse_updates pass, never bound by user code; "
                     "checked in test_update_fusion.py and by every optimizer test",
+    "scatter_slices": "internal: a sum of gradients of slices made by the merge_sums pass, never bound by user "
+                      "code; checked in test_merge_sums.py",
     **{name: "internal: batch-innermost form put in by the layout pass, never bound by user code; "
              "checked against the (N, C, ...) primitives in test_layout.py"
        for name in ("im2col_csn", "col2im_csn", "max_pool_csn", "max_pool_csn_grad")},

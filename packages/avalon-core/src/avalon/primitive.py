@@ -36,6 +36,10 @@ RULE_KINDS = {
     "lower": "the op as one loop-level kernel, node -> Kernel or None (avalon.kernel_ir; the CPU backend's C)",
     "batching": "the op on a batch of examples, (args, dims, **attrs) -> (out, out_dim) (avalon.vmap; "
                 "avalon.ops._batching)",
+    "strided_view": "the op's values as a strided read of its input, node -> (offset, strides) in elements of "
+                    "the input's C order, or None (avalon.passes.views: kernels read the view in place)",
+    "merge_sum": "a sum of several nodes of the op as fewer, cheaper nodes, nodes -> (new nodes, merged) or "
+                 "None (avalon.passes.sums)",
 }
 
 _NO_DEFAULT = object()
@@ -151,6 +155,17 @@ def defprim(name, **fields) -> Primitive:
         (random draws keep their slice of the whole draw).
     layout: a LayoutRule saying how the op takes the batch-innermost layout
         (avalon.ops._layout).
+    strided_view(node) -> (offset, strides) or None: a view whose element i
+        (a multi-index) is element offset + sum(i[d] * strides[d]) of its
+        input in C order: a fused kernel reads it in place, no copy
+        (avalon.passes.views).
+    merge_sum(nodes) -> (new_nodes, merged) or None: `nodes` are terms of one
+        sum (same shape and dtype, each read by that sum alone) that share this
+        rule; the rule may replace a subset `merged` of them by new_nodes (in
+        order; the last one's value is the sum of `merged`) when that is
+        cheaper: gradients of slices into one scatter, products into one
+        matmul (avalon.passes.sums).  Ops whose rules are the same function
+        merge with each other.
 
     Example, one registration block (ops/shape.py)::
 

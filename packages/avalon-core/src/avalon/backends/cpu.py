@@ -32,8 +32,11 @@ class CpuBackend(Backend):
         # per convolution, the shapes NumPy's BLAS runs fastest
         from ..passes.layout import layout
         from ..passes.updates import fuse_updates
+        from ..passes.views import fuse_views
+        # slices read in place by the C kernels of fused groups (they lower strided loads);
         # in-place updates (an optimizer's) as one multi-output C kernel: one pass over memory
-        return [("layout", layout, "after:dce_2"), ("fuse_updates", fuse_updates, "after:fuse_elementwise")]
+        return [("layout", layout, "after:dce_2"), ("fuse_views", fuse_views, "after:fuse_elementwise"),
+                ("fuse_updates", fuse_updates, "after:fuse_views")]
 
     @classmethod
     def forward_passes(cls):

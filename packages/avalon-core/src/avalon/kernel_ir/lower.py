@@ -423,6 +423,31 @@ def _host_scalar(value):
     return a.reshape(())
 
 
+def _views(body) -> dict:
+    """Body nodes that read a body input through a strided view (their
+    primitive's `strided_view` rule, put in by avalon.passes.views) ->
+    (offset, strides): the kernel loads their elements from the input's buffer."""
+    views = {}
+    for n in body.nodes:
+        prim = PRIMITIVES.get(n.op)
+        rule = prim.rule("strided_view", None) if prim is not None else None
+        if rule is None:
+            continue
+        found = rule(n) if n.inputs and n.inputs[0].op == "input" else None
+        if found is None:
+            raise Unfusable(f"{n.op} in a fused body reads no body input through a strided view")
+        views[n] = found
+    return views
+
+
+def _view_strides(node, strides, out_shape):
+    """Element strides reading a view of shape node.shape (its own `strides`
+    into its input) at each index of `out_shape`: 0 where the view broadcasts."""
+    lead = len(out_shape) - len(node.shape)
+    broadcast_strides(node.shape, out_shape)   # raises when the view does not broadcast
+    return [0 if j < lead or node.shape[j - lead] == 1 else strides[j - lead] for j in range(len(out_shape))]
+
+
 def lower(body, *, name=None, exprs=None) -> Kernel:
     """The Kernel of a fused body Graph: `in0..in{n-1}` are the body's inputs
     (flat, C-contiguous), `out` its output (C-contiguous; `out0, out1, ...`
@@ -445,24 +470,34 @@ def lower(body, *, name=None, exprs=None) -> Kernel:
                 for name, o in zip(names, body.outputs)]
     in_bufs = [Buffer(f"in{k}", kernel_dtype(n.dtype, f"input {k}"), n.size, "in")
                for k, n in enumerate(body.inputs)]
+    views = _views(body)
+    direct = [n for n in body.inputs if any(n in m.inputs for m in body.nodes if m not in views)]
     for n in body.nodes:
-        if n.op not in ("input", "const"):
+        if n.op != "const" and (n.op != "input" or n in direct):
             broadcast_strides(n.shape, out_shape)   # every value broadcasts to the output
-    nest = collapse(out_shape, [broadcast_strides(out_shape, out_shape)]
-                    + [broadcast_strides(n.shape, out_shape) for n in body.inputs])
+    buf_of = dict(zip(body.inputs, in_bufs))
+    operands = ([broadcast_strides(out_shape, out_shape)] + [broadcast_strides(n.shape, out_shape) for n in direct]
+                + [_view_strides(n, strides, out_shape) for n, (_, strides) in views.items()])
+    nest = collapse(out_shape, operands)
     loop_vars = [Var(f"i{d}") for d in range(len(nest))]
 
-    def index(operand):
-        return Index(tuple((v.name, st[operand]) for v, (_, st) in zip(loop_vars, nest) if st[operand] != 0))
+    def index(operand, offset=0):
+        return Index(tuple((v.name, st[operand]) for v, (_, st) in zip(loop_vars, nest) if st[operand] != 0), offset)
 
     stmts: list = []
     values: dict = {}
-    for k, (n, buf) in enumerate(zip(body.inputs, in_bufs)):
-        v = Var(f"x{k}", buf.dtype)
+    for k, n in enumerate(direct):
+        buf = buf_of[n]
+        v = Var(f"x{body.inputs.index(n)}", buf.dtype)
         stmts.append(Let(v, Load(buf, index(k + 1))))
         values[n] = v
+    for k, (n, (offset, _)) in enumerate(views.items()):
+        buf = buf_of[n.inputs[0]]
+        v = Var(f"w{k}", buf.dtype)
+        stmts.append(Let(v, Load(buf, index(1 + len(direct) + k, offset))))
+        values[n] = v
     for idx, n in enumerate(body.nodes):
-        if n.op == "input":
+        if n.op == "input" or n in views:
             continue
         if n.op == "const":
             values[n] = const_of(_host_scalar(n.value)[()], kernel_dtype(n.dtype, "a constant"), "constant")

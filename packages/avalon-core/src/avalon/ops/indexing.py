@@ -37,7 +37,7 @@ from ..primitive import Tracer, bind, defprim
 from ._batching import NOT_MAPPED, batch_size, broadcast_batch, move_to_front, shifted_axis_rule
 from ._rules import broadcast_shapes, result_dtype
 from ._layout import POINTWISE
-from ._sharding import P, NoSplit, on_sharded, pointwise
+from ._sharding import P, R, S, NeedsReduce, NoSplit, first_partial, on_sharded, pointwise
 
 __all__ = ["getitem", "concatenate", "stack", "split", "pad", "take", "take_along_axis", "gather",
            "one_hot",
@@ -379,8 +379,85 @@ def _getitem_vjp(g, out, x, *arrays, index):
     return (gx,) + (None,) * len(arrays)
 
 
+# sharding (a batch split across threads, avalon.passes.sharding): a basic index
+# that takes the batch axis whole (a full slice, or no entry) keeps the batch on
+# the result's matching axis; in a shard graph that entry is the shard's full
+# slice (shard attrs).  Ints and partial slices of the batch axis, and index
+# arrays, leave the step unsplit.  Partial sums pass through: indexing is linear.
+
+def _index_axes(index, ndim):
+    """[(input axis, result axis or None for an int, position in index or None)]
+    of a basic index of an array of rank ndim."""
+    axes, d, o = [], 0, 0
+    for pos, e in enumerate(index):
+        if e[0] == "new":
+            o += 1
+            continue
+        axes.append((d, None if e[0] == "int" else o, pos))
+        d += 1
+        o += e[0] != "int"
+    for dd in range(d, ndim):
+        axes.append((dd, o, None))
+        o += 1
+    return axes
+
+
+def _takes_whole(index, pos, size) -> bool:
+    return pos is None or _is_full(index[pos], size)
+
+
+def _with_whole(index, pos, size):
+    """index with entry `pos` the full slice of an axis of `size` (a shard's)."""
+    if pos is None:
+        return tuple(index)
+    return tuple(index[:pos]) + (("slice", 0, size, 1),) + tuple(index[pos + 1:])
+
+
+def _getitem_sharding(node, states, ctx):
+    (s, *rest), index, x = states, node.attrs["index"], node.inputs[0]
+    if rest or not _basic_index(index):
+        raise NoSplit("getitem by index arrays")
+    if s == P:
+        return P
+    for d, o, pos in _index_axes(index, x.ndim):
+        if d == s[1]:
+            if o is None or not _takes_whole(index, pos, x.shape[d]):
+                raise NoSplit("getitem indexes into the batch axis")
+            return S(o, s[2])
+    raise NoSplit("getitem: the batch axis is not indexed")  # pragma: no cover - every axis is listed
+
+
+def _getitem_shard_attrs(node, full_shape, axis):
+    index = node.attrs["index"]
+    for d, o, pos in _index_axes(index, node.inputs[0].ndim):
+        if o == axis:
+            return dict(node.attrs, index=_with_whole(index, pos, node.shape[axis]))
+    return node.attrs
+
+
+def _getitem_strided(node):
+    """strided_view rule: a basic index is an offset and a stride per result axis
+    (0 for a new axis) over the input's C order; index arrays are not."""
+    index = node.attrs["index"]
+    if len(node.inputs) != 1 or not _basic_index(index):
+        return None
+    shape = node.inputs[0].shape
+    c_strides = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
+    offset, strides, d = 0, [], 0
+    for e in index:
+        if e[0] == "new":
+            strides.append(0)
+            continue
+        offset += e[1] * c_strides[d]
+        if e[0] == "slice":
+            strides.append(e[3] * c_strides[d])
+        d += 1
+    return offset, tuple(strides) + tuple(c_strides[d:])
+
+
 getitem_p = defprim("getitem", shape=_getitem_rule, impl=_getitem_impl, view=True, vjp=_getitem_vjp,
-                    batching=_getitem_batch,
+                    batching=_getitem_batch, strided_view=_getitem_strided,
+                    sharding=on_sharded(_getitem_sharding, reads_partials=True), shard_attrs=_getitem_shard_attrs,
                     doc="x[index]: basic indexing (a view) and advanced indexing by integer arrays.")
 
 
@@ -423,8 +500,186 @@ def _getitem_grad_vjp(ct, out, g, *arrays, index, shape):
     return (bind(getitem_p, (ct, *arrays), {"index": index}),) + (None,) * len(arrays)
 
 
+# -- scatter_slices: one buffer holding several gradients of basic slices -------------------------
+# A value read through many static slices (an RNN's per-step input projection
+# x_proj[t], the gates split out of one matrix) gets one getitem_grad per read:
+# each a zero array of the full shape with its slice written, then summed.
+# `merge_sums` (avalon.passes.sums) turns such a sum into one scatter_slices
+# node through the `merge_sum` rule below: zeros once (none when the slices
+# tile the array), each piece written in place (added where slices overlap).
+
+def _basic_index(index) -> bool:
+    return all(e[0] in ("int", "slice", "new") for e in index)
+
+
+def _scatter_slices_rule(*values, shape, indices):
+    if not values or len(values) != len(indices):
+        raise ShapeError(f"scatter_slices: {len(values)} values for {len(indices)} indices; give one index "
+                         "per value (and at least one)")
+    dtypes = {np.dtype(v.dtype) for v in values}
+    if len(dtypes) > 1:
+        raise DtypeError(f"scatter_slices: values of different dtypes {sorted(d.name for d in dtypes)}")
+    dtype = dtypes.pop()
+    for k, (v, index) in enumerate(zip(values, indices)):
+        if not _basic_index(index):
+            raise ShapeError(f"scatter_slices: index {k} ({index!r}) is not a basic index (ints, slices, None)")
+        expect, _ = _getitem_rule(_Aval(shape, dtype), index=index)
+        if tuple(v.shape) != expect:
+            raise ShapeError(f"scatter_slices: value {k} has shape {tuple(v.shape)}, but index {index!r} of an "
+                             f"array of shape {tuple(shape)} selects shape {expect}")
+    return tuple(shape), dtype
+
+
+def _axis_ranges(index, shape):
+    """The positions a basic index selects on each axis of `shape`, as ranges."""
+    ranges = [range(e[1], e[1] + 1) if e[0] == "int" else range(*e[1:]) for e in index if e[0] != "new"]
+    return ranges + [range(n) for n in shape[len(ranges):]]
+
+
+def _ranges_meet(a, b) -> bool:
+    if not a or not b:
+        return False
+    if a.step == b.step == 1:
+        return a.start < b.stop and b.start < a.stop
+    return not set(a).isdisjoint(b)
+
+
+@functools.lru_cache(maxsize=512)
+def _scatter_plan(shape, indices):
+    """(whether the buffer must be zeroed first, per piece whether it overlaps an
+    earlier one and so must be added rather than written).  No zeroing when the
+    pieces are disjoint and together cover every element."""
+    ranges = [_axis_ranges(index, shape) for index in indices]
+    adds = tuple(any(all(_ranges_meet(a, b) for a, b in zip(r, q)) for q in ranges[:k])
+                 for k, r in enumerate(ranges))
+    covered = sum(int(np.prod([len(a) for a in r], dtype=np.int64)) for r in ranges)
+    tiles = not any(adds) and covered == int(np.prod(shape, dtype=np.int64))
+    return not tiles, adds
+
+
+@functools.lru_cache(maxsize=512)
+def _scatter_steps(shape, indices):
+    """_scatter_plan with each piece's Python index: (zero, ((index, add), ...))."""
+    zero, adds = _scatter_plan(shape, indices)
+    return zero, tuple((_build_index(index, ()), add) for index, add in zip(indices, adds))
+
+
+def _scatter_slices_impl(xp, *values, shape, indices, out=None):
+    zero, steps = _scatter_steps(tuple(shape), tuple(indices))
+    if out is None:
+        out = (xp.zeros if zero else xp.empty)(shape, dtype=values[0].dtype)
+    elif zero:
+        out.fill(0)
+    for v, (where, add) in zip(values, steps):
+        if add:
+            out[where] += v
+        else:
+            out[where] = v
+    return out
+
+
+def _scatter_slices_vjp(ct, out, *values, shape, indices):
+    return tuple(bind(getitem_p, (ct,), {"index": index}) if index else ct for index in indices)
+
+
+def _scatter_slices_batch(args, dims, *, shape, indices):
+    size = batch_size(args, dims)
+    values = [broadcast_batch(v, d, size) for v, d in zip(args, dims)]
+    whole = ("slice", 0, size, 1)
+    return bind(scatter_slices_p, values, {"shape": (size,) + tuple(shape),
+                                           "indices": tuple((whole,) + tuple(ix) for ix in indices)}), 0
+
+
+def _placed_axis(index, shape, o, what):
+    """The axis of `shape` that a basic index places whole at result axis o."""
+    for d, out, pos in _index_axes(index, len(shape)):
+        if out == o:
+            if not _takes_whole(index, pos, shape[d]):
+                raise NoSplit(f"{what} places values into part of the batch axis")
+            return d
+    raise NoSplit(f"{what}: the batch axis is dropped")  # pragma: no cover - o is a result axis
+
+
+def _scatter_slices_sharding(node, states, ctx):
+    if P in states:
+        if any(st != P for st in states):
+            raise NeedsReduce(first_partial(node, states))
+        return P
+    if R in states:
+        raise NoSplit("scatter_slices of sharded and replicated values")
+    axes = {(_placed_axis(ix, node.shape, st[1], "scatter_slices"), st[2])
+            for ix, st in zip(node.attrs["indices"], states)}
+    if len(axes) != 1:
+        raise NoSplit("scatter_slices of values sharded on different axes")
+    return S(*axes.pop())
+
+
+def _scatter_slices_shard_attrs(node, full_shape, axis):
+    indices = []
+    for index in node.attrs["indices"]:
+        pos = next(p for d, _, p in _index_axes(index, node.ndim) if d == axis)
+        indices.append(_with_whole(index, pos, node.shape[axis]))
+    return dict(node.attrs, shape=node.shape, indices=tuple(indices))
+
+
+def _getitem_grad_sharding(node, states, ctx):
+    (s, *rest), index = states, node.attrs["index"]
+    if rest or not _basic_index(index):
+        raise NoSplit("getitem_grad by index arrays")
+    if s == P:
+        return P
+    return S(_placed_axis(index, node.shape, s[1], "getitem_grad"), s[2])
+
+
+def _getitem_grad_shard_attrs(node, full_shape, axis):
+    index = node.attrs["index"]
+    pos = next(p for d, _, p in _index_axes(index, node.ndim) if d == axis)
+    return dict(node.attrs, shape=node.shape, index=_with_whole(index, pos, node.shape[axis]))
+
+
+def _placed_pieces(node):
+    """[(value node, basic index)] when `node` is zeros of its shape with each
+    value added at its index (getitem_grad by a basic index, scatter_slices), else None."""
+    if node.op == "scatter_slices":
+        return list(zip(node.inputs, node.attrs["indices"]))
+    if node.op == "getitem_grad" and len(node.inputs) == 1 and _basic_index(node.attrs["index"]):
+        return [(node.inputs[0], node.attrs["index"])]
+    return None
+
+
+def _merge_slice_sum(nodes):
+    """merge_sum rule of getitem_grad and scatter_slices: a sum of several of
+    them (same shape and dtype) is one scatter_slices of all their pieces."""
+    from ..graph import Node
+    used, pieces = [], []
+    for n in nodes:
+        p = _placed_pieces(n)
+        if p is not None:
+            used.append(n)
+            pieces += p
+    if len(used) < 2:
+        return None
+    first = used[0]
+    merged = Node("scatter_slices", [v for v, _ in pieces],
+                  {"shape": first.shape, "indices": tuple(tuple(ix) for _, ix in pieces)},
+                  first.shape, first.dtype, first.loc)
+    return [merged], used
+
+
+scatter_slices_p = defprim("scatter_slices", shape=_scatter_slices_rule, impl=_scatter_slices_impl,
+                           accepts_out=True, vjp=_scatter_slices_vjp, batching=_scatter_slices_batch,
+                           merge_sum=_merge_slice_sum,
+                           sharding=on_sharded(_scatter_slices_sharding, reads_partials=True),
+                           shard_attrs=_scatter_slices_shard_attrs,
+                           doc="zeros(shape) with each value added at its basic index (ints, slices, None); "
+                               "a sum of getitem_grad of static slices, made by avalon.passes.sums.")
+
+
 getitem_grad_p = defprim("getitem_grad", shape=_getitem_grad_rule, impl=_getitem_grad_impl, accepts_out=True,
                          vjp=_getitem_grad_vjp, batching=_getitem_grad_batch,
+                         merge_sum=_merge_slice_sum,
+                         sharding=on_sharded(_getitem_grad_sharding, reads_partials=True),
+                         shard_attrs=_getitem_grad_shard_attrs,
                          doc="zeros(shape) with g added at index (repeated indices accumulate): "
                              "the VJP of getitem.")
 
@@ -492,8 +747,25 @@ def _concat_vjp(g, out, *xs, axis):
     return tuple(cts)
 
 
+def _concat_sharding(node, states, ctx):
+    """Pieces sharded alike give a result sharded so: on another axis, or on
+    the joined axis when the batch is each piece's outer factor there (the
+    result is [pieces..., batch, stride] merged: the batch stays outermost
+    within each piece, as after a reshape)."""
+    if P in states or R in states:
+        raise NoSplit("concatenate of replicated, partial or differently sharded values")
+    if len(set(states)) != 1:
+        raise NoSplit("concatenate of values sharded on different axes")
+    s = states[0]
+    axis = node.attrs["axis"]
+    if s[1] == axis and any(x.shape[axis] != ctx.n * s[2] for x in node.inputs):
+        raise NoSplit("concatenate along an axis where the batch is not each piece's outer factor")
+    return s
+
+
 concatenate_p = defprim("concatenate", shape=_concat_rule, impl=_concat_impl, accepts_out=True,
-                        vjp=_concat_vjp, batching=shifted_axis_rule("concatenate"))
+                        vjp=_concat_vjp, batching=shifted_axis_rule("concatenate"),
+                        sharding=on_sharded(_concat_sharding))
 
 
 @_located

@@ -61,11 +61,67 @@ def _matmul_sharding(node, states, ctx):
     raise NoSplit("matmul sharding")
 
 
+# merge_sum: sum_t A_t @ B_t (a weight used at every step of a recurrence gets
+# one gradient product per step) is ONE product of the operands joined along
+# the contracted axis, [A_0 .. A_T] @ [B_0; ..; B_T]: one GEMM instead of T,
+# and no T-1 additions of the result.  Joining copies the operands, so the rule
+# fires only when that moves less memory than the additions it removes.
+
+def _plain_product(n) -> bool:
+    """A matmul whose operands have the result's batch axes (no broadcasting)."""
+    a, b = n.inputs
+    return a.ndim == b.ndim == n.ndim and a.shape[:-2] == b.shape[:-2] == n.shape[:-2] and a.dtype == b.dtype
+
+
+def _joined_cheaper(products) -> bool:
+    """Memory traffic in elements: T results written and T-1 additions (two
+    reads, one write) against copying every operand once (read and write)."""
+    out = products[0].size
+    separate = len(products) * out + (len(products) - 1) * 3 * out
+    joined = sum(2 * (n.inputs[0].size + n.inputs[1].size) for n in products) + out
+    return joined < separate
+
+
+def _swapped_last(n) -> bool:
+    perm = n.attrs.get("perm") if n.op == "transpose" else None
+    return perm is not None and tuple(perm) == tuple(range(n.ndim - 2)) + (n.ndim - 1, n.ndim - 2)
+
+
+def _join(parts, axis, loc):
+    """New nodes concatenating `parts` along `axis`; transposes of the last two
+    axes are joined before the transpose (a contiguous copy, then a free view)."""
+    from ..graph import Node
+    nd = parts[0].ndim
+    if all(_swapped_last(p) for p in parts):
+        inner = _join([p.inputs[0] for p in parts], 2 * nd - 3 - axis, loc)
+        src = inner[-1]
+        perm = tuple(range(nd - 2)) + (nd - 1, nd - 2)
+        return inner + [Node("transpose", [src], {"perm": perm}, tuple(src.shape[p] for p in perm), src.dtype, loc)]
+    shape = list(parts[0].shape)
+    shape[axis] = sum(p.shape[axis] for p in parts)
+    return [Node("concatenate", list(parts), {"axis": axis}, shape, parts[0].dtype, loc)]
+
+
+def _merge_matmul_sum(nodes):
+    from ..graph import Node
+    products = [n for n in nodes if _plain_product(n)]
+    if len(products) < 2 or len({(n.inputs[0].dtype, n.inputs[1].dtype) for n in products}) > 1:
+        return None
+    if not _joined_cheaper(products):
+        return None
+    first = products[0]
+    nd, loc = first.ndim, first.loc
+    left = _join([n.inputs[0] for n in products], nd - 1, loc)
+    right = _join([n.inputs[1] for n in products], nd - 2, loc)
+    product = Node("matmul", [left[-1], right[-1]], {}, first.shape, first.dtype, loc)
+    return left + right + [product], products
+
+
 # vmap: the batch axes of the operands aligned in front of NumPy's broadcast
 # batch dims (an unmapped operand broadcasts over the batch), then one matmul
 matmul_p = defprim("matmul", shape=_matmul_rule, impl=_matmul_impl, accepts_out=True, vjp=_matmul_vjp,
                    sharding=on_sharded(_matmul_sharding, reads_partials=True),
-                   batching=_batching.elementwise_rule("matmul"))
+                   batching=_batching.elementwise_rule("matmul"), merge_sum=_merge_matmul_sum)
 
 
 def matmul(a, b):

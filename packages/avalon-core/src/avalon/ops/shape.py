@@ -44,10 +44,39 @@ def _reshape_batching(args, dims, *, shape):
     return bind(reshape_p, (x,), {"shape": (x.shape[0],) + tuple(shape)}), 0
 
 
+def _merge_view_sum(nodes):
+    """merge_sum rule of transpose and reshape: f(a) + f(b) + ... = f(a + b + ...)
+    for one view f (same op and attributes) of arrays of one shape and dtype.
+    The sum costs the same before the view, and its terms meet again there:
+    per-step weight-gradient products, transposed by matmul's VJP, can then
+    merge into one product (matmul's merge_sum rule)."""
+    from ..graph import Node
+    from ..primitive import PRIMITIVES, infer_type
+    groups: dict = {}
+    for n in nodes:
+        src = n.inputs[0]
+        key = (n.op, repr(sorted(n.attrs.items())), src.shape, src.dtype)
+        groups.setdefault(key, []).append(n)
+    group = max(groups.values(), key=len)
+    if len(group) < 2:
+        return None
+    add_p = PRIMITIVES["add"]
+    total = group[0].inputs[0]
+    new = []
+    for n in group[1:]:
+        shape, dtype = infer_type(add_p, [total, n.inputs[0]], {})
+        total = Node("add", [total, n.inputs[0]], {}, shape, dtype, n.loc)
+        new.append(total)
+    first = group[0]
+    new.append(Node(first.op, [total], first.attrs, first.shape, first.dtype, first.loc))
+    return new, group
+
+
 reshape_p = defprim("reshape", shape=_reshape_rule, view=True, output_shape_attr="shape",
                     impl=lambda xp, x, *, shape: xp.reshape(x, shape),
                     vjp=lambda g, out, x, *, shape: (reshape(g, x.shape),),
-                    sharding=on_sharded(_reshape_sharding, reads_partials=True), batching=_reshape_batching)
+                    sharding=on_sharded(_reshape_sharding, reads_partials=True), batching=_reshape_batching,
+                    merge_sum=_merge_view_sum)
 
 
 def _transpose_rule(x, *, perm):
@@ -74,7 +103,8 @@ def _transpose_batching(args, dims, *, perm):
 transpose_p = defprim("transpose", shape=_transpose_rule, view=True,
                       impl=lambda xp, x, *, perm: xp.transpose(x, perm),
                       vjp=lambda g, out, x, *, perm: (transpose(g, tuple(np.argsort(perm).tolist())),),
-                      sharding=on_sharded(_transpose_sharding, reads_partials=True), batching=_transpose_batching)
+                      sharding=on_sharded(_transpose_sharding, reads_partials=True), batching=_transpose_batching,
+                      merge_sum=_merge_view_sum)
 
 
 def _broadcast_rule(x, *, shape):

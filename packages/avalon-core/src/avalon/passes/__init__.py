@@ -21,10 +21,12 @@ from .layout import layout
 from .pool_first import pool_first
 from .products import transposed_products
 from .simplify import simplify
+from .sums import merge_sums
 from .updates import fuse_updates
+from .views import fuse_views
 
 __all__ = ["dce", "cse", "constant_fold", "simplify", "transposed_products", "layout", "pool_first",
-           "fuse_elementwise", "fuse_updates",
+           "fuse_elementwise", "merge_sums", "fuse_views", "fuse_updates",
            "BUILTIN", "FORWARD", "default_pipeline", "forward_pipeline",
            "add_pass", "remove_pass", "run_pipeline", "reset_pipeline", "pipeline_version"]
 
@@ -35,6 +37,8 @@ BUILTIN = [
     ("transposed_products", transposed_products),
     ("simplify", simplify),
     ("cse", cse),
+    # sums of like terms (gradients of slices, per-step weight products) as one node
+    ("merge_sums", merge_sums),
     ("constant_fold", constant_fold),
     ("simplify_2", simplify),
     ("cse_2", cse),
