@@ -13,6 +13,8 @@ this module runs those plans:
   the fastest kept.
 
 The threads are persistent (_Workers): the calling thread runs the last share.
+A kernel may also share its own work among them (kernel_threads), unless it
+already runs in one of their shares.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from ..ops._sharding import P, R
 from ..primitive import PRIMITIVES
 from ..threadsafe import private_backend
 
-__all__ = ["ShardedFunction", "ComponentParallel", "BlasThreads", "Autotuned", "shard_count"]
+__all__ = ["ShardedFunction", "ComponentParallel", "BlasThreads", "Autotuned", "shard_count", "kernel_threads"]
 
 
 def shard_count() -> int:
@@ -151,6 +153,36 @@ def _describe(state):
 
 _pools: dict = {}
 
+#: .active is True in a thread running one share of a _Workers call (a worker,
+#: or the caller running its own share): a kernel there runs alone.
+_in_share = threading.local()
+
+
+class _KernelThreads:
+    """Runs a kernel's independent jobs, one per thread (the caller runs the last)."""
+
+    def __init__(self, pool):
+        self.pool, self.threads = pool, len(pool.tasks) + 1
+
+    def __call__(self, jobs):
+        idle = self.threads - len(jobs)    # fewer jobs than threads: some workers idle, not the caller
+        return self.pool.run([(_nothing, ())] * idle + [(job, ()) for job in jobs])[idle:]
+
+
+def _nothing():
+    return None
+
+
+def kernel_threads():
+    """A runner for one kernel's independent jobs over the engine's threads
+    (shard_count() of them), or None where the kernel should run alone: one
+    core, or a thread already running a share of a split step (its sibling
+    shares keep the other cores busy)."""
+    n = shard_count()
+    if n < 2 or getattr(_in_share, "active", False):
+        return None
+    return _KernelThreads(_workers(n - 1))
+
 
 def _workers(n):
     if n not in _pools:
@@ -171,6 +203,7 @@ class _Workers:
             threading.Thread(target=self._loop, args=(k,), daemon=True).start()
 
     def _loop(self, k):
+        _in_share.active = True
         while True:
             self.go[k].wait()
             self.go[k].clear()
@@ -192,9 +225,11 @@ class _Workers:
             self.done[k].clear()
             self.go[k].set()
         last_fn, last_args = jobs[n]
+        outer, _in_share.active = getattr(_in_share, "active", False), True
         try:
             mine = last_fn(*last_args)
         finally:
+            _in_share.active = outer
             # even when the caller's own share failed: a worker still running
             # this call's task must finish before the next call hands it another
             for k in range(n):
