@@ -127,7 +127,7 @@ def _tiled_ops(f):
 @pytest.mark.parametrize("budget, tiled", [(None, False), (64, True)], ids=["default budget", "tiny budget"])
 def test_conv_batch_norm_gradients_equal_torch_tiled_or_not(monkeypatch, budget, tiled):
     if budget is not None:
-        monkeypatch.setattr(K, "COLUMN_CACHE_BYTES", budget)
+        monkeypatch.setattr(K, "COLUMN_BUDGET_BYTES", budget)
     params, x = _conv_bn_net(), rng.standard_normal((7, 3, 13, 11)).astype(np.float32)
     f = avalon.GradFunction(conv_bn_loss, argnums=(0, 1))
     loss, (gp, gx) = f(params, x)
@@ -153,7 +153,7 @@ def test_tiled_and_whole_column_steps_agree(monkeypatch):
     whole = avalon.GradFunction(conv_bn_loss, argnums=(0, 1))
     l0, (gp0, gx0) = whole(params, x)
     # the first layer's columns (27 x 648 floats, 70 kB) are over the budget, the second's (21.6 kB) not
-    monkeypatch.setattr(K, "COLUMN_CACHE_BYTES", 40_000)
+    monkeypatch.setattr(K, "COLUMN_BUDGET_BYTES", 40_000)
     tiled = avalon.GradFunction(conv_bn_loss, argnums=(0, 1))
     l1, (gp1, gx1) = tiled(params, x)
     assert not _tiled_ops(whole)

@@ -8,11 +8,11 @@ result is already in the same layout.  Pooling reduces over strided slices in
 the same way.  Groups are not supported here (the pass leaves grouped
 convolutions in PyTorch's layout).
 
-A column matrix bigger than a core's cache (COLUMN_CACHE_BYTES) is not built
-whole: the conv_csn_tiled_* kernels walk ranges of output rows (the first
-spatial axis), building each range's columns in a small buffer that stays in
-cache and feeding them to that range's matrix product (column_tile_rows is the
-rule, on sizes only).
+A column matrix bigger than COLUMN_BUDGET_BYTES is not built whole: the
+conv_csn_tiled_* kernels walk ranges of output rows (the first spatial axis),
+building each range's columns in a small buffer that stays in cache and
+feeding them to that range's matrix product (column_tile_rows is the rule, on
+sizes only); the ranges may be shared among threads.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import math
 from .conv import _lowest, _select, conv_output_shape, max_pool_backward
 
 __all__ = ["im2col_csn", "col2im_csn", "conv_csn_forward", "conv_csn_input_grad", "conv_csn_weight_grad",
-           "max_pool_csn_forward", "max_pool_csn_backward", "COLUMN_CACHE_BYTES", "column_tile_rows",
+           "max_pool_csn_forward", "max_pool_csn_backward", "COLUMN_BUDGET_BYTES", "column_tile_rows",
            "conv_csn_tiled_forward", "conv_csn_tiled_input_grad", "conv_csn_tiled_weight_grad"]
 
 
@@ -171,19 +171,22 @@ def conv_csn_weight_grad(xp, x, g, *, weight_shape, stride, padding, dilation, o
 # -- convolutions over tiles of output rows ---------------------------------------------------------------------
 
 #: Column matrices up to this size are built whole (one im2col, one matrix
-#: product).  Above it the products would stream their operands from memory
-#: (or L3) and run memory-bound, so the columns are built a few output rows at
-#: a time, each tile at most half of this: about a core's L2 cache on current
-#: x86 servers (1-2 MiB).
-COLUMN_CACHE_BYTES = 2 << 20
+#: product); bigger ones a few output rows at a time, each tile at most half
+#: of this.  Measured on a 2-core Xeon with 2 MiB of L2 per core and a large
+#: L3: a budget of 2 MiB made a ResNet step (columns of 7-29 MB) no faster
+#: (its products are compute-bound once the columns sit in L3) and a small CNN
+#: step 40% slower (the whole-matrix path has C im2col kernels and shares the
+#: columns between the forward product and the weight gradient).  So tiles are
+#: kept for column matrices too big to be worth holding in memory at all.
+COLUMN_BUDGET_BYTES = 64 << 20
 
 
 def column_tile_rows(cols_shape, out_spatial, itemsize, budget=None):
     """The rule: None when the (C*K, out*N) column matrix of a convolution
-    fits `budget` bytes (built whole); else how many output rows (first
+    fits `budget` bytes (COLUMN_BUDGET_BYTES by default) (built whole); else how many output rows (first
     spatial axis) each tile covers so that its columns take at most half the
     budget (at least one row)."""
-    budget = COLUMN_CACHE_BYTES if budget is None else budget
+    budget = COLUMN_BUDGET_BYTES if budget is None else budget
     rows, cols = int(cols_shape[0]), int(cols_shape[1])
     if rows * cols * itemsize <= budget:
         return None

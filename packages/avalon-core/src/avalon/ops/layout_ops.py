@@ -5,7 +5,7 @@ in place of conv / max_pool and their gradients after differentiation, so they
 need no VJPs.  A convolution becomes im2col_csn + matmul (its input gradient
 matmul + col2im_csn): the columns of a layer's input are then one value that
 CSE shares between the forward product and the weight gradient.  Where those
-columns would not fit in cache (kernels.conv_csn.column_tile_rows), the
+columns exceed a size budget (kernels.conv_csn.column_tile_rows), the
 convolution and its gradients are instead one op each (conv_csn,
 conv_csn_input_grad, conv_csn_weight_grad) that builds the columns a few output
 rows at a time.
@@ -100,7 +100,7 @@ max_pool_csn_grad_p = defprim(
         "to its first maximum.")
 
 
-# -- convolutions whose columns do not fit in cache: tiles of output rows -----------------------------------
+# -- convolutions whose columns exceed the budget: tiles of output rows ------------------------------------
 
 def _conv_csn_rule(x, w, *, stride, padding, dilation, tile_rows):
     out = _out_spatial(x.shape[1:-1], tuple(w.shape[2:]), stride, padding, dilation)

@@ -167,7 +167,7 @@ def _batch_on_axis0(*data):
 # In the batch-innermost layout a convolution is im2col_csn and one matmul (its
 # input gradient a matmul and col2im_csn): the forward product and the weight
 # gradient read the same columns of the layer input, which CSE computes once.
-# Where those columns would not fit in cache, the convolution and each of its
+# Where those columns exceed a size budget, the convolution and each of its
 # gradients are one tiled op instead (conv_csn, conv_csn_input_grad,
 # conv_csn_weight_grad), which builds them a few output rows at a time.
 
@@ -177,7 +177,7 @@ def _geometry(node):
 
 def _tile_rows(x_csn_shape, kernel, out_csn_shape, node):
     """Output rows per tile when the columns of the layer input (C, *S, N)
-    exceed the cache budget, else None (the columns are built whole)."""
+    exceed the size budget, else None (the columns are built whole)."""
     cols = im2col_shape(tuple(x_csn_shape), kernel, **_geometry(node))
     return column_tile_rows(cols, tuple(out_csn_shape[1:-1]), np.dtype(node.dtype).itemsize)
 

@@ -92,7 +92,10 @@ class ShardedFunction:
             raise
         if random:
             self.backend.rng.bit_generator.state = self.copies[0][0].rng.bit_generator.state
-        return tuple(self._combine(j, st, results) for j, st in enumerate(plan.output_states))
+        outputs = len(plan.output_states) - len(plan.writes)
+        for i, j in plan.writes:  # writes into inputs, deferred until no shard reads them (in graph order)
+            self.backend.xp.copyto(args[i], results[0][j])
+        return tuple(self._combine(j, st, results) for j, st in enumerate(plan.output_states[:outputs]))
 
     def _guarded(self, fn, args):
         try:
