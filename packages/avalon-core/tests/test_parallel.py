@@ -241,3 +241,95 @@ def test_profile_of_a_split_step_with_barriers_runs_one_shard():
     f = avalon.GradFunction(masked_mean, argnums=0)
     report = avalon.profile(f, m, x, keep, repeat=2)
     assert report.total > 0
+
+
+# -- BatchNorm in a split step: batch statistics summed across threads, running statistics written once --
+
+def bn_step(m, x, running):
+    """Two batch-normalized layers; each updates `running` (read back after the first
+    update, as BatchNorm applied twice in one step does)."""
+    h = x
+    for w in (m["w1"], m["w2"]):
+        h = h @ w
+        mean = avalon.mean(h, axis=0)
+        avalon.assign(running, 0.9 * running + 0.1 * avalon.stop_gradient(avalon.sum(mean)))
+        h = avalon.tanh((h - mean) / avalon.sqrt(avalon.var(h, axis=0) + 1e-5) + running)
+    return avalon.sum(h)
+
+
+@pytest.fixture
+def cheap_barriers(monkeypatch):
+    """Steps this small would not pay for a dozen thread barriers."""
+    monkeypatch.setattr(parallel, "ELEMENTS_PER_REDUCTION", 1)
+
+
+def _sharded(f):
+    return [c for _, c in f._last().compiled.candidates if isinstance(c, ShardedFunction)][0]
+
+
+def test_running_statistics_are_written_once_after_the_shards_as_in_one_thread(cheap_barriers):
+    m, x = mlp(), rng.standard_normal((32, 8)).astype(np.float32)
+    running_whole, running_split = np.full(1, 0.5, np.float32), np.full(1, 0.5, np.float32)
+    whole = avalon.GradFunction(bn_step, argnums=0, parallel=False)
+    l0, g0 = whole(m, x, running_whole)
+    f = avalon.GradFunction(bn_step, argnums=0)
+    f(m, x, running_split.copy())                       # compile (a copy: the state under test stays fresh)
+    sharded = _sharded(f)
+    assert len(sharded.plan.writes) == 2                # both updates are deferred to the caller
+    assert not any(n.op == "assign" for n in sharded.plan.graph.nodes)
+    l1, g1 = sharded(*avalon.tree.flatten((m, x, running_split))[0])[:2]
+    np.testing.assert_allclose(running_split, running_whole, rtol=1e-6)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+
+
+def test_a_split_step_that_fails_writes_no_running_statistic(cheap_barriers):
+    m, x = mlp(), rng.standard_normal((32, 8)).astype(np.float32)
+    running = np.full(1, 0.5, np.float32)
+    f = avalon.GradFunction(bn_step, argnums=0)
+    f(m, x, running.copy())
+    sharded = _sharded(f)
+    compiled = sharded.copies[1][1]
+    real = compiled.fn
+
+    def failing(*args):
+        raise RuntimeError("kernel failed")
+    compiled.fn = failing
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        sharded(*avalon.tree.flatten((m, x, running))[0])
+    compiled.fn = real
+    np.testing.assert_array_equal(running, [0.5])
+
+
+def test_writing_a_value_that_differs_between_shards_keeps_the_step_whole(cheap_barriers):
+    def keep_activations(m, x, store):
+        h = avalon.tanh(x @ m["w1"])
+        avalon.assign(store, avalon.stop_gradient(h))   # per example: each shard has only its half
+        return avalon.sum(h)
+    f = avalon.GradFunction(keep_activations, argnums=0)
+    store = np.zeros((32, 16), np.float32)
+    x = rng.standard_normal((32, 8)).astype(np.float32)
+    f(mlp(), x, store)
+    assert compiled_kind(f) is not ShardedFunction
+
+
+def deep_bn(m, x):
+    h = x
+    for _ in range(6):    # 6 layers of batch statistics: more all-reduces than MAX_REDUCTIONS
+        h = h @ m["sq"]
+        h = avalon.tanh((h - avalon.mean(h, axis=0)) / avalon.sqrt(avalon.var(h, axis=0) + 1e-5))
+    return avalon.sum(h)
+
+
+@pytest.mark.parametrize("per_reduction, split", [(1, True), (10**9, False)])
+def test_thread_barriers_are_allowed_in_proportion_to_the_work(monkeypatch, per_reduction, split):
+    monkeypatch.setattr(parallel, "ELEMENTS_PER_REDUCTION", per_reduction)
+    m, x = {"sq": rng.standard_normal((16, 16)).astype(np.float32) * 0.3}, rng.standard_normal((64, 16))
+    f = avalon.GradFunction(deep_bn, argnums=0)
+    l1, g1 = f(m, x.astype(np.float32))
+    assert (compiled_kind(f) is ShardedFunction) == split
+    if split:
+        reduces = sum(n.op == "allreduce_sum" for n in _sharded(f).plan.graph.nodes)
+        assert reduces > parallel.MAX_REDUCTIONS
+        l0, g0 = avalon.GradFunction(deep_bn, argnums=0, parallel=False)(m, x.astype(np.float32))
+        np.testing.assert_allclose(l1, l0, rtol=1e-4)
+        np.testing.assert_allclose(g1[0]["sq"], g0[0]["sq"], rtol=1e-3, atol=1e-4)

@@ -188,7 +188,8 @@ EXEMPT = {
                       "code; checked in test_merge_sums.py",
     **{name: "internal: batch-innermost form put in by the layout pass, never bound by user code; "
              "checked against the (N, C, ...) primitives in test_layout.py"
-       for name in ("im2col_csn", "col2im_csn", "max_pool_csn", "max_pool_csn_grad")},
+       for name in ("im2col_csn", "col2im_csn", "max_pool_csn", "max_pool_csn_grad", "conv_csn",
+                    "conv_csn_input_grad", "conv_csn_weight_grad")},
     "allreduce_sum": "internal: a barrier between the engine's threads put in by avalon.parallel; "
                      "checked in test_parallel.py",
     "process_all_reduce": "a collective across processes (avalon.distributed), the identity in one process; "

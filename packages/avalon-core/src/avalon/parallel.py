@@ -7,7 +7,7 @@
   BlasThreads, Autotuned, shard_count.
 
 The names are re-exported here.  The analysis's tunables (MIN_SHARD_ELEMENTS,
-MAX_REDUCTIONS) read and write through to avalon.passes.sharding, so
+MAX_REDUCTIONS, ELEMENTS_PER_REDUCTION) read and write through to avalon.passes.sharding, so
 `monkeypatch.setattr(avalon.parallel, "MIN_SHARD_ELEMENTS", 0)` still reaches
 the code that reads it.
 """
@@ -34,6 +34,7 @@ def _tunable(name):
 class _ForwardingModule(types.ModuleType):
     MIN_SHARD_ELEMENTS = _tunable("MIN_SHARD_ELEMENTS")
     MAX_REDUCTIONS = _tunable("MAX_REDUCTIONS")
+    ELEMENTS_PER_REDUCTION = _tunable("ELEMENTS_PER_REDUCTION")
 
 
 sys.modules[__name__].__class__ = _ForwardingModule

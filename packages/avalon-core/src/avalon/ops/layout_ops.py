@@ -4,7 +4,11 @@ They are not called by users: the layout pass (avalon.passes.layout) puts them
 in place of conv / max_pool and their gradients after differentiation, so they
 need no VJPs.  A convolution becomes im2col_csn + matmul (its input gradient
 matmul + col2im_csn): the columns of a layer's input are then one value that
-CSE shares between the forward product and the weight gradient.
+CSE shares between the forward product and the weight gradient.  Where those
+columns exceed a size budget (kernels.conv_csn.column_tile_rows), the
+convolution and its gradients are instead one op each (conv_csn,
+conv_csn_input_grad, conv_csn_weight_grad) that builds the columns a few output
+rows at a time.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from ..kernel_ir import glue
 from ..kernels import conv_csn as K
 from ..kernels.conv import conv_output_shape
 from ..primitive import defprim
-from ._sharding import R, S, NoSplit, on_sharded
+from ._sharding import P, R, S, NoSplit, on_sharded
 
 
 def _pairs(padding):
@@ -94,3 +98,41 @@ max_pool_csn_grad_p = defprim(
     impl=lambda xp, x, y, g, out=None, **a: K.max_pool_csn_backward(xp, x, g, out=out, y=y, **a),
     doc="gradient of max_pool_csn (x, its pooled output y, cotangent g): each window's cotangent "
         "to its first maximum.")
+
+
+# -- convolutions whose columns exceed the budget: tiles of output rows ------------------------------------
+
+def _conv_csn_rule(x, w, *, stride, padding, dilation, tile_rows):
+    out = _out_spatial(x.shape[1:-1], tuple(w.shape[2:]), stride, padding, dilation)
+    return (w.shape[0],) + tuple(out) + (x.shape[-1],), x.dtype
+
+
+def _threads():
+    from ..runtime.threads import kernel_threads  # the runtime imports the primitives: not at load time
+    return kernel_threads()
+
+
+def _weight_grad_sharding(node, states, ctx):
+    if states == [S(node.inputs[0].ndim - 1), S(node.inputs[1].ndim - 1)]:
+        return P  # a sum over the batch: each thread has its share of it
+    raise NoSplit("conv_csn_weight_grad of activations not sharded by their batch")
+
+
+conv_csn_p = defprim(
+    "conv_csn", shape=_conv_csn_rule, accepts_out=True, sharding=_batch_last(0),
+    impl=lambda xp, x, w, out=None, **a: K.conv_csn_tiled_forward(xp, x, w, out=out, run=_threads(), **a),
+    doc="convolution of (C, *S, N) activations with w (O, C, *K), its columns built tile_rows output rows "
+        "at a time.")
+
+conv_csn_input_grad_p = defprim(
+    "conv_csn_input_grad", shape=lambda g, w, *, input_shape, **a: (tuple(input_shape), g.dtype),
+    accepts_out=True, output_shape_attr="input_shape", sharding=_batch_last(0),
+    impl=lambda xp, g, w, out=None, **a: K.conv_csn_tiled_input_grad(xp, g, w, out=out, run=_threads(), **a),
+    doc="gradient of conv_csn with respect to its input, tile_rows output rows at a time.")
+
+conv_csn_weight_grad_p = defprim(
+    "conv_csn_weight_grad", shape=lambda x, g, *, weight_shape, **a: (tuple(weight_shape), g.dtype),
+    accepts_out=True, sharding=on_sharded(_weight_grad_sharding),
+    impl=lambda xp, x, g, out=None, **a: K.conv_csn_tiled_weight_grad(xp, x, g, out=out, run=_threads(), **a),
+    doc="gradient of conv_csn with respect to its weight (O, C, *K), summed over tiles of tile_rows "
+        "output rows.")

@@ -42,6 +42,7 @@ import numpy as np
 
 from ..errors import AvalonError, DtypeError, LabelError, ShapeError, at, user_location
 from ..kernels import conv as K
+from ..kernels.conv_csn import column_tile_rows
 from ..primitive import PRIMITIVES, Tracer, bind, current_location, defprim
 from ._batching import NOT_MAPPED, align_for_broadcast, batch_size, broadcast_batch, fold_batch, unfold_batch
 from ._layout import CSN, NC, POINTWISE, batch_innermost, to_csn
@@ -166,9 +167,23 @@ def _batch_on_axis0(*data):
 # In the batch-innermost layout a convolution is im2col_csn and one matmul (its
 # input gradient a matmul and col2im_csn): the forward product and the weight
 # gradient read the same columns of the layer input, which CSE computes once.
+# Where those columns exceed a size budget, the convolution and each of its
+# gradients are one tiled op instead (conv_csn, conv_csn_input_grad,
+# conv_csn_weight_grad), which builds them a few output rows at a time.
 
 def _geometry(node):
     return {k: node.attrs[k] for k in ("stride", "padding", "dilation")}
+
+
+def _tile_rows(x_csn_shape, kernel, out_csn_shape, node):
+    """Output rows per tile when the columns of the layer input (C, *S, N)
+    exceed the size budget, else None (the columns are built whole)."""
+    cols = im2col_shape(tuple(x_csn_shape), kernel, **_geometry(node))
+    return column_tile_rows(cols, tuple(out_csn_shape[1:-1]), np.dtype(node.dtype).itemsize)
+
+
+def _tiled(rw, op, inputs, node, tile_rows, shape, **attrs):
+    return rw.emit(op, inputs, dict(attrs, tile_rows=tile_rows, **_geometry(node)), shape, node.dtype, node.loc)
 
 
 def _columns(rw, x, kernel, node):
@@ -238,6 +253,9 @@ def _conv_vjp(ct, out, x, w, *, stride, padding, dilation, groups):
 
 def _conv_as_columns(rw, node):
     x, w = node.inputs
+    rows = _tile_rows(to_csn(x.shape), w.shape[2:], to_csn(node.shape), node)
+    if rows is not None:
+        return _tiled(rw, "conv_csn", [rw.get(x, CSN), rw.get(w, NC)], node, rows, to_csn(node.shape)), CSN
     cols = _columns(rw, x, w.shape[2:], node)
     y = _product(rw, _matrix(rw, rw.get(w, NC), (w.shape[0], cols.shape[0]), node), cols, node)
     return _matrix(rw, y, to_csn(node.shape), node), CSN
@@ -295,6 +313,10 @@ def _conv_input_grad_vjp(ct, out, g, w, *, input_shape, stride, padding, dilatio
 def _conv_input_grad_from_columns(rw, node):
     g, w = node.inputs
     gc = rw.get(g, CSN)
+    rows = _tile_rows(to_csn(node.shape), w.shape[2:], to_csn(g.shape), node)
+    if rows is not None:
+        return _tiled(rw, "conv_csn_input_grad", [gc, rw.get(w, NC)], node, rows, to_csn(node.shape),
+                      input_shape=to_csn(node.attrs["input_shape"])), CSN
     o = w.shape[0]
     cols = _product(rw, _transposed(rw, _matrix(rw, rw.get(w, NC), (o, w.size // o), node), node),
                     _matrix(rw, gc, (o, gc.size // o), node), node)
@@ -359,6 +381,10 @@ def _conv_weight_grad_sharding(node, states, ctx):
 
 def _conv_weight_grad_from_columns(rw, node):
     x, g = node.inputs
+    rows = _tile_rows(to_csn(x.shape), node.shape[2:], to_csn(g.shape), node)
+    if rows is not None:
+        return _tiled(rw, "conv_csn_weight_grad", [rw.get(x, CSN), rw.get(g, CSN)], node, rows, node.shape,
+                      weight_shape=tuple(node.shape)), NC
     cols = _columns(rw, x, node.shape[2:], node)
     gm = _matrix(rw, rw.get(g, CSN), (g.shape[1], cols.shape[1]), node)
     return _matrix(rw, _product(rw, gm, _transposed(rw, cols, node), node), node.shape, node), NC

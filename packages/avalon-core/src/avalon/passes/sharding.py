@@ -15,13 +15,19 @@ through the graph, whether a graph can run that way:
   may touch (scaling by a replicated value, adding partials, reshaping): the
   shards' partials are added at the end;
 * broadcasts, fills and random draws whose shape has the batch size on an axis
-  become sharded on that axis (their values do not depend on the position).
+  become sharded on that axis (their values do not depend on the position);
+* a write into an input (assign: BatchNorm's running statistics) of a
+  replicated value is deferred: every shard computes the value and reads the
+  written array through it, and the caller writes it once all shards are done
+  (ShardPlan.writes), so no shard ever reads an array another one is writing.
 
 What each op does is its primitive's sharding rule, declared in its
 registration block (avalon.ops._sharding explains the rules).  Anything else
-(a max over the batch, batch statistics mixed back into per-example values as
-in BatchNorm, an op without a sharding rule reading a sharded value) leaves the
-graph unsplit.  The shard graph is the original with every sharded shape
+(a max over the batch, an op without a sharding rule reading a sharded value)
+leaves the graph unsplit.  Partial sums used non-linearly (batch statistics
+mixed back into per-example values, as in BatchNorm) are summed across the
+threads (an all-reduce, a barrier) right where the sum that made them is, as
+long as the step has enough work per barrier (ELEMENTS_PER_REDUCTION).  The shard graph is the original with every sharded shape
 divided by the number of shards; constants such as the 1/N of a mean are kept,
 which is exactly what makes the partial sums add up.  The result is verified
 with Graph.check().
@@ -38,12 +44,13 @@ from ..ops._sharding import P, R, S, WITHOUT_RULE, NeedsReduce, NoSplit
 from ..primitive import PRIMITIVES, defprim
 
 __all__ = ["split_batch", "split_components", "ShardPlan", "allreduce_sum_p", "R", "P", "S", "NoSplit",
-           "NeedsReduce", "MIN_SHARD_ELEMENTS", "MAX_REDUCTIONS"]
+           "NeedsReduce", "MIN_SHARD_ELEMENTS", "MAX_REDUCTIONS", "ELEMENTS_PER_REDUCTION"]
 
 log = logging.getLogger("avalon.sharding")
 
 MIN_SHARD_ELEMENTS = 400_000   # below this much sharded work a step is not worth two threads
-MAX_REDUCTIONS = 8             # all-reduces (thread barriers) one step may contain
+MAX_REDUCTIONS = 8             # all-reduces (thread barriers) any split step may contain...
+ELEMENTS_PER_REDUCTION = 1_000_000  # ...and one more per this much sharded work (a barrier costs ~0.1 ms)
 
 
 def _allreduce_rule(x, *, key):
@@ -59,11 +66,14 @@ class ShardPlan:
     """How to run a graph in shards: the shard graph, the batch inputs, and
     how to combine each output ("S", axis) / P / R."""
 
-    def __init__(self, shard_graph, batch_input_index, output_states, shards):
+    def __init__(self, shard_graph, batch_input_index, output_states, shards, writes=()):
         self.graph = shard_graph
         self.batch_input_index = batch_input_index
         self.output_states = output_states
         self.shards = shards
+        # deferred writes into inputs: (input index, shard graph output index), in
+        # graph order; those outputs follow the graph's own (output_states)
+        self.writes = list(writes)
 
 
 # -- propagation ------------------------------------------------------------------------------
@@ -81,7 +91,7 @@ class _Propagation:
         if prim is None:
             raise NoSplit(f"unknown op {node.op}")
         if prim.writes_input:
-            raise NoSplit("writes into an input")
+            return _deferred_write(node, states)
         return prim.rule("sharding", WITHOUT_RULE)(node, states, self)
 
     def sub_graph(self, node, body, states):
@@ -103,6 +113,27 @@ class _Propagation:
                 raise NeedsReduce(source) from None
         self.sub_states[body] = st
         return st
+
+
+def _deferred_write(node, states):
+    """A write into an input (dst, src) runs after the shards (see the module
+    docstring): the value written must be the same in every shard."""
+    if P in states:
+        raise NeedsReduce(node.inputs[states.index(P)])
+    if any(s != R for s in states):
+        raise NoSplit("writes into an input a value that differs between the shards")
+    dst, src = node.inputs[:2]
+    if _written_input(dst) is None or tuple(src.shape) != tuple(dst.shape) or src.dtype != dst.dtype:
+        raise NoSplit("writes into an input a value of another shape or dtype")
+    return R
+
+
+def _written_input(dst):
+    """The graph input a write's destination is: the input itself, or (a buffer
+    written twice in one step) the value of an earlier write into it."""
+    while getattr(PRIMITIVES.get(dst.op), "writes_input", False):
+        dst = dst.inputs[0]
+    return dst if dst.op == "input" else None
 
 
 def _partial_source(node, st, outer):
@@ -130,8 +161,8 @@ def _propagate(graph, batch_inputs, n, reduced):
         try:
             return _propagate_once(graph, batch_inputs, ctx, reduced), ctx
         except NeedsReduce as e:
-            if e.node in reduced or len(reduced) >= MAX_REDUCTIONS:
-                raise NoSplit("too many partial sums used non-linearly") from None
+            if e.node in reduced:
+                raise NoSplit(f"a partial sum ({e.node.op}) is used non-linearly even once summed") from None
             reduced.add(e.node)
 
 
@@ -143,12 +174,31 @@ def _propagate_once(graph, batch_inputs, ctx, reduced):
         elif node.op == "const":
             state[node] = R
         else:
-            state[node] = ctx.state(node, [state[i] for i in node.inputs])
+            try:
+                state[node] = ctx.state(node, [state[i] for i in node.inputs])
+            except NeedsReduce as e:
+                raise NeedsReduce(_partial_root(e.node, state)) from None
             if node in reduced:
+                if state[node] == R:
+                    # made from partial sums reduced since it was chosen: already whole
+                    reduced.discard(node)
+                    continue
                 if state[node] != P:
                     raise NoSplit("an all-reduce of a value that is not a partial sum")
                 state[node] = R
     return state
+
+
+def _partial_root(node, state):
+    """Where to sum a partial sum over the shards: back up the chain of ops
+    that carried it linearly from one partial operand (reshapes, transposes,
+    scalings) to the op that made it, so that one all-reduce serves every
+    value derived from it."""
+    while True:
+        partial = [i for i in node.inputs if state.get(i) == P]
+        if len(partial) != 1:
+            return node
+        node = partial[0]
 
 
 # -- the shard graph --------------------------------------------------------------------------
@@ -223,18 +273,36 @@ def split_batch(graph, batch_inputs, shards: int):
     try:
         state, ctx = _propagate(graph, set(batch_inputs), n, reduced)
         _check_joinable(graph, state, n)
-        _check_worthwhile(state)
+        _check_worthwhile(state, reduced)
     except NoSplit as e:
         log.debug("%s is not split across threads: %s", graph.name, e)
         return None
     shard = _shard_copy(graph, state, shards, ctx.sub_states, reduced)
+    writes = _defer_writes(shard)
     try:
         shard.check()
     except GraphError as e:
         log.debug("%s is not split across threads: the shard graph is invalid: %s", graph.name, e)
         return None
     index = [k for k, i in enumerate(graph.inputs) if i in batch_inputs]
-    return ShardPlan(shard, index, [state[o] for o in graph.outputs], shards)
+    return ShardPlan(shard, index, [state[o] for o in graph.outputs] + [R] * len(writes), shards, writes)
+
+
+def _defer_writes(shard):
+    """Each write into an input becomes an extra output of the shard graph (the
+    caller writes it after the shards); later reads of it take the value."""
+    writes, value, nodes = [], {}, []
+    for node in shard.nodes:
+        if getattr(PRIMITIVES.get(node.op), "writes_input", False):
+            dst, src = node.inputs[0], value.get(node.inputs[1], node.inputs[1])
+            value[node] = src
+            writes.append((shard.inputs.index(_written_input(dst)), len(shard.outputs) + len(writes)))
+            continue
+        node.inputs = [value.get(i, i) for i in node.inputs]
+        nodes.append(node)
+    shard.nodes = nodes
+    shard.outputs = [value.get(o, o) for o in shard.outputs] + list(value.values())  # in graph order
+    return writes
 
 
 def _batch_size(batch_inputs, shards):
@@ -257,10 +325,14 @@ def _check_joinable(graph, state, n):
             raise NoSplit("the batch is not the outer factor of an output's axis: shards cannot be joined")
 
 
-def _check_worthwhile(state):
+def _check_worthwhile(state, reduced):
     work = sum(node.size for node, s in state.items() if s not in (R, P))
     if work < MIN_SHARD_ELEMENTS:
         raise NoSplit(f"{work} sharded elements are too few to gain from threads")
+    allowed = max(MAX_REDUCTIONS, work // ELEMENTS_PER_REDUCTION)
+    if len(reduced) > allowed:
+        raise NoSplit(f"{len(reduced)} partial sums used non-linearly: more thread barriers than "
+                      f"{work} sharded elements pay for ({allowed})")
 
 
 # -- independent parts of a graph across threads ---------------------------------------------

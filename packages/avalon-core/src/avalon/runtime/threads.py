@@ -13,6 +13,8 @@ this module runs those plans:
   the fastest kept.
 
 The threads are persistent (_Workers): the calling thread runs the last share.
+A kernel may also share its own work among them (kernel_threads), unless it
+already runs in one of their shares.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from ..primitive import PRIMITIVES
 from ..threadsafe import private_backend
 from .native import fp_mode, in_fp_mode
 
-__all__ = ["ShardedFunction", "ComponentParallel", "BlasThreads", "Autotuned", "shard_count"]
+__all__ = ["ShardedFunction", "ComponentParallel", "BlasThreads", "Autotuned", "shard_count", "kernel_threads"]
 
 
 def shard_count() -> int:
@@ -92,7 +94,10 @@ class ShardedFunction:
             raise
         if random:
             self.backend.rng.bit_generator.state = self.copies[0][0].rng.bit_generator.state
-        return tuple(self._combine(j, st, results) for j, st in enumerate(plan.output_states))
+        outputs = len(plan.output_states) - len(plan.writes)
+        for i, j in plan.writes:  # writes into inputs, deferred until no shard reads them (in graph order)
+            self.backend.xp.copyto(args[i], results[0][j])
+        return tuple(self._combine(j, st, results) for j, st in enumerate(plan.output_states[:outputs]))
 
     def _guarded(self, fn, args):
         try:
@@ -156,6 +161,36 @@ def _describe(state):
 
 _pools: dict = {}
 
+#: .active is True in a thread running one share of a _Workers call (a worker,
+#: or the caller running its own share): a kernel there runs alone.
+_in_share = threading.local()
+
+
+class _KernelThreads:
+    """Runs a kernel's independent jobs, one per thread (the caller runs the last)."""
+
+    def __init__(self, pool):
+        self.pool, self.threads = pool, len(pool.tasks) + 1
+
+    def __call__(self, jobs):
+        idle = self.threads - len(jobs)    # fewer jobs than threads: some workers idle, not the caller
+        return self.pool.run([(_nothing, ())] * idle + [(job, ()) for job in jobs])[idle:]
+
+
+def _nothing():
+    return None
+
+
+def kernel_threads():
+    """A runner for one kernel's independent jobs over the engine's threads
+    (shard_count() of them), or None where the kernel should run alone: one
+    core, or a thread already running a share of a split step (its sibling
+    shares keep the other cores busy)."""
+    n = shard_count()
+    if n < 2 or getattr(_in_share, "active", False):
+        return None
+    return _KernelThreads(_workers(n - 1))
+
 
 def _fresh_outputs(graph):
     """Positions of the graph's outputs made by a kernel for the call alone: not
@@ -194,6 +229,7 @@ class _Workers:
             threading.Thread(target=self._loop, args=(k,), daemon=True).start()
 
     def _loop(self, k):
+        _in_share.active = True
         while True:
             self.go[k].wait()
             self.go[k].clear()
@@ -217,9 +253,11 @@ class _Workers:
             self.done[k].clear()
             self.go[k].set()
         last_fn, last_args = jobs[n]
+        outer, _in_share.active = getattr(_in_share, "active", False), True
         try:
             mine = last_fn(*last_args)
         finally:
+            _in_share.active = outer
             # even when the caller's own share failed: a worker still running
             # this call's task must finish before the next call hands it another
             for k in range(n):
