@@ -57,7 +57,7 @@ def _sum_of_weights(m, x):
     return avalon.sum(x @ m["w1"]) + avalon.sum(m["w2"])
 
 
-def test_summed_shares_are_new_arrays_each_call_and_the_first_share_is_not_copied():
+def test_summed_shares_are_new_arrays_each_call_and_the_first_share_is_not_copied(monkeypatch):
     own = np.random.default_rng(11)   # the module's generator feeds the other tests' data
     m = {"w1": own.standard_normal((8, 16)).astype(np.float32), "w2": own.standard_normal((16, 4)).astype(np.float32)}
     x = own.standard_normal((32, 8)).astype(np.float32)
@@ -74,7 +74,7 @@ def test_summed_shares_are_new_arrays_each_call_and_the_first_share_is_not_copie
         out = real(jobs)
         made.extend(id(a) for r in out for a in r)
         return out
-    sharded._pool.run = spy
+    monkeypatch.setattr(sharded._pool, "run", spy)   # the pool is shared: put back after the test
     second = sharded(*[a * 2 if a.ndim == 2 and a.shape == x.shape else a for a in leaves])
     for a, b in zip(first, kept):        # a later call leaves earlier results alone
         np.testing.assert_array_equal(a, b)
