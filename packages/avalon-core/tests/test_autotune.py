@@ -49,3 +49,27 @@ def test_every_call_returns_its_own_result_while_timing():
     log = {}
     tuned = Autotuned([("a", _Schedule(0.0, 0.0, log)), ("b", _Schedule(0.0, 0.0, log))])
     assert [tuned(k) for k in range(12)] == [(k,) for k in range(12)]
+
+
+def test_a_schedule_is_compiled_when_first_tried():
+    from avalon.runtime.threads import Later
+    log, built = {}, []
+
+    def later(name, call_s):
+        def build():
+            built.append(name)
+            return _Schedule(call_s, 0.0, log)
+        return Later(build)
+    tuned = Autotuned([("first", later("first", 0.003)), ("second", later("second", 0.001))])
+    tuned(1)
+    assert built == ["first"], "the first call compiles one schedule"
+    _train(tuned, log, Autotuned.WARMUP + Autotuned.TRIALS)
+    assert built == ["first", "second"]
+    _train(tuned, log, Autotuned.WARMUP + Autotuned.TRIALS)
+    assert tuned.label == "second" and built == ["first", "second"]   # each built once
+
+
+def test_reading_the_candidates_compiles_them_all():
+    from avalon.runtime.threads import Later
+    tuned = Autotuned([("a", Later(lambda: _Schedule(0.0, 0.0, {}))), ("b", Later(lambda: _Schedule(0.0, 0.0, {})))])
+    assert all(isinstance(c, _Schedule) for _, c in tuned.candidates)

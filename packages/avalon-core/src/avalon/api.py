@@ -6,6 +6,7 @@ type, shape and dtype.  A new signature retraces, and says why.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
@@ -22,7 +23,7 @@ from .passes import forward_pipeline, pipeline_version, run_pipeline
 from .passes.sharding import split_batch, split_components
 from .primitive import Tracer, active_graph, inline, is_tracer, leaked_tracer_error, node_in, tracing
 from .runtime.native import denormals_flushed
-from .runtime.threads import Autotuned, BlasThreads, ComponentParallel, ShardedFunction
+from .runtime.threads import Autotuned, BlasThreads, ComponentParallel, Later, ShardedFunction
 from .threadsafe import SharedCompiled, private_backend
 
 log = logging.getLogger("avalon.trace")
@@ -223,29 +224,30 @@ class CompiledFunction:
 
     def _schedules(self, graph, backend, leaves, treedef):
         """The compiled step: one schedule, or several that the first calls time
-        (batch split across the engine's threads; BLAS on several threads)."""
-        whole = backend.wrap_compiled(generate(graph, backend, graph.name))
+        (batch split across the engine's threads; BLAS on several threads).  Each
+        schedule is compiled when first tried, so a first call compiles one."""
         if not self.parallel:
-            return whole
-        candidates = []
+            return backend.wrap_compiled(generate(graph, backend, graph.name))
+        first = None
         if backend.parallel_shards > 1:
             plan = split_batch(graph, self._batch_inputs(graph, leaves, treedef), backend.parallel_shards)
             if plan is not None:
-                candidates.append(("batch split across threads", ShardedFunction(plan, backend, graph.name)))
+                first = ("batch split across threads", Later(lambda: ShardedFunction(plan, backend, graph.name)))
             else:
                 parts = split_components(graph, backend.parallel_shards)
                 if parts is not None:
-                    candidates.append(("independent parts across threads",
-                                       ComponentParallel(graph, parts, backend)))
-        if not candidates:
-            return whole
-        candidates.append(("one thread", whole))
+                    first = ("independent parts across threads",
+                             Later(lambda: ComponentParallel(graph, parts, backend)))
+        if first is None:
+            return backend.wrap_compiled(generate(graph, backend, graph.name))
+        whole = functools.lru_cache(maxsize=None)(lambda: backend.wrap_compiled(generate(graph, backend, graph.name)))
+        candidates = [first, ("one thread", Later(whole))]
         # BLAS's own threads: fastest for steps made of a few large products, but
         # they spin after each call and slow the engine's threads for a while;
         # timing the schedules inside the real workload weighs that in
         blas = getattr(backend, "blas_threads_available", 1)
         if blas > 1 and any(n.op == "matmul" for n in graph.nodes):
-            candidates.append((f"BLAS on {blas} threads", BlasThreads(whole, backend, blas)))
+            candidates.append((f"BLAS on {blas} threads", Later(lambda: BlasThreads(whole(), backend, blas))))
         return Autotuned(candidates)
 
     def _batch_inputs(self, graph, leaves, treedef):

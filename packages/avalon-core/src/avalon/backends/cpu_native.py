@@ -57,6 +57,7 @@ import functools
 import os
 import threading
 import warnings
+import weakref
 
 import numpy as np
 
@@ -122,8 +123,26 @@ def compile_fused_many(bodies, backend):
     return fns
 
 
+@functools.lru_cache(maxsize=1024)
+def _code(src, filename):
+    """The code object of a wrapper's source: the same kernel wrapped again (each
+    schedule of a step, each thread's copy) is not compiled by Python again."""
+    return compile(src, filename, "exec")
+
+
+_BODY_KERNELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # body Graph -> its Kernel
+
+
+def _lowered_body(body):
+    """lower(body), once per body graph (the threads' copies of a step share theirs)."""
+    kernel = _BODY_KERNELS.get(body)
+    if kernel is None:
+        kernel = _BODY_KERNELS[body] = lower(body, exprs=CRenderer.EXPR)
+    return kernel
+
+
 def _compile(body, backend):
-    kernel = lower(body, exprs=CRenderer.EXPR)
+    kernel = _lowered_body(body)
     if not native.available():
         raise NativeUnavailable("no usable C compiler (avalon.runtime.native.available() is False)")
     key = (kernel.name, OBJECT_CALLS)
@@ -157,7 +176,7 @@ def compile_node_c(node, fallback):
     rule = PRIMITIVES[node.op].rule("lower", None)
     if rule is None or not OBJECT_CALLS or not native.available():
         return None
-    kernel = rule(node)
+    kernel = _lowered(node, rule)
     if kernel is None:
         return None
     # an op writing its inputs in place (fused_update) reads each element before
@@ -180,10 +199,36 @@ def compile_node_c(node, fallback):
         if built is None:
             entry.envs.append(env)
     src = _updating_op_source(kernel) if in_place else _node_op_source(kernel)
-    exec(compile(src, f"<avalon C {kernel.name}>", "exec"), env)
+    exec(_code(src, f"<avalon C {kernel.name}>"), env)
     fn = env["op"]
     fn.kernel, fn.source, fn.native = kernel, source, True
     return fn
+
+
+_LOWERED: dict = {}     # a node's signature -> its lowered Kernel (or None)
+_LOWERED_MAX = 4096
+
+
+def _lowered(node, rule):
+    """rule(node), remembered by the node's signature (op, attributes, operand and
+    result types): each schedule of a step (one thread, each thread's share, ...)
+    compiles the same ops, and lowering and verifying a glue kernel costs ms."""
+    if not all(_plain(v) for v in node.attrs.values()):   # an array, a graph: no faithful key
+        return rule(node)
+    key = (node.op, tuple(sorted(node.attrs.items())), tuple((i.shape, i.dtype.str) for i in node.inputs),
+           node.shape, node.dtype.str)
+    if key not in _LOWERED:
+        if len(_LOWERED) >= _LOWERED_MAX:
+            _LOWERED.clear()
+        _LOWERED[key] = rule(node)
+    return _LOWERED[key]
+
+
+def _plain(v) -> bool:
+    """Whether an attribute value is a plain value (equal values, equal kernels)."""
+    if isinstance(v, (tuple, list)):
+        return all(_plain(x) for x in v)
+    return v is None or isinstance(v, (bool, int, float, str, np.dtype))
 
 
 def _node_op_source(kernel):
@@ -436,7 +481,7 @@ def _wrapper(body, kernel, built, backend):
     else:
         lines = _python_checked(kernel, args, env)
     src = "\n".join(lines) + "\n"
-    exec(compile(src, f"<avalon fused C {kernel.name}>", "exec"), env)
+    exec(_code(src, f"<avalon fused C {kernel.name}>"), env)
     fn = env["fused"]
     fn.wrapper_source = src
     return fn

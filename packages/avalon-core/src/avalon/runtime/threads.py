@@ -290,6 +290,14 @@ class BlasThreads:
             self.backend.set_blas_threads(1)
 
 
+class Later:
+    """A schedule compiled on first need: build() -> the compiled schedule."""
+    __slots__ = ("build",)
+
+    def __init__(self, build):
+        self.build = build
+
+
 class Autotuned:
     """Several compiled schedules of one graph (split across threads or not,
     BLAS threads or not): the first calls try each in turn, then the fastest
@@ -306,15 +314,28 @@ class Autotuned:
     WARMUP, TRIALS = 1, 5
 
     def __init__(self, candidates):
-        self.candidates = candidates          # [(label, compiled)]
+        # [(label, compiled or Later)]: a schedule given as Later is compiled when
+        # first tried, so a function's first call compiles one schedule, not all
+        self._candidates = [list(c) for c in candidates]
         self.calls = [0] * len(candidates)
         self.times = [[] for _ in candidates]  # seconds per iteration (call to next call)
         self.choice = None
         self._open = None                     # (candidate, start) of the iteration being timed
         self.fn = self.__call__
 
+    @property
+    def candidates(self):
+        """[(label, compiled)], every schedule compiled (for reading them)."""
+        return [(label, self._schedule(k)) for k, (label, _) in enumerate(self._candidates)]
+
+    def _schedule(self, k):
+        entry = self._candidates[k]
+        if isinstance(entry[1], Later):
+            entry[1] = entry[1].build()
+        return entry[1]
+
     def current(self):
-        return self.candidates[self.choice if self.choice is not None else 0][1]
+        return self._schedule(self.choice if self.choice is not None else 0)
 
     graph = property(lambda self: self.current().graph)
     plan = property(lambda self: self.current().plan)
@@ -322,21 +343,21 @@ class Autotuned:
 
     @property
     def label(self):
-        return self.candidates[self.choice][0] if self.choice is not None else "(still timing)"
+        return self._candidates[self.choice][0] if self.choice is not None else "(still timing)"
 
     def __call__(self, *args):
         if self.choice is not None:
-            return self.candidates[self.choice][1].fn(*args)
+            return self._candidates[self.choice][1].fn(*args)
         start = time.perf_counter()
         self._close_iteration(start)
         if all(len(t) >= self.TRIALS for t in self.times):
-            self.choice = min(range(len(self.candidates)), key=lambda i: sorted(self.times[i])[len(self.times[i]) // 2])
-            return self.candidates[self.choice][1].fn(*args)
+            self.choice = min(range(len(self.times)), key=lambda i: sorted(self.times[i])[len(self.times[i]) // 2])
+            return self._schedule(self.choice).fn(*args)
         # one candidate after the other (not round-robin): the threads a schedule
         # leaves spinning slow the caller's work after ITS calls, not the next schedule's
-        k = next(i for i in range(len(self.candidates)) if self.calls[i] < self.WARMUP + self.TRIALS)
+        k = next(i for i in range(len(self.times)) if self.calls[i] < self.WARMUP + self.TRIALS)
         self.calls[k] += 1
-        out = self.candidates[k][1].fn(*args)
+        out = self._schedule(k).fn(*args)   # compiled here on its first, untimed, call
         self.backend_sync()
         if self.calls[k] > self.WARMUP:
             self._open = (k, start)
@@ -349,7 +370,7 @@ class Autotuned:
             self._open = None
 
     def backend_sync(self):
-        b = getattr(self.candidates[0][1], "backend", None)
+        b = getattr(self._schedule(0), "backend", None)
         if b is not None:
             b.synchronize()
 
