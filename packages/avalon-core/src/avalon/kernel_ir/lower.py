@@ -9,7 +9,10 @@ Shapes are static, so the loop nest is fixed at compile time:
   contiguous for every operand are merged, so the common case (no
   broadcasting, or a scalar) is ONE flat loop, which a C compiler vectorizes;
   a row vector plus a column vector gives two loops with a unit-stride inner one;
-* an empty output gives one loop of extent 0.
+* an empty output gives one loop of extent 0;
+* a body node whose primitive has a `strided_view` rule (a basic slice that
+  avalon.passes.views moved into the body) reads a body input in place: its
+  loads take the view's offset and strides, so the input is the whole array.
 
 Each body node becomes a `Let` computed from its primitive's `expr` template
 (declared once, in the primitive's registration block), or from the target's

@@ -17,7 +17,8 @@ Boolean masks must be concrete (their nonzero() positions become integer index
 arrays: the result shape depends on the mask's values).  The VJPs scatter-add
 the cotangent back (`getitem_grad`, `take_along_axis_grad`), accumulating over
 repeated indices; a backend may override them with kernels of its own
-(`k_getitem_grad`, `k_take_along_axis_grad`).  scatter_add is that same
+(`k_getitem_grad`, `k_take_along_axis_grad`); a sum of getitem_grad of static
+slices of one array becomes one `scatter_slices` (avalon.passes.sums).  scatter_add is that same
 scatter (`take_along_axis_grad`) added to its input.  `check_index` range-checks
 an index array where the kernel runs, so torch-style ops (no negative indices)
 raise for a bad traced index inside compiled code too.
