@@ -131,3 +131,43 @@ def test_recurrent_gradients_unchanged_by_the_pass():
     without = avalon.value_and_grad(loss, passes=pipeline)(w, x)[1]
     for a, b in zip(with_views, without):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# -- transposed views: a permutation of a contiguous array's strides -------------------------------------------
+
+def _transposed_product(a, b):
+    # the product is computed contiguous (and returned, so it is not computed
+    # transposed instead); its transpose feeds the elementwise kernel
+    p = a @ b
+    return avalon.tanh(avalon.ops.transpose(p)) * np.float32(2.0), p
+
+
+def test_a_transposed_view_of_a_computed_value_is_read_in_place():
+    a, b = rng.standard_normal((6, 5)).astype(np.float32), rng.standard_normal((5, 7)).astype(np.float32)
+    (out, _), graph = compiled(_transposed_product, a, b)
+    assert "transpose" not in ops_of(graph)          # the kernel reads the product's strides itself
+    np.testing.assert_allclose(out, np.tanh((a @ b).T) * 2, rtol=1e-5)
+
+
+def _transposed_reshaped(a, b):
+    p = avalon.ops.reshape(a @ b, (3, 2, 7))
+    return avalon.exp(avalon.ops.transpose(p, (2, 0, 1))) + np.float32(1.0)
+
+
+def test_a_transpose_of_a_reshaped_computed_value_is_read_in_place():
+    a, b = rng.standard_normal((6, 5)).astype(np.float32), rng.standard_normal((5, 7)).astype(np.float32)
+    out, graph = compiled(_transposed_reshaped, a, b)
+    assert "transpose" not in ops_of(graph)
+    np.testing.assert_allclose(out, np.exp((a @ b).reshape(3, 2, 7).transpose(2, 0, 1)) + 1, rtol=1e-5)
+
+
+def _transposed_slice(a, b):
+    s = (a @ b)[:, ::2]                   # a strided slice: not contiguous, so its transpose stays a view
+    return avalon.tanh(avalon.ops.transpose(s)) + np.float32(1.0)
+
+
+def test_a_transpose_of_a_strided_view_is_left_alone():
+    a, b = rng.standard_normal((6, 5)).astype(np.float32), rng.standard_normal((5, 8)).astype(np.float32)
+    out, graph = compiled(_transposed_slice, a, b)
+    assert "transpose" in ops_of(graph)
+    np.testing.assert_allclose(out, np.tanh((a @ b)[:, ::2].T) + 1, rtol=1e-5)

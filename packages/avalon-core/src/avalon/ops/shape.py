@@ -72,7 +72,17 @@ def _merge_view_sum(nodes):
     return new, group
 
 
+def _c_strides(shape):
+    return tuple(int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape)))
+
+
+def _reshape_strided(node):
+    """strided_view rule: a reshape of a C-contiguous array is C-contiguous."""
+    return 0, _c_strides(node.shape)
+
+
 reshape_p = defprim("reshape", shape=_reshape_rule, view=True, output_shape_attr="shape",
+                    strided_view=_reshape_strided,
                     impl=lambda xp, x, *, shape: xp.reshape(x, shape),
                     vjp=lambda g, out, x, *, shape: (reshape(g, x.shape),),
                     sharding=on_sharded(_reshape_sharding, reads_partials=True), batching=_reshape_batching,
@@ -100,7 +110,13 @@ def _transpose_batching(args, dims, *, perm):
     return bind(transpose_p, (x,), {"perm": tuple(full)}), d
 
 
-transpose_p = defprim("transpose", shape=_transpose_rule, view=True,
+def _transpose_strided(node):
+    """strided_view rule: the input's C strides, permuted."""
+    c = _c_strides(node.inputs[0].shape)
+    return 0, tuple(c[p] for p in node.attrs["perm"])
+
+
+transpose_p = defprim("transpose", shape=_transpose_rule, view=True, strided_view=_transpose_strided,
                       impl=lambda xp, x, *, perm: xp.transpose(x, perm),
                       vjp=lambda g, out, x, *, perm: (transpose(g, tuple(np.argsort(perm).tolist())),),
                       sharding=on_sharded(_transpose_sharding, reads_partials=True), batching=_transpose_batching,

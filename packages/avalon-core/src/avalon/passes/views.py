@@ -16,21 +16,43 @@ are not views themselves move: those are contiguous, as kernels need.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..graph import Graph, Node
 from ..primitive import PRIMITIVES
 from .dce import dce
 
 
-def _kernel_view(n) -> bool:
-    """n is a view a kernel can read in place: a strided view of a computed
-    (contiguous) value or a graph input."""
+def _strided(n):
+    """(offset, strides) of view n over its input's C order, or None."""
     prim = PRIMITIVES.get(n.op)
     rule = prim.rule("strided_view", None) if prim is not None else None
-    if rule is None or rule(n) is None:
+    return rule(n) if rule is not None else None
+
+
+def _contiguous(n) -> bool:
+    """n's array is C-contiguous: a graph input or a computed value (kernels
+    write contiguous arrays), or a view reading such an array in C order (a
+    reshape) - when the caller's arrays are not, the kernel's entry point
+    sees it and takes its strided path."""
+    prim = PRIMITIVES.get(n.op)
+    if n.op == "input" or (prim is not None and not prim.view):
+        return True
+    view = _strided(n)
+    return view is not None and view == (0, _c_strides(n.shape)) and _contiguous(n.inputs[0])
+
+
+def _c_strides(shape):
+    return tuple(int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape)))
+
+
+def _kernel_view(n) -> bool:
+    """n is a view a kernel can read in place: a strided view of a contiguous
+    array (not a reshape of all of it, which the kernel takes as its input)."""
+    view = _strided(n)
+    if view is None or (view == (0, _c_strides(n.shape)) and n.size == n.inputs[0].size):
         return False
-    base = n.inputs[0]
-    base_prim = PRIMITIVES.get(base.op)
-    return base.op == "input" or (base_prim is not None and not base_prim.view)
+    return _contiguous(n.inputs[0])
 
 
 def _lone_elementwise(n) -> bool:
