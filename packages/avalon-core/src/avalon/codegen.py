@@ -138,6 +138,12 @@ def _allocate_slots(graph, plan, backend):
     return slots
 
 
+def _op_name(node):
+    """The op a user wrote: a fused group is named by the op that makes its value."""
+    body = node.attrs.get("body") if node.op == "fused" else None
+    return body.outputs[0].op if body is not None and body.outputs else node.op
+
+
 class _OutOfMemory:
     """Turns a MemoryError raised inside generated code into an OutOfMemoryError
     naming the node whose kernel could not allocate its result."""
@@ -147,7 +153,7 @@ class _OutOfMemory:
 
     def __call__(self, error):
         node = self._failed_node(error)
-        where = f"{node.op} making {type_str(node.shape, node.dtype)} ({_size(node.nbytes)}){at(node.loc)}" \
+        where = f"{_op_name(node)} making {type_str(node.shape, node.dtype)} ({_size(node.nbytes)}){at(node.loc)}" \
             if node is not None else "a kernel"
         return OutOfMemoryError(f"{self.graph.name}: out of memory in {where}: {error}. Make the value "
                                 "smaller (a smaller batch, fewer features) or free other arrays first.")
