@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import avalon
+from avalon.testing import numerical_gradient
 from avalon import passes
 from avalon.ops.indexing import _scatter_plan, scatter_slices_p
 from avalon.primitive import bind
@@ -33,16 +34,7 @@ def count(graph, op):
     return sum(n.op == op for n in graph.nodes)
 
 
-def numgrad(f, x, eps=1e-6):
-    """Central finite differences of the scalar function f at x (float64)."""
-    x = np.array(x, dtype=np.float64)
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[i] += eps
-        xm[i] -= eps
-        g[i] = (float(f(xp)) - float(f(xm))) / (2 * eps)
-    return g
+numgrad = numerical_gradient
 
 
 # -- gradients of slices: one scatter_slices ------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import avalon
+from avalon.testing import numerical_gradient
 from avalon import ShapeError
 from avalon.errors import AvalonError, ConcretizationError, DtypeError, MissingRuleError
 from avalon.ops import indexing as I
@@ -21,16 +22,7 @@ def _rng(*key):
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
-def numgrad(f, x, eps=1e-6):
-    """Central finite differences of the scalar function f at x (float64)."""
-    x = np.array(x, dtype=np.float64)
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[i] += eps
-        xm[i] -= eps
-        g[i] = (float(f(xp)) - float(f(xm))) / (2 * eps)
-    return g
+numgrad = numerical_gradient
 
 
 def check_grads(f, *args, wrt=None, rtol=1e-6, atol=1e-8):

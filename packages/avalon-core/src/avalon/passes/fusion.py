@@ -32,7 +32,7 @@ def _fusible(n):
     return p is not None and p.fusible and not p.effectful
 
 
-def _write_epochs(graph):
+def write_epochs(graph):
     """Number of input-writing nodes (assign) before each node: members of a
     group must share it, so no read of an input moves past a write to it."""
     epoch, count = {}, 0
@@ -46,7 +46,7 @@ def _write_epochs(graph):
 def fuse_elementwise(graph):
     users = graph.uses()
     outputs = set(graph.outputs)
-    epoch = _write_epochs(graph)
+    epoch = write_epochs(graph)
     group_of: dict = {}
     groups = []
     for root in reversed(graph.nodes):

@@ -22,9 +22,10 @@ where the sum is, not where the term was.
 """
 from __future__ import annotations
 
-from ..primitive import PRIMITIVES, infer_type
 from ..graph import Node
+from ..primitive import PRIMITIVES, infer_type
 from .dce import dce
+from .fusion import write_epochs
 
 ADD = "add"
 
@@ -40,20 +41,10 @@ def merge_sums(graph):
     return graph
 
 
-def _write_epochs(graph):
-    """Number of input-writing nodes (assign) before each node."""
-    epoch, count = {}, 0
-    for n in graph.nodes:
-        epoch[n] = count
-        if getattr(PRIMITIVES.get(n.op), "writes_input", False):
-            count += 1
-    return epoch
-
-
 def _merge_round(graph) -> bool:
     users = graph.uses()
     outputs = set(graph.outputs)
-    epoch = _write_epochs(graph)
+    epoch = write_epochs(graph)
     changed = False
     for root in list(graph.nodes):
         if root.op != ADD or _inner_addition(root, root, users, outputs):

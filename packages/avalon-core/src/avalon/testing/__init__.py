@@ -13,7 +13,9 @@
 * `avalon.testing.random_programs`: seeded random programs (small DAGs of ops
   over random shapes) as Avalon and PyTorch source, and `check_against_torch`,
   which compares avalon.grad and avalon.jit with torch.autograd.
+* `avalon.testing.numerical_gradient`: central finite differences in float64.
 """
 from .cases import (CASES, CHECKS, DOMAINS, FLOAT, Arg, Bug, OpCase, as_list, case_by_id,  # noqa: F401
                     cases_for, index_domain, make_inputs, resolve_dtype)
 from .random_programs import RandomProgram, check_against_torch, random_program  # noqa: F401
+from .numerical import numerical_gradient  # noqa: F401
