@@ -296,3 +296,23 @@ def test_thread_barriers_are_allowed_in_proportion_to_the_work(monkeypatch, per_
         l0, g0 = avalon.GradFunction(deep_bn, argnums=0, parallel=False)(m, x.astype(np.float32))
         np.testing.assert_allclose(l1, l0, rtol=1e-4)
         np.testing.assert_allclose(g1[0]["sq"], g0[0]["sq"], rtol=1e-3, atol=1e-4)
+
+
+def test_an_all_reduce_gives_every_thread_the_same_total_even_if_a_partial_is_reused_at_once():
+    import threading
+    from avalon.runtime.threads import _Reducer
+    reducer = _Reducer(2)
+    partials = [np.full(3, 0.1, np.float32), np.full(3, 0.2, np.float32)]
+    totals = [None, None]
+
+    def shard(k):
+        totals[k] = reducer.reduce(k, partials[k])
+        partials[k][:] = 1e6            # the thread's next kernel writes into the same buffer
+    threads = [threading.Thread(target=shard, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = np.full(3, 0.1, np.float32) + np.full(3, 0.2, np.float32)
+    for total in totals:
+        np.testing.assert_array_equal(total, want)
