@@ -333,3 +333,66 @@ def test_thread_barriers_are_allowed_in_proportion_to_the_work(monkeypatch, per_
         l0, g0 = avalon.GradFunction(deep_bn, argnums=0, parallel=False)(m, x.astype(np.float32))
         np.testing.assert_allclose(l1, l0, rtol=1e-4)
         np.testing.assert_allclose(g1[0]["sq"], g0[0]["sq"], rtol=1e-3, atol=1e-4)
+
+
+def test_an_all_reduce_gives_every_thread_the_same_total_even_if_a_partial_is_reused_at_once():
+    import threading
+    from avalon.runtime.threads import _Reducer
+    reducer = _Reducer(2)
+    partials = [np.full(3, 0.1, np.float32), np.full(3, 0.2, np.float32)]
+    totals = [None, None]
+
+    def shard(k):
+        totals[k] = reducer.reduce(k, partials[k])
+        partials[k][:] = 1e6            # the thread's next kernel writes into the same buffer
+    threads = [threading.Thread(target=shard, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = np.full(3, 0.1, np.float32) + np.full(3, 0.2, np.float32)
+    for total in totals:
+        np.testing.assert_array_equal(total, want)
+
+
+def test_a_conv_batchnorm_net_split_across_threads_matches_torch(cheap_barriers):
+    torch = pytest.importorskip("torch")
+    import avalon.nn as nn
+    import avalon.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(2, 5, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(5)
+            self.conv2 = nn.Conv2d(5, 4, (3, 2), stride=2, padding=(2, 1), dilation=(2, 1), bias=False)
+            self.bn2 = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = F.relu(self.bn1(self.conv1(x)))
+            return avalon.mean(F.relu(self.bn2(self.conv2(h))), axis=(2, 3))
+
+    net, x = Net(), rng.standard_normal((8, 2, 9, 7)).astype(np.float32)
+    y = rng.integers(0, 4, 8)
+    tnet = torch.nn.Sequential(torch.nn.Conv2d(2, 5, 3, padding=1, bias=False), torch.nn.BatchNorm2d(5),
+                               torch.nn.ReLU(), torch.nn.Conv2d(5, 4, (3, 2), stride=2, padding=(2, 1),
+                                                                dilation=(2, 1), bias=False),
+                               torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    with torch.no_grad():
+        tnet[0].weight.copy_(torch.tensor(np.asarray(net.conv1.weight)))
+        tnet[3].weight.copy_(torch.tensor(np.asarray(net.conv2.weight)))
+    f = avalon.value_and_grad(lambda m, x, y: F.cross_entropy(m(x), y))
+    loss, (grads, _, _) = f(net, x, y)
+    compiled = f._last().compiled
+    assert isinstance(compiled.candidates[0][1], ShardedFunction) and compiled.calls[0] == 1  # this call was split
+    tx = torch.tensor(x)
+    want = torch.nn.functional.cross_entropy(tnet(tx).mean(dim=(2, 3)), torch.tensor(y))
+    want.backward()
+    np.testing.assert_allclose(loss, want.item(), rtol=1e-5)
+    np.testing.assert_allclose(grads.conv1.weight, tnet[0].weight.grad.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads.conv2.weight, tnet[3].weight.grad.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads.bn2.weight, tnet[4].weight.grad.numpy(), rtol=1e-4, atol=1e-6)
+    for ours, theirs in ((net.bn1, tnet[1]), (net.bn2, tnet[4])):   # written once, after both threads
+        np.testing.assert_allclose(ours.running_mean, theirs.running_mean.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(ours.running_var, theirs.running_var.numpy(), rtol=1e-5, atol=1e-7)
+        assert int(ours.num_batches_tracked) == 1

@@ -27,8 +27,9 @@ registration block (avalon.ops._sharding explains the rules).  Anything else
 leaves the graph unsplit.  Partial sums used non-linearly (batch statistics
 mixed back into per-example values, as in BatchNorm) are summed across the
 threads (an all-reduce, a barrier) right where the sum that made them is, as
-long as the step has enough work per barrier (ELEMENTS_PER_REDUCTION).  The shard graph is the original with every sharded shape
-divided by the number of shards; constants such as the 1/N of a mean are kept,
+long as the step has enough work per barrier (ELEMENTS_PER_REDUCTION).  The
+shard graph is the original with every sharded shape divided by the number of
+shards; constants such as the 1/N of a mean are kept,
 which is exactly what makes the partial sums add up.  The result is verified
 with Graph.check().
 

@@ -130,11 +130,15 @@ class ShardedFunction:
 
 class _Reducer:
     """The rendezvous of one all-reduce: each thread brings its partial sum and
-    leaves with (a copy of) the total."""
+    leaves with the total.  One barrier: past it, every thread adds up (copies
+    of) the partials itself, in shard order, so all get the same bits without
+    waiting for one of them to do it (the partials are small: batch
+    statistics).  A reducer serves one all-reduce node, once per call, and a
+    call ends only when every thread is done, so no thread overwrites a
+    partial another one still reads."""
 
     def __init__(self, shards):
         self.values = [None] * shards
-        self.total = None
         self.barrier = threading.Barrier(shards)
 
     def ready(self):
@@ -145,14 +149,13 @@ class _Reducer:
         self.barrier.abort()
 
     def reduce(self, index, value):
-        self.values[index] = value
-        if self.barrier.wait() == 0:
-            total = self.values[0]
-            for v in self.values[1:]:
-                total = total + v
-            self.total = total
+        # a copy: past the barrier this thread's next kernels may reuse value's buffer
+        self.values[index] = value.copy()
         self.barrier.wait()
-        return self.total.copy()
+        total = self.values[0].copy()
+        for v in self.values[1:]:
+            total += v
+        return total
 
 
 def _describe(state):
