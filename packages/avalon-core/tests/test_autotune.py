@@ -73,3 +73,29 @@ def test_reading_the_candidates_compiles_them_all():
     from avalon.runtime.threads import Later
     tuned = Autotuned([("a", Later(lambda: _Schedule(0.0, 0.0, {}))), ("b", Later(lambda: _Schedule(0.0, 0.0, {})))])
     assert all(isinstance(c, _Schedule) for _, c in tuned.candidates)
+
+
+def test_the_choice_is_checked_again_when_the_load_changes(monkeypatch):
+    monkeypatch.setattr(Autotuned, "RECHECK", 12)
+    log = {}
+    a, b = _Schedule(0.001, 0.0, log), _Schedule(0.0025, 0.0, log)
+    tuned = Autotuned([("a", a), ("b", b)])
+    _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
+    assert tuned.label == "a"
+    a.call_s = 0.006        # another process now slows schedule a
+    _train(tuned, log, 12 + 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
+    assert tuned.label == "b"
+    assert tuned._next_check == 24                   # the next check comes twice as late
+
+
+def test_a_schedule_far_slower_than_the_choice_is_given_up_in_a_later_round(monkeypatch):
+    monkeypatch.setattr(Autotuned, "RECHECK", 12)
+    log = {}
+    fast, awful = _Schedule(0.001, 0.0, log), _Schedule(0.002, 0.0, log)
+    tuned = Autotuned([("fast", fast), ("awful", awful)])
+    _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
+    awful.call_s = 0.02     # its BLAS threads now starve: 20x the choice
+    calls_before = tuned.calls[1]
+    _train(tuned, log, 12 + 2 * (Autotuned.WARMUP + Autotuned.TRIALS), update_s=0.0)
+    assert tuned.label == "fast"
+    assert tuned.calls[1] <= Autotuned.WARMUP + 1 < calls_before   # one warm-up, one timed call: given up

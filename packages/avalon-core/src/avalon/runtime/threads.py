@@ -312,9 +312,16 @@ class Autotuned:
     does in between (the optimizer update, the next batch).  A schedule whose
     call is quick but leaves threads spinning afterwards (BLAS's) slows that
     work, and timing the call alone would pick it wrongly.  Each schedule gets
-    WARMUP calls, then TRIALS timed iterations, and the median decides."""
+    WARMUP calls, then TRIALS timed iterations, and the median decides.
+
+    The machine's load changes (another process takes a core, and BLAS's
+    spinning threads then starve), so the choice is checked again after
+    RECHECK calls, then after twice as many each time: one more round of
+    trials, in which a schedule whose first timed iteration is over GIVE_UP
+    times the best known median is not tried further."""
 
     WARMUP, TRIALS = 1, 5
+    RECHECK, GIVE_UP = 400, 3.0
 
     def __init__(self, candidates):
         # [(label, compiled or Later)]: a schedule given as Later is compiled when
@@ -322,8 +329,10 @@ class Autotuned:
         self._candidates = [list(c) for c in candidates]
         self.calls = [0] * len(candidates)
         self.times = [[] for _ in candidates]  # seconds per iteration (call to next call)
-        self.choice = None
+        self.choice = self._chosen = None
         self._open = None                     # (candidate, start) of the iteration being timed
+        self._since, self._next_check = 0, self.RECHECK   # calls since the choice; when to check it
+        self._best = None                     # the winning median of the last round
         self.fn = self.__call__
 
     @property
@@ -338,7 +347,8 @@ class Autotuned:
         return entry[1]
 
     def current(self):
-        return self._schedule(self.choice if self.choice is not None else 0)
+        k = self.choice if self.choice is not None else self._chosen
+        return self._schedule(k if k is not None else 0)
 
     graph = property(lambda self: self.current().graph)
     plan = property(lambda self: self.current().plan)
@@ -346,25 +356,50 @@ class Autotuned:
 
     @property
     def label(self):
-        return self._candidates[self.choice][0] if self.choice is not None else "(still timing)"
+        """The chosen schedule (the last one chosen while a later round re-times them)."""
+        return self._candidates[self._chosen][0] if self._chosen is not None else "(still timing)"
 
     def __call__(self, *args):
         if self.choice is not None:
-            return self._candidates[self.choice][1].fn(*args)
+            self._since += 1
+            if self._since < self._next_check:
+                return self._candidates[self.choice][1].fn(*args)
+            self._start_round()
         start = time.perf_counter()
         self._close_iteration(start)
-        if all(len(t) >= self.TRIALS for t in self.times):
-            self.choice = min(range(len(self.times)), key=lambda i: sorted(self.times[i])[len(self.times[i]) // 2])
+        if all(self._done(i) for i in range(len(self.times))):
+            self._choose()
             return self._schedule(self.choice).fn(*args)
         # one candidate after the other (not round-robin): the threads a schedule
         # leaves spinning slow the caller's work after ITS calls, not the next schedule's
-        k = next(i for i in range(len(self.times)) if self.calls[i] < self.WARMUP + self.TRIALS)
+        k = next(i for i in range(len(self.times)) if not self._done(i))
         self.calls[k] += 1
         out = self._schedule(k).fn(*args)   # compiled here on its first, untimed, call
         self.backend_sync()
         if self.calls[k] > self.WARMUP:
             self._open = (k, start)
         return out
+
+    def _done(self, k):
+        """Whether schedule k has had its trials in this round (or was given up)."""
+        t = self.times[k]
+        if len(t) >= self.TRIALS:
+            return True
+        return bool(t) and self._best is not None and t[0] > self.GIVE_UP * self._best
+
+    def _choose(self):
+        full = {i: t for i, t in enumerate(self.times) if len(t) >= self.TRIALS}
+        timed = full or {i: t for i, t in enumerate(self.times) if t}   # all given up: their first times
+        medians = {i: sorted(t)[len(t) // 2] for i, t in timed.items()}
+        self.choice = self._chosen = min(medians, key=medians.get)
+        self._best = medians[self.choice]
+
+    def _start_round(self):
+        """Time every schedule again (the choice is kept for reading until then)."""
+        self._since, self._next_check = 0, 2 * self._next_check
+        self.calls = [0] * len(self.times)
+        self.times = [[] for _ in self.times]
+        self.choice = None
 
     def _close_iteration(self, now):
         if self._open is not None:
