@@ -222,7 +222,7 @@ class Store:
 
 
 #: Update ops: name -> the C compound assignment
-UPDATE_OPS = {"add": "+=", "max": "max", "min": "min"}
+UPDATE_OPS = {"add": "+=", "max": "max=", "min": "min="}
 
 
 @dataclass(frozen=True)
