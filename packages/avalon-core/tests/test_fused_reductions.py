@@ -360,3 +360,26 @@ def test_gradients_of_losses_ending_in_fused_sums_match_torch(name, step, monkey
     np.testing.assert_allclose(loss, tl.item(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(gb, tb.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+# -- the batch split across threads ----------------------------------------------------------------------------------
+
+def test_a_fused_sum_over_the_batch_is_a_partial_sum_of_each_shard():
+    from avalon.ops._sharding import P
+    from avalon.passes.sharding import split_batch
+    x = np.random.default_rng(8).standard_normal((512, 1024)).astype(np.float32)
+    g = passes.fuse_elementwise(avalon.trace(lambda a: avalon.sum(avalon.exp(a) * 2.0, axis=0), x))
+    assert ops_of(g) == ["fused"]
+    plan = split_batch(g, [g.inputs[0]], 2)
+    assert plan is not None and plan.output_states == [P]
+    body = plan.graph.nodes[-1].attrs["body"]
+    assert body.inputs[0].shape == (256, 1024) and body.outputs[0].shape == (1024,)
+    shard_fn = avalon.compile_graph(plan.graph, "cpu")
+    halves = [shard_fn(part)[0] for part in (x[:256], x[256:])]
+    np.testing.assert_allclose(halves[0] + halves[1], np.sum(np.exp(x) * 2.0, axis=0), rtol=1e-5)
+
+
+def test_a_body_of_a_lone_reduction_of_an_input_lowers():
+    x = np.random.default_rng(9).standard_normal((5, 33)).astype(np.float32)
+    body = body_of([(x.shape, F32)], lambda o, a: o("max", a, axes=(1,), keepdims=False))
+    np.testing.assert_array_equal(compile_c(body)(x), x.max(axis=1))

@@ -497,7 +497,7 @@ def lower(body, *, name=None, exprs=None) -> Kernel:
                for k, n in enumerate(body.inputs)]
     views = _views(body)
     skip = {reduction[0]} if reduction else set()
-    direct = [n for n in body.inputs if any(n in m.inputs for m in body.nodes if m not in views and m not in skip)]
+    direct = [n for n in body.inputs if any(n in m.inputs for m in body.nodes if m not in views)]
     for n in body.nodes:
         if n.op != "const" and n not in skip and (n.op != "input" or n in direct):
             broadcast_strides(n.shape, domain)   # every value broadcasts to the domain
