@@ -7,7 +7,7 @@ reduction, read and written) and a body of statements:
 
 * `Loop(var, extent, body, lanes=False)`: ``for var in [0, extent)``; a
   `lanes` loop runs independent lanes of per-lane accumulators (a renderer
-  unrolls it so the lanes become one vector register);
+  makes it the loop the compiler vectorizes: the lanes become one vector);
 * `Let(var, value)`: a new local (SSA: each name is bound once);
 * `Store(buffer, index, value)`: ``buffer[index] = value``;
 * `Update(buffer, index, op, value)`: ``buffer[index] = buffer[index] op value``
@@ -239,7 +239,7 @@ class Loop:
     var: Var
     extent: int
     body: tuple
-    lanes: bool = False   # independent lanes of per-lane accumulators: unrolled into vectors
+    lanes: bool = False   # independent lanes of per-lane accumulators: vectorized across
 
     def __post_init__(self):
         object.__setattr__(self, "body", tuple(self.body))

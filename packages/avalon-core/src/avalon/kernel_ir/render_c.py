@@ -85,9 +85,11 @@ class CRenderer(CStyleRenderer):
     def loop(self, loop, indent):
         lines = super().loop(loop, indent)
         if loop.lanes:
-            # unrolled, the lanes' accumulators become one vector register (SLP), and the
-            # loop around them is not vectorized as an in-order float reduction
-            lines.insert(0, f"{indent}#pragma GCC unroll {loop.extent}")
+            # kept a loop (not unrolled), the lanes loop is what gcc vectorizes: one vector
+            # of accumulators, math calls through their vector versions (libmvec); fully
+            # unrolled, gcc would vectorize the loop around it as an in-order float
+            # reduction or call the math functions lane by lane (2x slower for log1p/exp)
+            lines.insert(0, f"{indent}#pragma GCC unroll 1")
         elif not any(hasattr(s, "extent") for s in loop.body) and not _writes_local(loop.body):
             # the innermost loop; one updating an accumulator carries a dependence ivdep must not deny
             lines.insert(0, f"{indent}#pragma GCC ivdep")
