@@ -383,3 +383,18 @@ def test_a_body_of_a_lone_reduction_of_an_input_lowers():
     x = np.random.default_rng(9).standard_normal((5, 33)).astype(np.float32)
     body = body_of([(x.shape, F32)], lambda o, a: o("max", a, axes=(1,), keepdims=False))
     np.testing.assert_array_equal(compile_c(body)(x), x.max(axis=1))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_fused_reduction_assigned_into_an_input_it_reads(axis):
+    # v is read broadcast along the reduced axis and overwritten by the sum
+    def f(v, x):
+        shape = (1, 3) if axis == 0 else (3, 1)
+        avalon.assign(v, avalon.sum(x * avalon.reshape(v, shape), axis=axis))
+        return v
+    rng = np.random.default_rng(10)
+    v = rng.standard_normal(3).astype(np.float32)
+    x = rng.standard_normal((3, 3)).astype(np.float32)
+    want = (x * (v[None, :] if axis == 0 else v[:, None])).sum(axis=axis)
+    avalon.jit(f)(v, x)
+    np.testing.assert_allclose(v, want, rtol=1e-6)
