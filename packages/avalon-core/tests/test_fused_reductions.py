@@ -12,7 +12,7 @@ from avalon.backends import cpu_native, get_backend
 from avalon.backends.cpu_fused import compile_fused_numpy
 from avalon.kernel_ir import Unfusable, lower
 from avalon.kernel_ir.ir import Buffer, Index, Kernel, KernelIRError, Load, Loop, Store, Update, Var, verify
-from avalon.kernel_ir.lower import BLOCK_ITERS, LANE_BYTES
+from avalon.kernel_ir.lower import BLOCK_ITERS, COLUMN_BLOCK, LANE_BYTES
 from avalon.runtime import native
 from avalon.testing.bodies import body_of
 
@@ -116,6 +116,22 @@ def test_a_long_row_is_summed_within_the_stated_bound_not_sequentially(dtype):
     assert np.abs(got - exact) <= sum_bound(terms, (1,), dtype)
     sequential = np.cumsum(terms.astype(dtype), axis=1, dtype=dtype)[:, -1]   # one accumulator
     assert np.abs(got - exact) < np.abs(sequential - exact) / 10 or dtype == F64
+
+
+@pytest.mark.parametrize("shape, axes", [((4096, 3), (0,)), ((300, 1100), (0,)), ((70, 3, 530), (0, 1)),
+                                         ((5, 300, 2, 9), (1,))])
+def test_a_long_column_is_summed_block_by_block(shape, axes):
+    # the output row in chunks (1100 = 2 * 512 + 76), the reduced rows in blocks of COLUMN_BLOCK values
+    x = (np.random.default_rng(11).random(shape) + 0.5).astype(np.float32)
+    body = body_of([(shape, F32)], lambda o, a: o("sum", o("mul", a, a), axes=axes, keepdims=False))
+    kernel = lower(body)
+    assert [b.name for b in kernel.locals] == ["part"]
+    terms = x.astype(np.float64) ** 2
+    n = int(np.prod([shape[a] for a in axes]))
+    got = compile_c(body)(x)
+    exact = terms.sum(axis=axes)
+    bound = (COLUMN_BLOCK + n / COLUMN_BLOCK + 2) * np.finfo(np.float32).eps * np.abs(terms).sum(axis=axes)
+    assert np.all(np.abs(got - exact) <= bound)
 
 
 def test_sum_of_an_empty_axis_is_zero_and_a_reduction_over_size_one_axes_is_a_copy():

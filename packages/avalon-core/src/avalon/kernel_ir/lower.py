@@ -601,6 +601,10 @@ def _reduced_strides(domain, axes):
 BLOCK_ITERS = 128
 #: the bytes of the lanes of a row reduction: one 64-byte vector (AVX-512), two of AVX2
 LANE_BYTES = 64
+#: float column reductions fold at most this many reduced values in sequence into a
+#: partial row of at most COLUMN_CHUNK elements before adding it to the output (see _Reducer)
+COLUMN_BLOCK = 128
+COLUMN_CHUNK = 512
 
 
 class _Reducer:
@@ -626,8 +630,12 @@ class _Reducer:
     Column reductions (the innermost dimension kept: the bias gradient of a
     Linear, sum over axis 0 of (N, F)): the output row is set to the identity,
     then each reduced row is folded into it element by element, a loop that
-    vectorizes as elementwise code does.  Each output element is a sequential
-    fold of its R reduced values: |error| <= R * eps * sum|x_i|.
+    vectorizes as elementwise code does.  Long float columns (R reduced values,
+    R > COLUMN_BLOCK) go block by block: the outermost reduced dimension in
+    blocks of at most COLUMN_BLOCK values folded into a partial row (`part`,
+    chunks of the output row) that is then added to the output, so
+    |error| <= (COLUMN_BLOCK + R / COLUMN_BLOCK) * eps * sum|x_i| (when the
+    inner reduced dimensions hold fewer than COLUMN_BLOCK values; else R).
 
     Max and min are exact whatever the order; NaN propagates (IR max/min), and
     an empty max or min is Unfusable (NumPy raises; the NumPy path does)."""
@@ -757,6 +765,9 @@ class _Reducer:
 
     # -- columns ---------------------------------------------------------------------------------------------
     def columns(self, kept, reduced, inner):
+        rest = int(np.prod([self.nest[d][0] for d in reduced[1:]], dtype=np.int64))
+        if self.dtype.kind == "f" and rest < COLUMN_BLOCK < rest * self.nest[reduced[0]][0]:
+            return self.nested(kept, self.blocked_columns(kept, reduced, inner, rest))
         init_at = {d: ([(f"i{d}", 1)], 0) for d in kept}
         init_at[inner] = ([(f"i{inner}z", 1)], 0)
         init = Loop(Var(f"i{inner}z"), self.nest[inner][0],
@@ -765,3 +776,45 @@ class _Reducer:
         vs, v = self.value(at, "")
         fold = self.nested([inner], vs + [Update(self.out, _index(self.nest, at, 0), self.rule.combine, v)])
         return self.nested(kept, [init] + self.nested(reduced, fold))
+
+    def blocked_columns(self, kept, reduced, inner, rest):
+        """Long float columns: the outermost reduced dimension in blocks of at most
+        COLUMN_BLOCK reduced values, each folded into a partial row (`part`, chunks
+        of COLUMN_CHUNK elements of the output row) then added to the output."""
+        first = reduced[0]
+        rows_per_block = COLUMN_BLOCK // rest
+        n_blocks, tail_rows = divmod(self.nest[first][0], rows_per_block)
+        width = self.nest[inner][0]
+        chunk = min(width, COLUMN_CHUNK)
+        n_chunks, tail_width = divmod(width, chunk)
+        part = self.local("part", chunk)
+        base = {d: ([(f"i{d}", 1)], 0) for d in kept}
+        stmts = []
+        for terms, const, w, sfx in ([([(f"i{inner}c", chunk)], 0, chunk, "_c")] if n_chunks else []) + \
+                ([([], n_chunks * chunk, tail_width, "_d")] if tail_width else []):
+            body = self.chunk_pass(part, base, first, reduced[1:], inner, (terms, const, w), rows_per_block,
+                                   n_blocks, tail_rows, sfx)
+            stmts += [Loop(Var(f"i{inner}c"), n_chunks, body)] if terms else body
+        return stmts
+
+    def chunk_pass(self, part, base, first, others, inner, chunk, rows_per_block, n_blocks, tail_rows, sfx):
+        terms, const, width = chunk
+        w0 = f"i{inner}z{sfx}"
+        out_at = {**base, inner: (terms + [(w0, 1)], const)}
+        stmts = [Loop(Var(w0), width, [Store(self.out, _index(self.nest, out_at, 0), self.identity)])]
+        for blk_terms, blk_const, rows, s2 in ([([(f"i{first}b{sfx}", rows_per_block)], 0, rows_per_block, "b")]
+                                               if n_blocks else []) + \
+                ([([], n_blocks * rows_per_block, tail_rows, "t")] if tail_rows else []):
+            tag = sfx + s2
+            p0, w, wc, r = f"ip{tag}", f"i{inner}{tag}", f"i{inner}o{tag}", f"i{first}{tag}"
+            at = {**base, inner: (terms + [(w, 1)], const), first: (blk_terms + [(r, 1)], blk_const),
+                  **{d: ([(f"i{d}{tag}", 1)], 0) for d in others}}
+            vs, v = self.value(at, tag)
+            fold = [Loop(Var(w), width, vs + [Update(part, Index(((w, 1),)), self.rule.combine, v)])]
+            out_at = {**base, inner: (terms + [(wc, 1)], const)}
+            block = ([Loop(Var(p0), width, [Store(part, Index(((p0, 1),)), self.identity)])]
+                     + [Loop(Var(r), rows, self.nested(others, fold, tag))]
+                     + [Loop(Var(wc), width, [Update(self.out, _index(self.nest, out_at, 0), self.rule.combine,
+                                                     Load(part, Index(((wc, 1),))))])])
+            stmts += [Loop(Var(f"i{first}b{sfx}"), n_blocks, block)] if blk_terms else block
+        return stmts
