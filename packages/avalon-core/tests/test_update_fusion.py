@@ -149,3 +149,20 @@ def test_the_c_entry_refuses_destinations_that_overlap():
 def test_the_cpu_pipeline_fuses_updates_after_elementwise_fusion():
     names = [n for n, _ in passes.default_pipeline(get_backend("cpu"))]
     assert names.index("fuse_updates") > names.index("fuse_elementwise")
+
+
+def writes_a_sum(a, b, x):
+    avalon.assign(a, avalon.sum(x * np.float32(2.0), axis=0))     # a fused group ending in a reduction
+    avalon.assign(b, b + a)
+
+
+def test_a_group_ending_in_a_reduction_is_not_merged_into_an_update():
+    a, b = _arrays(2)
+    x = rng.standard_normal((3, N)).astype(np.float32)
+    g = _pipeline(avalon.trace(writes_a_sum, a, b, x))
+    assert "fused_update" not in ops_of(g)
+    want_a = (x * 2).sum(axis=0)
+    want_b = b + want_a
+    avalon.jit(writes_a_sum)(a, b, x)
+    np.testing.assert_allclose(a, want_a, rtol=1e-5)
+    np.testing.assert_allclose(b, want_b, rtol=1e-5)

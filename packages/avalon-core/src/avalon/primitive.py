@@ -38,6 +38,8 @@ RULE_KINDS = {
                 "avalon.ops._batching)",
     "strided_view": "the op's values as a strided read of its input, node -> (offset, strides) in elements of "
                     "the input's C order, or None (avalon.passes.views: kernels read the view in place)",
+    "reduction": "the op as a fold of its input's elements over `axes` into an accumulator, a "
+                 "avalon.ops.reduce.Reduction (avalon.passes.fusion ends a fused group with it; kernel_ir lowers it)",
     "merge_sum": "a sum of several nodes of the op as fewer, cheaper nodes, nodes -> (new nodes, merged) or "
                  "None (avalon.passes.sums)",
 }

@@ -66,6 +66,7 @@ from ..kernel_ir.ir import DTYPES
 from ..runtime import native
 from ..runtime.native import NativeBuildError, NativeUnavailable
 from .cpu_fused import compile_fused_numpy
+from ..passes.fusion import body_reduces
 
 __all__ = ["enabled", "flags", "compile_fused_c", "compile_fused_many", "build_pending", "Unfusable",
            "NativeUnavailable", "NativeBuildError"]
@@ -151,7 +152,10 @@ def _compile(body, backend):
         if built is None:
             entry = _pending.get(key)
             if entry is None:
-                entry = _pending[key] = _Pending(kernel, _renderer().render_kernel(kernel), OBJECT_CALLS)
+                # a reduction's kernel reads inputs after it wrote its output (a column's
+                # accumulators): an output that IS an input takes the slow path
+                entry = _pending[key] = _Pending(kernel, _renderer().render_kernel(kernel), OBJECT_CALLS,
+                                                 in_place=not body_reduces(body))
             source = entry.source
         else:
             source = built.source
@@ -479,7 +483,7 @@ def _wrapper(body, kernel, built, backend):
                  f"        return _slow({allargs})",
                  "    return out"]
     else:
-        lines = _python_checked(kernel, args, env)
+        lines = _python_checked(kernel, args, env, in_place=not body_reduces(body))
     src = "\n".join(lines) + "\n"
     exec(_code(src, f"<avalon fused C {kernel.name}>"), env)
     fn = env["fused"]
@@ -487,7 +491,7 @@ def _wrapper(body, kernel, built, backend):
     return fn
 
 
-def _python_checked(kernel, args, env):
+def _python_checked(kernel, args, env, in_place=True):
     """The wrapper where NumPy's array layout is not the one C is told of:
     checks in Python, pointers from a.ctypes.data, overlap through _slow."""
     outb = kernel.outputs[0]
@@ -510,7 +514,7 @@ def _python_checked(kernel, args, env):
     for k, b in enumerate(kernel.inputs):
         nb = b.size * b.dtype.itemsize
         if nb and onb:
-            same = b.size == outb.size and b.dtype.itemsize == outb.dtype.itemsize
+            same = in_place and b.size == outb.size and b.dtype.itemsize == outb.dtype.itemsize
             cond = f"p{k} < po + {onb} and po < p{k} + {nb}"
             overlap.append(f"(p{k} != po and {cond})" if same else f"({cond})")
     lines.append("    po = out.ctypes.data")
@@ -535,6 +539,7 @@ class _Slow:
     def __init__(self, body, kernel, env, backend):
         self.body, self.kernel, self.env, self.backend = body, kernel, env, backend
         self.copy_inputs = COPY_MIN is not None and kernel.outputs[0].size >= COPY_MIN
+        self.in_place = not body_reduces(body)   # an input may be exactly `out`
         self._local = threading.local()
 
     def numpy(self):
@@ -590,18 +595,18 @@ class _Slow:
         outb = self.kernel.outputs[0]
         if (type(out) is not np.ndarray or out.dtype != outb.dtype or out.size != outb.size
                 or not (out.flags.c_contiguous and out.flags.aligned and out.flags.writeable)
-                or any(_overlaps(out, a) for a in arrays)):
+                or any(_overlaps(out, a, self.in_place) for a in arrays)):
             return False
         if outb.size:
             self.env["_k"](*[a.ctypes.data for a in arrays], out.ctypes.data)
         return True
 
 
-def _overlaps(out, a):
-    """True unless `a` and `out` are disjoint or exactly the same memory and layout."""
+def _overlaps(out, a, in_place=True):
+    """True unless `a` and `out` are disjoint or (in_place) exactly the same memory and layout."""
     if a.size == 0 or out.size == 0:
         return False
     pa, po = a.ctypes.data, out.ctypes.data
-    if pa == po and a.size == out.size and a.itemsize == out.itemsize:
+    if in_place and pa == po and a.size == out.size and a.itemsize == out.itemsize:
         return False
     return pa < po + out.nbytes and po < pa + a.nbytes

@@ -1,9 +1,11 @@
 """Avalon's kernel generator: a loop-level kernel IR, lowering of fused
-elementwise groups to it, and renderers to C (CPU) and CUDA.
+elementwise groups (and the sum, max or min a group may end in: loop nests
+with per-lane accumulators) to it, and renderers to C (CPU) and CUDA (which
+refuses reductions: those groups run op by op there).
 
     body (a fused group's Graph)  --lower-->  Kernel  --CRenderer / CUDARenderer-->  source
 
-- `ir`: the IR (`Kernel`, `Loop`, `Let`, `Store`, typed expressions), its
+- `ir`: the IR (`Kernel`, `Loop`, `Let`, `Store`, `Update`, local buffers, typed expressions), its
   text form (`str(kernel)`) and its verifier (`verify`).
 - `lower`: `lower(body)` -> Kernel; `Unfusable` when a group has no exact kernel.
 - `render_cstyle`, `render_c`, `render_cuda`: `CStyleRenderer` and its C and

@@ -1,14 +1,18 @@
 """The kernel IR: a small, typed, loop-level IR that renderers turn into C or CUDA.
 
 A `Kernel` has buffer parameters (`Buffer`: a flat array of one dtype and a
-static number of elements, read ("in") or written ("out")) and a body of
-statements:
+static number of elements, read ("in") or written ("out")), local buffers
+(role "local": small arrays of the kernel's own, accumulators of a
+reduction, read and written) and a body of statements:
 
-* `Loop(var, extent, body)`: ``for var in [0, extent)``;
+* `Loop(var, extent, body, lanes=False)`: ``for var in [0, extent)``; a
+  `lanes` loop runs independent lanes of per-lane accumulators (a renderer
+  makes it the loop the compiler vectorizes: the lanes become one vector);
 * `Let(var, value)`: a new local (SSA: each name is bound once);
 * `Store(buffer, index, value)`: ``buffer[index] = value``;
 * `Update(buffer, index, op, value)`: ``buffer[index] = buffer[index] op value``
-  on an output buffer (a scatter-add: col2im, overlapping windows).
+  on an output or local buffer (a scatter-add: col2im, overlapping windows;
+  an accumulator of a sum, max or min).
 
 Expressions carry their dtype on every node: `Var`, `Const` (a value of exact
 dtype), `Load(buffer, index)`, `Unary`, `Binary`, `Call`, `Select` and
@@ -87,7 +91,8 @@ def dtype_str(dtype) -> str:
 
 @dataclass(frozen=True)
 class Buffer:
-    """A flat array parameter: `size` elements of `dtype`; role "in" or "out"."""
+    """A flat array of `size` elements of `dtype`; role "in" or "out" (a
+    parameter), or "local" (the kernel's own array, read and written)."""
     name: str
     dtype: np.dtype
     size: int
@@ -217,7 +222,7 @@ class Store:
 
 
 #: Update ops: name -> the C compound assignment
-UPDATE_OPS = {"add": "+="}
+UPDATE_OPS = {"add": "+=", "max": "max=", "min": "min="}
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,7 @@ class Loop:
     var: Var
     extent: int
     body: tuple
+    lanes: bool = False   # independent lanes of per-lane accumulators: vectorized across
 
     def __post_init__(self):
         object.__setattr__(self, "body", tuple(self.body))
@@ -245,10 +251,12 @@ class Kernel:
     name: str
     params: tuple    # Buffers: inputs, then outputs
     body: tuple      # statements
+    locals: tuple = ()   # Buffers of role "local"
 
     def __post_init__(self):
         object.__setattr__(self, "params", tuple(self.params))
         object.__setattr__(self, "body", tuple(self.body))
+        object.__setattr__(self, "locals", tuple(self.locals))
 
     @property
     def inputs(self):
@@ -346,7 +354,8 @@ def format_expr(e) -> str:
 def _format_stmts(stmts, indent, lines):
     for s in stmts:
         if isinstance(s, Loop):
-            lines.append(f"{indent}for {s.var.name} in [0, {s.extent}) {{")
+            lanes = " lanes" if s.lanes else ""
+            lines.append(f"{indent}for {s.var.name} in [0, {s.extent}){lanes} {{")
             _format_stmts(s.body, indent + "  ", lines)
             lines.append(f"{indent}}}")
         elif isinstance(s, Let):
@@ -364,6 +373,7 @@ def format_kernel(k: Kernel) -> str:
     ins = ", ".join(str(b) for b in k.inputs)
     outs = ", ".join(str(b) for b in k.outputs)
     lines = [f"kernel {k.name}({ins}) -> ({outs}) {{"]
+    lines += [f"  local {b}" for b in k.locals]
     _format_stmts(k.body, "  ", lines)
     lines.append("}")
     return "\n".join(lines)
@@ -379,8 +389,8 @@ def verify(kernel: Kernel) -> Kernel:
     dtype of its definition, and defined only once; every node's dtype follows
     the IR's rules (Binary/Call operands share one dtype, comparisons give bool,
     Select's condition is bool, a Store's value has its buffer's dtype, Loads
-    read inputs and Stores write outputs); every index stays within its buffer
-    for all values of the loop variables."""
+    read inputs or locals and Stores write outputs or locals); every index
+    stays within its buffer for all values of the loop variables."""
     _Verifier(kernel).run()
     return kernel
 
@@ -406,7 +416,14 @@ class _Verifier:
             self.dtype_ok(b.dtype, f"buffer {b.name}")
             if b.size < 0:
                 self.fail(f"buffer {b.name} has a negative size {b.size}")
-        self.params = {b.name: b for b in self.k.params}
+        for b in self.k.locals:
+            if not isinstance(b, Buffer) or b.role != "local":
+                self.fail(f"local {b!r} is not a Buffer of role 'local'")
+            if b.name in names:
+                self.fail(f"two buffers are named {b.name!r}")
+            names.add(b.name)
+            self.dtype_ok(b.dtype, f"local buffer {b.name}")
+        self.params = {b.name: b for b in self.k.params + self.k.locals}
         self.defined: set = set(names)
         self.stmts(self.k.body, {}, {})
 
@@ -437,7 +454,7 @@ class _Verifier:
                 self.where = f"{kind} {s.buffer.name}[{format_index(s.index)}]: "
                 if isinstance(s, Update) and s.op not in UPDATE_OPS:
                     self.fail(f"unknown update op {s.op!r}; ops are {', '.join(UPDATE_OPS)}")
-                self.buffer(s.buffer, "out", "stored to")
+                self.buffer(s.buffer, ("out", "local"), "stored to")
                 self.index(s.index, s.buffer, scope, extents)
                 self.expr(s.value, scope, extents)
                 if s.value.dtype != s.buffer.dtype:
@@ -452,11 +469,11 @@ class _Verifier:
         self.defined.add(var.name)
         scope[var.name] = var.dtype
 
-    def buffer(self, b, role, what):
+    def buffer(self, b, roles, what):
         p = self.params.get(b.name)
         if p is None or p != b:
             self.fail(f"buffer {b.name} is not a parameter of the kernel")
-        if b.role != role:
+        if b.role not in roles:
             self.fail(f"buffer {b.name} is {b.role!r} but is {what}")
 
     def index(self, ix, buf, scope, extents):
@@ -493,7 +510,7 @@ class _Verifier:
         elif isinstance(e, Const):
             pass
         elif isinstance(e, Load):
-            self.buffer(e.buffer, "in", "loaded from")
+            self.buffer(e.buffer, ("in", "local"), "loaded from")
             self.index(e.index, e.buffer, scope, extents)
         elif isinstance(e, Unary):
             self.expr(e.a, scope, extents)

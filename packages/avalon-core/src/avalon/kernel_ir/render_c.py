@@ -30,6 +30,7 @@ bool*); bool locals stay bool.
 """
 from __future__ import annotations
 
+from .ir import Store, Update
 from .render_cstyle import CStyleRenderer
 
 
@@ -83,13 +84,25 @@ class CRenderer(CStyleRenderer):
 
     def loop(self, loop, indent):
         lines = super().loop(loop, indent)
-        if not any(hasattr(s, "extent") for s in loop.body):  # the innermost loop
+        if loop.lanes:
+            # kept a loop (not unrolled), the lanes loop is what gcc vectorizes: one vector
+            # of accumulators, math calls through their vector versions (libmvec); fully
+            # unrolled, gcc would vectorize the loop around it as an in-order float
+            # reduction or call the math functions lane by lane (2x slower for log1p/exp)
+            lines.insert(0, f"{indent}#pragma GCC unroll 1")
+        elif not any(hasattr(s, "extent") for s in loop.body) and not _writes_local(loop.body):
+            # the innermost loop; one updating an accumulator carries a dependence ivdep must not deny
             lines.insert(0, f"{indent}#pragma GCC ivdep")
         return lines
 
     def render_kernel(self, kernel) -> str:
         lines = [self.comment(kernel), f"AVL_EXPORT void {kernel.name}({self.params(kernel)})", "{"]
+        lines += self.locals(kernel, "    ")
         for s in kernel.body:
             lines += self.statement(s, "    ")
         lines.append("}")
         return "\n".join(lines) + "\n"
+
+
+def _writes_local(stmts) -> bool:
+    return any(isinstance(s, (Store, Update)) and s.buffer.role == "local" for s in stmts)

@@ -170,10 +170,24 @@ class CStyleRenderer:
         if isinstance(s, Store):
             return [f"{indent}{s.buffer.name}[{self.index(s.index)}] = {self.expr(s.value)};"]
         if isinstance(s, Update):
-            return [f"{indent}{s.buffer.name}[{self.index(s.index)}] {UPDATE_OPS[s.op]} {self.expr(s.value)};"]
+            return [self.update(s, indent)]
         if isinstance(s, Loop):
             return self.loop(s, indent)
         raise TypeError(f"cannot render {type(s).__name__}")
+
+    def update(self, s: Update, indent: str) -> str:
+        """buffer[index] = buffer[index] op value, exact as the op's expression is
+        (integer adds wrap); a float add is the compound `+=`."""
+        target = f"{s.buffer.name}[{self.index(s.index)}]"
+        if s.op == "add" and s.value.dtype.kind == "f":
+            return f"{indent}{target} {UPDATE_OPS[s.op]} {self.expr(s.value)};"
+        old = Var(target, s.value.dtype)   # the element itself, spelled as a local
+        e = Binary("add", old, s.value, s.value.dtype) if s.op == "add" else Call(s.op, (old, s.value), s.value.dtype)
+        return f"{indent}{target} = {self.expr(e)};"
+
+    def locals(self, kernel, indent: str) -> list[str]:
+        """Declarations of the kernel's local buffers."""
+        return [f"{indent}{self.buffer_type(b.dtype)} {b.name}[{max(b.size, 1)}];" for b in kernel.locals]
 
     def loop(self, loop: Loop, indent: str) -> list[str]:
         v = loop.var.name

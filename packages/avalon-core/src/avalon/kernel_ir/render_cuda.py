@@ -48,6 +48,10 @@ class CUDARenderer(CStyleRenderer):
 
     def render_kernel(self, kernel) -> str:
         nest = kernel.loops()
+        if kernel.locals:
+            from .lower import Unfusable
+            raise Unfusable(f"kernel {kernel.name}: the CUDA renderer does not render reductions "
+                            "(kernels with local accumulators); the group runs op by op")
         if nest is None:
             raise ValueError(f"kernel {kernel.name}: the CUDA renderer needs a perfect loop nest")
         extents = [loop.extent for loop in nest]

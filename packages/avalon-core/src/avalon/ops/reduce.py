@@ -2,6 +2,8 @@
 them: mean, logsumexp, softmax, log_softmax."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..primitive import PRIMITIVES, bind, defprim
@@ -61,6 +63,29 @@ def _reduction_batching(name):
     return rule
 
 
+@dataclass(frozen=True)
+class Reduction:
+    """A reduction as a fold: the values of the input over `axes` (after a cast
+    to the op's result dtype) are combined by `combine`, an IR op of
+    avalon.kernel_ir (add, max, min), into an accumulator that starts at the
+    identity.  `empty_ok`: an empty fold gives the identity (a sum is 0); else
+    an empty fold is NumPy's error (a max of nothing has no value)."""
+    combine: str
+    empty_ok: bool
+
+    def identity(self, dtype):
+        d = np.dtype(dtype)
+        if self.combine == "add":
+            return d.type(0)
+        low = self.combine == "max"     # max starts at the lowest value, min at the highest
+        if d.kind == "f":
+            return d.type(-np.inf if low else np.inf)
+        if d.kind == "b":
+            return np.bool_(not low)
+        info = np.iinfo(d)
+        return d.type(info.min if low else info.max)
+
+
 def _sum_impl(xp, x, *, axes, keepdims, out=None):
     return xp.sum(x, axis=axes, keepdims=keepdims, out=out)
 
@@ -89,7 +114,7 @@ def _sum_batch_last(rw, node):
 sum_p = defprim("sum", shape=_reduce_rule("sum"), impl=_sum_impl, accepts_out=True,
                 vjp=lambda g, out, x, *, axes, keepdims: (_expand_back(g, x.shape, axes, keepdims),),
                 sharding=_reduction_sharding(linear=True), layout=LayoutRule(_sum_batch_last),
-                batching=_reduction_batching("sum"))
+                batching=_reduction_batching("sum"), reduction=Reduction("add", empty_ok=True))
 
 
 def _extremum_vjp(g, out, x, *, axes, keepdims):
@@ -109,9 +134,11 @@ def _min_impl(xp, x, *, axes, keepdims, out=None):
 
 
 max_p = defprim("max", shape=_reduce_rule("max"), impl=_max_impl, accepts_out=True, vjp=_extremum_vjp,
-                sharding=_reduction_sharding(linear=False), batching=_reduction_batching("max"))
+                sharding=_reduction_sharding(linear=False), batching=_reduction_batching("max"),
+                reduction=Reduction("max", empty_ok=False))
 min_p = defprim("min", shape=_reduce_rule("min"), impl=_min_impl, accepts_out=True, vjp=_extremum_vjp,
-                sharding=_reduction_sharding(linear=False), batching=_reduction_batching("min"))
+                sharding=_reduction_sharding(linear=False), batching=_reduction_batching("min"),
+                reduction=Reduction("min", empty_ok=False))
 
 
 def _argmax_impl(xp, x, *, axes, keepdims):

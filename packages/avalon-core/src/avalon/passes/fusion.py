@@ -1,10 +1,14 @@
-"""Fusion of elementwise chains.
+"""Fusion of elementwise chains, and of the reductions they feed.
 
-A maximal group of elementwise nodes of one output shape, whose intermediate
-values are used only inside the group, becomes one "fused" node whose `body`
-attribute is a small Graph.  Each backend compiles a body into one kernel
+A maximal group of elementwise nodes of one shape, whose intermediate values
+are used only inside the group, becomes one "fused" node whose `body`
+attribute is a small Graph.  A group may end in a reduction (a primitive with
+a `reduction` rule: sum, max, min) of a value the group computes: the group's
+elementwise members then have the reduction's input shape, and the body's
+output is the reduction's.  Each backend compiles a body into one kernel
 (`Backend.compile_fused`): the CPU backend runs it in place in preallocated
-scratch memory, a GPU backend can emit a single elementwise kernel.
+scratch memory (a reduction body as one loop nest with accumulators, see
+kernel_ir.lower), a GPU backend can emit a single elementwise kernel.
 """
 from ..graph import Graph, Node
 from ..primitive import PRIMITIVES, defprim
@@ -32,6 +36,19 @@ def _fusible(n):
     return p is not None and p.fusible and not p.effectful
 
 
+def reduction_of(n):
+    """The `reduction` rule of n's primitive (a group may end in n), or None."""
+    p = PRIMITIVES.get(n.op)
+    if p is None or p.effectful:
+        return None
+    return p.rule("reduction", None)
+
+
+def body_reduces(body) -> bool:
+    """Whether a fused body's output is a reduction (its kernel reads more than it writes)."""
+    return any(reduction_of(o) is not None for o in body.outputs)
+
+
 def write_epochs(graph):
     """Number of input-writing nodes (assign) before each node: members of a
     group must share it, so no read of an input moves past a write to it."""
@@ -50,15 +67,18 @@ def fuse_elementwise(graph):
     group_of: dict = {}
     groups = []
     for root in reversed(graph.nodes):
-        if root in group_of or not _fusible(root):
+        reduces = reduction_of(root) is not None
+        if root in group_of or not (_fusible(root) or reduces):
             continue
+        # the shape the group's elementwise members compute: a reduction's input's
+        domain = root.inputs[0].shape if reduces else root.shape
         members = {root}
         stack = [root]
         while stack:
             n = stack.pop()
             for i in n.inputs:
                 if (i in members or i in group_of or not _fusible(i) or i in outputs
-                        or i.shape != root.shape or epoch[i] != epoch[root]):
+                        or i.shape != domain or epoch[i] != epoch[root]):
                     continue
                 if all(u in members for u in users.get(i, ())):
                     members.add(i)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from ..graph import Graph, Node
 from ..primitive import PRIMITIVES, defprim
+from .fusion import body_reduces
 
 __all__ = ["fuse_updates", "fused_update_p"]
 
@@ -80,7 +81,9 @@ def _candidate(a, users, outputs):
         return None
     dest, src = a.inputs
     prim = PRIMITIVES.get(src.op)
-    computed = src.op == "fused" or (prim is not None and prim.elementwise and prim.expr and not prim.effectful)
+    # an elementwise value: a fused group that does not end in a reduction, or one op
+    computed = ((src.op == "fused" and not body_reduces(src.attrs["body"]))
+                or (prim is not None and prim.elementwise and prim.expr and not prim.effectful))
     if (dest.op != "input" or not computed or users.get(src) != [a] or src in outputs
             or tuple(src.shape) != tuple(dest.shape) or src.dtype != dest.dtype):
         return None
