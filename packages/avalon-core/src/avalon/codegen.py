@@ -155,9 +155,10 @@ class Step:
 
 
 def _segments_wanted(backend) -> bool:
-    """Segments (avalon.runtime.segments) for this compile: AVALON_C_DRIVER=1 and a CPU backend."""
+    """Segments (avalon.runtime.segments) for this compile: AVALON_C_DRIVER=1, a CPU
+    backend and a driver that builds (a C compiler, NumPy's array layout known)."""
     from .runtime import segments
-    return segments.enabled() and getattr(backend, "name", None) == "cpu"
+    return segments.enabled() and getattr(backend, "name", None) == "cpu" and segments.driver() is not None
 
 
 def _last_uses(graph, through_views=False):
