@@ -226,3 +226,31 @@ def test_an_allocation_failing_before_a_segment_names_its_node(monkeypatch):
     monkeypatch.setitem(env, "_empty", no_memory)
     with pytest.raises(OutOfMemoryError, match=r"out of memory in \w+ making f\d+\["):
         compiled.fn(*flatten((m, x))[0])
+
+
+def test_a_segment_refused_again_and_again_runs_node_by_node(monkeypatch):
+    loss, (m, x, y) = mlp_case()
+    _, (compiled,) = compiled_step(loss, (m, x, y), monkeypatch, driver=True, split=False)
+    flat = flatten((m, x, y))[0]
+    k = next(i for i, v in enumerate(flat) if v is x)
+    want = leaves(compiled.fn(*flat))
+    env = compiled.fn.__globals__
+    x_node = compiled.graph.inputs[k]
+    reads_x = [i for i, seg in enumerate(compiled.segments) if x_node in seg.dyn]
+    assert reads_x
+    strided = np.asfortranarray(x)
+    for _ in range(segments.REFUSALS):
+        got = leaves(compiled.fn(*flat[:k], strided, *flat[k + 1:]))
+    assert all(env[f"_seg{i}"] is segments._node_by_node for i in reads_x)
+    for g, w in zip(got + leaves(compiled.fn(*flat)), want + want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_without_numpys_blas_products_stay_numpy_calls(monkeypatch):
+    loss, args = lstm_case()
+    plain, _ = compiled_step(loss, args, monkeypatch, driver=False, split=False)
+    monkeypatch.setattr(segments, "blas_gemm", lambda: {})
+    fn, (compiled,) = compiled_step(loss, args, monkeypatch, driver=True, split=False)
+    assert compiled.segments and "gemm" not in "\n".join(s.source for s in compiled.segments)
+    for g, w in zip(leaves(fn(*args)), leaves(plain(*args))):
+        np.testing.assert_array_equal(g, w)

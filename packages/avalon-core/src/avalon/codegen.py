@@ -4,6 +4,13 @@ Every kernel is bound once, at compile time, as a global of the generated
 module; constants are moved to the device once; buffers of the memory plan are
 preallocated.  The source is readable (`compiled.source`), one line a node,
 with the graph node and the user's line as a comment.
+
+With AVALON_C_DRIVER=1 (read when a graph is compiled; CPU backend) runs of
+consecutive nodes with C implementations become one call of a C driver
+(avalon.runtime.segments): `compiled.segments` lists them, each with a readable
+`.source`; the node-by-node lines stay in the source as the path taken when the
+driver refuses a call's arrays.  profile=True and check_finite=True keep one
+call per node.
 """
 from __future__ import annotations
 

@@ -188,8 +188,12 @@ def blas_gemm():
         libs = ThreadpoolController().select(internal_api="openblas").lib_controllers
     except Exception:  # noqa: BLE001 - no BLAS found: no products in segments
         return {}
-    libs = sorted(libs, key=lambda c: "numpy" not in (c.filepath or ""))
-    for controller in libs:
+    # NumPy's own copy (numpy.libs); another OpenBLAS (torch's, the system's) only
+    # when it is the one loaded, as when NumPy links the system's
+    ours = [c for c in libs if "numpy" in (c.filepath or "")]
+    if not ours and len(libs) == 1:
+        ours = libs
+    for controller in ours:
         try:
             lib = ctypes.CDLL(controller.filepath)
         except OSError:
@@ -339,6 +343,24 @@ def _kernel_address(fn):
 
 def _node_by_node(*args):
     return 1
+
+
+#: a segment whose driver refused this many calls (arrays passed per call not laid out
+#: as compiled: a strided share, another dtype) runs node by node from then on
+REFUSALS = 8
+
+
+class Refusals:
+    """Counts each segment's refused calls (called on the node-by-node path only,
+    so the fast path pays nothing) and retires a segment refused REFUSALS times."""
+
+    def __init__(self, env):
+        self.env, self.counts = env, {}
+
+    def __call__(self, index):
+        n = self.counts[index] = self.counts.get(index, 0) + 1
+        if n >= REFUSALS:
+            self.env[f"_seg{index}"] = _node_by_node
 
 
 class FirstCall:
@@ -601,6 +623,7 @@ def _segment_lines(builder, seg, steps, last_use, outputs, env):
     env[table_name] = 0
     env.setdefault("_id", id)
     env.setdefault("_empty", np.empty)
+    env.setdefault("_refused", Refusals(env))
     lines = [f"# segment {i}: nodes {seg.nodes[0]}..{seg.nodes[-1]} in one C call (compiled.segments[{i}].source)"]
     for n in seg.fresh:
         dt = f"_dt_{np.dtype(n.dtype).name}"
@@ -608,6 +631,7 @@ def _segment_lines(builder, seg, steps, last_use, outputs, env):
         lines.append(f"{names[n]} = _empty({tuple(n.shape)!r}, {dt})")
     args = "".join(f", _id({names[n]})" for n in seg.dyn)
     lines.append(f"if {fn_name}({table_name}{args}):")
+    lines.append(f"    _refused({i})")
     for step in steps:
         lines += ["    " + line for line in step.all_lines()]
     fast = _fast_lines(builder, seg, steps, last_use, outputs)
