@@ -335,8 +335,10 @@ class Unavailable(Exception):
 
 
 def _kernel_address(fn):
+    """The address of the C function a cpu_native wrapper calls (its `_k`): one
+    pointer argument per buffer of its kernel, the only calls the driver makes."""
     cfn = getattr(fn, "__globals__", {}).get("_k")
-    if not isinstance(cfn, ctypes._CFuncPtr):
+    if not isinstance(cfn, ctypes._CFuncPtr) or tuple(cfn.argtypes or ()) != (ctypes.c_void_p,) * len(fn.kernel.params):
         raise Unavailable(fn)
     return ctypes.cast(cfn, ctypes.c_void_p).value
 
