@@ -218,8 +218,7 @@ def test_an_allocation_failing_before_a_segment_names_its_node(monkeypatch):
     x = rng.standard_normal((5, 6)).astype(np.float32)
     fn, (compiled,) = compiled_step(loss, (m, x), monkeypatch, driver=True, split=False)
     env = compiled.fn.__globals__
-    if not any(seg.fresh for seg in compiled.segments):
-        pytest.skip("no segment of this graph allocates its results")
+    assert any(seg.fresh for seg in compiled.segments)     # x @ w's gradient is no buffer of the plan
 
     def no_memory(*a):
         raise MemoryError("test")

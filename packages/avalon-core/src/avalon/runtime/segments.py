@@ -404,6 +404,7 @@ class SegmentBuilder:
         self.gemm = blas_gemm() if backend.xp is np else {}
         self.loc: dict = {}               # node -> Layout known at compile time
         self.segments: list = []
+        self.listing_line = None          # the readable line of the op c_ops just made
         for n in graph.inputs:
             self.loc[n] = contiguous_layout(("dyn", n), n)
 
@@ -510,8 +511,10 @@ class SegmentBuilder:
         for step in steps:
             self.listing_line = None
             done = self.c_ops(step)
-            if done is not None and current is not None and self._too_many(current[0], done, step):
+            if done is not None and current is not None and self._too_many(current[0], done):
                 close()
+            if done is not None and self._too_many(Segment(-1), done):
+                done = None      # more arrays per call than the driver's entry points take
             if done is None:
                 close()
                 self.note_python(step)
@@ -530,7 +533,7 @@ class SegmentBuilder:
                 self.segments.append(item[0])
         return items
 
-    def _too_many(self, seg, done, step):
+    def _too_many(self, seg, done):
         ops, lay, fresh = done
         new = {lay.base[1]} if fresh else set()
         for _, payload in ops:
