@@ -259,6 +259,17 @@ def _transpose_view(node, src):
 VIEWS = {"reshape": _reshape_view, "transpose": _transpose_view}
 
 
+#: ops the driver runs itself (the method of SegmentBuilder making the op), in place
+#: of the primitive's reference kernel (NumPy's matmul: cblas ?gemm, as NumPy calls it)
+DRIVER_OPS = {"matmul": "gemm_op"}
+
+
+def _reference_kernel(fn, node) -> bool:
+    """Whether the node's kernel is its primitive's NumPy implementation (no backend override)."""
+    impl = PRIMITIVES[node.op].impl
+    return isinstance(fn, functools.partial) and fn.func is impl and fn.args == (np,)
+
+
 def _gemm_operand(lay):
     """(transpose flag, leading dimension) as NumPy's matmul picks them, or None."""
     m, n = lay.shape
@@ -444,8 +455,9 @@ class SegmentBuilder:
             fresh = False
         if out is None or not out.contiguous:
             return None
-        if n.op == "matmul":
-            op = self.gemm_op(n, out)
+        driver_op = DRIVER_OPS.get(n.op)
+        if driver_op is not None:
+            op = getattr(self, driver_op)(step, out) if _reference_kernel(self.env[step.kname], n) else None
         else:
             op = self.call_op(step, out)
         return ([op], out, fresh) if op is not None else None
@@ -473,7 +485,8 @@ class SegmentBuilder:
         self.listing_line = f"{kernel.name}({', '.join(_show(lay, self.names) for lay in lays)})"
         return ("call", (fn, lays))
 
-    def gemm_op(self, n, out):
+    def gemm_op(self, step, out):
+        n = step.node
         a, b = (self.loc.get(i) for i in n.inputs)
         address = self.gemm.get(np.dtype(n.dtype))
         if (address is None or a is None or b is None or len(a.shape) != 2 or len(b.shape) != 2
