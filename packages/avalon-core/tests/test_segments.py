@@ -253,3 +253,27 @@ def test_without_numpys_blas_products_stay_numpy_calls(monkeypatch):
     assert compiled.segments and "gemm" not in "\n".join(s.source for s in compiled.segments)
     for g, w in zip(leaves(fn(*args)), leaves(plain(*args))):
         np.testing.assert_array_equal(g, w)
+
+
+def test_float64_products_go_through_dgemm_with_the_same_bits(monkeypatch):
+    loss, (m, x, y) = mlp_case()
+    m = {k: v.astype(np.float64) for k, v in m.items()}
+    args = (m, x.astype(np.float64), y)
+    plain, _ = compiled_step(loss, args, monkeypatch, driver=False, split=False)
+    fast, (compiled,) = compiled_step(loss, args, monkeypatch, driver=True, split=False)
+    assert "cblas_dgemm" in "\n".join(s.source for s in compiled.segments)
+    for g, w in zip(leaves(fast(*args)), leaves(plain(*args))):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_concurrent_callers_get_their_own_copies_and_the_same_results(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    loss, args = lstm_case()
+    plain, _ = compiled_step(loss, args, monkeypatch, driver=False, split=False)
+    want = leaves(plain(*args))
+    fast, _ = compiled_step(loss, args, monkeypatch, driver=True, split=False)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: leaves(fast(*args)), range(12)))
+    for got in results:
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
