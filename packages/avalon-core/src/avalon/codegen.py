@@ -70,7 +70,7 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
     builder = None
     if segmented:
         from .runtime.segments import SegmentBuilder
-        builder = SegmentBuilder(graph, plan, backend, env, names, fused_in_place=True)
+        builder = SegmentBuilder(graph, plan, backend, env, names)
     for k, n in enumerate(graph.nodes):
         if n.op == "input":
             continue

@@ -409,9 +409,8 @@ class SegmentBuilder:
     the generated code: per segment, fresh results allocated, one driver call,
     and the nodes one by one when the driver refuses the call's arrays."""
 
-    def __init__(self, graph, plan, backend, env, names, fused_in_place):
+    def __init__(self, graph, plan, backend, env, names):
         self.graph, self.plan, self.backend, self.env, self.names = graph, plan, backend, env, names
-        self.fused_in_place = fused_in_place
         self.gemm = blas_gemm() if backend.xp is np else {}
         self.loc: dict = {}               # node -> Layout known at compile time
         self.segments: list = []
@@ -473,7 +472,10 @@ class SegmentBuilder:
             in_place, n_in = True, len(operands) - nd
         else:
             operands = list(n.inputs) + [None]
-            in_place, n_in = n.op == "fused" and self.fused_in_place, len(n.inputs)
+            # an output may be exactly an input where the kernel's own entry point allows it:
+            # elementwise groups (cpu_native builds their entries with in_place=True)
+            in_place = getattr(fn, "in_place", n.op == "fused")
+            n_in = len(n.inputs)
         if len(operands) != len(kernel.params):
             return None
         lays = [self.loc.get(i) if i is not None else out for i in operands]
