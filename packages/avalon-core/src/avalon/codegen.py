@@ -31,6 +31,7 @@ class CompiledGraph:
 
     def __init__(self, fn, source, graph, plan, backend):
         self.fn, self.source, self.graph, self.plan, self.backend = fn, source, graph, plan, backend
+        self.segments = []   # runs of nodes called as one C driver call (avalon.runtime.segments)
 
     def __call__(self, *args):
         return self.fn(*args)
