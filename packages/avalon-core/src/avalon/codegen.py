@@ -4,6 +4,13 @@ Every kernel is bound once, at compile time, as a global of the generated
 module; constants are moved to the device once; buffers of the memory plan are
 preallocated.  The source is readable (`compiled.source`), one line a node,
 with the graph node and the user's line as a comment.
+
+With AVALON_C_DRIVER=1 (read when a graph is compiled; CPU backend) runs of
+consecutive nodes with C implementations become one call of a C driver
+(avalon.runtime.segments): `compiled.segments` lists them, each with a readable
+`.source`; the node-by-node lines stay in the source as the path taken when the
+driver refuses a call's arrays.  profile=True and check_finite=True keep one
+call per node.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ class CompiledGraph:
 
     def __init__(self, fn, source, graph, plan, backend):
         self.fn, self.source, self.graph, self.plan, self.backend = fn, source, graph, plan, backend
+        self.segments = []   # runs of nodes called as one C driver call (avalon.runtime.segments)
 
     def __call__(self, *args):
         return self.fn(*args)
@@ -56,12 +64,14 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
     names: dict = {}
     for k, n in enumerate(graph.inputs):
         names[n] = f"a{k}"
-    last_use = {}
-    for k, n in enumerate(graph.nodes):
-        for i in n.inputs:
-            last_use[i] = k
+    segmented = not profile and not check_finite and _segments_wanted(backend)
+    last_use = _last_uses(graph, through_views=segmented)
     outputs = set(graph.outputs)
-    lines = []
+    steps = []
+    builder = None
+    if segmented:
+        from .runtime.segments import SegmentBuilder
+        builder = SegmentBuilder(graph, plan, backend, env, names)
     for k, n in enumerate(graph.nodes):
         if n.op == "input":
             continue
@@ -69,6 +79,8 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
         if n.op == "const":
             env[var] = backend.asarray(_host(n.value))
             names[n] = var
+            if builder is not None:
+                builder.note_const(n, env[var])
             continue
         kname = f"{_ident(n.op)}_{k}"
         env[kname] = _compile_fused(backend, n, k) if n.op == "fused" else backend.node_kernel(n)
@@ -76,43 +88,54 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
         comment = f"  # {type_str(n.shape, n.dtype)}"
         if n.loc:
             comment += f" {short_loc(n.loc)}"
+        step = Step(k, n, kname, var)
+        steps.append(step)
         if n in plan.elided:
             names[n] = names[n.inputs[0]]
-            lines.append(f"    # {n.op}: {names[n.inputs[1]]} was written into {names[n.inputs[0]]}")
+            step.out = "elided"
+            step.lines.append(f"# {n.op}: {names[n.inputs[1]]} was written into {names[n.inputs[0]]}")
             continue
         if profile:
-            lines.append("    _t = _clock()")
+            step.lines.append("_t = _clock()")
+        sep = ", " if args else ""
         if n in plan.write_into:
-            sep = ", " if args else ""
-            lines.append(f"    {var} = {kname}({args}{sep}out={names[plan.write_into[n]]}){comment}")
+            step.out, step.target = "write_into", plan.write_into[n]
+            step.lines.append(f"{var} = {kname}({args}{sep}out={names[plan.write_into[n]]}){comment}")
         elif n in plan.slot_of:
             bname = f"b{k}"
             s = plan.slot_of[n]
             env[bname] = slots[s][:n.nbytes].view(n.dtype).reshape(n.shape)
-            sep = ", " if args else ""
-            lines.append(f"    {var} = {kname}({args}{sep}out={bname}){comment}")
+            step.out, step.target = "slot", bname
+            step.lines.append(f"{var} = {kname}({args}{sep}out={bname}){comment}")
         else:
-            lines.append(f"    {var} = {kname}({args}){comment}")
+            step.lines.append(f"{var} = {kname}({args}){comment}")
         if profile:
             timings[k] = 0.0
-            lines.append(f"    _sync(); _timings[{k}] += _clock() - _t")
+            step.lines.append(f"_sync(); _timings[{k}] += _clock() - _t")
         if check_finite:
-            lines.append(f"    _check.value({var}, {k}{', ' if args else ''}{args})")
+            step.lines.append(f"_check.value({var}, {k}{', ' if args else ''}{args})")
         names[n] = var
-        dead = [names[i] for i in set(n.inputs) if last_use.get(i) == k and i not in outputs
-                and i.op not in ("input", "const") and i not in plan.slot_of and i not in plan.elided]
-        if dead:
-            lines.append(f"    del {', '.join(sorted(dead))}")
+        step.dead = sorted({names[i] for i in set(n.inputs) if last_use.get(i) == k and i not in outputs
+                            and i.op not in ("input", "const") and i not in plan.slot_of and i not in plan.elided})
+    lines = []
+    segments = []
+    if builder is not None:
+        from .runtime.segments import emit
+        lines = emit(builder, builder.group(steps), last_use, outputs, env)
+        segments = builder.segments
+    else:
+        for step in steps:
+            lines += step.all_lines()
     rets = []
     for o in graph.outputs:
         rets.append(f"{names[o]}.copy()" if o.op == "const" else names[o])
     params = ", ".join(names[i] for i in graph.inputs)
     if check_finite:
-        lines.insert(0, f"    _check.inputs({params})")
-    lines.append(f"    return ({', '.join(rets)}{',' if len(rets) == 1 else ''})")
+        lines.insert(0, f"_check.inputs({params})")
+    lines.append(f"return ({', '.join(rets)}{',' if len(rets) == 1 else ''})")
     # try costs nothing until something raises; then the node that ran out of
     # memory is named (its line of the source says which)
-    body = "\n".join("    " + line for line in lines)
+    body = "\n".join("        " + line for line in lines)
     src = (f"def {fname}({params}):\n    try:\n{body}\n"
            f"    except MemoryError as e:\n        raise _out_of_memory(e) from e\n")
     code = compile(src, f"<avalon {fname}>", "exec")
@@ -120,7 +143,46 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
     exec(code, env)
     compiled = CompiledGraph(env[fname], src, graph, plan, backend)
     compiled.timings = timings
+    compiled.segments = segments
     return compiled
+
+
+class Step:
+    """One node's line(s) of generated code, and where its result goes: "slot" (the
+    plan's buffer `target`), "write_into" (the array of node `target`), "elided"
+    (an assign made free) or "fresh" (the kernel allocates it)."""
+
+    def __init__(self, k, node, kname, var):
+        self.k, self.node, self.kname, self.var = k, node, kname, var
+        self.out, self.target = "fresh", None
+        self.lines: list = []
+        self.dead: list = []
+
+    def all_lines(self):
+        return self.lines + ([f"del {', '.join(self.dead)}"] if self.dead else [])
+
+
+def _segments_wanted(backend) -> bool:
+    """Segments (avalon.runtime.segments) for this compile: AVALON_C_DRIVER=1, a CPU
+    backend and a driver that builds (a C compiler, NumPy's array layout known)."""
+    from .runtime import segments
+    return segments.enabled() and getattr(backend, "name", None) == "cpu" and segments.driver() is not None
+
+
+def _last_uses(graph, through_views=False):
+    """node -> index of the node reading it last.  through_views: a use of a view
+    counts as a use of the array it views (segments pass that array, by name)."""
+    root = {}
+    last_use = {}
+    for k, n in enumerate(graph.nodes):
+        prim = PRIMITIVES.get(n.op)
+        root[n] = root.get(n.inputs[0], n.inputs[0]) if through_views and prim is not None and prim.view \
+            and n.inputs else n
+        for i in n.inputs:
+            last_use[i] = k
+            if through_views and root.get(i, i) is not i:
+                last_use[root[i]] = k
+    return last_use
 
 
 def _allocate_slots(graph, plan, backend):

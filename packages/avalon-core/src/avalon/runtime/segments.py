@@ -1,0 +1,696 @@
+"""Segments: runs of C kernels of a compiled graph called through ctypes ONCE.
+
+The code generator calls one kernel per graph node, and each call costs a few
+microseconds of Python with the GIL held.  With segments (AVALON_C_DRIVER=1,
+read when a graph is compiled; see `enabled`), a run of consecutive nodes that
+all have C implementations of static shapes becomes one call of a small C
+driver (this module's `DRIVER_SOURCE`, one shared object per machine): it
+checks the per-call arrays, then calls each kernel in turn through its function
+pointer, with the GIL released for the whole run.  C-able nodes:
+
+* fused groups and glue kernels built by backends.cpu_native (their C
+  function's address, read once the batch is built);
+* 2-D float32/float64 matrix products, through the cblas ?gemm of the OpenBLAS
+  NumPy itself uses (transposed operands as transpose flags), made the way
+  NumPy's matmul makes them, so results are the same bits;
+* views of static layout (reshape of a C-contiguous value, transpose): pointer
+  and strides known at compile time, no call at all.
+
+Each segment has a *program*: an int64 table holding the kernels' addresses,
+the memory plan's buffers' addresses (fixed per compiled copy: each thread's
+copy has its own table) and the layout expected of every array passed per call
+(graph inputs, values made by Python kernels, fresh results allocated in
+Python before the call).  The C source holds no address, so the disk cache of
+native builds hits across processes.  When an array passed per call is not what
+the program was compiled for (another dtype, size or array type, not
+C-contiguous, not aligned) or a written graph input overlaps another array, the
+driver returns nonzero before running anything and the generated code runs the
+segment's nodes one by one, as without segments.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..primitive import PRIMITIVES
+
+__all__ = ["enabled", "blas_gemm", "driver", "Layout", "SegmentBuilder", "MAX_DYN", "MAX_ARGS"]
+
+#: most arrays one segment takes per call, and most pointer arguments of one kernel
+MAX_DYN = 48
+MAX_ARGS = 64
+
+_C_CONTIGUOUS, _ALIGNED, _WRITEABLE = 0x0001, 0x0100, 0x0400   # NPY_ARRAY_* flags
+_OP_CALL, _OP_GEMM = 0, 1
+_NO_TRANS, _TRANS, _ROW_MAJOR = 111, 112, 101                  # CBLAS enums
+
+
+def enabled() -> bool:
+    """True when AVALON_C_DRIVER asks for segments ("1", "true", "on", "yes")."""
+    return os.environ.get("AVALON_C_DRIVER", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+# -- the C driver ---------------------------------------------------------------------------------------------
+
+def _driver_source(header: int) -> str:
+    calls = []
+    for n in range(1, MAX_ARGS + 1):
+        types = ", ".join(["void*"] * n)
+        args = ", ".join(f"A({j})" for j in range(n))
+        calls.append(f"        case {n}: ((void (*)({types}))fn)({args}); break;")
+    entries = []
+    for n in range(MAX_DYN + 1):
+        params = "".join(f", const void* o{j}" for j in range(n))
+        objs = ", ".join(f"o{j}" for j in range(n)) if n else "0"
+        entries.append(f"AVL_EXPORT int avl_segment_{n}(const int64_t* p{params})\n"
+                       f"{{\n    const void* objs[{max(n, 1)}] = {{{objs}}};\n    return avl_run(p, objs);\n}}")
+    return f"""/* avalon segment driver: runs a program of kernel calls (avalon.runtime.segments) */
+#include <stdint.h>
+#if defined(__GNUC__)
+#define AVL_EXPORT __attribute__((visibility("default")))
+#else
+#define AVL_EXPORT
+#endif
+typedef struct {{
+    char head[{header}];
+    const void* type; char* data; int nd; const intptr_t* dims; const intptr_t* strides;
+    const void* base; const void* descr; int flags;
+}} avl_ndarray;
+typedef void (*avl_sgemm)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                          const float*, int64_t, float, float*, int64_t);
+typedef void (*avl_dgemm)(int, int, int, int64_t, int64_t, int64_t, double, const double*, int64_t,
+                          const double*, int64_t, double, double*, int64_t);
+
+static int avl_disjoint(const char* a, int64_t na, const char* b, int64_t nb)
+{{
+    return na == 0 || nb == 0 || (uintptr_t)a + (uintptr_t)na <= (uintptr_t)b
+        || (uintptr_t)b + (uintptr_t)nb <= (uintptr_t)a;
+}}
+
+/* program: n_dyn, n_fixed, n_ops, ndarray type, n_written,
+   n_dyn x (descr, size, flags, nbytes), n_fixed x address, n_written x register, ops */
+static int avl_run(const int64_t* p, const void* const* objs)
+{{
+    const int64_t n_dyn = p[0], n_fixed = p[1], n_ops = p[2], n_written = p[4];
+    const void* ndarray = (const void*)p[3];
+    const int64_t* q = p + 5;
+    char* r[n_dyn + n_fixed + 1];
+    const int64_t* spec = q;
+    for (int64_t k = 0; k < n_dyn; k++, q += 4) {{
+        const avl_ndarray* a = (const avl_ndarray*)objs[k];
+        if (a->type != ndarray || a->descr != (const void*)q[0] || (a->flags & q[2]) != q[2])
+            return 2;
+        int64_t n = 1;
+        for (int d = 0; d < a->nd; d++)
+            n *= a->dims[d];
+        if (n != q[1])
+            return 2;
+        r[k] = a->data;
+    }}
+    for (int64_t k = 0; k < n_fixed; k++)
+        r[n_dyn + k] = (char*)q[k];
+    q += n_fixed;
+    for (int64_t w = 0; w < n_written; w++) {{
+        int64_t i = q[w];
+        for (int64_t j = 0; j < n_dyn; j++)
+            if (j != i && !avl_disjoint(r[i], spec[4 * i + 3], r[j], spec[4 * j + 3]))
+                return 1;
+    }}
+    q += n_written;
+#define A(j) ((void*)(r[q[3 + 2 * (j)]] + q[4 + 2 * (j)]))
+    for (int64_t op = 0; op < n_ops; op++) {{
+        if (q[0] == {_OP_CALL}) {{
+            const void* fn = (const void*)q[1];
+            switch (q[2]) {{
+{chr(10).join(calls)}
+            default: return 3;
+            }}
+            q += 3 + 2 * q[2];
+        }} else {{
+            /* fn, dtype, transA, transB, M, N, K, lda, ldb, ldc, A, offA, B, offB, C, offC */
+            const char* a = r[q[11]] + q[12];
+            const char* b = r[q[13]] + q[14];
+            char* c = r[q[15]] + q[16];
+            if (q[2] == 0)
+                ((avl_sgemm)q[1])({_ROW_MAJOR}, (int)q[3], (int)q[4], q[5], q[6], q[7], 1.0f, (const float*)a, q[8],
+                                  (const float*)b, q[9], 0.0f, (float*)c, q[10]);
+            else
+                ((avl_dgemm)q[1])({_ROW_MAJOR}, (int)q[3], (int)q[4], q[5], q[6], q[7], 1.0, (const double*)a, q[8],
+                                  (const double*)b, q[9], 0.0, (double*)c, q[10]);
+            q += 17;
+        }}
+    }}
+#undef A
+    return 0;
+}}
+
+{chr(10).join(entries)}
+"""
+
+
+_lock = threading.Lock()
+_driver_lib: list = []     # [CDLL] once built, [None] when it cannot be
+
+
+def driver():
+    """The driver's shared object (built once per machine, cached on disk), or
+    None when it cannot be built or NumPy's array layout is not the one the
+    driver reads (backends.cpu_native.OBJECT_CALLS)."""
+    with _lock:
+        if not _driver_lib:
+            _driver_lib.append(_build_driver())
+        return _driver_lib[0]
+
+
+def _build_driver():
+    from ..backends import cpu_native
+    from . import native
+    if not cpu_native.OBJECT_CALLS or not native.available():
+        return None
+    header = object.__basicsize__ - ctypes.sizeof(ctypes.c_void_p)
+    try:
+        return native.build(_driver_source(header), flags=native.default_flags(), name="segments")
+    except (native.NativeBuildError, native.NativeUnavailable):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def blas_gemm():
+    """{dtype: address} of the 64-bit-integer cblas sgemm/dgemm of the OpenBLAS
+    NumPy uses (found through threadpoolctl), or {} when there is none."""
+    try:
+        from threadpoolctl import ThreadpoolController
+        libs = ThreadpoolController().select(internal_api="openblas").lib_controllers
+    except Exception:  # noqa: BLE001 - no BLAS found: no products in segments
+        return {}
+    # NumPy's own copy (numpy.libs); another OpenBLAS (torch's, the system's) only
+    # when it is the one loaded, as when NumPy links the system's
+    ours = [c for c in libs if "numpy" in (c.filepath or "")]
+    if not ours and len(libs) == 1:
+        ours = libs
+    for controller in ours:
+        try:
+            lib = ctypes.CDLL(controller.filepath)
+        except OSError:
+            continue
+        for prefix in ("scipy_", ""):
+            try:
+                s, d = lib[f"{prefix}cblas_sgemm64_"], lib[f"{prefix}cblas_dgemm64_"]
+            except AttributeError:
+                continue
+            return {np.dtype(np.float32): ctypes.cast(s, ctypes.c_void_p).value,
+                    np.dtype(np.float64): ctypes.cast(d, ctypes.c_void_p).value}
+    return {}
+
+
+# -- layouts known at compile time ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a value lives: `base` is ("fixed", address) or ("dyn", node) (an array
+    passed per call, C-contiguous), plus a byte offset and strides in bytes."""
+    base: tuple
+    offset: int
+    shape: tuple
+    strides: tuple
+    dtype: np.dtype
+
+    @property
+    def contiguous(self) -> bool:
+        return self.strides == _c_strides(self.shape, self.dtype.itemsize)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _c_strides(shape, itemsize):
+    strides, step = [], itemsize
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return tuple(reversed(strides))
+
+
+def contiguous_layout(base, node) -> Layout:
+    return Layout(base, 0, tuple(node.shape), _c_strides(node.shape, node.dtype.itemsize), np.dtype(node.dtype))
+
+
+def _reshape_view(node, src):
+    if not src.contiguous:
+        return None                        # NumPy copies: not a view
+    return Layout(src.base, src.offset, tuple(node.shape), _c_strides(node.shape, src.dtype.itemsize), src.dtype)
+
+
+def _transpose_view(node, src):
+    perm = node.attrs.get("perm")
+    if perm is None:
+        perm = tuple(reversed(range(len(src.shape))))
+    return Layout(src.base, src.offset, tuple(src.shape[p] for p in perm), tuple(src.strides[p] for p in perm),
+                  src.dtype)
+
+
+#: ops whose result is a view with a layout computed from its input's (None: not static)
+VIEWS = {"reshape": _reshape_view, "transpose": _transpose_view}
+
+
+#: ops the driver runs itself (the method of SegmentBuilder making the op), in place
+#: of the primitive's reference kernel (NumPy's matmul: cblas ?gemm, as NumPy calls it)
+DRIVER_OPS = {"matmul": "gemm_op"}
+
+
+def _reference_kernel(fn, node) -> bool:
+    """Whether the node's kernel is its primitive's NumPy implementation (no backend override)."""
+    impl = PRIMITIVES[node.op].impl
+    return isinstance(fn, functools.partial) and fn.func is impl and fn.args == (np,)
+
+
+def _gemm_operand(lay):
+    """(transpose flag, leading dimension) as NumPy's matmul picks them, or None."""
+    m, n = lay.shape
+    size = lay.dtype.itemsize
+    sm, sn = lay.strides
+    if sn == size and sm % size == 0 and sm // size >= n:
+        return _NO_TRANS, sm // size
+    if sm == size and sn % size == 0 and sn // size >= m:
+        return _TRANS, sn // size
+    return None
+
+
+# -- building one compiled copy's segments --------------------------------------------------------------------
+
+@dataclass
+class Segment:
+    """One run of C-able nodes: its program (built at first call) and a readable listing."""
+    index: int
+    nodes: list = field(default_factory=list)          # graph node indices
+    dyn: list = field(default_factory=list)            # nodes whose arrays are passed per call
+    fresh: list = field(default_factory=list)          # nodes allocated in Python before the call
+    written: set = field(default_factory=set)          # dyn nodes written by the segment
+    ops: list = field(default_factory=list)            # (kind, payload) in order
+    listing: list = field(default_factory=list)
+
+    @property
+    def source(self) -> str:
+        return "\n".join(self.listing)
+
+
+class Program:
+    """Turns a segment into the driver's int64 table (addresses of this process
+    and compiled copy: never in any C source)."""
+
+    def __init__(self, segment: Segment):
+        self.segment = segment
+
+    def table(self, kernel_address):
+        seg = self.segment
+        fixed, regs = [], {}
+        for k, node in enumerate(seg.dyn):
+            regs[("dyn", node)] = k
+
+        def reg(base):
+            if base not in regs:
+                regs[base] = len(seg.dyn) + len(fixed)
+                fixed.append(base[1])
+            return regs[base]
+
+        body = []
+        for kind, payload in seg.ops:
+            if kind == "call":
+                fn, operands = payload
+                body += [_OP_CALL, kernel_address(fn), len(operands)]
+                for lay in operands:
+                    body += [reg(lay.base), lay.offset]
+            else:
+                address, dt, ta, tb, m, n, kk, lda, ldb, ldc, a, b, c = payload
+                body += [_OP_GEMM, address, 0 if dt == np.float32 else 1, ta, tb, m, n, kk, lda, ldb, ldc]
+                for lay in (a, b, c):
+                    body += [reg(lay.base), lay.offset]
+        head = [len(seg.dyn), len(fixed), len(seg.ops), id(np.ndarray), len(seg.written)]
+        specs = []
+        for node in seg.dyn:
+            flags = _C_CONTIGUOUS | _ALIGNED | (_WRITEABLE if node in seg.written else 0)
+            specs += [id(np.dtype(node.dtype)), int(np.prod(node.shape, dtype=np.int64)), flags, node.nbytes]
+        written = [regs[("dyn", n)] for n in seg.dyn if n in seg.written and n not in seg.fresh]
+        head[4] = len(written)
+        return np.array(head + specs + fixed + written + body, dtype=np.int64)
+
+
+class Unavailable(Exception):
+    """A kernel of a segment did not build: the segment always runs node by node."""
+
+
+def _kernel_address(fn):
+    """The address of the C function a cpu_native wrapper calls (its `_k`): one
+    pointer argument per buffer of its kernel, the only calls the driver makes."""
+    cfn = getattr(fn, "__globals__", {}).get("_k")
+    if not isinstance(cfn, ctypes._CFuncPtr) or tuple(cfn.argtypes or ()) != (ctypes.c_void_p,) * len(fn.kernel.params):
+        raise Unavailable(fn)
+    return ctypes.cast(cfn, ctypes.c_void_p).value
+
+
+def _node_by_node(*args):
+    return 1
+
+
+#: a segment whose driver refused this many calls (arrays passed per call not laid out
+#: as compiled: a strided share, another dtype) runs node by node from then on
+REFUSALS = 8
+
+
+class Refusals:
+    """Counts each segment's refused calls (called on the node-by-node path only,
+    so the fast path pays nothing) and retires a segment refused REFUSALS times."""
+
+    def __init__(self, env):
+        self.env, self.counts = env, {}
+
+    def __call__(self, index):
+        n = self.counts[index] = self.counts.get(index, 0) + 1
+        if n >= REFUSALS:
+            self.env[f"_seg{index}"] = _node_by_node
+
+
+class FirstCall:
+    """Stands for a segment's driver call in the generated module until its first
+    call: then builds every pending kernel, fills the program with their
+    addresses and rebinds the module's names to the ctypes function and table."""
+
+    def __init__(self, env, segment, fn_name, table_name):
+        self.env, self.segment, self.fn_name, self.table_name = env, segment, fn_name, table_name
+
+    def __call__(self, _table, *objects):
+        from ..backends import cpu_native
+        cpu_native.build_pending()
+        lib = driver()
+        try:
+            if lib is None:
+                raise Unavailable("driver")
+            table = Program(self.segment).table(_kernel_address)
+        except Unavailable:
+            self.env[self.fn_name] = _node_by_node
+            return 1
+        fn = lib[f"avl_segment_{len(self.segment.dyn)}"]
+        fn.argtypes = (ctypes.c_void_p,) * (1 + len(self.segment.dyn))
+        fn.restype = ctypes.c_int
+        self.segment.table = table            # keeps the program alive with the compiled copy
+        self.env[self.table_name] = table.ctypes.data
+        self.env[self.fn_name] = fn
+        return fn(table.ctypes.data, *objects)
+
+
+class SegmentBuilder:
+    """Groups a compiled graph's steps (codegen.Step) into segments and writes
+    the generated code: per segment, fresh results allocated, one driver call,
+    and the nodes one by one when the driver refuses the call's arrays."""
+
+    def __init__(self, graph, plan, backend, env, names):
+        self.graph, self.plan, self.backend, self.env, self.names = graph, plan, backend, env, names
+        self.gemm = blas_gemm() if backend.xp is np else {}
+        self.loc: dict = {}               # node -> Layout known at compile time
+        self.segments: list = []
+        self.listing_line = None          # the readable line of the op c_ops just made
+        for n in graph.inputs:
+            self.loc[n] = contiguous_layout(("dyn", n), n)
+
+    # -- which nodes a segment can run -------------------------------------------------------------------------
+
+    def note_const(self, node, array):
+        if (type(array) is np.ndarray and array.flags.c_contiguous and array.flags.aligned
+                and array.dtype == node.dtype and array.shape == tuple(node.shape)):
+            self.loc[node] = contiguous_layout(("fixed", array.ctypes.data), node)
+
+    def result_layout(self, step):
+        """The layout of a step's result when known at compile time (a buffer of
+        the plan, an assigned array), before deciding anything else."""
+        n = step.node
+        if step.out == "slot":
+            return contiguous_layout(("fixed", self.env[step.target].ctypes.data), n)
+        if step.out == "write_into":
+            lay = self.loc.get(step.target)
+            return lay if lay is not None and lay.contiguous else None
+        return None
+
+    def c_ops(self, step):
+        """(ops, result layout, fresh) when the step can run in a segment, else None."""
+        n = step.node
+        if step.out == "elided":
+            lay = self.loc.get(n.inputs[0])
+            return ([], lay, False) if lay is not None else None
+        view = VIEWS.get(n.op)
+        if view is not None:
+            src = self.loc.get(n.inputs[0])
+            lay = view(n, src) if src is not None else None
+            return ([], lay, False) if lay is not None else None
+        fresh = step.out == "fresh"
+        out = contiguous_layout(("dyn", n), n) if fresh else self.result_layout(step)
+        if PRIMITIVES[n.op].writes_input:
+            out = self.loc.get(n.inputs[0])
+            fresh = False
+        if out is None or not out.contiguous:
+            return None
+        driver_op = DRIVER_OPS.get(n.op)
+        if driver_op is not None:
+            op = getattr(self, driver_op)(step, out) if _reference_kernel(self.env[step.kname], n) else None
+        else:
+            op = self.call_op(step, out)
+        return ([op], out, fresh) if op is not None else None
+
+    def call_op(self, step, out):
+        n, fn = step.node, self.env[step.kname]
+        kernel = getattr(fn, "kernel", None)
+        if not getattr(fn, "native", False) or kernel is None or len(kernel.params) > MAX_ARGS:
+            return None
+        if PRIMITIVES[n.op].writes_input:
+            nd = len(kernel.outputs)
+            operands = list(n.inputs[nd:]) + list(n.inputs[:nd])
+            in_place, n_in = True, len(operands) - nd
+        else:
+            operands = list(n.inputs) + [None]
+            # an output may be exactly an input where the kernel's own entry point allows it:
+            # elementwise groups (cpu_native builds their entries with in_place=True)
+            in_place = getattr(fn, "in_place", n.op == "fused")
+            n_in = len(n.inputs)
+        if len(operands) != len(kernel.params):
+            return None
+        lays = [self.loc.get(i) if i is not None else out for i in operands]
+        for lay, b in zip(lays, kernel.params):
+            if lay is None or not lay.contiguous or lay.dtype != b.dtype or lay.nbytes != b.size * b.dtype.itemsize:
+                return None
+        if not _no_partial_overlap(lays[:n_in], lays[n_in:], in_place):
+            return None
+        self.listing_line = f"{kernel.name}({', '.join(_show(lay, self.names) for lay in lays)})"
+        return ("call", (fn, lays))
+
+    def gemm_op(self, step, out):
+        n = step.node
+        a, b = (self.loc.get(i) for i in n.inputs)
+        address = self.gemm.get(np.dtype(n.dtype))
+        if (address is None or a is None or b is None or len(a.shape) != 2 or len(b.shape) != 2
+                or not (a.dtype == b.dtype == out.dtype) or min(*a.shape, b.shape[1]) <= 1):
+            return None   # vectors: NumPy's matmul calls gemv/dot, whose bits differ
+        if a.base == b.base and a.offset == b.offset:
+            return None   # A @ A.T: NumPy's matmul calls syrk
+        fa, fb = _gemm_operand(a), _gemm_operand(b)
+        if fa is None or fb is None or not _no_partial_overlap([a, b], [out], False):
+            return None
+        m, kk = a.shape
+        p = b.shape[1]
+        self.listing_line = (f"cblas_{'s' if out.dtype == np.float32 else 'd'}gemm(RowMajor, "
+                             f"{'T' if fa[0] == _TRANS else 'N'}, {'T' if fb[0] == _TRANS else 'N'}, {m}, {p}, {kk}, "
+                             f"{_show(a, self.names)}, {fa[1]}, {_show(b, self.names)}, {fb[1]}, {_show(out, self.names)}, {p})")
+        return ("gemm", (address, out.dtype, fa[0], fb[0], m, p, kk, fa[1], fb[1], p, a, b, out))
+
+    # -- grouping ------------------------------------------------------------------------------------------------
+
+    def group(self, steps):
+        """[step or Segment-with-steps] in order: runs of C-able steps become segments."""
+        items, current = [], None
+
+        def close():
+            nonlocal current
+            if current is not None:
+                seg, seg_steps = current
+                if len(seg.ops) >= 2:
+                    items.append((seg, seg_steps))
+                else:
+                    for s in seg_steps:
+                        items.append(s)
+                current = None
+
+        for step in steps:
+            self.listing_line = None
+            done = self.c_ops(step)
+            if done is not None and current is not None and self._too_many(current[0], done):
+                close()
+            if done is not None and self._too_many(Segment(-1), done):
+                done = None      # more arrays per call than the driver's entry points take
+            if done is None:
+                close()
+                self.note_python(step)
+                items.append(step)
+                continue
+            ops, lay, fresh = done
+            if current is None:
+                current = (Segment(len(self.segments) + len(items)), [])
+            seg, seg_steps = current
+            self.add(seg, step, ops, lay, fresh)
+            seg_steps.append(step)
+        close()
+        for item in items:
+            if isinstance(item, tuple):
+                item[0].index = len(self.segments)
+                self.segments.append(item[0])
+        return items
+
+    def _too_many(self, seg, done):
+        ops, lay, fresh = done
+        new = {lay.base[1]} if fresh else set()
+        for _, payload in ops:
+            for o in _operand_layouts(payload):
+                if o.base[0] == "dyn":
+                    new.add(o.base[1])
+        return len(set(seg.dyn) | new) > MAX_DYN
+
+    def add(self, seg, step, ops, lay, fresh):
+        n = step.node
+        self.loc[n] = lay
+        seg.nodes.append(step.k)
+        if fresh:
+            seg.fresh.append(n)
+            seg.dyn.append(n)
+        for kind, payload in ops:
+            layouts = _operand_layouts(payload)
+            for o in layouts:
+                if o.base[0] == "dyn" and o.base[1] not in seg.dyn:
+                    seg.dyn.append(o.base[1])
+            for o in _written(kind, payload, n):
+                if o.base[0] == "dyn":
+                    seg.written.add(o.base[1])
+            seg.ops.append((kind, payload))
+        what = self.listing_line if ops else f"{n.op}: a view, {_show(lay, self.names)}"
+        seg.listing.append(f"/* v{step.k} */ {what};")
+
+    def note_python(self, step):
+        """A step run by Python: its result's layout, where it is static or checked per call."""
+        n = step.node
+        if step.out == "elided":
+            if n.inputs[0] in self.loc:
+                self.loc[n] = self.loc[n.inputs[0]]
+            return
+        lay = self.result_layout(step)
+        prim = PRIMITIVES[n.op]
+        if lay is None and step.out == "fresh" and n.ndim > 0 and not prim.view and not prim.writes_input:
+            lay = contiguous_layout(("dyn", n), n)    # checked by the driver at each call
+        if lay is not None:
+            self.loc[n] = lay
+
+
+def _operand_layouts(payload):
+    if len(payload) == 2:
+        return payload[1]
+    return payload[10:13]
+
+
+def _written(kind, payload, node):
+    if kind == "gemm":
+        return [payload[12]]
+    fn, lays = payload
+    n_out = len(fn.kernel.outputs)
+    return lays[len(lays) - n_out:]
+
+
+def _no_partial_overlap(ins, outs, in_place):
+    """Whether every output is disjoint from every input (or exactly one, where
+    the kernel may run in place) and from the other outputs; arrays on different
+    bases are distinct allocations (per-call ones are checked by the driver)."""
+    for k, o in enumerate(outs):
+        for j, i in enumerate(list(ins) + list(outs[:k])):
+            if i.base != o.base or i.offset + i.nbytes <= o.offset or o.offset + o.nbytes <= i.offset:
+                continue
+            if in_place and j < len(ins) and (i.offset, i.nbytes, i.strides) == (o.offset, o.nbytes, o.strides):
+                continue
+            return False
+    return True
+
+
+def _show(lay, names):
+    where = names.get(lay.base[1], "?") if lay.base[0] == "dyn" else f"@{lay.base[1]:#x}"
+    off = f"+{lay.offset}" if lay.offset else ""
+    return f"{where}{off}{list(lay.shape)}"
+
+
+def emit(builder, items, last_use, outputs, env) -> list:
+    """The generated lines of `items` (steps and (Segment, steps) from `group`)."""
+    lines = []
+    for item in items:
+        if isinstance(item, tuple):
+            lines += _segment_lines(builder, *item, last_use, outputs, env)
+        else:
+            lines += item.all_lines()
+    return lines
+
+
+def _segment_lines(builder, seg, steps, last_use, outputs, env):
+    names, i = builder.names, seg.index
+    fn_name, table_name = f"_seg{i}", f"_P{i}"
+    env[fn_name] = FirstCall(env, seg, fn_name, table_name)
+    env[table_name] = 0
+    env.setdefault("_id", id)
+    env.setdefault("_empty", np.empty)
+    env.setdefault("_refused", Refusals(env))
+    lines = [f"# segment {i}: nodes {seg.nodes[0]}..{seg.nodes[-1]} in one C call (compiled.segments[{i}].source)"]
+    for n in seg.fresh:
+        dt = f"_dt_{np.dtype(n.dtype).name}"
+        env[dt] = np.dtype(n.dtype)
+        lines.append(f"{names[n]} = _empty({tuple(n.shape)!r}, {dt})")
+    args = "".join(f", _id({names[n]})" for n in seg.dyn)
+    lines.append(f"if {fn_name}({table_name}{args}):")
+    lines.append(f"    _refused({i})")
+    for step in steps:
+        lines += ["    " + line for line in step.all_lines()]
+    fast = _fast_lines(builder, seg, steps, last_use, outputs)
+    lines.append("else:")
+    lines += ["    " + line for line in fast] or ["    pass"]
+    return lines
+
+
+def _fast_lines(builder, seg, steps, last_use, outputs):
+    """What the generated code does after the driver ran the segment: bind the
+    names later code reads, drop those the nodes' code would have dropped."""
+    names = builder.names
+    end = seg.nodes[-1]
+    inside = {s.node: s for s in steps}
+    needed = set()
+    for step in reversed(steps):
+        n = step.node
+        if n in outputs or last_use.get(n, -1) > end or n in needed:
+            needed.add(n)
+            if step.out == "elided" or VIEWS.get(n.op) is not None:
+                src = n.inputs[0]
+                if src in inside:
+                    needed.add(src)
+    lines = []
+    for step in steps:
+        n = step.node
+        if n not in needed or step.out == "elided" or n in seg.fresh:
+            continue
+        if VIEWS.get(n.op) is not None:
+            lines.append(step.lines[0])
+        elif step.out == "slot":
+            lines.append(f"{step.var} = {step.target}")
+        elif step.out == "write_into":
+            lines.append(f"{step.var} = {names[step.target]}")
+        else:   # an op writing its first input
+            lines.append(f"{step.var} = {names[n.inputs[0]]}")
+    bound_here = {names[s.node] for s in steps if s.node in needed or s.node in seg.fresh}
+    made_here = {names[s.node] for s in steps}
+    dead = sorted({d for s in steps for d in s.dead if d not in made_here or d in bound_here})
+    if dead:
+        lines.append(f"del {', '.join(dead)}")
+    return lines
