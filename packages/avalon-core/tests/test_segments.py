@@ -277,3 +277,19 @@ def test_concurrent_callers_get_their_own_copies_and_the_same_results(monkeypatc
     for got in results:
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g, w)
+
+
+def test_a_fused_reduction_written_into_an_input_it_reads_stays_exact(monkeypatch):
+    # the reduction's kernel reads its input after writing its output: a segment
+    # must not run it with out == input (as an elementwise group may be)
+    monkeypatch.setenv("AVALON_C_DRIVER", "1")
+
+    def f(v, x):
+        avalon.assign(v, avalon.sum(x * avalon.reshape(v, (1, 64)), axis=0) + np.float32(1.0))
+        return v * np.float32(2.0)
+    rng = np.random.default_rng(3)
+    v, x = rng.standard_normal(64).astype(np.float32), rng.standard_normal((64, 64)).astype(np.float32)
+    want_v = (x * v[None, :]).sum(axis=0) + 1
+    out = avalon.jit(f)(v, x)
+    np.testing.assert_allclose(v, want_v, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, want_v * 2, rtol=1e-5, atol=2e-5)

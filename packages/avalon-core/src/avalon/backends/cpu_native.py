@@ -165,7 +165,8 @@ def _compile(body, backend):
     fn.kernel = kernel
     fn.source = source
     fn.native = True
-    return fn
+    fn.in_place = not body_reduces(body)   # whether `out` may be exactly an input (callers without
+    return fn                              # the entry point's checks, runtime.segments, read it)
 
 
 # -- single ops lowered by their primitive's `lower` rule (avalon.kernel_ir.glue) -------------------------------
