@@ -289,14 +289,16 @@ def test_model_code_in_the_zoo_or_bench_is_the_users_line():
 
 
 def test_a_memory_plan_too_large_names_the_value_and_the_line():
-    def outer_sum(x):
-        return (x[:, None] * x[None, :]).sum()
+    # the outer product feeds a matrix product, so it is a planned buffer (a sum of
+    # it alone would be fused into one kernel that never holds it)
+    def outer_product(x):
+        return ((x[:, None] * x[None, :]) @ x).sum()
 
-    f = avalon.jit(outer_sum)
+    f = avalon.jit(outer_product)
     with pytest.raises(avalon.OutOfMemoryError) as err:
         f(np.ones(400_000))
     msg = str(err.value)
-    assert "f64[400000,400000]" in msg and _line_of(outer_sum, "x[:, None]") in msg
+    assert "f64[400000,400000]" in msg and _line_of(outer_product, "x[:, None]") in msg
     assert "smaller batch" in msg and isinstance(err.value, MemoryError)
 
 
