@@ -1,4 +1,4 @@
-"""Segments (avalon.runtime.segments, AVALON_C_DRIVER=1): runs of C kernels,
+"""Segments (avalon.runtime.segments, on unless AVALON_C_DRIVER=0): runs of C kernels,
 2-D products and static views called as ONE C driver call.  A step compiled
 with segments gives the same bits as the node-by-node code, in one thread and
 split across the engine's threads; arrays the driver was not compiled for run
@@ -137,9 +137,9 @@ def test_the_lstm_step_runs_its_recurrence_in_segments_that_call_blas(monkeypatc
     assert inside >= len(kernels) // 2
 
 
-def test_segments_are_opt_in(monkeypatch):
+def test_segments_are_on_unless_turned_off(monkeypatch):
     loss, args = mlp_case()
-    monkeypatch.delenv("AVALON_C_DRIVER", raising=False)
+    monkeypatch.setenv("AVALON_C_DRIVER", "0")
 
     def step(*a):
         return loss(*a)
@@ -147,7 +147,7 @@ def test_segments_are_opt_in(monkeypatch):
     fn(*args)
     assert fn._last().compiled.segments == [] and "_seg0(" not in fn._last().compiled.source
     assert not segments.enabled()
-    monkeypatch.setenv("AVALON_C_DRIVER", "1")
+    monkeypatch.delenv("AVALON_C_DRIVER")
     assert segments.enabled()
 
 

@@ -1,8 +1,9 @@
 """Segments: runs of C kernels of a compiled graph called through ctypes ONCE.
 
 The code generator calls one kernel per graph node, and each call costs a few
-microseconds of Python with the GIL held.  With segments (AVALON_C_DRIVER=1,
-read when a graph is compiled; see `enabled`), a run of consecutive nodes that
+microseconds of Python with the GIL held.  With segments (the default;
+AVALON_C_DRIVER=0, read when a graph is compiled, turns them off: see
+`enabled`), a run of consecutive nodes that
 all have C implementations of static shapes becomes one call of a small C
 driver (this module's `DRIVER_SOURCE`, one shared object per machine): it
 checks the per-call arrays, then calls each kernel in turn through its function
@@ -51,8 +52,9 @@ _NO_TRANS, _TRANS, _ROW_MAJOR = 111, 112, 101                  # CBLAS enums
 
 
 def enabled() -> bool:
-    """True when AVALON_C_DRIVER asks for segments ("1", "true", "on", "yes")."""
-    return os.environ.get("AVALON_C_DRIVER", "0").strip().lower() in ("1", "true", "on", "yes")
+    """Whether compiled graphs use segments: yes unless AVALON_C_DRIVER says no
+    ("0", "false", "off", "no")."""
+    return os.environ.get("AVALON_C_DRIVER", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 # -- the C driver ---------------------------------------------------------------------------------------------
