@@ -25,7 +25,7 @@ from .workloads import GPU_EPOCH_GOAL, selected
 
 # What a full run and a quick (smoke) run do.
 FULL = {"epochs": 3, "max_batches": None, "test_examples": None, "latency_repeats": (50, 200),
-        "memory_steps": 20, "step_warmup": 5, "steps": 40}
+        "memory_steps": 20, "step_warmup": 20, "steps": 40}
 QUICK = {"epochs": 2, "max_batches": 8, "test_examples": 1000, "latency_repeats": (10, 20),
          "memory_steps": 3, "step_warmup": 2, "steps": 4}
 PROFILE_LINES = 10
