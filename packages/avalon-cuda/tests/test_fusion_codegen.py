@@ -14,6 +14,7 @@ import pytest
 import avalon
 from avalon.backends import get_backend
 from avalon.graph import Graph
+from avalon.passes.fusion import body_reduces
 from avalon_cuda import fusion
 
 # -- functions whose compiled graphs hold fused groups -------------------------------------
@@ -63,7 +64,20 @@ FORWARD = [("mixed", _mixed), ("nan_rules", _nan_rules), ("each_nan_rule", _each
 
 
 def _fused_bodies(graph):
-    return [n.attrs["body"] for n in graph.nodes if n.op == "fused"]
+    """The elementwise groups (groups that end in a reduction are the CPU's C
+    kernels; this generator refuses them and the backend runs them op by op)."""
+    return [n.attrs["body"] for n in graph.nodes if n.op == "fused" and not body_reduces(n.attrs["body"])]
+
+
+def test_a_group_ending_in_a_reduction_is_refused_so_it_runs_op_by_op():
+    g = avalon.value_and_grad(_grad_of_tanh_mlp)
+    rng = np.random.default_rng(1)
+    g(rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal((4, 5)).astype(np.float32))
+    reducing = [n.attrs["body"] for n in g.graph.nodes if n.op == "fused" and body_reduces(n.attrs["body"])]
+    assert reducing, "the CPU graph has a fused reduction to refuse"
+    for body in reducing:
+        with pytest.raises(fusion.Unfusable, match="no C expression"):
+            fusion.generate(body)
 
 
 def _bodies():
