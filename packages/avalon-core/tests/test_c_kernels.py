@@ -467,3 +467,38 @@ def test_a_failed_build_warns_and_runs_numpy(monkeypatch):
         assert_same(fn(x, x, out=np.empty_like(x)), numpy_result(body, [x, x]))
     with pytest.raises(native.NativeBuildError):
         cpu_native.compile_fused_many([_chain((2, 3, 31))], CPU)
+
+
+# -- float32 exp beyond the normal range -------------------------------------------------------------------------
+
+F32_EXP_POINTS = np.array([-np.inf, -1e30, -200.0, -103.0, -87.5, -87.3366, -87.33654, -87.3365, -87.0, -50.0,
+                           0.0, 1.0, 80.0, 88.0, 88.7, 89.0, np.inf, np.nan], np.float32)
+
+
+def _exp_kernel():
+    body = body_of([((F32_EXP_POINTS.size,), np.dtype(np.float32))], lambda op, x: op("exp", x))
+    return cpu_native.compile_fused_c(body, get_backend("cpu"))
+
+
+@pytest.mark.skipif(not native.available(), reason="needs a C compiler")
+def test_float32_exp_beyond_the_normal_range_matches_numpy_with_denormals_flushed():
+    # glibc's vector expf computes arguments below ln(FLT_MIN) lane by lane; the kernel
+    # keeps them from it and gives what flushing denormals gives: 0
+    with native.denormals_flushed(), np.errstate(over="ignore"):
+        got = _exp_kernel()(F32_EXP_POINTS)
+        want = np.exp(F32_EXP_POINTS)
+    tiny = np.finfo(np.float32).tiny
+    want = np.where(np.abs(want) < tiny, np.float32(0.0), want)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=5e-5, atol=0)   # 5e-5: the last 4e-5 above ln(FLT_MIN)
+    assert got[0] == 0.0 and got[-2] == np.inf
+
+
+@pytest.mark.skipif(not native.available(), reason="needs a C compiler")
+def test_float32_exp_gives_zero_for_denormal_results_without_flushing():
+    got = _exp_kernel()(F32_EXP_POINTS)
+    below = F32_EXP_POINTS < np.float32(-87.33655)
+    assert np.all(got[below] == 0.0)                        # no denormals, also in IEEE mode
+    normal = (F32_EXP_POINTS >= np.float32(-87.0)) & (F32_EXP_POINTS <= np.float32(88.0))
+    np.testing.assert_allclose(got[normal], np.exp(F32_EXP_POINTS[normal]), rtol=5e-7)
