@@ -502,3 +502,19 @@ def test_float32_exp_gives_zero_for_denormal_results_without_flushing():
     assert np.all(got[below] == 0.0)                        # no denormals, also in IEEE mode
     normal = (F32_EXP_POINTS >= np.float32(-87.0)) & (F32_EXP_POINTS <= np.float32(88.0))
     np.testing.assert_allclose(got[normal], np.exp(F32_EXP_POINTS[normal]), rtol=5e-7)
+
+
+@pytest.mark.skipif(not native.available(), reason="needs a C compiler")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_in_kernels_takes_exp_of_minus_abs_x_only(dtype):
+    # exp(-x) of a very negative x overflows (and glibc's vector expf computes it lane
+    # by lane): the kernel's form exp(-|x|) gives the same values over the whole line
+    x = np.array([-np.inf, -1e4, -200.0, -90.0, -20.0, -1.0, 0.0, 1.0, 20.0, 90.0, 1e4, np.inf, np.nan], dtype)
+    body = body_of([(x.shape, np.dtype(dtype))], lambda op, a: op("sigmoid", a))
+    assert "abs" in str(cpu_native.lower(body)) and "-t" not in str(cpu_native.lower(body))
+    got = cpu_native.compile_fused_c(body, get_backend("cpu"))(x)
+    with np.errstate(over="ignore"):
+        want = (1 / (1 + np.exp(-x.astype(np.float64)))).astype(dtype)
+    if dtype == np.float32:   # float32 exp gives 0 below FLT_MIN (as flushing denormals does)
+        want = np.where(np.abs(want) < np.finfo(dtype).tiny, dtype(0), want)
+    np.testing.assert_allclose(got, want, rtol=4 * np.finfo(dtype).eps, atol=0)

@@ -56,8 +56,10 @@ kernel bcast(in0: f32[4], in1: f32[8]) -> (out: f32[32]) {
       let x0: f32 = in0[i0]
       let x1: f32 = in1[i1]
       let t2: f32 = (x0 - x1)
-      let t3_0: f32 = -t2
-      let t3: f32 = (1.0:f32 / (1.0:f32 + exp(t3_0)))
+      let t3_0: f32 = -abs(t2)
+      let t3_1: f32 = -abs(t2)
+      let t3_2: f32 = -abs(t2)
+      let t3: f32 = select((t2 >= 0.0:f32), (1.0:f32 / (1.0:f32 + exp(t3_0))), (exp(t3_1) / (1.0:f32 + exp(t3_2))))
       out[i0*8 + i1] = t3
     }
   }
