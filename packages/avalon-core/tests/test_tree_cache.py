@@ -149,3 +149,18 @@ def test_an_object_that_cannot_be_remembered_is_not_examined_again_on_every_call
     net.history = []            # a changed attribute: examined afresh
     tree.flatten((net,))
     assert net in walks
+
+
+def test_a_remembered_object_is_not_kept_alive_by_the_cache():
+    # a gradient structure is a new object per step: remembering it must not keep it
+    # (and every array it holds) alive once the caller drops it
+    import gc
+    import weakref
+    net = Net()
+    tree.flatten(net)
+    gone = weakref.ref(net)
+    arrays = [weakref.ref(x) for x in tree.flatten(net)[0]]
+    del net
+    gc.collect()
+    assert gone() is None
+    assert all(a() is None for a in arrays)

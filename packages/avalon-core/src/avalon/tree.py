@@ -279,12 +279,19 @@ _ineligible: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class _Subtree:
-    __slots__ = ("offset", "mark", "treedef", "leaves", "objects", "ids")
+    """A remembered subtree.  The root object (the cache's key) is held weakly:
+    an entry holding it would keep it alive in the WeakKeyDictionary for ever,
+    and with it every array it holds (a step's gradients, a new object per step,
+    piled up; the allocator then faulted fresh pages in on every step)."""
+    __slots__ = ("offset", "mark", "treedef", "leaves", "root", "root_names", "root_ids", "objects", "ids")
 
     def __init__(self, offset, mark, treedef, leaves, objects):
         self.offset, self.mark, self.treedef, self.leaves = offset, mark, treedef, leaves
-        self.objects = objects                      # [(obj, field names)]
-        self.ids = [tuple(map(id, vars(o).values())) for o, _ in objects]
+        root, self.root_names = objects[0]
+        self.root = weakref.ref(root)
+        self.root_ids = tuple(map(id, vars(root).values()))
+        self.objects = objects[1:]                  # [(obj, field names)] below the root
+        self.ids = [tuple(map(id, vars(o).values())) for o, _ in self.objects]
 
 
 def _cached_subtree(obj, leaves, seen, mark):
@@ -293,7 +300,10 @@ def _cached_subtree(obj, leaves, seen, mark):
     except TypeError:   # unhashable (a dataclass with eq=True)
         return None
     # (a class defining __eq__ could find another object's entry: the identity decides)
-    if entry is None or entry.objects[0][0] is not obj or entry.offset != len(leaves) or entry.mark is not mark:
+    if entry is None or entry.root() is not obj or entry.offset != len(leaves) or entry.mark is not mark:
+        return None
+    d = vars(obj)
+    if len(d) != len(entry.root_names) or tuple(map(id, d.values())) != entry.root_ids or tuple(d) != entry.root_names:
         return None
     for (o, names), ids in zip(entry.objects, entry.ids):
         d = vars(o)
