@@ -120,12 +120,19 @@ def _conv_bn_net():
              (0.1 * rng.standard_normal(o)).astype(np.float32), geo) for o, c, k, geo in layers]
 
 
+@pytest.fixture
+def columns_path(monkeypatch):
+    """The layout pass without direct convolutions: im2col + matmul, tiled above the budget."""
+    from avalon.backends import cpu
+    monkeypatch.setattr(cpu, "_builds_c_kernels", lambda: False)
+
+
 def _tiled_ops(f):
     return [n for n in f.graph.nodes if n.op in ("conv_csn", "conv_csn_input_grad", "conv_csn_weight_grad")]
 
 
 @pytest.mark.parametrize("budget, tiled", [(None, False), (64, True)], ids=["default budget", "tiny budget"])
-def test_conv_batch_norm_gradients_equal_torch_tiled_or_not(monkeypatch, budget, tiled):
+def test_conv_batch_norm_gradients_equal_torch_tiled_or_not(monkeypatch, columns_path, budget, tiled):
     if budget is not None:
         monkeypatch.setattr(K, "COLUMN_BUDGET_BYTES", budget)
     params, x = _conv_bn_net(), rng.standard_normal((7, 3, 13, 11)).astype(np.float32)
@@ -148,7 +155,7 @@ def test_conv_batch_norm_gradients_equal_torch_tiled_or_not(monkeypatch, budget,
             np.testing.assert_allclose(got, ref.grad.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_tiled_and_whole_column_steps_agree(monkeypatch):
+def test_tiled_and_whole_column_steps_agree(monkeypatch, columns_path):
     params, x = _conv_bn_net(), rng.standard_normal((6, 3, 12, 9)).astype(np.float32)
     whole = avalon.GradFunction(conv_bn_loss, argnums=(0, 1))
     l0, (gp0, gx0) = whole(params, x)

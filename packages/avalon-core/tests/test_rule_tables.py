@@ -165,8 +165,8 @@ def test_a_gpu_like_backend_compiles_without_the_cpu_layout():
     try:
         on_gpu = avalon.compile_graph(avalon.trace(_cnn, x, w), "gpulike_test", passes=None)
         on_cpu = avalon.compile_graph(avalon.trace(_cnn, x, w), "cpu", passes=None)
-        assert "im2col_csn" in {n.op for n in on_cpu.graph.nodes}
-        assert not {"im2col_csn", "max_pool_csn"} & {n.op for n in on_gpu.graph.nodes}
+        assert {"conv_csn", "im2col_csn"} & {n.op for n in on_cpu.graph.nodes}
+        assert not {"conv_csn", "im2col_csn", "max_pool_csn"} & {n.op for n in on_gpu.graph.nodes}
         np.testing.assert_allclose(on_gpu.fn(x, w)[0], on_cpu.fn(x, w)[0], rtol=1e-5, atol=1e-6)
     finally:
         plugins.unregister("gpulike-test-plugin")

@@ -2,6 +2,7 @@
 entry-point group, exactly as a third-party backend registers."""
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -35,7 +36,10 @@ class CpuBackend(Backend):
         from ..passes.views import fuse_views
         # slices read in place by the C kernels of fused groups (they lower strided loads);
         # in-place updates (an optimizer's) as one multi-output C kernel: one pass over memory
-        return [("layout", layout, "after:dce_2"), ("fuse_views", fuse_views, "after:fuse_elementwise"),
+        # convolutions that fit them as direct C kernels where C kernels build (no columns at all)
+        direct = functools.partial(layout, direct_convs=_builds_c_kernels())
+        direct.__name__ = "layout"
+        return [("layout", direct, "after:dce_2"), ("fuse_views", fuse_views, "after:fuse_elementwise"),
                 ("fuse_updates", fuse_updates, "after:fuse_views")]
 
     @classmethod
@@ -139,6 +143,14 @@ class CpuBackend(Backend):
 
 
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _builds_c_kernels() -> bool:
+    """Whether node kernels are built as C here (AVALON_NATIVE allows it and a
+    C compiler is usable)."""
+    from . import cpu_native
+    from ..runtime import native
+    return cpu_native.enabled() and native.available() and cpu_native.OBJECT_CALLS
 
 
 _blas_libs: list = []

@@ -29,6 +29,7 @@ import math
 import numpy as np
 
 from .ir import BOOL, Binary, Buffer, Call, Const, Index, Kernel, Let, Load, Loop, Select, Store, Update, Var, verify
+from . import conv_templates
 from .lower import kernel_dtype
 
 
@@ -285,3 +286,53 @@ def _name(op, node):
     sig = repr((op, tuple(tuple(i.shape) for i in node.inputs), tuple(str(i.dtype) for i in node.inputs),
                 tuple(node.shape), sorted((k, repr(v)) for k, v in node.attrs.items())))
     return f"avl_{op}_{hashlib.sha1(sig.encode()).hexdigest()[:12]}"
+
+
+# -- direct convolutions (C templates: kernel_ir.conv_templates) ------------------------------------------------
+
+def direct_conv_geometry(x_shape, w_shape, attrs, dtype):
+    """The template arguments of a direct convolution of batch-innermost
+    activations x (C, H, W, N) with a weight (O, C, KH, KW), or None when the
+    templates do not cover it: two spatial axes, stride 1, no dilation, a
+    float32/float64 dtype, each padding before an axis at most its kernel
+    extent - 1 (so the input gradient's padding is not negative)."""
+    if len(x_shape) != 4 or len(w_shape) != 4 or not conv_templates.supported(dtype):
+        return None
+    if any(s != 1 for s in attrs["stride"]) or any(d != 1 for d in attrs["dilation"]):
+        return None
+    pads = _pairs(attrs["padding"])
+    kernel = tuple(w_shape[2:])
+    if any(not 0 <= lo <= k - 1 or hi < 0 for (lo, hi), k in zip(pads, kernel)):
+        return None
+    spatial = tuple(x_shape[1:3])
+    out_sp = _out_spatial(spatial, kernel, (1, 1), pads, (1, 1))
+    if min(out_sp) < 1 or w_shape[1] != x_shape[0]:
+        return None
+    return dict(channels=x_shape[0], out_channels=w_shape[0], spatial=spatial, out_spatial=out_sp,
+                batch=x_shape[-1], kernel=kernel, pad_lo=tuple(lo for lo, _ in pads))
+
+
+def _direct(node, make, x_shape, w_shape, names):
+    dtype = kernel_dtype(node.dtype)
+    geo = direct_conv_geometry(x_shape, w_shape, node.attrs, dtype)
+    if geo is None:
+        return None
+    params = tuple(Buffer(n, dtype, math.prod(i.shape), "in") for n, i in zip(names, node.inputs))
+    out = Buffer("out", dtype, math.prod(node.shape), "out")
+    template = make(dtype, **geo)   # its buffer names are the templates' defaults: `names`, then out
+    return verify(Kernel(_name(node.op, node), params + (out,), (), template=template))
+
+
+def lower_conv_csn(node):
+    x, w = node.inputs
+    return _direct(node, conv_templates.conv_forward, tuple(x.shape), tuple(w.shape), ("x", "w"))
+
+
+def lower_conv_csn_input_grad(node):
+    g, w = node.inputs
+    return _direct(node, conv_templates.conv_input_grad, tuple(node.shape), tuple(w.shape), ("g", "w"))
+
+
+def lower_conv_csn_weight_grad(node):
+    x, g = node.inputs
+    return _direct(node, conv_templates.conv_weight_grad, tuple(x.shape), tuple(node.shape), ("x", "g"))

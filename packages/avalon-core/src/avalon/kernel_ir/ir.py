@@ -252,6 +252,9 @@ class Kernel:
     params: tuple    # Buffers: inputs, then outputs
     body: tuple      # statements
     locals: tuple = ()   # Buffers of role "local"
+    # a body written by hand for one target (conv_templates.Template) instead of
+    # statements: its renderer emits it as it is, other renderers refuse the kernel
+    template: object = None
 
     def __post_init__(self):
         object.__setattr__(self, "params", tuple(self.params))
@@ -374,6 +377,8 @@ def format_kernel(k: Kernel) -> str:
     outs = ", ".join(str(b) for b in k.outputs)
     lines = [f"kernel {k.name}({ins}) -> ({outs}) {{"]
     lines += [f"  local {b}" for b in k.locals]
+    if k.template is not None:
+        lines.append(f"  {k.template.language} {k.template.label}")
     _format_stmts(k.body, "  ", lines)
     lines.append("}")
     return "\n".join(lines)
@@ -423,6 +428,8 @@ class _Verifier:
                 self.fail(f"two buffers are named {b.name!r}")
             names.add(b.name)
             self.dtype_ok(b.dtype, f"local buffer {b.name}")
+        if self.k.template is not None and (self.k.body or self.k.locals):
+            self.fail("a template kernel has no statements or locals of its own")
         self.params = {b.name: b for b in self.k.params + self.k.locals}
         self.defined: set = set(names)
         self.stmts(self.k.body, {}, {})

@@ -30,7 +30,7 @@ bool*); bool locals stay bool.
 """
 from __future__ import annotations
 
-from .ir import Store, Update
+from .ir import KernelIRError, Store, Update
 from .render_cstyle import CStyleRenderer
 
 
@@ -76,7 +76,7 @@ class CRenderer(CStyleRenderer):
         self.vector_math = vector_math
 
     def prelude(self) -> str:
-        return ("#include <stdbool.h>\n#include <stdint.h>\n#include <string.h>\n#include <math.h>\n"
+        return ("#include <stdbool.h>\n#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>\n#include <math.h>\n"
                 + self.vector_math +
                 "#if defined(__GNUC__)\n#define AVL_EXPORT __attribute__((visibility(\"default\")))\n"
                 "#else\n#define AVL_EXPORT\n#endif\n"
@@ -112,12 +112,24 @@ class CRenderer(CStyleRenderer):
         return lines
 
     def render_kernel(self, kernel) -> str:
+        if kernel.template is not None:
+            return self.render_template(kernel)
         lines = [self.comment(kernel), f"AVL_EXPORT void {kernel.name}({self.params(kernel)})", "{"]
         lines += self.locals(kernel, "    ")
         for s in kernel.body:
             lines += self.statement(s, "    ")
         lines.append("}")
         return "\n".join(lines) + "\n"
+
+    def render_template(self, kernel) -> str:
+        """A kernel whose body is a C template (kernel_ir.conv_templates): its
+        helpers (once per translation unit, under their guard), then the function."""
+        t = kernel.template
+        if t.language != self.language:
+            raise KernelIRError(f"kernel {kernel.name} is a {t.language} template; the {self.language} "
+                                "renderer cannot render it")
+        return (t.helpers + self.comment(kernel) + "\n"
+                + f"AVL_EXPORT void {kernel.name}({self.params(kernel)})\n{{\n{t.body}}}\n")
 
 
 def _writes_local(stmts) -> bool:

@@ -47,6 +47,10 @@ class CUDARenderer(CStyleRenderer):
         return f"__longlong_as_double((long long)0x{bits:016x}ULL)"
 
     def render_kernel(self, kernel) -> str:
+        if kernel.template is not None:
+            from .lower import Unfusable
+            raise Unfusable(f"kernel {kernel.name} is a {kernel.template.language} template; the CUDA renderer "
+                            "has none for it")
         nest = kernel.loops()
         if kernel.locals:
             from .lower import Unfusable

@@ -15,7 +15,8 @@ node, asking each op's rule (`defprim(..., layout=LayoutRule(...))`):
 `rw`, the pass's rewriter, offers rw.get(old, layout) (an old value in a layout,
 one transpose inserted on first need), rw.emit(op, inputs, attrs, shape, dtype,
 loc), rw.small_operand(old, ndim) (a broadcast operand permuted to match) and
-rw.chosen (the values stored batch-innermost).  An op without a layout rule
+rw.chosen (the values stored batch-innermost) and rw.options (what the backend
+asked of the pass: "direct_convs").  An op without a layout rule
 reads and writes the usual layout.
 """
 from __future__ import annotations

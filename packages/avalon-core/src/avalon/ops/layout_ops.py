@@ -119,7 +119,7 @@ def _weight_grad_sharding(node, states, ctx):
 
 
 conv_csn_p = defprim(
-    "conv_csn", shape=_conv_csn_rule, accepts_out=True, sharding=_batch_last(0),
+    "conv_csn", shape=_conv_csn_rule, accepts_out=True, lower=glue.lower_conv_csn, sharding=_batch_last(0),
     impl=lambda xp, x, w, out=None, **a: K.conv_csn_tiled_forward(xp, x, w, out=out, run=_threads(), **a),
     doc="convolution of (C, *S, N) activations with w (O, C, *K), its columns built tile_rows output rows "
         "at a time.")
@@ -127,12 +127,13 @@ conv_csn_p = defprim(
 conv_csn_input_grad_p = defprim(
     "conv_csn_input_grad", shape=lambda g, w, *, input_shape, **a: (tuple(input_shape), g.dtype),
     accepts_out=True, output_shape_attr="input_shape", sharding=_batch_last(0),
+    lower=glue.lower_conv_csn_input_grad,
     impl=lambda xp, g, w, out=None, **a: K.conv_csn_tiled_input_grad(xp, g, w, out=out, run=_threads(), **a),
     doc="gradient of conv_csn with respect to its input, tile_rows output rows at a time.")
 
 conv_csn_weight_grad_p = defprim(
     "conv_csn_weight_grad", shape=lambda x, g, *, weight_shape, **a: (tuple(weight_shape), g.dtype),
-    accepts_out=True, sharding=on_sharded(_weight_grad_sharding),
+    accepts_out=True, sharding=on_sharded(_weight_grad_sharding), lower=glue.lower_conv_csn_weight_grad,
     impl=lambda xp, x, g, out=None, **a: K.conv_csn_tiled_weight_grad(xp, x, g, out=out, run=_threads(), **a),
     doc="gradient of conv_csn with respect to its weight (O, C, *K), summed over tiles of tile_rows "
         "output rows.")

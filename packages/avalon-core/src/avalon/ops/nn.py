@@ -42,6 +42,7 @@ import numpy as np
 
 from ..errors import AvalonError, DtypeError, LabelError, ShapeError, at, user_location
 from ..kernels import conv as K
+from ..kernel_ir import glue
 from ..kernels.conv_csn import column_tile_rows
 from ..primitive import PRIMITIVES, Tracer, bind, current_location, defprim
 from ._batching import NOT_MAPPED, align_for_broadcast, batch_size, broadcast_batch, fold_batch, unfold_batch
@@ -182,6 +183,20 @@ def _tile_rows(x_csn_shape, kernel, out_csn_shape, node):
     return column_tile_rows(cols, tuple(out_csn_shape[1:-1]), np.dtype(node.dtype).itemsize)
 
 
+def _direct(rw, x_shape, w_shape, node):
+    """Output rows per tile of the NumPy fallback when the layout pass may use
+    direct convolutions (C templates, kernel_ir.conv_templates: the CPU backend
+    asks for them where it builds C kernels) and this one fits them; else None."""
+    if not rw.options.get("direct_convs"):
+        return None
+    geo = glue.direct_conv_geometry(to_csn(x_shape), tuple(w_shape), node.attrs, node.dtype)
+    if geo is None:
+        return None
+    cols = im2col_shape(to_csn(x_shape), tuple(w_shape[2:]), **_geometry(node))
+    rows = column_tile_rows(cols, geo["out_spatial"], np.dtype(node.dtype).itemsize)
+    return rows if rows is not None else geo["out_spatial"][0]
+
+
 def _tiled(rw, op, inputs, node, tile_rows, shape, **attrs):
     return rw.emit(op, inputs, dict(attrs, tile_rows=tile_rows, **_geometry(node)), shape, node.dtype, node.loc)
 
@@ -253,7 +268,7 @@ def _conv_vjp(ct, out, x, w, *, stride, padding, dilation, groups):
 
 def _conv_as_columns(rw, node):
     x, w = node.inputs
-    rows = _tile_rows(to_csn(x.shape), w.shape[2:], to_csn(node.shape), node)
+    rows = _direct(rw, x.shape, w.shape, node) or _tile_rows(to_csn(x.shape), w.shape[2:], to_csn(node.shape), node)
     if rows is not None:
         return _tiled(rw, "conv_csn", [rw.get(x, CSN), rw.get(w, NC)], node, rows, to_csn(node.shape)), CSN
     cols = _columns(rw, x, w.shape[2:], node)
@@ -313,7 +328,8 @@ def _conv_input_grad_vjp(ct, out, g, w, *, input_shape, stride, padding, dilatio
 def _conv_input_grad_from_columns(rw, node):
     g, w = node.inputs
     gc = rw.get(g, CSN)
-    rows = _tile_rows(to_csn(node.shape), w.shape[2:], to_csn(g.shape), node)
+    rows = (_direct(rw, node.shape, w.shape, node)
+            or _tile_rows(to_csn(node.shape), w.shape[2:], to_csn(g.shape), node))
     if rows is not None:
         return _tiled(rw, "conv_csn_input_grad", [gc, rw.get(w, NC)], node, rows, to_csn(node.shape),
                       input_shape=to_csn(node.attrs["input_shape"])), CSN
@@ -381,7 +397,7 @@ def _conv_weight_grad_sharding(node, states, ctx):
 
 def _conv_weight_grad_from_columns(rw, node):
     x, g = node.inputs
-    rows = _tile_rows(to_csn(x.shape), node.shape[2:], to_csn(g.shape), node)
+    rows = _direct(rw, x.shape, node.shape, node) or _tile_rows(to_csn(x.shape), node.shape[2:], to_csn(g.shape), node)
     if rows is not None:
         return _tiled(rw, "conv_csn_weight_grad", [rw.get(x, CSN), rw.get(g, CSN)], node, rows, node.shape,
                       weight_shape=tuple(node.shape)), NC

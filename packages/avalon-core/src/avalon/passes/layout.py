@@ -43,9 +43,10 @@ class _Rewriter:
     """The new graph being built, and each old value's node and layout in it
     (what layout rules' rewrite(rw, node) use)."""
 
-    def __init__(self, graph, chosen):
+    def __init__(self, graph, chosen, options=None):
         self.g = graph
         self.chosen = chosen     # old nodes whose values are stored batch-innermost
+        self.options = dict(options or {})   # what the backend asked of the rules (see `layout`)
         self.out: list[Node] = []
         self.value: dict = {}    # old node -> (new node, layout)
         self.converted: dict = {}  # (old node, layout) -> new node in that layout
@@ -83,10 +84,14 @@ class _Rewriter:
         return self.emit("transpose", [src], {"perm": perm}, target, new.dtype, old.loc)
 
 
-def layout(graph: Graph) -> Graph:
+def layout(graph: Graph, *, direct_convs: bool = False) -> Graph:
+    """The graph with convolutional stacks batch-innermost.  direct_convs: the
+    backend builds C kernels, so convolutions that fit the direct templates
+    (2-D, stride 1: kernel_ir.conv_templates) become one op each (conv_csn and
+    its gradients) instead of im2col + matrix product."""
     if not any(_converts(n) for n in graph.nodes):
         return graph
-    rw = _Rewriter(graph, _choose(graph))
+    rw = _Rewriter(graph, _choose(graph), {"direct_convs": direct_convs})
     for n in graph.nodes:
         if n.op in ("input", "const"):
             rw.out.append(n)

@@ -1,0 +1,187 @@
+"""Direct convolutions of batch-innermost activations (C templates,
+avalon.kernel_ir.conv_templates): the kernels of conv_csn and its two
+gradients against the NumPy kernels they replace over random geometries
+(shapes whose rows are not a multiple of a vector, asymmetric padding, 1x1
+and non-square kernels, float32 and float64), whole steps against PyTorch,
+the layout pass's choice, and the IR's text and renderers for template
+kernels."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import avalon
+from avalon.backends import cpu_native, device, get_backend
+from avalon.graph import Node
+from avalon.kernel_ir import CRenderer, CUDARenderer, Kernel, KernelIRError, glue, verify
+from avalon.kernel_ir.ir import Buffer, Loop, Var
+from avalon.kernel_ir.lower import Unfusable
+from avalon.kernels import conv_csn as K
+from avalon.primitive import PRIMITIVES
+from avalon.runtime import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no usable C compiler")
+
+CPU = get_backend(device("cpu"))
+
+
+def _node(op, inputs, attrs, shape, dtype):
+    ins = [Node("input", [], {}, tuple(i.shape), i.dtype) for i in inputs]
+    return Node(op, ins, attrs, tuple(shape), np.dtype(dtype))
+
+
+def _c_and_numpy(op, inputs, attrs, shape, dtype):
+    """(the template's C kernel's result, the NumPy kernel's result)."""
+    node = _node(op, inputs, attrs, shape, dtype)
+    fallback = CPU.kernel(PRIMITIVES[op], attrs)
+    fn = cpu_native.compile_node_c(node, fallback)
+    assert fn is not None and fn.native and fn.kernel.template is not None, f"{op}: no template kernel"
+    got = fn(*inputs, out=np.full(shape, np.nan, dtype))
+    return got, fallback(*inputs, out=np.empty(shape, dtype))
+
+
+geometries = st.tuples(
+    st.integers(1, 7), st.integers(1, 13),                       # in, out channels
+    st.integers(1, 9), st.integers(1, 9), st.integers(1, 37),    # H, W, batch
+    st.integers(1, 4), st.integers(1, 4),                        # kernel height, width
+    st.integers(0, 10**6), st.sampled_from([np.float32, np.float64]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(geometries)
+def test_direct_kernels_match_the_numpy_kernels(case):
+    c, o, h, w, n, kh, kw, seed, dtype = case
+    rng = np.random.default_rng(seed)
+    # padding before each axis at most kernel - 1 (the templates' range), after it anything
+    # that leaves at least one output position
+    pads = tuple((int(rng.integers(0, k)), int(rng.integers(0, k + 1))) for k in (kh, kw))
+    out_sp = tuple(s + lo + hi - k + 1 for s, (lo, hi), k in zip((h, w), pads, (kh, kw)))
+    if min(out_sp) < 1:
+        pads = tuple((lo, k - 1) for (lo, _), k in zip(pads, (kh, kw)))
+        out_sp = tuple(s + lo + hi - k + 1 for s, (lo, hi), k in zip((h, w), pads, (kh, kw)))
+    geo = dict(stride=(1, 1), padding=pads, dilation=(1, 1))
+    x = rng.standard_normal((c, h, w, n)).astype(dtype)
+    wt = rng.standard_normal((o, c, kh, kw)).astype(dtype)
+    g = rng.standard_normal((o,) + out_sp + (n,)).astype(dtype)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    rows = dict(tile_rows=out_sp[0], **geo)
+
+    got, ref = _c_and_numpy("conv_csn", [x, wt], rows, g.shape, dtype)
+    np.testing.assert_allclose(got, ref, **tol)
+    got, ref = _c_and_numpy("conv_csn_input_grad", [g, wt], dict(rows, input_shape=x.shape), x.shape, dtype)
+    np.testing.assert_allclose(got, ref, **tol)
+    got, ref = _c_and_numpy("conv_csn_weight_grad", [x, g], dict(rows, weight_shape=wt.shape), wt.shape, dtype)
+    np.testing.assert_allclose(got, ref, **tol)
+
+
+@pytest.mark.parametrize("attrs", [dict(stride=(2, 1), padding=((1, 1), (1, 1)), dilation=(1, 1)),
+                                   dict(stride=(1, 1), padding=((1, 1), (1, 1)), dilation=(2, 1)),
+                                   dict(stride=(1, 1), padding=((3, 0), (0, 0)), dilation=(1, 1))],
+                         ids=["stride", "dilation", "padding beyond the kernel"])
+def test_geometries_outside_the_templates_have_no_direct_kernel(attrs):
+    assert glue.direct_conv_geometry((2, 8, 8, 4), (3, 2, 3, 3), attrs, np.float32) is None
+    assert glue.direct_conv_geometry((2, 8, 8, 4), (3, 2, 3, 3), dict(attrs, stride=(1, 1), dilation=(1, 1),
+                                     padding=((1, 1), (1, 1))), np.float32) is not None
+    assert glue.direct_conv_geometry((2, 8, 8, 4), (3, 2, 3, 3), dict(stride=(1, 1), dilation=(1, 1),
+                                     padding=((1, 1), (1, 1))), np.float16) is None
+
+
+def _net(x, w1, w2, w3):
+    import avalon.nn.functional as F
+    h = F.relu(F.conv2d(x, w1, padding=1))
+    h = F.relu(F.conv2d(h, w2, stride=2, padding=1))    # stride 2: im2col + matmul
+    h = F.conv2d(h, w3, padding=(2, 0))                  # 5x3 kernel, asymmetric extent
+    return (h ** 2).mean()
+
+
+def _torch_net(x, w1, w2, w3):
+    import torch.nn.functional as F
+    h = F.relu(F.conv2d(x, w1, padding=1))
+    h = F.relu(F.conv2d(h, w2, stride=2, padding=1))
+    h = F.conv2d(h, w3, padding=(2, 0))
+    return (h ** 2).mean()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_steps_with_direct_convolutions_equal_torch(dtype):
+    rng = np.random.default_rng(3)
+    args = [rng.standard_normal(s).astype(dtype) for s in ((6, 3, 11, 10), (8, 3, 3, 3), (5, 8, 3, 3), (4, 5, 5, 3))]
+    f = avalon.value_and_grad(_net, argnums=(0, 1, 2, 3))
+    loss, grads = f(*args)
+    ops = [n.op for n in f.graph.nodes]
+    assert ops.count("conv_csn") == 2 and ops.count("conv_csn_weight_grad") == 2, ops
+    assert "im2col_csn" in ops   # the stride-2 convolution
+    ts = [torch.tensor(a, requires_grad=True) for a in args]
+    want = _torch_net(*ts)
+    want.backward()
+    eps = 1e-5 if dtype == np.float32 else 1e-12   # cancellation: tolerances scale with each array's largest
+    np.testing.assert_allclose(loss, want.item(), rtol=10 * eps)
+    for got, t in zip(grads, ts):
+        ref = t.grad.numpy()
+        np.testing.assert_allclose(got, ref, rtol=10 * eps, atol=eps * np.abs(ref).max())
+
+
+def test_layout_without_direct_convolutions_builds_columns():
+    from avalon.passes.layout import layout
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 3, 6, 6)).astype(np.float32), rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = avalon.trace(lambda x, w: avalon.conv2d(x, w, padding=1), x, w)
+    assert "im2col_csn" in {n.op for n in layout(graph).nodes}
+    direct = layout(graph, direct_convs=True)
+    assert {n.op for n in direct.nodes} & {"im2col_csn", "matmul"} == set()
+    assert "conv_csn" in {n.op for n in direct.nodes}
+
+
+def _template_kernel():
+    node = _node("conv_csn", [np.zeros((2, 4, 5, 3), np.float32), np.zeros((3, 2, 3, 3), np.float32)],
+                 dict(tile_rows=4, stride=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1)), (3, 4, 5, 3),
+                 np.float32)
+    return glue.lower_conv_csn(node)
+
+
+def test_template_kernel_text_is_stable():
+    k = _template_kernel()
+    body = str(k).splitlines()
+    assert body[0] == f"kernel {k.name}(x: f32[120], w: f32[54]) -> (out: f32[180]) {{"
+    assert body[1] == ("  c conv_csn_forward template: in 2 x 4x5 x 3 -> out 3 x 4x5 x 3, kernel 3x3, padding "
+                       "(1, 1); 6 channels x 4 vectors a tile")
+    assert body[2:] == ["}"]
+
+
+def test_template_kernels_render_for_c_only_and_verify():
+    k = _template_kernel()
+    src = CRenderer().render_module([k, k])
+    assert src.count("#define AVL_CONV_HELPERS_F32") == 1 and f"void {k.name}(" in src
+    with pytest.raises(Unfusable, match="template"):
+        CUDARenderer().render_kernel(k)
+    bad = Kernel(k.name, k.params, (Loop(Var("i"), 1, ()),), template=k.template)
+    with pytest.raises(KernelIRError, match="template"):
+        verify(bad)
+
+
+def test_direct_weight_gradient_of_a_split_batch_sums_the_shares(monkeypatch):
+    """The batch split across the engine's threads: each thread's weight
+    gradient is a partial sum over its share of the batch."""
+    from avalon.runtime.threads import ShardedFunction, shard_count
+    if shard_count() < 2:
+        pytest.skip("one engine thread")
+    rng = np.random.default_rng(5)
+    from avalon.passes import sharding
+    monkeypatch.setattr(sharding, "MIN_SHARD_ELEMENTS", 0)   # split however small
+    x, w = rng.standard_normal((16, 3, 9, 9)).astype(np.float32), rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+
+    def loss(w, x):
+        return (avalon.conv2d(x, w, padding=1) ** 2).sum()
+    f = avalon.value_and_grad(loss, argnums=0)
+    for _ in range(12):                  # every schedule tried, the batch split among them
+        value, gw = f(w, x)
+    split = [c for _, c in f._last().compiled.candidates if isinstance(c, ShardedFunction)]
+    assert split, "no batch-split schedule"
+    value, gw = split[0].fn(w, x)
+    tw, tx = torch.tensor(w, requires_grad=True), torch.tensor(x)
+    want = (torch.nn.functional.conv2d(tx, tw, padding=1) ** 2).sum()
+    want.backward()
+    np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=1e-4)
