@@ -185,3 +185,20 @@ def test_direct_weight_gradient_of_a_split_batch_sums_the_shares(monkeypatch):
     want = (torch.nn.functional.conv2d(tx, tw, padding=1) ** 2).sum()
     want.backward()
     np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=1e-4)
+
+
+def test_strided_inputs_are_copied_and_run_the_c_kernel():
+    """A transposed graph input (the first convolution's) is copied to C order
+    for the template kernel rather than sent to the NumPy kernel."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, 2, 7, 5)).astype(np.float32).transpose(1, 2, 3, 0)   # (C, H, W, N), strided
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    attrs = dict(tile_rows=7, stride=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1))
+    node = _node("conv_csn", [x, w], attrs, (3, 7, 5, 6), np.float32)
+
+    def numpy_kernel(*args, out=None):
+        raise AssertionError("the NumPy kernel ran")
+    fn = cpu_native.compile_node_c(node, numpy_kernel)
+    got = fn(x, w)
+    ref = CPU.kernel(PRIMITIVES["conv_csn"], attrs)(np.ascontiguousarray(x), w)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

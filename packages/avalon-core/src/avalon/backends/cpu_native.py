@@ -206,8 +206,23 @@ def compile_node_c(node, fallback):
     src = _updating_op_source(kernel) if in_place else _node_op_source(kernel)
     exec(_code(src, f"<avalon C {kernel.name}>"), env)
     fn = env["op"]
+    if kernel.template is not None:
+        env["_slow"] = _contiguous_first(fn, fallback)
     fn.kernel, fn.source, fn.native = kernel, source, True
     return fn
+
+
+def _contiguous_first(op, fallback):
+    """The slow path of a template kernel (a direct convolution): strided
+    inputs (a transposed graph input, a thread's share of a batch) are copied to
+    C order and the kernel runs on the copies, several times faster than the
+    NumPy kernel on the strided arrays; anything else the kernel refuses runs
+    `fallback`."""
+    def slow(*args, out=None):
+        if any(isinstance(a, np.ndarray) and not a.flags.c_contiguous for a in args):
+            return op(*[np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a for a in args], out=out)
+        return fallback(*args, out=out)
+    return slow
 
 
 _LOWERED: dict = {}     # a node's signature -> its lowered Kernel (or None)
