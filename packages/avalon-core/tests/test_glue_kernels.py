@@ -101,8 +101,14 @@ def test_non_contiguous_inputs_run_the_numpy_kernel():
     assert calls == [1]
 
 
-def test_the_glue_ops_run_as_c_in_a_compiled_convolution_step():
+@pytest.mark.parametrize("direct, kernels", [
+    (False, {"im2col_csn", "col2im_csn", "max_pool_csn", "max_pool_csn_grad"}),
+    (True, {"conv_csn", "conv_csn_input_grad", "conv_csn_weight_grad", "max_pool_csn", "max_pool_csn_grad"})],
+    ids=["columns", "direct convolutions"])
+def test_the_glue_ops_run_as_c_in_a_compiled_convolution_step(monkeypatch, direct, kernels):
     import avalon
+    from avalon.backends import cpu
+    monkeypatch.setattr(cpu, "_builds_c_kernels", lambda: direct)
     rng = np.random.default_rng(1)
     w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
     x = rng.standard_normal((8, 2, 10, 10)).astype(np.float32)
@@ -112,10 +118,10 @@ def test_the_glue_ops_run_as_c_in_a_compiled_convolution_step():
         return (y * y).mean()
     f = avalon.value_and_grad(loss, parallel=False)
     value, (gw, _) = f(w, x)
-    native_ops = {op for op in ("im2col_csn", "col2im_csn", "max_pool_csn", "max_pool_csn_grad")
+    native_ops = {op for op in kernels | {"im2col_csn", "col2im_csn", "conv_csn"}
                   if any(getattr(fn, "native", False) for name, fn in f._last().compiled.fn.__globals__.items()
                          if name.rsplit("_", 1)[0] == op)}
-    assert native_ops == {"im2col_csn", "col2im_csn", "max_pool_csn", "max_pool_csn_grad"}
+    assert native_ops == kernels
     import torch
     tw, tx = torch.tensor(w, requires_grad=True), torch.tensor(x)
     ty = torch.nn.functional.max_pool2d(torch.relu(torch.nn.functional.conv2d(tx, tw, padding=1)), 2)

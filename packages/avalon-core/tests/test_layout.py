@@ -122,8 +122,15 @@ def make_cnn(groups=1):
             "fc": rng.standard_normal((6, 5)).astype(np.float32) * 0.3}
 
 
+@pytest.fixture
+def columns_path(monkeypatch):
+    """The layout pass without direct convolutions: im2col + matmul for every convolution."""
+    from avalon.backends import cpu
+    monkeypatch.setattr(cpu, "_builds_c_kernels", lambda: False)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
-def test_layout_pass_keeps_losses_and_gradients(groups):
+def test_layout_pass_keeps_losses_and_gradients(groups, columns_path):
     m, x, y = make_cnn(groups), rng.standard_normal((6, 1, 17, 17)).astype(np.float32), rng.integers(0, 5, 6)
     without = [p for p in passes.default_pipeline() if p[0] != "layout"]
     ref = avalon.value_and_grad(cnn_loss, argnums=0, passes=without, parallel=False)
@@ -162,3 +169,22 @@ def test_bias_and_activation_stay_batch_innermost():
     # (2-D transposes of the column matrices are views read by the matrix products)
     big = [n for n in g.nodes if n.op == "transpose" and n.ndim >= 3 and n.size >= 4 * 17 * 17]
     assert len(big) <= 2
+
+
+def _scaled_conv(x, w, s):
+    return avalon.conv2d(x, w, padding=1) * avalon.broadcast_to(s, (4, 3, 6, 6))
+
+
+def test_a_broadcast_read_batch_innermost_is_broadcast_from_its_permuted_operand():
+    """A broadcast (a batch mean's gradient) read by a batch-innermost op is
+    broadcast again from its permuted operand, not transposed: a transposed
+    broadcast is a strided view no kernel reads in place."""
+    import torch
+    x, w = rng.standard_normal((4, 2, 6, 6)).astype(np.float32), rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    s = rng.standard_normal((1, 3, 1, 1)).astype(np.float32)
+    out = passes.dce(passes.layout(avalon.trace(_scaled_conv, x, w, s)))
+    assert [n.shape for n in out.nodes if n.op == "broadcast_to"] == [(3, 6, 6, 4)]
+    assert not any(n.op == "transpose" and n.inputs[0].op == "broadcast_to" for n in out.nodes)
+    got = avalon.jit(_scaled_conv)(x, w, s)
+    want = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), padding=1) * torch.tensor(s)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)

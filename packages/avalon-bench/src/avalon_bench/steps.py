@@ -4,10 +4,11 @@ on the same batches.  The code generator's rules must hold for any model, so
 these rows carry the same kind of goal as the benchmarks (a ratio of step
 times), without tuning for them.
 
-Each step of the two frameworks runs interleaved (their order alternating),
-the first steps are warm-up (Avalon compiles there), and the figure is the
-median of the timed steps: time per training step, gradient and optimizer
-update together.
+The two frameworks run interleaved in blocks of a few steps (BLOCK_STEPS,
+their order alternating), on the same batches; the first steps are warm-up
+(Avalon compiles and times its schedules there), and the figure is the median
+of the timed steps: time per training step, gradient and optimizer update
+together.
 """
 from __future__ import annotations
 
@@ -107,20 +108,29 @@ def selected_steps(which: str) -> list[StepWorkload]:
     return [STEP_WORKLOADS[which]] if which in STEP_WORKLOADS else []
 
 
+#: steps each framework runs in a row before the other takes over: a framework's
+#: threads (PyTorch's OpenMP pool, BLAS's) spin for a while after its step and
+#: would slow the other's next step if the two alternated step by step
+BLOCK_STEPS = 5
+
+
 def measure_steps(trainers: dict, batches: list, warmup: int, desc: str = "steps") -> dict:
-    """Run every batch through each trainer, interleaved with alternating order
-    (a progress bar on a terminal); per trainer key: seconds of each step and its loss."""
+    """Run every batch through each trainer, in blocks of BLOCK_STEPS batches
+    interleaved between the trainers with alternating order (a progress bar on a
+    terminal); per trainer key: seconds of each step and its loss."""
     seconds = {k: [] for k in trainers}
     losses = {k: [] for k in trainers}
     keys = list(trainers)
+    blocks = [batches[i:i + BLOCK_STEPS] for i in range(0, len(batches), BLOCK_STEPS)]
     with epoch_bar(len(batches), desc) as bar:
-        for i, batch in enumerate(batches):
-            for key in (keys if i % 2 == 0 else keys[::-1]):
-                t0 = time.perf_counter()
-                loss = trainers[key].step(batch)
-                seconds[key].append(time.perf_counter() - t0)
-                losses[key].append(loss)
-            bar.update(1)
+        for b, block in enumerate(blocks):
+            for key in (keys if b % 2 == 0 else keys[::-1]):
+                for batch in block:
+                    t0 = time.perf_counter()
+                    loss = trainers[key].step(batch)
+                    seconds[key].append(time.perf_counter() - t0)
+                    losses[key].append(loss)
+            bar.update(len(block))
     return {k: {"first_step_s": seconds[k][0],
                 "step_s": statistics.median(seconds[k][warmup:]),
                 "steps_timed": len(seconds[k]) - warmup,
@@ -157,7 +167,7 @@ def markdown(results: dict) -> str:
     lines = ["## Training steps of models the benchmarks never saw", "",
              "Median time of one training step (gradient and optimizer update) after "
              f"{next(iter(results.values()))['warmup_steps']} warm-up steps, the two frameworks "
-             "interleaved, same weights and batches.", "",
+             f"interleaved in blocks of {BLOCK_STEPS} steps, same weights and batches.", "",
              "| model | Avalon | PyTorch eager | Avalon / PyTorch eager | goal | met? | first step (Avalon) "
              "| largest loss difference |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

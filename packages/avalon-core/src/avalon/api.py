@@ -36,6 +36,21 @@ def _fname(f) -> str:
     return getattr(f, "__qualname__", None) or getattr(f, "__name__", None) or type(f).__name__
 
 
+#: a graph not split across the engine's threads gets a schedule with BLAS on
+#: several threads only from this many floating-point operations in its matrix
+#: products (below, a call is too short to gain from threads)
+BLAS_THREADS_MIN_FLOPS = 4_000_000
+
+
+def _product_flops(products) -> int:
+    """2 * m * n * k summed over matmul nodes (batched: times the batch)."""
+    total = 0
+    for n in products:
+        a = n.inputs[0]
+        total += 2 * int(np.prod(n.shape)) * (int(a.shape[-1]) if a.ndim else 1)
+    return total
+
+
 def _fdef(f) -> str:
     code = getattr(f, "__code__", None) or getattr(getattr(f, "__call__", None), "__code__", None)
     return f"{code.co_filename}:{code.co_firstlineno}" if code else "<unknown>"
@@ -238,16 +253,18 @@ class CompiledFunction:
                 if parts is not None:
                     first = ("independent parts across threads",
                              Later(lambda: ComponentParallel(graph, parts, backend)))
-        if first is None:
-            return backend.wrap_compiled(generate(graph, backend, graph.name))
         whole = functools.lru_cache(maxsize=None)(lambda: backend.wrap_compiled(generate(graph, backend, graph.name)))
-        candidates = [first, ("one thread", Later(whole))]
-        # BLAS's own threads: fastest for steps made of a few large products, but
-        # they spin after each call and slow the engine's threads for a while;
-        # timing the schedules inside the real workload weighs that in
+        candidates = ([first] if first is not None else []) + [("one thread", Later(whole))]
+        # BLAS's own threads: fastest for steps made of a few large products (a
+        # prediction too small for the batch split), but they spin after each call
+        # and slow the engine's threads for a while; timing the schedules inside
+        # the real workload weighs that in
         blas = getattr(backend, "blas_threads_available", 1)
-        if blas > 1 and any(n.op == "matmul" for n in graph.nodes):
+        products = [n for n in graph.nodes if n.op == "matmul"]
+        if blas > 1 and products and (first is not None or _product_flops(products) >= BLAS_THREADS_MIN_FLOPS):
             candidates.append((f"BLAS on {blas} threads", Later(lambda: BlasThreads(whole(), backend, blas))))
+        if len(candidates) == 1:
+            return whole()
         return Autotuned(candidates)
 
     def _batch_inputs(self, graph, leaves, treedef):

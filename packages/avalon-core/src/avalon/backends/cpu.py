@@ -2,7 +2,6 @@
 entry-point group, exactly as a third-party backend registers."""
 from __future__ import annotations
 
-import functools
 import os
 import threading
 
@@ -29,17 +28,13 @@ class CpuBackend(Backend):
 
     @classmethod
     def passes(cls):
-        # convolutional stacks batch-innermost: im2col and one large matrix product
-        # per convolution, the shapes NumPy's BLAS runs fastest
-        from ..passes.layout import layout
+        # convolutional stacks batch-innermost: each convolution a direct C kernel, or
+        # im2col and one large matrix product (the shapes NumPy's BLAS runs fastest)
         from ..passes.updates import fuse_updates
         from ..passes.views import fuse_views
         # slices read in place by the C kernels of fused groups (they lower strided loads);
         # in-place updates (an optimizer's) as one multi-output C kernel: one pass over memory
-        # convolutions that fit them as direct C kernels where C kernels build (no columns at all)
-        direct = functools.partial(layout, direct_convs=_builds_c_kernels())
-        direct.__name__ = "layout"
-        return [("layout", direct, "after:dce_2"), ("fuse_views", fuse_views, "after:fuse_elementwise"),
+        return [("layout", _cpu_layout, "after:dce_2"), ("fuse_views", fuse_views, "after:fuse_elementwise"),
                 ("fuse_updates", fuse_updates, "after:fuse_views")]
 
     @classmethod
@@ -143,6 +138,14 @@ class CpuBackend(Backend):
 
 
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _cpu_layout(graph):
+    """The layout pass, with convolutions that fit them as direct C kernels where
+    C kernels build (no columns at all); asked at each compilation (pipelines are
+    kept, AVALON_NATIVE is read per compilation)."""
+    from ..passes.layout import layout
+    return layout(graph, direct_convs=_builds_c_kernels())
 
 
 def _builds_c_kernels() -> bool:

@@ -17,7 +17,8 @@ im2col columns, which are never written either).
 * input gradient: the forward of the cotangent with the weight flipped and its
   channels swapped, padding k - 1 - pad;
 * weight gradient: for each (o, c, dy, dx) the dot product of a cotangent row
-  and the shifted input row, summed over rows, with per-lane accumulators.
+  and the shifted input row, summed over rows, with per-lane accumulators (a
+  block of output channels times a block of taps at a time).
 
 Kernel offsets that read padding are skipped, not multiplied by zero: for each
 output row the valid dy range, and for each run of output columns the valid dx
@@ -52,7 +53,7 @@ _CTYPE = {np.dtype(np.float32): ("float", "f32"), np.dtype(np.float64): ("double
 
 #: output channels x row vectors held in registers by the forward's micro-kernel
 FWD_CHANNELS, FWD_VECTORS = 6, 4
-#: output channels x (input channel, dx) pairs held by the weight gradient's
+#: output channels x taps (input channel, dy, dx) held by the weight gradient's
 WG_CHANNELS, WG_PAIRS = 4, 6
 
 
@@ -180,75 +181,79 @@ static void avl_conv_rows_{s}(const {t}* x, const {t}* wt, {t}* out, int64_t C, 
     }}
 }}
 
-/* dw (O, C, KH, KW) = sum over rows of g (O, Ho, Wo, Nb) times shifted rows of x (C, H, W, Nb) */
+/* dw (O, C, KH, KW) = sum over rows of g (O, Ho, Wo, Nb) times shifted rows of x (C, H, W, Nb): for a
+   block of output channels and a block of taps (c, dy, dx), per-lane accumulators over every row */
 static void avl_conv_wgrad_{s}(const {t}* x, const {t}* g, {t}* dw, int64_t C, int64_t H, int64_t W,
                                int64_t Nb, int64_t O, int64_t Ho, int64_t Wo, int64_t KH, int64_t KW,
                                int64_t ph, int64_t pw)
 {{
-    const int64_t L = W * Nb, Lo = Wo * Nb, P = C * KW;
+    const int64_t L = W * Nb, Lo = Wo * Nb, K = C * KH * KW;
     for (int64_t o0 = 0; o0 < O; o0 += {wo}) {{
         const int64_t ob = avl_cmin({wo}, O - o0);
-        for (int64_t dy = 0; dy < KH; dy++)
-            for (int64_t p0 = 0; p0 < P; p0 += {wp}) {{
-                const int64_t pb = avl_cmin({wp}, P - p0);
-                int64_t pc[{wp}], pd[{wp}];
-                for (int q = 0; q < {wp}; q++) {{
-                    const int64_t p = p0 + (q < pb ? q : 0);
-                    pc[q] = p / KW;
-                    pd[q] = p % KW;
-                }}
-                avl_cv_{s} acc[{wo}][{wp}];
-                {t} tail[{wo}][{wp}];
-                for (int o = 0; o < {wo}; o++)
-                    for (int q = 0; q < {wp}; q++) {{
-                        tail[o][q] = 0;
-                        for (int l = 0; l < AVL_CL_{s}; l++) acc[o][q][l] = 0;
-                    }}
-                for (int64_t yo = 0; yo < Ho; yo++) {{
-                    const int64_t yi = yo + dy - ph;
-                    if (yi < 0 || yi >= H) continue;
-                    const {t}* grow[{wo}];
-                    for (int o = 0; o < {wo}; o++) grow[o] = g + ((o0 + (o < ob ? o : 0)) * Ho + yo) * Lo;
-                    int64_t xa = 0;
-                    while (xa < Wo) {{
-                        int64_t lo, hi, lo2, hi2, xb = xa + 1;
-                        avl_dx_range(xa, W, KW, pw, &lo, &hi);
-                        for (; xb < Wo; xb++) {{
-                            avl_dx_range(xb, W, KW, pw, &lo2, &hi2);
-                            if (lo2 != lo || hi2 != hi) break;
-                        }}
-                        int on[{wp}];
-                        const {t}* xrow[{wp}];
-                        for (int q = 0; q < {wp}; q++) {{
-                            on[q] = q < pb && pd[q] >= lo && pd[q] < hi;
-                            xrow[q] = x + (pc[q] * H + yi) * L + (pd[q] - pw) * Nb;
-                        }}
-                        int64_t j = xa * Nb;
-                        const int64_t end = xb * Nb;
-                        for (; j + AVL_CL_{s} <= end; j += AVL_CL_{s}) {{
-                            avl_cv_{s} gv[{wo}];
-                            for (int o = 0; o < {wo}; o++) gv[o] = *(const avl_cv_{s}*)(grow[o] + j);
-                            for (int q = 0; q < {wp}; q++) {{
-                                if (!on[q]) continue;
-                                const avl_cv_{s} xv = *(const avl_cv_{s}*)(xrow[q] + j);
-                                for (int o = 0; o < {wo}; o++) acc[o][q] += gv[o] * xv;
-                            }}
-                        }}
-                        for (; j < end; j++)
-                            for (int q = 0; q < {wp}; q++) {{
-                                if (!on[q]) continue;
-                                for (int o = 0; o < {wo}; o++) tail[o][q] += grow[o][j] * xrow[q][j];
-                            }}
-                        xa = xb;
-                    }}
-                }}
-                for (int o = 0; o < ob; o++)
-                    for (int q = 0; q < pb; q++) {{
-                        {t} s = tail[o][q];
-                        for (int l = 0; l < AVL_CL_{s}; l++) s += acc[o][q][l];
-                        dw[(((o0 + o) * C + pc[q]) * KH + dy) * KW + pd[q]] = s;
-                    }}
+        for (int64_t k0 = 0; k0 < K; k0 += {wp}) {{
+            const int64_t kb = avl_cmin({wp}, K - k0);
+            int64_t pc[{wp}], py[{wp}], pd[{wp}];
+            for (int q = 0; q < {wp}; q++) {{
+                const int64_t k = k0 + (q < kb ? q : 0);
+                pc[q] = k / (KH * KW);
+                py[q] = k / KW % KH;
+                pd[q] = k % KW;
             }}
+            avl_cv_{s} acc[{wo}][{wp}];
+            {t} tail[{wo}][{wp}];
+            for (int o = 0; o < {wo}; o++)
+                for (int q = 0; q < {wp}; q++) {{
+                    tail[o][q] = 0;
+                    for (int l = 0; l < AVL_CL_{s}; l++) acc[o][q][l] = 0;
+                }}
+            for (int64_t yo = 0; yo < Ho; yo++) {{
+                const {t}* grow[{wo}];
+                for (int o = 0; o < {wo}; o++) grow[o] = g + ((o0 + (o < ob ? o : 0)) * Ho + yo) * Lo;
+                int rowok[{wp}];
+                for (int q = 0; q < {wp}; q++) {{
+                    const int64_t yi = yo + py[q] - ph;
+                    rowok[q] = q < kb && yi >= 0 && yi < H;
+                }}
+                int64_t xa = 0;
+                while (xa < Wo) {{
+                    int64_t lo, hi, lo2, hi2, xb = xa + 1;
+                    avl_dx_range(xa, W, KW, pw, &lo, &hi);
+                    for (; xb < Wo; xb++) {{
+                        avl_dx_range(xb, W, KW, pw, &lo2, &hi2);
+                        if (lo2 != lo || hi2 != hi) break;
+                    }}
+                    int on[{wp}];
+                    const {t}* xrow[{wp}];
+                    for (int q = 0; q < {wp}; q++) {{
+                        on[q] = rowok[q] && pd[q] >= lo && pd[q] < hi;
+                        xrow[q] = on[q] ? x + (pc[q] * H + yo + py[q] - ph) * L + (pd[q] - pw) * Nb : x;
+                    }}
+                    int64_t j = xa * Nb;
+                    const int64_t end = xb * Nb;
+                    for (; j + AVL_CL_{s} <= end; j += AVL_CL_{s}) {{
+                        avl_cv_{s} gv[{wo}];
+                        for (int o = 0; o < {wo}; o++) gv[o] = *(const avl_cv_{s}*)(grow[o] + j);
+                        for (int q = 0; q < {wp}; q++) {{
+                            if (!on[q]) continue;
+                            const avl_cv_{s} xv = *(const avl_cv_{s}*)(xrow[q] + j);
+                            for (int o = 0; o < {wo}; o++) acc[o][q] += gv[o] * xv;
+                        }}
+                    }}
+                    for (; j < end; j++)
+                        for (int q = 0; q < {wp}; q++) {{
+                            if (!on[q]) continue;
+                            for (int o = 0; o < {wo}; o++) tail[o][q] += grow[o][j] * xrow[q][j];
+                        }}
+                    xa = xb;
+                }}
+            }}
+            for (int o = 0; o < ob; o++)
+                for (int q = 0; q < kb; q++) {{
+                    {t} s = tail[o][q];
+                    for (int l = 0; l < AVL_CL_{s}; l++) s += acc[o][q][l];
+                    dw[((o0 + o) * C + pc[q]) * KH * KW + py[q] * KW + pd[q]] = s;
+                }}
+        }}
     }}
 }}
 #if defined(__GNUC__) && !defined(__clang__)
@@ -323,5 +328,5 @@ def conv_weight_grad(dtype, *, channels, out_channels, spatial, out_spatial, bat
             f"{ho}, {wo}, {kh}, {kw}, {ph}, {pw});\n")
     text = (f"conv_csn_weight_grad template: in {channels} x {h}x{wd} x {batch}, cotangent {out_channels} x "
             f"{ho}x{wo} x {batch} -> {out_channels}x{channels}x{kh}x{kw}, padding ({ph}, {pw}); "
-            f"{WG_CHANNELS} channels x {WG_PAIRS} (channel, dx) pairs a tile")
+            f"{WG_CHANNELS} channels x {WG_PAIRS} taps a tile")
     return Template(text, "c", guard, helpers, body)

@@ -65,7 +65,14 @@ class _Rewriter:
         if key not in self.converted:
             perm = _perm_to_csn(old.ndim) if layout == CSN else _perm_to_nc(old.ndim)
             shape = tuple(new.shape[p] for p in perm)
-            self.converted[key] = self.emit("transpose", [new], {"perm": perm}, shape, new.dtype, old.loc)
+            if old.op == "broadcast_to" and layout == CSN and have == NC:
+                # a broadcast (a mean's gradient) is broadcast again from its permuted operand:
+                # a transpose of it would be a strided view no kernel reads in place, and the
+                # broadcast joins its consumer's fused kernel
+                src = self.small_operand(old.inputs[0], old.ndim)
+                self.converted[key] = self.emit("broadcast_to", [src], {"shape": shape}, shape, new.dtype, old.loc)
+            else:
+                self.converted[key] = self.emit("transpose", [new], {"perm": perm}, shape, new.dtype, old.loc)
         return self.converted[key]
 
     def small_operand(self, old, out_ndim):
