@@ -106,3 +106,31 @@ def test_interactive_needs_both_streams_on_a_terminal(monkeypatch):
         monkeypatch.setattr("sys.stdout", Stream(out))
         monkeypatch.setattr("sys.stderr", Stream(err))
         assert progressbar.interactive() is expected
+
+
+def test_latencies_take_turns_in_blocks_after_the_warm_up():
+    from avalon_bench.measure import latencies
+    order = []
+    calls = {k: (lambda k=k: order.append(k)) for k in ("a", "b")}
+    figures = latencies(calls, repeats=25, warmup=2, block=10)
+    assert order == ["a"] * 2 + ["b"] * 2 + ["a"] * 10 + ["b"] * 20 + ["a"] * 15 + ["b"] * 5
+    assert figures["a"]["calls"] == figures["b"]["calls"] == 25
+
+
+def test_step_rows_take_turns_in_blocks():
+    from avalon_bench import steps
+    order = []
+
+    class Trainer:
+        def __init__(self, key):
+            self.key = key
+
+        def step(self, batch):
+            order.append((self.key, batch))
+            return 1.0
+    figures = measure_steps({"a": Trainer("a"), "b": Trainer("b")}, list(range(12)), warmup=2)
+    block = steps.BLOCK_STEPS
+    assert order[:2 * block] == [("a", i) for i in range(block)] + [("b", i) for i in range(block)]
+    assert order[2 * block:4 * block] == ([("b", i) for i in range(block, 2 * block)]
+                                          + [("a", i) for i in range(block, 2 * block)])
+    assert figures["a"]["steps_timed"] == figures["b"]["steps_timed"] == 10

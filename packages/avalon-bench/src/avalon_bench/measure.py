@@ -146,10 +146,20 @@ def train_interleaved(trainers, batches, epochs: int, max_batches: int | None = 
     return records
 
 
-def latencies(calls: dict, repeats: int, warmup: int = 3) -> dict:
-    """Median seconds per call of each no-argument callable in `calls`, the calls
-    interleaved (a, b, c, a, b, c, ...) after `warmup` untimed calls each (which
-    also compile).  A callable that raises is reported as its error."""
+#: latency calls each framework makes in a row before the next takes over: a
+#: framework's threads (PyTorch's OpenMP pool, BLAS's) spin for a while after a
+#: call and would slow the other's next call if the two alternated call by call
+LATENCY_BLOCK = 10
+#: untimed calls first: they compile, and cover Avalon's schedule trials (three
+#: schedules of one warm-up and five timed calls each)
+LATENCY_WARMUP = 20
+
+
+def latencies(calls: dict, repeats: int, warmup: int = LATENCY_WARMUP, block: int = LATENCY_BLOCK) -> dict:
+    """Median seconds per call of each no-argument callable in `calls`, after
+    `warmup` untimed calls each (which also compile); the callables take turns
+    in blocks of `block` calls (a's block, b's block, ..., then the next round
+    in the reverse order).  A callable that raises is reported as its error."""
     results, alive = {}, {}
     for key, call in calls.items():
         try:
@@ -159,11 +169,14 @@ def latencies(calls: dict, repeats: int, warmup: int = 3) -> dict:
         except Exception as exc:  # noqa: BLE001 - reported in the output
             results[key] = {"failed": f"{type(exc).__name__}: {exc}"}
     clock = time.perf_counter
-    for _ in range(repeats):
-        for key, times in alive.items():
-            t0 = clock()
-            calls[key]()
-            times.append(clock() - t0)
+    keys = list(alive)
+    for r in range(-(-repeats // block)):
+        for key in (keys if r % 2 == 0 else keys[::-1]):
+            times = alive[key]
+            for _ in range(min(block, repeats - len(times))):
+                t0 = clock()
+                calls[key]()
+                times.append(clock() - t0)
     for key, times in alive.items():
         results[key] = {"median_s": statistics.median(times), "min_s": min(times), "calls": len(times)}
     return results

@@ -9,6 +9,8 @@ import math
 import re
 import statistics
 
+from .measure import LATENCY_BLOCK, LATENCY_WARMUP
+
 FRAMEWORK_ORDER = ("avalon", "torch_eager", "torch_tuned_malloc", "torch_compile")
 LABELS = {"avalon": "Avalon", "torch_eager": "PyTorch eager", "torch_tuned_malloc": "PyTorch eager, tuned malloc",
           "torch_compile": "torch.compile"}
@@ -244,8 +246,9 @@ def header_markdown(info: dict) -> str:
              "epoch 1, ..., Avalon epoch 2, ...).",
              "- total time: all epochs, compilation included.",
              f"- prediction: median of {cfg['latency_repeats'][0]} (batch) and {cfg['latency_repeats'][1]} "
-             "(one sample) interleaved calls of the forward pass in eval mode (Avalon: avalon.jit; "
-             "PyTorch: torch.no_grad), after warm-up calls.",
+             "(one sample) calls of the forward pass in eval mode (Avalon: avalon.jit; "
+             f"PyTorch: torch.no_grad), the frameworks taking turns in blocks of {LATENCY_BLOCK} calls, "
+             f"after {LATENCY_WARMUP} warm-up calls each.",
              "- final loss: mean training loss over the last epoch; test metric on "
              f"{cfg['test_examples']} test examples.",
              f"- peak memory: in a fresh subprocess per framework, the growth of the peak RSS "
