@@ -108,17 +108,22 @@ def test_interactive_needs_both_streams_on_a_terminal(monkeypatch):
         assert progressbar.interactive() is expected
 
 
-def test_latencies_take_turns_in_blocks_after_the_warm_up():
+def test_latencies_take_turns_in_blocks_after_the_warm_up(monkeypatch):
+    from avalon_bench import measure
     from avalon_bench.measure import latencies
+    pauses = []
+    monkeypatch.setattr(measure, "settle", lambda: pauses.append(1))
     order = []
     calls = {k: (lambda k=k: order.append(k)) for k in ("a", "b")}
     figures = latencies(calls, repeats=25, warmup=2, block=10)
     assert order == ["a"] * 2 + ["b"] * 2 + ["a"] * 10 + ["b"] * 20 + ["a"] * 15 + ["b"] * 5
     assert figures["a"]["calls"] == figures["b"]["calls"] == 25
+    assert len(pauses) == 6   # before each block
 
 
-def test_step_rows_take_turns_in_blocks():
+def test_step_rows_take_turns_in_blocks(monkeypatch):
     from avalon_bench import steps
+    monkeypatch.setattr(steps, "settle", lambda: None)
     order = []
 
     class Trainer:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import avalon
@@ -50,9 +50,15 @@ geometries = st.tuples(
     st.integers(0, 10**6), st.sampled_from([np.float32, np.float64]))
 
 
-@settings(max_examples=30, deadline=None)
+@pytest.fixture
+def any_row(monkeypatch):
+    """Direct kernels for rows of any length (their scalar tails included)."""
+    monkeypatch.setattr(glue, "DIRECT_MIN_ROW", 1)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(geometries)
-def test_direct_kernels_match_the_numpy_kernels(case):
+def test_direct_kernels_match_the_numpy_kernels(any_row, case):
     c, o, h, w, n, kh, kw, seed, dtype = case
     rng = np.random.default_rng(seed)
     # padding before each axis at most kernel - 1 (the templates' range), after it anything
@@ -81,7 +87,7 @@ def test_direct_kernels_match_the_numpy_kernels(case):
                                    dict(stride=(1, 1), padding=((1, 1), (1, 1)), dilation=(2, 1)),
                                    dict(stride=(1, 1), padding=((3, 0), (0, 0)), dilation=(1, 1))],
                          ids=["stride", "dilation", "padding beyond the kernel"])
-def test_geometries_outside_the_templates_have_no_direct_kernel(attrs):
+def test_geometries_outside_the_templates_have_no_direct_kernel(any_row, attrs):
     assert glue.direct_conv_geometry((2, 8, 8, 4), (3, 2, 3, 3), attrs, np.float32) is None
     assert glue.direct_conv_geometry((2, 8, 8, 4), (3, 2, 3, 3), dict(attrs, stride=(1, 1), dilation=(1, 1),
                                      padding=((1, 1), (1, 1))), np.float32) is not None
@@ -106,7 +112,7 @@ def _torch_net(x, w1, w2, w3):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_steps_with_direct_convolutions_equal_torch(dtype):
+def test_steps_with_direct_convolutions_equal_torch(any_row, dtype):
     rng = np.random.default_rng(3)
     args = [rng.standard_normal(s).astype(dtype) for s in ((6, 3, 11, 10), (8, 3, 3, 3), (5, 8, 3, 3), (4, 5, 5, 3))]
     f = avalon.value_and_grad(_net, argnums=(0, 1, 2, 3))
@@ -124,10 +130,24 @@ def test_steps_with_direct_convolutions_equal_torch(dtype):
         np.testing.assert_allclose(got, ref, rtol=10 * eps, atol=eps * np.abs(ref).max())
 
 
+def test_one_image_runs_columns_not_direct_kernels():
+    """Rows of one image (N = 1) are too short for the vector tiles."""
+    attrs = dict(stride=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1))
+    assert glue.direct_conv_geometry((16, 28, 28, 1), (32, 16, 3, 3), attrs, np.float32) is None
+    assert glue.direct_conv_geometry((16, 28, 28, 32), (32, 16, 3, 3), attrs, np.float32) is not None
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((1, 3, 12, 12)).astype(np.float32), rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    f = avalon.jit(lambda x, w: avalon.conv2d(x, w, padding=1))
+    got = f(x, w)
+    assert "conv_csn" not in {n.op for n in f.graph.nodes}
+    want = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), padding=1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_layout_without_direct_convolutions_builds_columns():
     from avalon.passes.layout import layout
     rng = np.random.default_rng(0)
-    x, w = rng.standard_normal((2, 3, 6, 6)).astype(np.float32), rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    x, w = rng.standard_normal((16, 3, 6, 6)).astype(np.float32), rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     graph = avalon.trace(lambda x, w: avalon.conv2d(x, w, padding=1), x, w)
     assert "im2col_csn" in {n.op for n in layout(graph).nodes}
     direct = layout(graph, direct_convs=True)
@@ -142,7 +162,7 @@ def _template_kernel():
     return glue.lower_conv_csn(node)
 
 
-def test_template_kernel_text_is_stable():
+def test_template_kernel_text_is_stable(any_row):
     k = _template_kernel()
     body = str(k).splitlines()
     assert body[0] == f"kernel {k.name}(x: f32[120], w: f32[54]) -> (out: f32[180]) {{"
@@ -151,7 +171,7 @@ def test_template_kernel_text_is_stable():
     assert body[2:] == ["}"]
 
 
-def test_template_kernels_render_for_c_only_and_verify():
+def test_template_kernels_render_for_c_only_and_verify(any_row):
     k = _template_kernel()
     src = CRenderer().render_module([k, k])
     assert src.count("#define AVL_CONV_HELPERS_F32") == 1 and f"void {k.name}(" in src
@@ -187,7 +207,7 @@ def test_direct_weight_gradient_of_a_split_batch_sums_the_shares(monkeypatch):
     np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=1e-4)
 
 
-def test_strided_inputs_are_copied_and_run_the_c_kernel():
+def test_strided_inputs_are_copied_and_run_the_c_kernel(any_row):
     """A transposed graph input (the first convolution's) is copied to C order
     for the template kernel rather than sent to the NumPy kernel."""
     rng = np.random.default_rng(2)

@@ -150,6 +150,15 @@ def train_interleaved(trainers, batches, epochs: int, max_batches: int | None = 
 #: framework's threads (PyTorch's OpenMP pool, BLAS's) spin for a while after a
 #: call and would slow the other's next call if the two alternated call by call
 LATENCY_BLOCK = 10
+#: seconds of quiet before a framework's block: the other framework's threads
+#: (OpenBLAS's spin up to ~0.1 s after a call) go idle first
+SETTLE_S = 0.25
+
+
+def settle() -> None:
+    time.sleep(SETTLE_S)
+
+
 #: untimed calls first: they compile, and cover Avalon's schedule trials (three
 #: schedules of one warm-up and five timed calls each)
 LATENCY_WARMUP = 20
@@ -159,7 +168,7 @@ def latencies(calls: dict, repeats: int, warmup: int = LATENCY_WARMUP, block: in
     """Median seconds per call of each no-argument callable in `calls`, after
     `warmup` untimed calls each (which also compile); the callables take turns
     in blocks of `block` calls (a's block, b's block, ..., then the next round
-    in the reverse order).  A callable that raises is reported as its error."""
+    in the reverse order), each after a pause (`settle`).  A callable that raises is reported as its error."""
     results, alive = {}, {}
     for key, call in calls.items():
         try:
@@ -173,6 +182,7 @@ def latencies(calls: dict, repeats: int, warmup: int = LATENCY_WARMUP, block: in
     for r in range(-(-repeats // block)):
         for key in (keys if r % 2 == 0 else keys[::-1]):
             times = alive[key]
+            settle()
             for _ in range(min(block, repeats - len(times))):
                 t0 = clock()
                 calls[key]()

@@ -20,6 +20,7 @@ from typing import Callable
 from avalon_zoo.datasets import Batches
 
 from .data import BenchData
+from .measure import settle
 from .progressbar import epoch_bar
 from .workloads import BATCH_SEED, WEIGHT_SEED
 
@@ -116,7 +117,8 @@ BLOCK_STEPS = 5
 
 def measure_steps(trainers: dict, batches: list, warmup: int, desc: str = "steps") -> dict:
     """Run every batch through each trainer, in blocks of BLOCK_STEPS batches
-    interleaved between the trainers with alternating order (a progress bar on a
+    interleaved between the trainers with alternating order, each block after a
+    pause (measure.settle) (a progress bar on a
     terminal); per trainer key: seconds of each step and its loss."""
     seconds = {k: [] for k in trainers}
     losses = {k: [] for k in trainers}
@@ -125,6 +127,7 @@ def measure_steps(trainers: dict, batches: list, warmup: int, desc: str = "steps
     with epoch_bar(len(batches), desc) as bar:
         for b, block in enumerate(blocks):
             for key in (keys if b % 2 == 0 else keys[::-1]):
+                settle()
                 for batch in block:
                     t0 = time.perf_counter()
                     loss = trainers[key].step(batch)

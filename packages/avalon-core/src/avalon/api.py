@@ -36,9 +36,10 @@ def _fname(f) -> str:
     return getattr(f, "__qualname__", None) or getattr(f, "__name__", None) or type(f).__name__
 
 
-#: a graph not split across the engine's threads gets a schedule with BLAS on
-#: several threads only from this many floating-point operations in its matrix
-#: products (below, a call is too short to gain from threads)
+#: a graph gets a schedule with BLAS on several threads only from this many
+#: floating-point operations in its matrix products: below, the products are too
+#: small to gain from threads, and the BLAS threads' spinning after each call
+#: would only slow the schedules timed after it
 BLAS_THREADS_MIN_FLOPS = 4_000_000
 
 
@@ -261,7 +262,7 @@ class CompiledFunction:
         # the real workload weighs that in
         blas = getattr(backend, "blas_threads_available", 1)
         products = [n for n in graph.nodes if n.op == "matmul"]
-        if blas > 1 and products and (first is not None or _product_flops(products) >= BLAS_THREADS_MIN_FLOPS):
+        if blas > 1 and _product_flops(products) >= BLAS_THREADS_MIN_FLOPS:
             candidates.append((f"BLAS on {blas} threads", Later(lambda: BlasThreads(whole(), backend, blas))))
         if len(candidates) == 1:
             return whole()

@@ -290,12 +290,19 @@ def _name(op, node):
 
 # -- direct convolutions (C templates: kernel_ir.conv_templates) ------------------------------------------------
 
+#: the shortest row (output width x batch) a direct convolution takes: its tiles
+#: are rows of vectors, and shorter rows run mostly in the scalar tail (one image,
+#: N = 1, is im2col + matrix product)
+DIRECT_MIN_ROW = 64
+
+
 def direct_conv_geometry(x_shape, w_shape, attrs, dtype):
     """The template arguments of a direct convolution of batch-innermost
     activations x (C, H, W, N) with a weight (O, C, KH, KW), or None when the
     templates do not cover it: two spatial axes, stride 1, no dilation, a
     float32/float64 dtype, each padding before an axis at most its kernel
-    extent - 1 (so the input gradient's padding is not negative)."""
+    extent - 1 (so the input gradient's padding is not negative), rows of at
+    least DIRECT_MIN_ROW elements."""
     if len(x_shape) != 4 or len(w_shape) != 4 or not conv_templates.supported(dtype):
         return None
     if any(s != 1 for s in attrs["stride"]) or any(d != 1 for d in attrs["dilation"]):
@@ -308,6 +315,9 @@ def direct_conv_geometry(x_shape, w_shape, attrs, dtype):
     out_sp = _out_spatial(spatial, kernel, (1, 1), pads, (1, 1))
     if min(out_sp) < 1 or w_shape[1] != x_shape[0]:
         return None
+    if min(out_sp[1], spatial[1]) * x_shape[-1] < DIRECT_MIN_ROW:
+        return None   # rows too short for the vector tiles: one image, a narrow batch
+
     return dict(channels=x_shape[0], out_channels=w_shape[0], spatial=spatial, out_spatial=out_sp,
                 batch=x_shape[-1], kernel=kernel, pad_lo=tuple(lo for lo, _ in pads))
 
