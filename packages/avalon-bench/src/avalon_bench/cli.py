@@ -143,6 +143,7 @@ def run_workload(wl, data, args, cfg) -> dict:
     progress("  prediction latency ...")
     n_batch, n_sample = cfg["latency_repeats"]
     lat_batch = latencies({t.key: t.predictor(x_test[:wl.batch_size]) for t in local}, n_batch)
+    predict_schedule = next((t.forward_schedule() for t in local if hasattr(t, "forward_schedule")), None)
     lat_sample = latencies({t.key: t.predictor(x_test[:1]) for t in local}, n_sample)
     progress(f"  {wl.metric} on {len(x_test)} test examples ...")
     metrics = {t.key: t.evaluate(x_test, y_test) for t in local}
@@ -179,6 +180,7 @@ def run_workload(wl, data, args, cfg) -> dict:
     result["loss_agreement"] = report.loss_agreement(frameworks["avalon"], frameworks["torch_eager"])
     result["targets"] = report.targets(result, args.device, epoch_goal)
     result["profile"] = result["profile_predict"] = None
+    result["predict_schedule"] = predict_schedule
     avalon_trainer = trainers[0]
     if report.training_missed(result["targets"]):
         progress("  profiling the Avalon training step (a speed target is missed) ...")

@@ -102,6 +102,11 @@ class AvalonTrainer:
                 "gradient_s": statistics.median(grad_s), "optimizer_s": statistics.median(update_s),
                 "calls": repeats}
 
+    def forward_schedule(self) -> str:
+        """The schedule the last prediction's compiled forward runs (what its first calls timed fastest)."""
+        compiled = self.forward._last().compiled
+        return getattr(compiled, "label", "one thread (the only schedule compiled)")
+
     def profile_predict(self, x):
         """avalon.profile of the compiled forward (eval mode) on x."""
         self.model.eval()

@@ -192,6 +192,9 @@ def workload_markdown(result: dict, device: str) -> str:
         lines += ["", "Where the Avalon prediction's time goes (top 10 kernels of `avalon.profile` of the "
                   "compiled forward on one batch, explaining the missed latency targets):", "", "```",
                   result["profile_predict"], "```"]
+        if result.get("predict_schedule"):
+            lines += ["", f"The batch prediction ran as \"{result['predict_schedule']}\" (the schedule its "
+                      "first calls timed fastest); the profile times its kernels one by one on one thread."]
     return "\n".join(lines)
 
 
