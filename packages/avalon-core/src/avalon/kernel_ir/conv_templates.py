@@ -140,7 +140,9 @@ static inline void avl_conv_scalar_{s}(
 
 /* out (O, Ho, Wo, Nb) = conv of x (C, H, W, Nb) with wt (C, KH, KW, OP), OP the
    output channels rounded up to the block (zero weights past O) */
-static void avl_conv_rows_{s}(const {t}* x, const {t}* wt, {t}* out, int64_t C, int64_t H, int64_t W,
+/* one compiled copy per translation unit, whatever the shapes: gcc would otherwise clone it for each
+   kernel's constants, and compile each clone's unrolled tiles again (seconds per graph) */
+static __attribute__((noinline, noclone)) void avl_conv_rows_{s}(const {t}* x, const {t}* wt, {t}* out, int64_t C, int64_t H, int64_t W,
                               int64_t Nb, int64_t O, int64_t OP, int64_t Ho, int64_t Wo, int64_t KH, int64_t KW,
                               int64_t ph, int64_t pw)
 {{
@@ -183,7 +185,7 @@ static void avl_conv_rows_{s}(const {t}* x, const {t}* wt, {t}* out, int64_t C, 
 
 /* dw (O, C, KH, KW) = sum over rows of g (O, Ho, Wo, Nb) times shifted rows of x (C, H, W, Nb): for a
    block of output channels and a block of taps (c, dy, dx), per-lane accumulators over every row */
-static void avl_conv_wgrad_{s}(const {t}* x, const {t}* g, {t}* dw, int64_t C, int64_t H, int64_t W,
+static __attribute__((noinline, noclone)) void avl_conv_wgrad_{s}(const {t}* x, const {t}* g, {t}* dw, int64_t C, int64_t H, int64_t W,
                                int64_t Nb, int64_t O, int64_t Ho, int64_t Wo, int64_t KH, int64_t KW,
                                int64_t ph, int64_t pw)
 {{
