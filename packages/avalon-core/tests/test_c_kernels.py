@@ -165,7 +165,7 @@ def _bodies_for(dtype, shapes, rng):
 def test_every_primitive_matches_numpy(dtype, shapes, seed):
     rng = np.random.default_rng(seed)
     cases = _bodies_for(dtype, shapes, rng)
-    fns = cpu_native.compile_fused_many([b for _, b, _, _ in cases], CPU)   # one module: one compiler run
+    fns = cpu_native.compile_fused_many([b for _, b, _, _ in cases], CPU)   # one compiler run per core
     for (name, body, inputs, ulps), fn in zip(cases, fns):
         what = f"{name} {dtype.name} {[a.shape for a in inputs]}\n{fn.kernel}"
         assert_same(fn(*inputs), numpy_result(body, inputs), ulps, what)
@@ -214,6 +214,20 @@ def test_random_chains_match_numpy(dtype, shapes, seed, program):
 def _chain(shape=(64, 33), dtype=np.float32, bshape=None):
     return body_of([(shape, dtype), (bshape or shape, dtype)],
                    lambda op, x, y: op("add", op("mul", op("maximum", x, (0.0, dtype)), y), (1.0, dtype)))
+
+
+def test_a_large_batch_builds_as_one_object_per_core_at_once(monkeypatch):
+    import os
+    from avalon.runtime import native
+    names, build = [], native.build
+    monkeypatch.setattr(native, "build", lambda source, **kw: names.append(kw.get("name")) or build(source, **kw))
+    shapes = [(29 + k, 13) for k in range(cpu_native.PARALLEL_BUILD_MIN + 2)]   # kernels no other test builds
+    fns = cpu_native.compile_fused_many([_chain(s) for s in shapes], CPU)
+    assert len(names) == min(os.cpu_count() or 1, len(shapes) // (cpu_native.PARALLEL_BUILD_MIN // 2))
+    rng = np.random.default_rng(0)
+    for shape, fn in zip(shapes, fns):
+        x, y = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+        np.testing.assert_array_equal(fn(x, y), np.maximum(x, np.float32(0)) * y + np.float32(1))
 
 
 @pytest.fixture(params=[True, False], ids=["object-calls", "python-checks"])
