@@ -89,6 +89,18 @@ static inline void avl_dx_range(int64_t x, int64_t W, int64_t KW, int64_t pw, in
     *hi = avl_cmin(KW, W + pw - x);
 }}
 
+/* the end of the run of output columns from xa whose in-bounds kernel offsets dx are xa's, [lo, hi) */
+static inline int64_t avl_dx_run(int64_t xa, int64_t Wo, int64_t W, int64_t KW, int64_t pw, int64_t* lo, int64_t* hi)
+{{
+    int64_t lo2, hi2, xb = xa + 1;
+    avl_dx_range(xa, W, KW, pw, lo, hi);
+    for (; xb < Wo; xb++) {{
+        avl_dx_range(xb, W, KW, pw, &lo2, &hi2);
+        if (lo2 != *lo || hi2 != *hi) break;
+    }}
+    return xb;
+}}
+
 /* y[o0 + o, j .. j + nv*lanes) for one output row: x holds C input rows of L
    elements (row yi0 + dy of channel c at (c*H + yi0 + dy)*L), read from xj +
    dx*Nb; wt is (C, KH, KW, OP) */
@@ -155,12 +167,8 @@ static __attribute__((noinline, noclone)) void avl_conv_rows_{s}(const {t}* x, c
             const int64_t yi0 = yo - ph;
             int64_t xa = 0;
             while (xa < Wo) {{
-                int64_t lo, hi, lo2, hi2, xb = xa + 1;
-                avl_dx_range(xa, W, KW, pw, &lo, &hi);
-                for (; xb < Wo; xb++) {{
-                    avl_dx_range(xb, W, KW, pw, &lo2, &hi2);
-                    if (lo2 != lo || hi2 != hi) break;
-                }}
+                int64_t lo, hi;
+                const int64_t xb = avl_dx_run(xa, Wo, W, KW, pw, &lo, &hi);
                 int64_t j = xa * Nb;
                 const int64_t end = xb * Nb, shift = -pw * Nb;
                 if (dylo < dyhi && lo < hi) {{
@@ -218,12 +226,8 @@ static __attribute__((noinline, noclone)) void avl_conv_wgrad_{s}(const {t}* x, 
                 }}
                 int64_t xa = 0;
                 while (xa < Wo) {{
-                    int64_t lo, hi, lo2, hi2, xb = xa + 1;
-                    avl_dx_range(xa, W, KW, pw, &lo, &hi);
-                    for (; xb < Wo; xb++) {{
-                        avl_dx_range(xb, W, KW, pw, &lo2, &hi2);
-                        if (lo2 != lo || hi2 != hi) break;
-                    }}
+                    int64_t lo, hi;
+                    const int64_t xb = avl_dx_run(xa, Wo, W, KW, pw, &lo, &hi);
                     int on[{wp}];
                     const {t}* xrow[{wp}];
                     for (int q = 0; q < {wp}; q++) {{
