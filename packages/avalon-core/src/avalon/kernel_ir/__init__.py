@@ -11,6 +11,11 @@ refuses reductions: those groups run op by op there).
 - `render_cstyle`, `render_c`, `render_cuda`: `CStyleRenderer` and its C and
   CUDA subclasses; `render_module(kernels)` puts several kernels in one
   translation unit.
+- `glue`: the `lower` rules of the batch-innermost glue ops (im2col, col2im,
+  max pooling) and of the direct convolutions.
+- `conv_templates`: direct convolutions and their gradients as C templates
+  (`Kernel.template`: a body written for one target, which the C renderer
+  emits and the CUDA renderer refuses).
 
 The CPU backend builds fused groups with the C renderer when a C compiler is
 available (avalon.backends.cpu_native); AVALON_NATIVE=0 keeps the NumPy path.
