@@ -23,6 +23,9 @@ im2col columns, which are never written either).
 Kernel offsets that read padding are skipped, not multiplied by zero: for each
 output row the valid dy range, and for each run of output columns the valid dx
 range, are worked out as the loops go (a column run splits only at the edges).
+So a weight that is inf or NaN does not make the outputs along the border NaN
+through 0 * inf, as it does in the NumPy kernels (whose columns hold the zeros
+of the padding); everywhere else it propagates alike.
 
 Sums are in another order than im2col + BLAS (and use fused multiply-adds), so
 results agree with the NumPy kernels to rounding, not bit for bit.  The code is
