@@ -83,7 +83,55 @@ def test_direct_kernels_match_the_numpy_kernels(any_row, case):
     np.testing.assert_allclose(got, ref, **tol)
 
 
-@pytest.mark.parametrize("attrs", [dict(stride=(2, 1), padding=((1, 1), (1, 1)), dilation=(1, 1)),
+strided = st.tuples(
+    st.integers(1, 5), st.integers(1, 9),                        # in, out channels
+    st.integers(1, 9), st.integers(1, 9), st.sampled_from([16, 32, 48]),   # H, W, batch (whole vectors)
+    st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3),   # kernel, stride
+    st.integers(0, 10**6), st.sampled_from([np.float32, np.float64]))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(strided)
+def test_strided_direct_forward_and_weight_gradient_match_numpy(any_row, case):
+    c, o, h, w, n, kh, kw, sh, sw, seed, dtype = case
+    rng = np.random.default_rng(seed)
+    pads = tuple((int(rng.integers(0, k)), int(rng.integers(0, k))) for k in (kh, kw))
+    out_sp = tuple((s + lo + hi - k) // st_ + 1 for s, (lo, hi), k, st_ in zip((h, w), pads, (kh, kw), (sh, sw)))
+    if min(out_sp) < 1:
+        return
+    geo = dict(stride=(sh, sw), padding=pads, dilation=(1, 1), tile_rows=out_sp[0])
+    x = rng.standard_normal((c, h, w, n)).astype(dtype)
+    wt = rng.standard_normal((o, c, kh, kw)).astype(dtype)
+    g = rng.standard_normal((o,) + out_sp + (n,)).astype(dtype)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    got, ref = _c_and_numpy("conv_csn", [x, wt], geo, g.shape, dtype)
+    np.testing.assert_allclose(got, ref, **tol)
+    got, ref = _c_and_numpy("conv_csn_weight_grad", [x, g], dict(geo, weight_shape=wt.shape), wt.shape, dtype)
+    np.testing.assert_allclose(got, ref, **tol)
+
+
+def test_a_strided_convolution_is_direct_but_for_its_input_gradient():
+    """Stride 2 on a batch of whole vectors: the forward and the weight gradient
+    are direct kernels, the input gradient a product and col2im; all equal torch."""
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal((16, 4, 12, 12)).astype(np.float32), rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+
+    def loss(w, x):
+        return (avalon.conv2d(x, w, stride=2, padding=1) ** 2).mean()
+    f = avalon.value_and_grad(loss, argnums=(0, 1), parallel=False)
+    value, (gw, gx) = f(w, x)
+    ops = {n.op for n in f.graph.nodes}
+    assert {"conv_csn", "conv_csn_weight_grad", "col2im_csn"} <= ops and "conv_csn_input_grad" not in ops
+    assert "im2col_csn" not in ops
+    tw, tx = torch.tensor(w, requires_grad=True), torch.tensor(x, requires_grad=True)
+    want = (torch.nn.functional.conv2d(tx, tw, stride=2, padding=1) ** 2).mean()
+    want.backward()
+    np.testing.assert_allclose(value, want.item(), rtol=1e-5)
+    np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gx, tx.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("attrs", [dict(stride=(2, 1), padding=((1, 1), (1, 1)), dilation=(1, 1)),   # batch 4
                                    dict(stride=(1, 1), padding=((1, 1), (1, 1)), dilation=(2, 1)),
                                    dict(stride=(1, 1), padding=((3, 0), (0, 0)), dilation=(1, 1))],
                          ids=["stride", "dilation", "padding beyond the kernel"])

@@ -20,6 +20,11 @@ im2col columns, which are never written either).
   and the shifted input row, summed over rows, with per-lane accumulators (a
   block of output channels times a block of taps at a time).
 
+With a stride s > 1 (the forward and the weight gradient), output column x
+reads input column s*x + dx - pad: the N images of one column are still
+contiguous, the columns are not, so each vector is read from its own column
+(the batch must be a whole number of vectors: glue.STRIDED_BATCH_MULTIPLE).
+
 Kernel offsets that read padding are skipped, not multiplied by zero: for each
 output row the valid dy range, and for each run of output columns the valid dx
 range, are worked out as the loops go (a column run splits only at the edges).
@@ -85,32 +90,40 @@ typedef {t} avl_cv_{s} __attribute__((vector_size(AVL_CONV_VBYTES), aligned(size
 static inline int64_t avl_cmax(int64_t a, int64_t b) {{ return a > b ? a : b; }}
 static inline int64_t avl_cmin(int64_t a, int64_t b) {{ return a < b ? a : b; }}
 
-/* the kernel offsets dx reading inside the input for output column x */
-static inline void avl_dx_range(int64_t x, int64_t W, int64_t KW, int64_t pw, int64_t* lo, int64_t* hi)
+/* the kernel offsets dx reading inside the input for output column x (stride sw) */
+static inline void avl_dx_range(int64_t x, int64_t W, int64_t KW, int64_t pw, int64_t sw, int64_t* lo, int64_t* hi)
 {{
-    *lo = avl_cmax(0, pw - x);
-    *hi = avl_cmin(KW, W + pw - x);
+    *lo = avl_cmax(0, pw - x * sw);
+    *hi = avl_cmin(KW, W + pw - x * sw);
+}}
+
+/* the offset in an input row of output lane j of a row (column j / Nb, image j % Nb) for dx = 0 */
+static inline int64_t avl_lane_offset(int64_t j, int64_t Nb, int64_t sw, int64_t pw)
+{{
+    return (sw == 1 ? j : j + (j / Nb) * (sw - 1) * Nb) - pw * Nb;
 }}
 
 /* the end of the run of output columns from xa whose in-bounds kernel offsets dx are xa's, [lo, hi) */
-static inline int64_t avl_dx_run(int64_t xa, int64_t Wo, int64_t W, int64_t KW, int64_t pw, int64_t* lo, int64_t* hi)
+static inline int64_t avl_dx_run(int64_t xa, int64_t Wo, int64_t W, int64_t KW, int64_t pw, int64_t sw,
+                                 int64_t* lo, int64_t* hi)
 {{
     int64_t lo2, hi2, xb = xa + 1;
-    avl_dx_range(xa, W, KW, pw, lo, hi);
+    avl_dx_range(xa, W, KW, pw, sw, lo, hi);
     for (; xb < Wo; xb++) {{
-        avl_dx_range(xb, W, KW, pw, &lo2, &hi2);
+        avl_dx_range(xb, W, KW, pw, sw, &lo2, &hi2);
         if (lo2 != *lo || hi2 != *hi) break;
     }}
     return xb;
 }}
 
 /* y[o0 + o, j .. j + nv*lanes) for one output row: x holds C input rows of L
-   elements (row yi0 + dy of channel c at (c*H + yi0 + dy)*L), read from xj +
-   dx*Nb; wt is (C, KH, KW, OP) */
+   elements (row yi0 + dy of channel c at (c*H + yi0 + dy)*L), vector v read
+   from xoff[v] + dx*Nb (with a stride, vectors of one column are contiguous,
+   the columns are not); wt is (C, KH, KW, OP) */
 static inline __attribute__((always_inline)) void avl_conv_tile_{s}(
     const {t}* x, const {t}* wt, {t}* y, int64_t nv, int64_t C, int64_t H, int64_t L, int64_t Nb,
     int64_t KH, int64_t KW, int64_t OP, int64_t o0, int64_t ob, int64_t yi0, int64_t dylo, int64_t dyhi,
-    int64_t dxlo, int64_t dxhi, int64_t xj, int64_t yj, int64_t ostride)
+    int64_t dxlo, int64_t dxhi, const int64_t* xoff, int64_t yj, int64_t ostride)
 {{
     avl_cv_{s} acc[{ob}][{nv}];
     for (int o = 0; o < {ob}; o++)
@@ -118,13 +131,13 @@ static inline __attribute__((always_inline)) void avl_conv_tile_{s}(
             for (int l = 0; l < AVL_CL_{s}; l++) acc[o][v][l] = 0;
     for (int64_t c = 0; c < C; c++)
         for (int64_t dy = dylo; dy < dyhi; dy++) {{
-            const {t}* row = x + (c * H + yi0 + dy) * L + xj;
+            const {t}* row = x + (c * H + yi0 + dy) * L;
             const {t}* w = wt + ((c * KH + dy) * KW) * OP + o0;
             for (int64_t dx = dxlo; dx < dxhi; dx++) {{
                 const {t}* p = row + dx * Nb;
                 const {t}* wd = w + dx * OP;
                 avl_cv_{s} xv[{nv}];
-                for (int v = 0; v < nv; v++) xv[v] = *(const avl_cv_{s}*)(p + v * AVL_CL_{s});
+                for (int v = 0; v < nv; v++) xv[v] = *(const avl_cv_{s}*)(p + xoff[v]);
                 for (int o = 0; o < {ob}; o++) {{
                     const {t} wv = wd[o];
                     for (int v = 0; v < nv; v++) acc[o][v] += wv * xv[v];
@@ -159,31 +172,35 @@ static inline void avl_conv_scalar_{s}(
    kernel's constants, and compile each clone's unrolled tiles again (seconds per graph) */
 static __attribute__((noinline, noclone)) void avl_conv_rows_{s}(const {t}* x, const {t}* wt, {t}* out, int64_t C, int64_t H, int64_t W,
                               int64_t Nb, int64_t O, int64_t OP, int64_t Ho, int64_t Wo, int64_t KH, int64_t KW,
-                              int64_t ph, int64_t pw)
+                              int64_t ph, int64_t pw, int64_t sh, int64_t sw)
 {{
     const int64_t L = W * Nb, Lo = Wo * Nb, ostride = Ho * Lo;
     const int64_t wide = {nv} * AVL_CL_{s};
     for (int64_t o0 = 0; o0 < O; o0 += {ob}) {{
         const int64_t ob = avl_cmin({ob}, O - o0);
         for (int64_t yo = 0; yo < Ho; yo++) {{
-            const int64_t dylo = avl_cmax(0, ph - yo), dyhi = avl_cmin(KH, H + ph - yo);
-            const int64_t yi0 = yo - ph;
+            const int64_t dylo = avl_cmax(0, ph - yo * sh), dyhi = avl_cmin(KH, H + ph - yo * sh);
+            const int64_t yi0 = yo * sh - ph;
             int64_t xa = 0;
             while (xa < Wo) {{
-                int64_t lo, hi;
-                const int64_t xb = avl_dx_run(xa, Wo, W, KW, pw, &lo, &hi);
+                int64_t lo, hi, xoff[{nv}];
+                const int64_t xb = avl_dx_run(xa, Wo, W, KW, pw, sw, &lo, &hi);
                 int64_t j = xa * Nb;
-                const int64_t end = xb * Nb, shift = -pw * Nb;
+                const int64_t end = xb * Nb;
                 if (dylo < dyhi && lo < hi) {{
-                    for (; j + wide <= end; j += wide)
+                    for (; j + wide <= end; j += wide) {{
+                        for (int v = 0; v < {nv}; v++) xoff[v] = avl_lane_offset(j + v * AVL_CL_{s}, Nb, sw, pw);
                         avl_conv_tile_{s}(x, wt, out, {nv}, C, H, L, Nb, KH, KW, OP, o0, ob, yi0, dylo, dyhi,
-                                          lo, hi, j + shift, yo * Lo + j, ostride);
-                    for (; j + AVL_CL_{s} <= end; j += AVL_CL_{s})
+                                          lo, hi, xoff, yo * Lo + j, ostride);
+                    }}
+                    for (; j + AVL_CL_{s} <= end; j += AVL_CL_{s}) {{
+                        xoff[0] = avl_lane_offset(j, Nb, sw, pw);
                         avl_conv_tile_{s}(x, wt, out, 1, C, H, L, Nb, KH, KW, OP, o0, ob, yi0, dylo, dyhi,
-                                          lo, hi, j + shift, yo * Lo + j, ostride);
+                                          lo, hi, xoff, yo * Lo + j, ostride);
+                    }}
                     for (; j < end; j++)
                         avl_conv_scalar_{s}(x, wt, out, C, H, L, Nb, KH, KW, OP, o0, ob, yi0, dylo, dyhi,
-                                            lo, hi, j + shift, yo * Lo + j, ostride);
+                                            lo, hi, avl_lane_offset(j, Nb, sw, pw), yo * Lo + j, ostride);
                 }} else {{
                     for (int64_t o = 0; o < ob; o++)
                         for (int64_t k = j; k < end; k++) out[(o0 + o) * ostride + yo * Lo + k] = 0;
@@ -198,7 +215,7 @@ static __attribute__((noinline, noclone)) void avl_conv_rows_{s}(const {t}* x, c
    block of output channels and a block of taps (c, dy, dx), per-lane accumulators over every row */
 static __attribute__((noinline, noclone)) void avl_conv_wgrad_{s}(const {t}* x, const {t}* g, {t}* dw, int64_t C, int64_t H, int64_t W,
                                int64_t Nb, int64_t O, int64_t Ho, int64_t Wo, int64_t KH, int64_t KW,
-                               int64_t ph, int64_t pw)
+                               int64_t ph, int64_t pw, int64_t sh, int64_t sw)
 {{
     const int64_t L = W * Nb, Lo = Wo * Nb, K = C * KH * KW;
     for (int64_t o0 = 0; o0 < O; o0 += {wo}) {{
@@ -224,35 +241,38 @@ static __attribute__((noinline, noclone)) void avl_conv_wgrad_{s}(const {t}* x, 
                 for (int o = 0; o < {wo}; o++) grow[o] = g + ((o0 + (o < ob ? o : 0)) * Ho + yo) * Lo;
                 int rowok[{wp}];
                 for (int q = 0; q < {wp}; q++) {{
-                    const int64_t yi = yo + py[q] - ph;
+                    const int64_t yi = yo * sh + py[q] - ph;
                     rowok[q] = q < kb && yi >= 0 && yi < H;
                 }}
                 int64_t xa = 0;
                 while (xa < Wo) {{
                     int64_t lo, hi;
-                    const int64_t xb = avl_dx_run(xa, Wo, W, KW, pw, &lo, &hi);
+                    const int64_t xb = avl_dx_run(xa, Wo, W, KW, pw, sw, &lo, &hi);
                     int on[{wp}];
                     const {t}* xrow[{wp}];
                     for (int q = 0; q < {wp}; q++) {{
                         on[q] = rowok[q] && pd[q] >= lo && pd[q] < hi;
-                        xrow[q] = on[q] ? x + (pc[q] * H + yo + py[q] - ph) * L + (pd[q] - pw) * Nb : x;
+                        xrow[q] = on[q] ? x + (pc[q] * H + yo * sh + py[q] - ph) * L + pd[q] * Nb : x;
                     }}
                     int64_t j = xa * Nb;
                     const int64_t end = xb * Nb;
                     for (; j + AVL_CL_{s} <= end; j += AVL_CL_{s}) {{
+                        const int64_t jx = avl_lane_offset(j, Nb, sw, pw);
                         avl_cv_{s} gv[{wo}];
                         for (int o = 0; o < {wo}; o++) gv[o] = *(const avl_cv_{s}*)(grow[o] + j);
                         for (int q = 0; q < {wp}; q++) {{
                             if (!on[q]) continue;
-                            const avl_cv_{s} xv = *(const avl_cv_{s}*)(xrow[q] + j);
+                            const avl_cv_{s} xv = *(const avl_cv_{s}*)(xrow[q] + jx);
                             for (int o = 0; o < {wo}; o++) acc[o][q] += gv[o] * xv;
                         }}
                     }}
-                    for (; j < end; j++)
+                    for (; j < end; j++) {{
+                        const int64_t jx = avl_lane_offset(j, Nb, sw, pw);
                         for (int q = 0; q < {wp}; q++) {{
                             if (!on[q]) continue;
-                            for (int o = 0; o < {wo}; o++) tail[o][q] += grow[o][j] * xrow[q][j];
+                            for (int o = 0; o < {wo}; o++) tail[o][q] += grow[o][j] * xrow[q][jx];
                         }}
+                    }}
                     xa = xb;
                 }}
             }}
@@ -295,38 +315,44 @@ def _weights_block(t, name, src, cin, cout, kh, kw, flip):
             f"                    {name}[((i * {kh} + dy) * {kw} + dx) * {op} + j] = {read};\n")
 
 
-def conv_forward(dtype, *, channels, out_channels, spatial, out_spatial, batch, kernel, pad_lo,
+def conv_forward(dtype, *, channels, out_channels, spatial, out_spatial, batch, kernel, pad_lo, stride=(1, 1),
                  x="x", w="w", out="out") -> Template:
     """out (O, Ho, Wo, N) = conv of x (C, H, W, N) with w (O, C, KH, KW), stride 1,
     padding pad_lo before each axis (what comes after follows from the shapes)."""
     return _rows(dtype, "conv_csn_forward", x, w, out, channels, out_channels, spatial, out_spatial, batch,
-                 kernel, pad_lo, flip=False)
+                 kernel, pad_lo, flip=False, stride=tuple(stride))
 
 
-def conv_input_grad(dtype, *, channels, out_channels, spatial, out_spatial, batch, kernel, pad_lo,
+def conv_input_grad(dtype, *, channels, out_channels, spatial, out_spatial, batch, kernel, pad_lo, stride=(1, 1),
                     g="g", w="w", out="out") -> Template:
     """out (C, H, W, N), the gradient of conv_forward's input, from the cotangent
     g (O, Ho, Wo, N): the forward of g with the flipped weight, padding k-1-pad."""
+    if tuple(stride) != (1, 1):
+        raise ValueError(f"conv_input_grad: the template takes stride 1, not {tuple(stride)}")
     flipped = tuple(k - 1 - p for k, p in zip(kernel, pad_lo))
     return _rows(dtype, "conv_csn_input_grad", g, w, out, out_channels, channels, out_spatial, spatial, batch,
                  kernel, flipped, flip=True)
 
 
-def _rows(dtype, label, src, w, out, cin, cout, spatial, out_spatial, batch, kernel, pads, flip):
+def _rows(dtype, label, src, w, out, cin, cout, spatial, out_spatial, batch, kernel, pads, flip, stride=(1, 1)):
     t, s = _CTYPE[np.dtype(dtype)]
     guard, helpers = _helpers(dtype)
     (h, wd), (ho, wo), (kh, kw), (ph, pw) = spatial, out_spatial, kernel, pads
     body = (_weights_block(t, "wt", w, cin, cout, kh, kw, flip)
             + f"    avl_conv_rows_{s}({src}, wt, {out}, {cin}, {h}, {wd}, {batch}, {cout}, {_padded(cout)}, "
-              f"{ho}, {wo}, {kh}, {kw}, {ph}, {pw});\n"
+              f"{ho}, {wo}, {kh}, {kw}, {ph}, {pw}, {stride[0]}, {stride[1]});\n"
             + "    free(wt);\n")
     text = (f"{label} template: in {cin} x {h}x{wd} x {batch} -> out {cout} x {ho}x{wo} x {batch}, "
-            f"kernel {kh}x{kw}, padding ({ph}, {pw}){', weight flipped' if flip else ''}; "
+            f"kernel {kh}x{kw}, padding ({ph}, {pw}){_stride_text(stride)}{', weight flipped' if flip else ''}; "
             f"{FWD_CHANNELS} channels x {FWD_VECTORS} vectors a tile")
     return Template(text, "c", guard, helpers, body)
 
 
-def conv_weight_grad(dtype, *, channels, out_channels, spatial, out_spatial, batch, kernel, pad_lo,
+def _stride_text(stride):
+    return "" if tuple(stride) == (1, 1) else f", stride {tuple(stride)}"
+
+
+def conv_weight_grad(dtype, *, channels, out_channels, spatial, out_spatial, batch, kernel, pad_lo, stride=(1, 1),
                      x="x", g="g", out="out") -> Template:
     """out (O, C, KH, KW): the gradient of conv_forward's weight from its input x
     and the cotangent g."""
@@ -334,8 +360,8 @@ def conv_weight_grad(dtype, *, channels, out_channels, spatial, out_spatial, bat
     guard, helpers = _helpers(dtype)
     (h, wd), (ho, wo), (kh, kw), (ph, pw) = spatial, out_spatial, kernel, pad_lo
     body = (f"    avl_conv_wgrad_{s}({x}, {g}, {out}, {channels}, {h}, {wd}, {batch}, {out_channels}, "
-            f"{ho}, {wo}, {kh}, {kw}, {ph}, {pw});\n")
+            f"{ho}, {wo}, {kh}, {kw}, {ph}, {pw}, {stride[0]}, {stride[1]});\n")
     text = (f"conv_csn_weight_grad template: in {channels} x {h}x{wd} x {batch}, cotangent {out_channels} x "
-            f"{ho}x{wo} x {batch} -> {out_channels}x{channels}x{kh}x{kw}, padding ({ph}, {pw}); "
+            f"{ho}x{wo} x {batch} -> {out_channels}x{channels}x{kh}x{kw}, padding ({ph}, {pw}){_stride_text(stride)}; "
             f"{WG_CHANNELS} channels x {WG_PAIRS} taps a tile")
     return Template(text, "c", guard, helpers, body)

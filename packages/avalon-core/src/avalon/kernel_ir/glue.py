@@ -296,35 +296,45 @@ def _name(op, node):
 DIRECT_MIN_ROW = 64
 
 
-def direct_conv_geometry(x_shape, w_shape, attrs, dtype):
+#: a strided direct convolution's batch (the images of one column) is a whole
+#: number of vectors of this many elements: its columns are not contiguous
+STRIDED_BATCH_MULTIPLE = 16
+
+
+def direct_conv_geometry(x_shape, w_shape, attrs, dtype, *, unit_stride=False):
     """The template arguments of a direct convolution of batch-innermost
     activations x (C, H, W, N) with a weight (O, C, KH, KW), or None when the
     templates do not cover it: two spatial axes, stride 1, no dilation, a
     float32/float64 dtype, each padding before an axis at most its kernel
     extent - 1 (so the input gradient's padding is not negative), rows of at
-    least DIRECT_MIN_ROW elements."""
+    least DIRECT_MIN_ROW elements.  Stride 1, or any stride with a batch that
+    is a multiple of STRIDED_BATCH_MULTIPLE (the forward and the weight
+    gradient: unit_stride=False)."""
     if len(x_shape) != 4 or len(w_shape) != 4 or not conv_templates.supported(dtype):
         return None
-    if any(s != 1 for s in attrs["stride"]) or any(d != 1 for d in attrs["dilation"]):
+    stride = tuple(int(v) for v in attrs["stride"])
+    if any(d != 1 for d in attrs["dilation"]) or len(stride) != 2:
+        return None
+    if stride != (1, 1) and (unit_stride or x_shape[-1] % STRIDED_BATCH_MULTIPLE):
         return None
     pads = _pairs(attrs["padding"])
     kernel = tuple(w_shape[2:])
     if any(not 0 <= lo <= k - 1 or hi < 0 for (lo, hi), k in zip(pads, kernel)):
         return None
     spatial = tuple(x_shape[1:3])
-    out_sp = _out_spatial(spatial, kernel, (1, 1), pads, (1, 1))
+    out_sp = _out_spatial(spatial, kernel, stride, pads, (1, 1))
     if min(out_sp) < 1 or w_shape[1] != x_shape[0]:
         return None
     if min(out_sp[1], spatial[1]) * x_shape[-1] < DIRECT_MIN_ROW:
         return None   # rows too short for the vector tiles: one image, a narrow batch
 
     return dict(channels=x_shape[0], out_channels=w_shape[0], spatial=spatial, out_spatial=out_sp,
-                batch=x_shape[-1], kernel=kernel, pad_lo=tuple(lo for lo, _ in pads))
+                batch=x_shape[-1], kernel=kernel, pad_lo=tuple(lo for lo, _ in pads), stride=stride)
 
 
-def _direct(node, make, x_shape, w_shape, names):
+def _direct(node, make, x_shape, w_shape, names, unit_stride=False):
     dtype = kernel_dtype(node.dtype)
-    geo = direct_conv_geometry(x_shape, w_shape, node.attrs, dtype)
+    geo = direct_conv_geometry(x_shape, w_shape, node.attrs, dtype, unit_stride=unit_stride)
     if geo is None:
         return None
     params = tuple(Buffer(n, dtype, math.prod(i.shape), "in") for n, i in zip(names, node.inputs))
@@ -340,7 +350,8 @@ def lower_conv_csn(node):
 
 def lower_conv_csn_input_grad(node):
     g, w = node.inputs
-    return _direct(node, conv_templates.conv_input_grad, tuple(node.shape), tuple(w.shape), ("g", "w"))
+    return _direct(node, conv_templates.conv_input_grad, tuple(node.shape), tuple(w.shape), ("g", "w"),
+                   unit_stride=True)
 
 
 def lower_conv_csn_weight_grad(node):

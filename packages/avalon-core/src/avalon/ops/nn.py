@@ -183,13 +183,15 @@ def _tile_rows(x_csn_shape, kernel, out_csn_shape, node):
     return column_tile_rows(cols, tuple(out_csn_shape[1:-1]), np.dtype(node.dtype).itemsize)
 
 
-def _direct(rw, x_shape, w_shape, node):
+def _direct(rw, x_shape, w_shape, node, unit_stride=False):
     """Output rows per tile of the NumPy fallback when the layout pass may use
     direct convolutions (C templates, kernel_ir.conv_templates: the CPU backend
-    asks for them where it builds C kernels) and this one fits them; else None."""
+    asks for them where it builds C kernels) and this one fits them; else None.
+    unit_stride: the input gradient, whose template takes stride 1 only."""
     if not rw.options.get("direct_convs"):
         return None
-    geo = glue.direct_conv_geometry(to_csn(x_shape), tuple(w_shape), node.attrs, node.dtype)
+    geo = glue.direct_conv_geometry(to_csn(x_shape), tuple(w_shape), node.attrs, node.dtype,
+                                    unit_stride=unit_stride)
     if geo is None:
         return None
     cols = im2col_shape(to_csn(x_shape), tuple(w_shape[2:]), **_geometry(node))
@@ -328,7 +330,7 @@ def _conv_input_grad_vjp(ct, out, g, w, *, input_shape, stride, padding, dilatio
 def _conv_input_grad_from_columns(rw, node):
     g, w = node.inputs
     gc = rw.get(g, CSN)
-    rows = (_direct(rw, node.shape, w.shape, node)
+    rows = (_direct(rw, node.shape, w.shape, node, unit_stride=True)
             or _tile_rows(to_csn(node.shape), w.shape[2:], to_csn(g.shape), node))
     if rows is not None:
         return _tiled(rw, "conv_csn_input_grad", [gc, rw.get(w, NC)], node, rows, to_csn(node.shape),
