@@ -99,3 +99,18 @@ def test_a_schedule_far_slower_than_the_choice_is_given_up_in_a_later_round(monk
     _train(tuned, log, 12 + 2 * (Autotuned.WARMUP + Autotuned.TRIALS), update_s=0.0)
     assert tuned.label == "fast"
     assert tuned.calls[1] <= Autotuned.WARMUP + 1 < calls_before   # one warm-up, one timed call: given up
+
+
+def test_a_later_round_keeps_the_choice_unless_another_is_clearly_faster(monkeypatch):
+    monkeypatch.setattr(Autotuned, "RECHECK", 12)
+    log = {}
+    a, b = _Schedule(0.004, 0.0, log), _Schedule(0.008, 0.0, log)
+    tuned = Autotuned([("a", a), ("b", b)])
+    _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
+    assert tuned.label == "a"
+    b.call_s = 0.0038       # now a little faster than a (5 %): within the noise of a round
+    _train(tuned, log, 12 + 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
+    assert tuned.label == "a"
+    b.call_s = 0.002        # now twice as fast: the next round switches
+    _train(tuned, log, 24 + 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
+    assert tuned.label == "b"

@@ -318,10 +318,14 @@ class Autotuned:
     spinning threads then starve), so the choice is checked again after
     RECHECK calls, then after twice as many each time: one more round of
     trials, in which a schedule whose first timed iteration is over GIVE_UP
-    times the best known median is not tried further."""
+    times the best known median is not tried further.  A later round moves
+    to another schedule only when its median beats the current choice's by
+    SWITCH_GAIN (10 %): on a shared machine a round's few trials are noisy,
+    and a flip to a slower schedule would last until the next round."""
 
     WARMUP, TRIALS = 1, 5
     RECHECK, GIVE_UP = 400, 3.0
+    SWITCH_GAIN = 0.9
 
     def __init__(self, candidates):
         # [(label, compiled or Later)]: a schedule given as Later is compiled when
@@ -391,8 +395,12 @@ class Autotuned:
         full = {i: t for i, t in enumerate(self.times) if len(t) >= self.TRIALS}
         timed = full or {i: t for i, t in enumerate(self.times) if t}   # all given up: their first times
         medians = {i: sorted(t)[len(t) // 2] for i, t in timed.items()}
-        self.choice = self._chosen = min(medians, key=medians.get)
-        self._best = medians[self.choice]
+        best = min(medians, key=medians.get)
+        kept = self._chosen
+        if kept is not None and kept in medians and medians[best] > self.SWITCH_GAIN * medians[kept]:
+            best = kept       # a later round: not clearly faster, so no switch
+        self.choice = self._chosen = best
+        self._best = medians[best]
 
     def _start_round(self):
         """Time every schedule again (the choice is kept for reading until then)."""
