@@ -66,6 +66,12 @@ def test_step_rows_compare_models_the_benchmarks_never_saw(run, name):
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "## Training steps of models the benchmarks never saw" in table
     assert row["workload"]["title"] in table
+    # the schedule Avalon's step ran is stated: one its autotuner compiles, or, after the few steps
+    # of --quick, that the autotuner is still timing them
+    assert row["avalon_schedule"] in ("batch split across threads", "one thread", "BLAS on 2 threads",
+                                      "independent parts across threads", "one thread (the only schedule compiled)",
+                                      "(still timing)")
+    assert f"| {row['avalon_schedule']} |" in table
 
 
 @pytest.mark.parametrize("name", ["cnn", "vae"])

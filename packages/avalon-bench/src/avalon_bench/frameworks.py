@@ -97,10 +97,14 @@ class AvalonTrainer:
             t2 = time.perf_counter()
             grad_s.append(t1 - t0)
             update_s.append(t2 - t1)
-        compiled = self.avalon.value_and_grad(self.loss_fn, argnums=0)._last().compiled
-        return {"schedule": getattr(compiled, "label", "one thread (the only schedule compiled)"),
+        return {"schedule": self.step_schedule(),
                 "gradient_s": statistics.median(grad_s), "optimizer_s": statistics.median(update_s),
                 "calls": repeats}
+
+    def step_schedule(self) -> str:
+        """The schedule the compiled gradient step runs (what its calls timed fastest)."""
+        compiled = self.avalon.value_and_grad(self.loss_fn, argnums=0)._last().compiled
+        return getattr(compiled, "label", "one thread (the only schedule compiled)")
 
     def forward_schedule(self) -> str:
         """The schedule the last prediction's compiled forward runs (what its first calls timed fastest)."""

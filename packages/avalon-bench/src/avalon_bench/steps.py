@@ -152,6 +152,7 @@ def run_step_workload(wl: StepWorkload, data: BenchData, steps: int, warmup: int
         if len(batches) == warmup + steps:
             break
     figures = measure_steps(trainers, batches, warmup, desc=f"{wl.name} steps (both frameworks)")
+    schedule = trainers["avalon"].step_schedule()
     a, t = figures["avalon"], figures["torch_eager"]
     ratio = a["step_s"] / t["step_s"]
     drift = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a["losses"], t["losses"]))
@@ -161,7 +162,7 @@ def run_step_workload(wl: StepWorkload, data: BenchData, steps: int, warmup: int
                          "optimizer": wl.optimizer, "lr": wl.lr},
             "warmup_steps": warmup, "frameworks": figures, "ratio": ratio, "goal": wl.step_goal,
             "met": bool(ratio <= wl.step_goal), "max_relative_loss_difference": drift,
-            "losses_agree": bool(drift < 1e-2)}
+            "losses_agree": bool(drift < 1e-2), "avalon_schedule": schedule}
 
 
 def markdown(results: dict) -> str:
@@ -172,11 +173,12 @@ def markdown(results: dict) -> str:
              f"{next(iter(results.values()))['warmup_steps']} warm-up steps, the two frameworks "
              f"interleaved in blocks of {BLOCK_STEPS} steps, same weights and batches.", "",
              "| model | Avalon | PyTorch eager | Avalon / PyTorch eager | goal | met? | first step (Avalon) "
-             "| largest loss difference |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| largest loss difference | Avalon's schedule |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results.values():
         a, t = r["frameworks"]["avalon"], r["frameworks"]["torch_eager"]
         lines.append(f"| {r['workload']['title']} | {a['step_s'] * 1e3:.2f} ms | {t['step_s'] * 1e3:.2f} ms | "
                      f"{r['ratio']:.2f}x | <= {r['goal']:.2f}x | {'yes' if r['met'] else 'no'} | "
-                     f"{a['first_step_s']:.2f} s | {r['max_relative_loss_difference']:.1e} |")
+                     f"{a['first_step_s']:.2f} s | {r['max_relative_loss_difference']:.1e} | "
+                     f"{r.get('avalon_schedule', '—')} |")
     return "\n".join(lines) + "\n"
