@@ -133,9 +133,10 @@ def test_step_rows_take_turns_in_blocks(monkeypatch):
         def step(self, batch):
             order.append((self.key, batch))
             return 1.0
-    figures = measure_steps({"a": Trainer("a"), "b": Trainer("b")}, list(range(12)), warmup=2)
     block = steps.BLOCK_STEPS
+    figures = measure_steps({"a": Trainer("a"), "b": Trainer("b")}, list(range(2 * block + 2)), warmup=2)
     assert order[:2 * block] == [("a", i) for i in range(block)] + [("b", i) for i in range(block)]
     assert order[2 * block:4 * block] == ([("b", i) for i in range(block, 2 * block)]
                                           + [("a", i) for i in range(block, 2 * block)])
-    assert figures["a"]["steps_timed"] == figures["b"]["steps_timed"] == 10
+    assert order[4 * block:] == [("a", 2 * block), ("a", 2 * block + 1), ("b", 2 * block), ("b", 2 * block + 1)]
+    assert figures["a"]["steps_timed"] == figures["b"]["steps_timed"] == 2 * block

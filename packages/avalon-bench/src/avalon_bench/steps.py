@@ -111,8 +111,11 @@ def selected_steps(which: str) -> list[StepWorkload]:
 
 #: steps each framework runs in a row before the other takes over: a framework's
 #: threads (PyTorch's OpenMP pool, BLAS's) spin for a while after its step and
-#: would slow the other's next step if the two alternated step by step
-BLOCK_STEPS = 5
+#: would slow the other's next step if the two alternated step by step; and the
+#: first steps after the other's block are slower (an LSTM's first three steps
+#: after a pause: 17 ms against 12), so a block is long enough for its median
+#: to be the steady state
+BLOCK_STEPS = 10
 
 
 def measure_steps(trainers: dict, batches: list, warmup: int, desc: str = "steps") -> dict:
