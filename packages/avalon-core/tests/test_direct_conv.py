@@ -270,3 +270,20 @@ def test_strided_inputs_are_copied_and_run_the_c_kernel(any_row):
     got = fn(x, w)
     ref = CPU.kernel(PRIMITIVES["conv_csn"], attrs)(np.ascontiguousarray(x), w)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_a_weight_that_is_not_finite_makes_the_border_nan_as_the_columns_do(any_row, bad):
+    """0 * inf in the padding: the direct kernels must not skip what the columns multiply."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 6, 5, 16)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    w[1, 2, 0, 0] = bad
+    g = rng.standard_normal((4, 6, 5, 16)).astype(np.float32)
+    geo = dict(stride=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1), tile_rows=6)
+    for op, inputs, attrs, shape in (("conv_csn", [x, w], geo, g.shape),
+                                     ("conv_csn_input_grad", [g, w], dict(geo, input_shape=x.shape), x.shape)):
+        got, ref = _c_and_numpy(op, inputs, attrs, shape, np.float32)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+        assert np.isnan(ref).any() or op == "conv_csn_input_grad"   # col2im drops what falls outside
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)

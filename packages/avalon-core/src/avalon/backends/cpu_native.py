@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from concurrent.futures import ThreadPoolExecutor
 import os
 import threading
 import warnings
@@ -339,7 +340,6 @@ def _build(entries):
     k = parts - len(chunks)
     chunks += [rest[j::k] for j in range(k)]
     chunks = [c for c in chunks if c]
-    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(len(chunks)) as pool:   # each thread waits on its compiler process
         built = list(pool.map(_build_one, chunks))
     where = {id(e): r for chunk, rs in zip(chunks, built) for e, r in zip(chunk, rs)}

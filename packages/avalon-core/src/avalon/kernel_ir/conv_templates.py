@@ -28,9 +28,13 @@ contiguous, the columns are not, so each vector is read from its own column
 Kernel offsets that read padding are skipped, not multiplied by zero: for each
 output row the valid dy range, and for each run of output columns the valid dx
 range, are worked out as the loops go (a column run splits only at the edges).
-So a weight that is inf or NaN does not make the outputs along the border NaN
-through 0 * inf, as it does in the NumPy kernels (whose columns hold the zeros
-of the padding); everywhere else it propagates alike.
+A weight that is inf or NaN must still make the outputs it meets in the
+padding NaN (0 * inf, as the zeros of im2col's columns do): the forward checks
+its weights (a pass over a few thousand values) and runs on a zero-padded copy
+of its input when one is not finite.  The input gradient needs nothing (col2im
+drops what falls outside too).  The weight gradient does not check its
+cotangent (a pass over a whole activation each call): an inf there meeting
+only padding gives a finite weight gradient where the NumPy kernel gives NaN.
 
 Sums are in another order than im2col + BLAS (and use fused multiply-adds), so
 results agree with the NumPy kernels to rounding, not bit for bit.  The code is
@@ -211,6 +215,30 @@ static __attribute__((noinline, noclone)) void avl_conv_rows_{s}(const {t}* x, c
     }}
 }}
 
+/* whether a[0 .. n) holds no inf or NaN */
+static inline int avl_all_finite_{s}(const {t}* a, int64_t n)
+{{
+    int ok = 1;
+    for (int64_t i = 0; i < n; i++) ok &= (a[i] - a[i]) == 0;
+    return ok;
+}}
+
+/* avl_conv_rows on a zero-padded copy of x, every kernel offset multiplied in: a weight that is inf
+   or NaN then makes the outputs it meets in the padding NaN (0 * inf), as the columns' zeros do */
+static __attribute__((noinline)) void avl_conv_padded_{s}(const {t}* x, const {t}* wt, {t}* out, int64_t C,
+        int64_t H, int64_t W, int64_t Nb, int64_t O, int64_t OP, int64_t Ho, int64_t Wo, int64_t KH, int64_t KW,
+        int64_t ph, int64_t pw, int64_t sh, int64_t sw)
+{{
+    const int64_t Hp = avl_cmax(H + ph, (Ho - 1) * sh + KH), Wp = avl_cmax(W + pw, (Wo - 1) * sw + KW);
+    {t}* xp = ({t}*)calloc((size_t)(C * Hp * Wp * Nb), sizeof({t}));
+    if (!xp) return;
+    for (int64_t c = 0; c < C; c++)
+        for (int64_t y = 0; y < H; y++)
+            memcpy(xp + ((c * Hp + y + ph) * Wp + pw) * Nb, x + (c * H + y) * W * Nb, (size_t)(W * Nb) * sizeof({t}));
+    avl_conv_rows_{s}(xp, wt, out, C, Hp, Wp, Nb, O, OP, Ho, Wo, KH, KW, 0, 0, sh, sw);
+    free(xp);
+}}
+
 /* dw (O, C, KH, KW) = sum over rows of g (O, Ho, Wo, Nb) times shifted rows of x (C, H, W, Nb): for a
    block of output channels and a block of taps (c, dy, dx), per-lane accumulators over every row */
 static __attribute__((noinline, noclone)) void avl_conv_wgrad_{s}(const {t}* x, const {t}* g, {t}* dw, int64_t C, int64_t H, int64_t W,
@@ -338,10 +366,15 @@ def _rows(dtype, label, src, w, out, cin, cout, spatial, out_spatial, batch, ker
     t, s = _CTYPE[np.dtype(dtype)]
     guard, helpers = _helpers(dtype)
     (h, wd), (ho, wo), (kh, kw), (ph, pw) = spatial, out_spatial, kernel, pads
-    body = (_weights_block(t, "wt", w, cin, cout, kh, kw, flip)
-            + f"    avl_conv_rows_{s}({src}, wt, {out}, {cin}, {h}, {wd}, {batch}, {cout}, {_padded(cout)}, "
-              f"{ho}, {wo}, {kh}, {kw}, {ph}, {pw}, {stride[0]}, {stride[1]});\n"
-            + "    free(wt);\n")
+    args = (f"{src}, wt, {out}, {cin}, {h}, {wd}, {batch}, {cout}, {_padded(cout)}, "
+            f"{ho}, {wo}, {kh}, {kw}, {ph}, {pw}, {stride[0]}, {stride[1]}")
+    if flip:   # the input gradient: col2im drops what falls outside too, so skipping is exact
+        run = f"    avl_conv_rows_{s}({args});\n"
+    else:
+        run = (f"    if (avl_all_finite_{s}(wt, {cin * kh * kw * _padded(cout)}))\n"
+               f"        avl_conv_rows_{s}({args});\n"
+               f"    else\n        avl_conv_padded_{s}({args});\n")
+    body = _weights_block(t, "wt", w, cin, cout, kh, kw, flip) + run + "    free(wt);\n"
     text = (f"{label} template: in {cin} x {h}x{wd} x {batch} -> out {cout} x {ho}x{wo} x {batch}, "
             f"kernel {kh}x{kw}, padding ({ph}, {pw}){_stride_text(stride)}{', weight flipped' if flip else ''}; "
             f"{FWD_CHANNELS} channels x {FWD_VECTORS} vectors a tile")
