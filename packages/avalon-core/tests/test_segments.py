@@ -293,3 +293,31 @@ def test_a_fused_reduction_written_into_an_input_it_reads_stays_exact(monkeypatc
     out = avalon.jit(f)(v, x)
     np.testing.assert_allclose(v, want_v, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out, want_v * 2, rtol=1e-5, atol=2e-5)
+
+
+def one_sample_loss(m, x, y):
+    """A one-sample step: every product is a vector times a matrix (x @ w1, the
+    gradients' g @ w.T), or a matrix times a vector (w0 @ x.T, a column)."""
+    h = avalon.tanh(x @ m["w1"] + m["b1"])
+    col = avalon.relu(m["w0"] @ x.T)                     # (12, 12) @ (12, 1)
+    h = avalon.relu(h @ m["w2"].T) + avalon.sum(col)     # w2 transposed: a strided operand
+    logp = avalon.log_softmax(h @ m["w3"])
+    return -avalon.mean(avalon.take_along_axis(logp, avalon.expand_dims(y, 1), axis=1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vector_products_go_through_gemv_with_the_bits_of_numpys_matmul(dtype, monkeypatch):
+    m, x, y = mlp_case()[1]
+    m = dict(m, w0=rng.standard_normal((12, 12)), w2=np.ascontiguousarray(m["w2"].T))
+    m = {k: v.astype(dtype) for k, v in m.items()}
+    args = (m, x[:1].astype(dtype), y[:1])
+    plain, _ = compiled_step(one_sample_loss, args, monkeypatch, driver=False, split=False)
+    fast, (compiled,) = compiled_step(one_sample_loss, args, monkeypatch, driver=True, split=False)
+    listing = "\n".join(s.source for s in compiled.segments)
+    blas = "cblas_sgemv" if dtype == np.float32 else "cblas_dgemv"
+    assert f"{blas}(ColMajor, T" in listing and f"{blas}(RowMajor, T" in listing
+    assert "gemm" not in listing         # no 2-D product in a one-sample step: NumPy calls gemv or dot
+    want = leaves(plain(*args))
+    for _ in range(2):
+        for g, w in zip(leaves(fast(*args)), want):
+            np.testing.assert_array_equal(g, w)

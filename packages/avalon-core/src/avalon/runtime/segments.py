@@ -13,7 +13,9 @@ pointer, with the GIL released for the whole run.  C-able nodes:
   function's address, read once the batch is built);
 * 2-D float32/float64 matrix products, through the cblas ?gemm of the OpenBLAS
   NumPy itself uses (transposed operands as transpose flags), made the way
-  NumPy's matmul makes them, so results are the same bits;
+  NumPy's matmul makes them, so results are the same bits; a product with a
+  vector operand (one row times a matrix, a matrix times one column: a
+  one-sample prediction's layers) through ?gemv, as NumPy's matmul calls it;
 * views of static layout (reshape of a C-contiguous value, transpose): pointer
   and strides known at compile time, no call at all.
 
@@ -40,15 +42,15 @@ import numpy as np
 
 from ..primitive import PRIMITIVES
 
-__all__ = ["enabled", "blas_gemm", "driver", "Layout", "SegmentBuilder", "MAX_DYN", "MAX_ARGS"]
+__all__ = ["enabled", "blas_gemm", "blas_gemv", "driver", "Layout", "SegmentBuilder", "MAX_DYN", "MAX_ARGS"]
 
 #: most arrays one segment takes per call, and most pointer arguments of one kernel
 MAX_DYN = 48
 MAX_ARGS = 64
 
 _C_CONTIGUOUS, _ALIGNED, _WRITEABLE = 0x0001, 0x0100, 0x0400   # NPY_ARRAY_* flags
-_OP_CALL, _OP_GEMM = 0, 1
-_NO_TRANS, _TRANS, _ROW_MAJOR = 111, 112, 101                  # CBLAS enums
+_OP_CALL, _OP_GEMM, _OP_GEMV = 0, 1, 2
+_NO_TRANS, _TRANS, _ROW_MAJOR, _COL_MAJOR = 111, 112, 101, 102      # CBLAS enums
 
 
 def enabled() -> bool:
@@ -87,6 +89,10 @@ typedef void (*avl_sgemm)(int, int, int, int64_t, int64_t, int64_t, float, const
                           const float*, int64_t, float, float*, int64_t);
 typedef void (*avl_dgemm)(int, int, int, int64_t, int64_t, int64_t, double, const double*, int64_t,
                           const double*, int64_t, double, double*, int64_t);
+typedef void (*avl_sgemv)(int, int, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t,
+                          float, float*, int64_t);
+typedef void (*avl_dgemv)(int, int, int64_t, int64_t, double, const double*, int64_t, const double*, int64_t,
+                          double, double*, int64_t);
 
 static int avl_disjoint(const char* a, int64_t na, const char* b, int64_t nb)
 {{
@@ -133,6 +139,18 @@ static int avl_run(const int64_t* p, const void* const* objs)
             default: return 3;
             }}
             q += 3 + 2 * q[2];
+        }} else if (q[0] == {_OP_GEMV}) {{
+            /* fn, dtype, order, M, N, lda, incx, incy, A, offA, X, offX, Y, offY (A transposed) */
+            const char* a = r[q[9]] + q[10];
+            const char* x = r[q[11]] + q[12];
+            char* y = r[q[13]] + q[14];
+            if (q[2] == 0)
+                ((avl_sgemv)q[1])((int)q[3], {_TRANS}, q[4], q[5], 1.0f, (const float*)a, q[6], (const float*)x, q[7],
+                                  0.0f, (float*)y, q[8]);
+            else
+                ((avl_dgemv)q[1])((int)q[3], {_TRANS}, q[4], q[5], 1.0, (const double*)a, q[6], (const double*)x, q[7],
+                                  0.0, (double*)y, q[8]);
+            q += 15;
         }} else {{
             /* fn, dtype, transA, transB, M, N, K, lda, ldb, ldc, A, offA, B, offB, C, offC */
             const char* a = r[q[11]] + q[12];
@@ -182,9 +200,9 @@ def _build_driver():
 
 
 @functools.lru_cache(maxsize=1)
-def blas_gemm():
-    """{dtype: address} of the 64-bit-integer cblas sgemm/dgemm of the OpenBLAS
-    NumPy uses (found through threadpoolctl), or {} when there is none."""
+def _numpy_cblas() -> dict:
+    """{(routine, dtype): address} of the 64-bit-integer cblas ?gemm and ?gemv of
+    the OpenBLAS NumPy uses (found through threadpoolctl), or {} when there is none."""
     try:
         from threadpoolctl import ThreadpoolController
         libs = ThreadpoolController().select(internal_api="openblas").lib_controllers
@@ -202,12 +220,22 @@ def blas_gemm():
             continue
         for prefix in ("scipy_", ""):
             try:
-                s, d = lib[f"{prefix}cblas_sgemm64_"], lib[f"{prefix}cblas_dgemm64_"]
+                return {(routine, np.dtype(dt)): ctypes.cast(lib[f"{prefix}cblas_{letter}{routine}64_"],
+                                                             ctypes.c_void_p).value
+                        for routine in ("gemm", "gemv") for letter, dt in (("s", np.float32), ("d", np.float64))}
             except AttributeError:
                 continue
-            return {np.dtype(np.float32): ctypes.cast(s, ctypes.c_void_p).value,
-                    np.dtype(np.float64): ctypes.cast(d, ctypes.c_void_p).value}
     return {}
+
+
+def blas_gemm() -> dict:
+    """{dtype: address} of NumPy's cblas sgemm/dgemm, or {} (no products in segments)."""
+    return {dt: a for (routine, dt), a in _numpy_cblas().items() if routine == "gemm"}
+
+
+def blas_gemv() -> dict:
+    """{dtype: address} of NumPy's cblas sgemv/dgemv, or {} (vector products stay NumPy calls)."""
+    return {dt: a for (routine, dt), a in _numpy_cblas().items() if routine == "gemv"}
 
 
 # -- layouts known at compile time ----------------------------------------------------------------------------
@@ -272,6 +300,15 @@ def _reference_kernel(fn, node) -> bool:
     return isinstance(fn, functools.partial) and fn.func is impl and fn.args == (np,)
 
 
+def _letter(dtype):
+    return "s" if dtype == np.float32 else "d"
+
+
+def _blasable(outer, inner, n_inner, size) -> bool:
+    """NumPy's is_blasable2d: unit inner stride, an outer stride of whole items spanning the inner extent."""
+    return inner == size and outer % size == 0 and outer // size >= n_inner
+
+
 def _gemm_operand(lay):
     """(transpose flag, leading dimension) as NumPy's matmul picks them, or None."""
     m, n = lay.shape
@@ -327,6 +364,11 @@ class Program:
                 fn, operands = payload
                 body += [_OP_CALL, kernel_address(fn), len(operands)]
                 for lay in operands:
+                    body += [reg(lay.base), lay.offset]
+            elif kind == "gemv":
+                address, dt, order, m, n, lda, incx, incy, a, x, y = payload
+                body += [_OP_GEMV, address, 0 if dt == np.float32 else 1, order, m, n, lda, incx, incy]
+                for lay in (a, x, y):
                     body += [reg(lay.base), lay.offset]
             else:
                 address, dt, ta, tb, m, n, kk, lda, ldb, ldc, a, b, c = payload
@@ -414,6 +456,7 @@ class SegmentBuilder:
     def __init__(self, graph, plan, backend, env, names):
         self.graph, self.plan, self.backend, self.env, self.names = graph, plan, backend, env, names
         self.gemm = blas_gemm() if backend.xp is np else {}
+        self.gemv = blas_gemv() if self.gemm else {}
         self.loc: dict = {}               # node -> Layout known at compile time
         self.segments: list = []
         self.listing_line = None          # the readable line of the op c_ops just made
@@ -492,21 +535,57 @@ class SegmentBuilder:
     def gemm_op(self, step, out):
         n = step.node
         a, b = (self.loc.get(i) for i in n.inputs)
+        if (a is None or b is None or len(a.shape) != 2 or len(b.shape) != 2
+                or not (a.dtype == b.dtype == out.dtype)):
+            return None
+        m, kk = a.shape
+        p = b.shape[1]
+        if kk <= 1 or m == 0 or p == 0 or (m == 1 and p == 1):
+            return None   # NumPy's matmul: its own loop, or dot
+        if m == 1 or p == 1:
+            return self.gemv_op(a, b, out)
         address = self.gemm.get(np.dtype(n.dtype))
-        if (address is None or a is None or b is None or len(a.shape) != 2 or len(b.shape) != 2
-                or not (a.dtype == b.dtype == out.dtype) or min(*a.shape, b.shape[1]) <= 1):
-            return None   # vectors: NumPy's matmul calls gemv/dot, whose bits differ
+        if address is None:
+            return None
         if a.base == b.base and a.offset == b.offset:
             return None   # A @ A.T: NumPy's matmul calls syrk
         fa, fb = _gemm_operand(a), _gemm_operand(b)
         if fa is None or fb is None or not _no_partial_overlap([a, b], [out], False):
             return None
-        m, kk = a.shape
-        p = b.shape[1]
-        self.listing_line = (f"cblas_{'s' if out.dtype == np.float32 else 'd'}gemm(RowMajor, "
+        self.listing_line = (f"cblas_{_letter(out.dtype)}gemm(RowMajor, "
                              f"{'T' if fa[0] == _TRANS else 'N'}, {'T' if fb[0] == _TRANS else 'N'}, {m}, {p}, {kk}, "
                              f"{_show(a, self.names)}, {fa[1]}, {_show(b, self.names)}, {fb[1]}, {_show(out, self.names)}, {p})")
         return ("gemm", (address, out.dtype, fa[0], fb[0], m, p, kk, fa[1], fb[1], p, a, b, out))
+
+    def gemv_op(self, a, b, out):
+        """A row times a matrix (m == 1) or a matrix times a column (p == 1) as
+        NumPy's matmul computes it: cblas ?gemv of the matrix, transposed, in the
+        order its strides allow (column-major first), the vector's stride as incx."""
+        address = self.gemv.get(out.dtype)
+        if address is None:
+            return None
+        size = out.dtype.itemsize
+        if a.shape[0] == 1:     # x @ B: y = B^T x, B (K, P) read by its strides along P, then K
+            matrix, (s_out, s_in), (n_out, n_in) = b, b.strides[::-1], b.shape[::-1]
+            vector, s_vec, s_y = a, a.strides[1], out.strides[1]
+        else:                   # A @ x: y = A x, A (M, K)
+            matrix, (s_out, s_in), (n_out, n_in) = a, a.strides, a.shape
+            vector, s_vec, s_y = b, b.strides[0], out.strides[0]
+        if _blasable(s_out, s_in, n_in, size):
+            order, lda = _COL_MAJOR, s_out // size
+        elif _blasable(s_in, s_out, n_out, size):
+            order, lda = _ROW_MAJOR, s_in // size
+        else:
+            return None
+        if s_vec % size or s_vec < size or s_y % size or s_y < size:
+            return None
+        if not _no_partial_overlap([a, b], [out], False):
+            return None
+        incx, incy = s_vec // size, s_y // size
+        self.listing_line = (f"cblas_{_letter(out.dtype)}gemv({'ColMajor' if order == _COL_MAJOR else 'RowMajor'}, "
+                             f"T, {n_in}, {n_out}, {_show(matrix, self.names)}, {lda}, {_show(vector, self.names)}, "
+                             f"{incx}, {_show(out, self.names)}, {incy})")
+        return ("gemv", (address, out.dtype, order, n_in, n_out, lda, incx, incy, matrix, vector, out))
 
     # -- grouping ------------------------------------------------------------------------------------------------
 
@@ -596,12 +675,12 @@ class SegmentBuilder:
 def _operand_layouts(payload):
     if len(payload) == 2:
         return payload[1]
-    return payload[10:13]
+    return payload[-3:]          # a product's operands and result
 
 
 def _written(kind, payload, node):
-    if kind == "gemm":
-        return [payload[12]]
+    if kind in ("gemm", "gemv"):
+        return [payload[-1]]
     fn, lays = payload
     n_out = len(fn.kernel.outputs)
     return lays[len(lays) - n_out:]
