@@ -53,7 +53,7 @@ class Primitive:
     def __init__(self, name, *, shape, impl, vjp=None, ufunc=None, elementwise=False, view=False,
                  effectful=False, accepts_out=False, foldable=True, nondiff=False, expr=None, inplace=None,
                  writes_input=False, draws_random=False, output_shape_attr=None, collective=False, detaches=False,
-                 fusible=None, doc="", **rules):
+                 fusible=None, recompute=False, doc="", **rules):
         self.name = name
         self.shape_rule = shape
         self.impl = impl
@@ -61,6 +61,7 @@ class Primitive:
         self.ufunc = ufunc
         self.elementwise = elementwise
         self.fusible = elementwise if fusible is None else fusible
+        self.recompute = recompute and self.fusible
         self.view = view
         self.effectful = effectful
         self.accepts_out = accepts_out or ufunc is not None
@@ -133,6 +134,9 @@ def defprim(name, **fields) -> Primitive:
     detaches: the output is cut from the gradient (stop_gradient, torch's
         detach): an input reached only through it gets no gradient (None),
         where one reached through a nondiff op (sign) gets zeros, as in PyTorch.
+    recompute: the op is cheap (an add, a compare): where its value feeds several
+        fused kernels, each may compute it again instead of reading a stored
+        copy (passes.fusion.recompute_cheap).
     expr: C expression template ("exp({0})") a GPU backend may use to fuse the op.
     inplace: out= may be one of the inputs (true for ufuncs; default: ufunc is set).
     writes_input: the op writes into its first input (assign): a side effect that

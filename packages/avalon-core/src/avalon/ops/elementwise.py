@@ -20,19 +20,19 @@ def _sum_to(x, shape):
 
 # -- binary arithmetic ------------------------------------------------------------
 
-add_p = defprim("add", shape=elementwise_rule("add"), ufunc="add", elementwise=True, expr="{0} + {1}",
+add_p = defprim("add", recompute=True, shape=elementwise_rule("add"), ufunc="add", elementwise=True, expr="{0} + {1}",
                 sharding=_sharding.pointwise(_sharding.all_partial), layout=_layout.POINTWISE,
                 batching=_batching.elementwise_rule("add"),
                 impl=lambda xp, a, b: xp.add(a, b),
                 vjp=lambda g, out, a, b: (_sum_to(g, a.shape), _sum_to(g, b.shape)))
 
-sub_p = defprim("sub", shape=elementwise_rule("sub"), ufunc="subtract", elementwise=True, expr="{0} - {1}",
+sub_p = defprim("sub", recompute=True, shape=elementwise_rule("sub"), ufunc="subtract", elementwise=True, expr="{0} - {1}",
                 sharding=_sharding.pointwise(_sharding.all_partial), layout=_layout.POINTWISE,
                 batching=_batching.elementwise_rule("sub"),
                 impl=lambda xp, a, b: xp.subtract(a, b),
                 vjp=lambda g, out, a, b: (_sum_to(g, a.shape), _sum_to(neg(g), b.shape)))
 
-mul_p = defprim("mul", shape=elementwise_rule("mul"), ufunc="multiply", elementwise=True, expr="{0} * {1}",
+mul_p = defprim("mul", recompute=True, shape=elementwise_rule("mul"), ufunc="multiply", elementwise=True, expr="{0} * {1}",
                 sharding=_sharding.pointwise(_sharding.one_partial), layout=_layout.POINTWISE,
                 batching=_batching.elementwise_rule("mul"),
                 impl=lambda xp, a, b: xp.multiply(a, b),
@@ -58,14 +58,14 @@ def _tie_split(a, b, first_wins):
     return add(cast(first_wins, a.dtype), mul(cast(eq(a, b), a.dtype), 0.5))
 
 
-maximum_p = defprim("maximum", shape=elementwise_rule("maximum"), ufunc="maximum", elementwise=True,
+maximum_p = defprim("maximum", recompute=True, shape=elementwise_rule("maximum"), ufunc="maximum", elementwise=True,
                     sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
                     batching=_batching.elementwise_rule("maximum"),
                     expr="max({0}, {1})", impl=lambda xp, a, b: xp.maximum(a, b),
                     vjp=lambda g, out, a, b: (_sum_to(mul(g, _tie_split(a, b, gt(a, b))), a.shape),
                                               _sum_to(mul(g, _tie_split(b, a, gt(b, a))), b.shape)))
 
-minimum_p = defprim("minimum", shape=elementwise_rule("minimum"), ufunc="minimum", elementwise=True,
+minimum_p = defprim("minimum", recompute=True, shape=elementwise_rule("minimum"), ufunc="minimum", elementwise=True,
                     sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
                     batching=_batching.elementwise_rule("minimum"),
                     expr="min({0}, {1})", impl=lambda xp, a, b: xp.minimum(a, b),
@@ -75,7 +75,7 @@ minimum_p = defprim("minimum", shape=elementwise_rule("minimum"), ufunc="minimum
 # -- comparisons (no gradient) -------------------------------------------------------
 
 def _comparison(name, ufunc, c_op):
-    return defprim(name, shape=elementwise_rule(name, out_dtype=np.bool_), ufunc=ufunc, elementwise=True,
+    return defprim(name, shape=elementwise_rule(name, out_dtype=np.bool_), ufunc=ufunc, elementwise=True, recompute=True,
                    sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
                    batching=_batching.elementwise_rule(name),
                    nondiff=True, expr=f"{{0}} {c_op} {{1}}",
@@ -93,7 +93,7 @@ ne_p = _comparison("ne", "not_equal", "!=")
 
 _float_rule = lambda name: elementwise_rule(name, float_only=True)  # noqa: E731
 
-neg_p = defprim("neg", shape=elementwise_rule("neg"), ufunc="negative", elementwise=True, expr="-{0}",
+neg_p = defprim("neg", recompute=True, shape=elementwise_rule("neg"), ufunc="negative", elementwise=True, expr="-{0}",
                 sharding=_sharding.pointwise(_sharding.all_partial), layout=_layout.POINTWISE,
                 batching=_batching.elementwise_rule("neg"),
                 impl=lambda xp, x: xp.negative(x), vjp=lambda g, out, x: (neg(g),))
@@ -165,7 +165,7 @@ def _relu_impl(xp, x, out=None):
     return xp.maximum(x, 0, out=out)
 
 
-relu_p = defprim("relu", shape=_float_rule("relu"), elementwise=True, accepts_out=True, inplace=True,
+relu_p = defprim("relu", recompute=True, shape=_float_rule("relu"), elementwise=True, accepts_out=True, inplace=True,
                  sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
                  batching=_batching.elementwise_rule("relu"),
                  expr="max({0}, 0)", impl=_relu_impl,
@@ -185,7 +185,7 @@ def _where_rule(c, a, b):
     return broadcast_shapes("where", c.shape, a.shape, b.shape), result_dtype("where", a.dtype, b.dtype)
 
 
-where_p = defprim("where", shape=_where_rule, elementwise=True, accepts_out=True, expr="({0} ? {1} : {2})",
+where_p = defprim("where", recompute=True, shape=_where_rule, elementwise=True, accepts_out=True, expr="({0} ? {1} : {2})",
                   sharding=_sharding.pointwise(), layout=_layout.POINTWISE,
                   batching=_batching.elementwise_rule("where"),
                   impl=_where_impl,

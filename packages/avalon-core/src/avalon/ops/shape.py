@@ -164,9 +164,10 @@ def _broadcast_batching(args, dims, *, shape):
 
 
 # fusible: inside an elementwise group, the group's kernel reads x through zero
-# strides (a broadcast view as a kernel's operand would take its strided path)
+# strides (a broadcast view as a kernel's operand would take its strided path);
+# recompute: every group reading it reads x so
 broadcast_to_p = defprim("broadcast_to", shape=_broadcast_rule, view=True, output_shape_attr="shape",
-                         fusible=True, expr="{0}",
+                         fusible=True, recompute=True, expr="{0}",
                          impl=lambda xp, x, *, shape: xp.broadcast_to(x, shape), vjp=_broadcast_vjp,
                          sharding=_broadcast_sharding, batching=_broadcast_batching)
 

@@ -16,7 +16,7 @@ import logging
 from .cse import cse
 from .dce import dce
 from .fold import constant_fold
-from .fusion import fuse_elementwise
+from .fusion import fuse_elementwise, recompute_cheap
 from .layout import layout
 from .pool_first import pool_first
 from .products import transposed_products
@@ -26,7 +26,7 @@ from .updates import fuse_updates
 from .views import fuse_views
 
 __all__ = ["dce", "cse", "constant_fold", "simplify", "transposed_products", "layout", "pool_first",
-           "fuse_elementwise", "merge_sums", "fuse_views", "fuse_updates",
+           "fuse_elementwise", "recompute_cheap", "merge_sums", "fuse_views", "fuse_updates",
            "BUILTIN", "FORWARD", "default_pipeline", "forward_pipeline",
            "add_pass", "remove_pass", "run_pipeline", "reset_pipeline", "pipeline_version"]
 
@@ -48,6 +48,8 @@ BUILTIN = [
     ("cse_3", cse),
     ("constant_fold_3", constant_fold),
     ("dce_3", dce),
+    # cheap values read by several groups are computed in each (after the last cse)
+    ("recompute_cheap", recompute_cheap),
     ("fuse_elementwise", fuse_elementwise),
     ("dce_4", dce),
 ]

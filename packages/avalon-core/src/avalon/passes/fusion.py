@@ -9,6 +9,14 @@ output is the reduction's.  Each backend compiles a body into one kernel
 (`Backend.compile_fused`): the CPU backend runs it in place in preallocated
 scratch memory (a reduction body as one loop nest with accumulators, see
 kernel_ir.lower), a GPU backend can emit a single elementwise kernel.
+
+Before grouping, `recompute_cheap` gives each reader of a cheap value (an op
+whose primitive says `recompute`) its own copy, so each reader's group computes
+the value instead of reading a stored array: a normalization's `x - mean`,
+read by the variance's sum, the output and three sums of the backward pass,
+is never written.  It copies a value only where the copies read less memory
+than computing, storing and reading it back: one that reads at most one
+full-size array, or two read by two groups.
 """
 from ..graph import Graph, Node
 from ..primitive import PRIMITIVES, defprim
@@ -29,6 +37,9 @@ fused_p = defprim("fused", shape=_fused_rule, impl=None, accepts_out=True, shard
                   doc="A group of elementwise ops compiled as one kernel (see passes.fusion).")
 
 MIN_GROUP = 2
+
+#: most readers a value is recomputed for (a copy each: bounds the compile work)
+MAX_RECOMPUTE_READERS = 8
 
 
 def _fusible(n):
@@ -58,6 +69,61 @@ def write_epochs(graph):
         if getattr(PRIMITIVES.get(n.op), "writes_input", False):
             count += 1
     return epoch
+
+
+def recompute_cheap(graph):
+    """Replace each cheap value read by several fusible nodes with one copy per
+    reader, placed just before it (consumers first, so a copied value's own
+    cheap inputs are copied in turn).  A copy may move past a write (assign)
+    only when the value reads no array that is ever written."""
+    users = graph.uses()
+    outputs = set(graph.outputs)
+    epoch = write_epochs(graph)
+    written = {n.inputs[0] for n in graph.nodes if getattr(PRIMITIVES.get(n.op), "writes_input", False)}
+    before: dict = {}          # reader -> copies placed just before it
+    removed = set()
+    for value in reversed(graph.nodes):
+        readers = list(dict.fromkeys(users.get(value, ())))
+        if not _recomputable(value, readers, outputs, epoch, written):
+            continue
+        removed.add(value)
+        for reader in readers:
+            copy = Node(value.op, value.inputs, value.attrs, value.shape, value.dtype, value.loc)
+            reader.inputs = [copy if i is value else i for i in reader.inputs]
+            before.setdefault(reader, []).append(copy)
+            users[copy], epoch[copy] = [reader], epoch[reader]
+            for i in value.inputs:
+                users[i] = [u for u in users.get(i, ()) if u is not value] + [copy]
+    if removed:
+        nodes: list = []
+
+        def place(n):
+            for c in before.get(n, ()):
+                place(c)
+            nodes.append(n)
+        for n in graph.nodes:
+            if n not in removed:
+                place(n)
+        graph.nodes = nodes
+    return graph
+
+
+def _recomputable(value, readers, outputs, epoch, written):
+    prim = PRIMITIVES.get(value.op)
+    if (prim is None or not prim.recompute or prim.effectful or value in outputs
+            or not 2 <= len(readers) <= MAX_RECOMPUTE_READERS):
+        return False
+    stored = len({i for i in value.inputs if i.size == value.size and i.op not in ("const", "broadcast_to")})
+    if stored > 1 and len(readers) * stored >= stored + 1 + len(readers):
+        return False         # the copies would read more than storing it reads and writes
+    moves = any(epoch[r] != epoch[value] for r in readers)
+    if moves and any(i in written for i in value.inputs):
+        return False         # a copy after the write would read the new value
+    for r in readers:
+        domain = r.inputs[0].shape if reduction_of(r) is not None else r.shape
+        if not (_fusible(r) or reduction_of(r) is not None) or domain != value.shape:
+            return False
+    return True
 
 
 def fuse_elementwise(graph):

@@ -274,7 +274,7 @@ def split_batch(graph, batch_inputs, shards: int):
     try:
         state, ctx = _propagate(graph, set(batch_inputs), n, reduced)
         _check_joinable(graph, state, n)
-        _check_worthwhile(state, reduced)
+        _check_worthwhile(sharded_work(state, ctx), reduced)
     except NoSplit as e:
         log.debug("%s is not split across threads: %s", graph.name, e)
         return None
@@ -326,8 +326,23 @@ def _check_joinable(graph, state, n):
             raise NoSplit("the batch is not the outer factor of an output's axis: shards cannot be joined")
 
 
-def _check_worthwhile(state, reduced):
-    work = sum(node.size for node, s in state.items() if s not in (R, P))
+def sharded_work(state, ctx) -> int:
+    """Elements the sharded values hold, counted inside fused groups too, so
+    that fusing (or recomputing a value in several groups) does not shrink it."""
+    work = 0
+    for node, s in state.items():
+        if s in (R, P):
+            continue
+        body = node.attrs.get("body") if node.op == "fused" else None
+        inner = ctx.sub_states.get(body) if body is not None else None
+        if inner is None:
+            work += node.size
+        else:
+            work += sum(b.size for b, bs in inner.items() if b.op not in ("input", "const") and bs not in (R, P))
+    return work
+
+
+def _check_worthwhile(work, reduced):
     if work < MIN_SHARD_ELEMENTS:
         raise NoSplit(f"{work} sharded elements are too few to gain from threads")
     allowed = max(MAX_REDUCTIONS, work // ELEMENTS_PER_REDUCTION)
