@@ -39,7 +39,7 @@ fused_p = defprim("fused", shape=_fused_rule, impl=None, accepts_out=True, shard
 MIN_GROUP = 2
 
 #: most readers a value is recomputed for (a copy each: bounds the compile work)
-MAX_RECOMPUTE_READERS = 8
+MAX_RECOMPUTE_READERS = 16
 
 
 def _fusible(n):
