@@ -75,6 +75,31 @@ def test_flat_update_equals_the_per_parameter_update_bit_for_bit(factory):
         np.testing.assert_array_equal(v, expected[k], err_msg=k)
 
 
+@pytest.mark.parametrize("factory", [lambda: optim.Adam(lr=1e-2), lambda: optim.SGD(lr=0.1, momentum=0.9)])
+def test_large_parameters_read_their_gradients_in_place_with_the_same_bits(factory, monkeypatch):
+    """Parameters of many elements each: the update reads each gradient where the
+    gradient step wrote it (no copy into the flat gradient buffer), one kernel per
+    parameter over the flat buffers' views; the result is the copying update's."""
+    from avalon_layers import flat, optim as layer_optim
+    model = Net()
+    copied, copied_opt = copy.deepcopy(model), factory()
+    _train(copied, copied_opt, 3)
+    monkeypatch.setattr(layer_optim, "READ_GRADIENTS_IN_PLACE", 1)
+
+    def no_copy(self, entries):
+        raise AssertionError("the gradients were copied into the flat buffer")
+    monkeypatch.setattr(flat.FlatGroup, "gather_gradients", no_copy)
+    opt = factory()
+    _train(model, opt, 3)
+    for k, v in _params(model).items():
+        np.testing.assert_array_equal(v, _params(copied)[k], err_msg=k)
+        assert v.base is opt._flat.params        # still views of the flat buffer
+    for path, st in opt.state.items():
+        for name, value in st.items():
+            if name != "step":
+                np.testing.assert_array_equal(value, copied_opt.state[path][name], err_msg=f"{path} {name}")
+
+
 def test_the_models_arrays_are_views_of_one_buffer_and_stay_its_parameters():
     model, opt = Net(), optim.Adam(lr=1e-2)
     _train(model, opt, 1)

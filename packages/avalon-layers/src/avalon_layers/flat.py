@@ -58,6 +58,11 @@ class FlatGroup:
             # step (when the flat one cannot serve it) must write where the model reads
             e.param = view
 
+    @property
+    def size(self) -> int:
+        """Elements of the flat buffers."""
+        return self.offsets[-1]
+
     def _views(self, flat):
         return [flat[a:b].reshape(shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.shapes)]
 

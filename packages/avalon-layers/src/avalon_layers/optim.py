@@ -79,6 +79,12 @@ from .registry import export
 
 _MISSING = object()
 
+#: a flat group of at least this many elements per parameter updates each parameter's
+#: views with its gradient read where the gradient step wrote it; one of smaller
+#: parameters copies the gradients into its flat gradient buffer and runs one kernel
+#: (there the copy costs less than a kernel and its arguments per parameter)
+READ_GRADIENTS_IN_PLACE = 32768
+
 
 class OptimizerError(AvalonError, ValueError):
     """An optimizer or scheduler argument out of range (a negative learning
@@ -325,9 +331,15 @@ class Optimizer:
         states = flat.flat_states(per_path, self.state_names)
         if len(states) != sum(1 for k in self.state_names if k in per_path[0]):
             return False
-        flat.gather_gradients(entries)
         coefs = self._coefficient_arrays(step, flat.params, {}, group)
-        self.update_fn(hp, [flat.params], [(flat.grad,)], [states], [coefs])
+        if flat.size >= READ_GRADIENTS_IN_PLACE * len(entries):
+            # one kernel per parameter over the views of the flat buffers, reading each
+            # gradient where the gradient step wrote it (no copy into the flat gradient)
+            views = [{name: flat.state_views[name][k] for name in states} for k in range(len(entries))]
+            self.update_fn(hp, flat.param_views, [tuple(e.grads) for e in entries], views, [coefs] * len(entries))
+        else:
+            flat.gather_gradients(entries)
+            self.update_fn(hp, [flat.params], [(flat.grad,)], [states], [coefs])
         for st in per_path:
             st["step"] = step
         return True
