@@ -258,6 +258,29 @@ def test_c_rendering_spells_exact_c():
     assert "((int32_t)((uint32_t)x0 + (uint32_t)x1))" in ints   # wraps as NumPy does
 
 
+def _step_body():
+    """BCE's gradient form: comparisons cast to float, next to float math."""
+    return body_of([((64, 40), F32), ((64, 40), F32)],
+                   lambda op, x, t: op("mul", op("add", op("cast", op("gt", x, (0.0, F32)), dtype=F32),
+                                                 op("mul", op("cast", op("eq", x, (0.0, F32)), dtype=F32),
+                                                    (0.5, F32))), t))
+
+
+def test_c_bool_locals_are_int_so_gcc_vectorizes_their_loop(tmp_path):
+    kernel = lower(_step_body(), name="step")
+    src = CRenderer().render_module([kernel])
+    assert "const bool " not in src and "const int t" in src
+    version = subprocess.run(["cc", "--version"], capture_output=True, text=True)
+    if version.returncode != 0 or "Free Software Foundation" not in version.stdout:
+        pytest.skip("vectorization reports checked with gcc only")
+    c = tmp_path / "k.c"
+    c.write_text(src)
+    r = subprocess.run(["cc", *CRenderer.FLAGS, "-fopt-info-vec-optimized", "-c", str(c),
+                        "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "loop vectorized" in r.stderr
+
+
 def test_non_finite_constants_keep_their_bits():
     body = body_of([((4,), F32)], lambda op, x: op("add", op("maximum", x, (-np.inf, F32)), (np.nan, F32)))
     k = lower(body)

@@ -26,7 +26,9 @@ otherwise (no -ffast-math).  float32 math calls the float functions (expf,
 logf, tanhf), float64 the double ones; `CRenderer(vector_math=...)` adds
 declarations that let gcc call their vector versions (glibc's libmvec).
 bool buffers are uint8_t arrays (gcc 12 does not vectorize loads through
-bool*); bool locals stay bool.
+bool*); bool locals are int (0 or 1): gcc 12 vectorizes no loop holding a
+one-byte bool next to floats (a comparison cast to float, BCE's gradient),
+and does with int.
 """
 from __future__ import annotations
 
@@ -93,6 +95,11 @@ class CRenderer(CStyleRenderer):
     # through uint8_t): bool buffers are uint8_t arrays of 0 and 1, locals stay bool
     def buffer_type(self, dtype) -> str:
         return "uint8_t" if dtype.kind == "b" else self.c_type(dtype)
+
+    # a loop holding a bool local next to float ones is not vectorized by gcc 12
+    # ("no vectype"); with int locals (comparisons give 0 or 1 either way) it is
+    def local_type(self, dtype) -> str:
+        return "int" if dtype.kind == "b" else self.c_type(dtype)
 
     def load(self, e) -> str:
         text = super().load(e)

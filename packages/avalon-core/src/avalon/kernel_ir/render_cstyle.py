@@ -68,6 +68,10 @@ class CStyleRenderer:
         "min": {"f": "((({0} < {1}) | ({0} != {0})) ? {0} : {1})", "*": "(({0} < {1}) ? {0} : {1})"},
     }
 
+    def local_type(self, dtype) -> str:
+        """The C type of a local (a Let) of dtype; a target may widen bool."""
+        return self.c_type(dtype)
+
     def c_type(self, dtype) -> str:
         return self.TYPES[np.dtype(dtype)]
 
@@ -166,7 +170,7 @@ class CStyleRenderer:
     # -- statements --------------------------------------------------------------------------------------------------
     def statement(self, s, indent: str) -> list[str]:
         if isinstance(s, Let):
-            return [f"{indent}const {self.c_type(s.var.dtype)} {s.var.name} = {self.expr(s.value)};"]
+            return [f"{indent}const {self.local_type(s.var.dtype)} {s.var.name} = {self.expr(s.value)};"]
         if isinstance(s, Store):
             return [f"{indent}{s.buffer.name}[{self.index(s.index)}] = {self.expr(s.value)};"]
         if isinstance(s, Update):
