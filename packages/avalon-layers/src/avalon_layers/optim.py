@@ -336,7 +336,7 @@ class Optimizer:
             # one kernel per parameter over the views of the flat buffers, reading each
             # gradient where the gradient step wrote it (no copy into the flat gradient)
             views = [{name: flat.state_views[name][k] for name in states} for k in range(len(entries))]
-            self.update_fn(hp, flat.param_views, [tuple(e.grads) for e in entries], views, [coefs] * len(entries))
+            self.update_fn(hp, flat.param_views, [e.grads[0] for e in entries], views, coefs)
         else:
             flat.gather_gradients(entries)
             self.update_fn(hp, [flat.params], [(flat.grad,)], [states], [coefs])
@@ -673,7 +673,12 @@ class Optimizer:
 
     # -- the compiled update --------------------------------------------------------------
     def _update_all(self, hp, params, grads, states, coefs):
+        """grads: per parameter, its gradient or a tuple of gradients to add (tied
+        uses); coefs: per parameter, or one dict every parameter shares."""
+        if isinstance(coefs, dict):
+            coefs = [coefs] * len(params)
         for p, gs, st, k in zip(params, grads, states, coefs):
+            gs = gs if isinstance(gs, (tuple, list)) else (gs,)
             g = gs[0]
             for extra in gs[1:]:
                 g = g + extra
