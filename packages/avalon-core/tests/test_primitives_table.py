@@ -190,6 +190,8 @@ EXEMPT = {
              "checked against the (N, C, ...) primitives in test_layout.py"
        for name in ("im2col_csn", "col2im_csn", "max_pool_csn", "max_pool_csn_grad", "conv_csn",
                     "conv_csn_input_grad", "conv_csn_weight_grad")},
+    "contiguous": "internal: a C-ordered copy of a transposed matrix many products read, put in by the CPU's "
+                  "shared_transposed_operands pass, never bound by user code; checked in test_shared_transposes.py",
     "allreduce_sum": "internal: a barrier between the engine's threads put in by avalon.parallel; "
                      "checked in test_parallel.py",
     "process_all_reduce": "a collective across processes (avalon.distributed), the identity in one process; "

@@ -34,7 +34,12 @@ class CpuBackend(Backend):
         from ..passes.views import fuse_views
         # slices read in place by the C kernels of fused groups (they lower strided loads);
         # in-place updates (an optimizer's) as one multi-output C kernel: one pass over memory
-        return [("layout", _cpu_layout, "after:dce_2"), ("fuse_views", fuse_views, "after:fuse_elementwise"),
+        # a transposed weight many products read (an RNN's), copied once: OpenBLAS's
+        # products by a transposed right operand are 20-50% slower
+        from ..passes.products import shared_transposed_operands
+        return [("layout", _cpu_layout, "after:dce_2"),
+                ("shared_transposed_operands", shared_transposed_operands, "after:dce_3"),
+                ("fuse_views", fuse_views, "after:fuse_elementwise"),
                 ("fuse_updates", fuse_updates, "after:fuse_views")]
 
     @classmethod

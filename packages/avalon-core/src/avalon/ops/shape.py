@@ -123,6 +123,26 @@ transpose_p = defprim("transpose", shape=_transpose_rule, view=True, strided_vie
                       merge_sum=_merge_view_sum)
 
 
+def _contiguous_impl(xp, x, out=None):
+    if out is None:
+        return xp.ascontiguousarray(x)
+    xp.copyto(out, x)
+    return out
+
+
+def _contiguous_batching(args, dims):
+    return bind(contiguous_p, (args[0],), {}), dims[0]
+
+
+# a C-ordered copy of a strided view: the CPU's passes.products.shared_transposed_operands
+# makes one of a transposed matrix that many products read (BLAS reads it faster so)
+contiguous_p = defprim("contiguous", shape=lambda x: (tuple(x.shape), x.dtype), accepts_out=True,
+                       impl=_contiguous_impl, vjp=lambda g, out, x: (g,),
+                       sharding=on_sharded(lambda node, states, ctx: states[0], reads_partials=True),
+                       batching=_contiguous_batching,
+                       doc="x copied into a C-contiguous array (same values; a view becomes its own array).")
+
+
 def _broadcast_rule(x, *, shape):
     shape = tuple(shape)
     lead = len(shape) - len(x.shape)
