@@ -114,3 +114,27 @@ def test_a_later_round_keeps_the_choice_unless_another_is_clearly_faster(monkeyp
     b.call_s = 0.002        # now twice as fast: the next round switches
     _train(tuned, log, 24 + 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
     assert tuned.label == "b"
+
+
+def test_iterations_in_which_the_caller_idles_are_not_trials():
+    """A caller that pauses between some calls (an evaluation, a benchmark's other
+    framework): those iterations time the pause, not the schedule."""
+    log = {}
+    fast, slow = _Schedule(0.002, 0.0, log), _Schedule(0.004, 0.0, log)
+    tuned = Autotuned([("fast", fast), ("slow", slow)])
+    for call in range(1, 40):
+        tuned(1)
+        # pauses after three of the fast schedule's five timed calls (calls 2-6), none of the slow one's
+        time.sleep(0.05 if call in (2, 3, 4) else 0.001)
+        if tuned.choice is not None:
+            break
+    assert tuned.label == "fast"
+    assert tuned.idle[0] == 3 and len(tuned.times[0]) == Autotuned.TRIALS
+
+
+def test_a_caller_that_always_idles_still_gets_a_choice(monkeypatch):
+    monkeypatch.setattr(Autotuned, "MAX_IDLE", 2)
+    log = {}
+    tuned = Autotuned([("a", _Schedule(0.001, 0.0, log)), ("b", _Schedule(0.003, 0.0, log))])
+    _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS + 2) + 1, update_s=0.04)
+    assert tuned.label == "a"

@@ -321,11 +321,19 @@ class Autotuned:
     times the best known median is not tried further.  A later round moves
     to another schedule only when its median beats the current choice's by
     SWITCH_GAIN (10 %): on a shared machine a round's few trials are noisy,
-    and a flip to a slower schedule would last until the next round."""
+    and a flip to a slower schedule would last until the next round.
+
+    An iteration in which the caller spent more than IDLE_FACTOR times the
+    call's own time, and more than IDLE_S, between calls (an evaluation, a
+    checkpoint, a pause: far more than spinning threads slow its work) says
+    nothing of the schedule: it is not a trial, and another call is timed
+    instead (at most MAX_IDLE such per schedule and round, so that a caller who
+    always works that long between calls still gets a choice)."""
 
     WARMUP, TRIALS = 1, 5
     RECHECK, GIVE_UP = 400, 3.0
     SWITCH_GAIN = 0.9
+    IDLE_FACTOR, IDLE_S, MAX_IDLE = 10.0, 0.02, 10
 
     def __init__(self, candidates):
         # [(label, compiled or Later)]: a schedule given as Later is compiled when
@@ -333,8 +341,9 @@ class Autotuned:
         self._candidates = [list(c) for c in candidates]
         self.calls = [0] * len(candidates)
         self.times = [[] for _ in candidates]  # seconds per iteration (call to next call)
+        self.idle = [0] * len(candidates)     # iterations not counted: the caller idled in them
         self.choice = self._chosen = None
-        self._open = None                     # (candidate, start) of the iteration being timed
+        self._open = None                     # (candidate, call start, call end) of the iteration being timed
         self._since, self._next_check = 0, self.RECHECK   # calls since the choice; when to check it
         self._best = None                     # the winning median of the last round
         self.fn = self.__call__
@@ -381,7 +390,7 @@ class Autotuned:
         out = self._schedule(k).fn(*args)   # compiled here on its first, untimed, call
         self.backend_sync()
         if self.calls[k] > self.WARMUP:
-            self._open = (k, start)
+            self._open = (k, start, time.perf_counter())
         return out
 
     def _done(self, k):
@@ -407,13 +416,18 @@ class Autotuned:
         self._since, self._next_check = 0, 2 * self._next_check
         self.calls = [0] * len(self.times)
         self.times = [[] for _ in self.times]
+        self.idle = [0] * len(self.times)
         self.choice = None
 
     def _close_iteration(self, now):
         if self._open is not None:
-            k, start = self._open
-            self.times[k].append(now - start)
+            k, start, end = self._open
             self._open = None
+            gap = now - end
+            if gap > max(self.IDLE_FACTOR * (end - start), self.IDLE_S) and self.idle[k] < self.MAX_IDLE:
+                self.idle[k] += 1    # the caller idled between the calls: not a trial
+                return
+            self.times[k].append(now - start)
 
     def backend_sync(self):
         b = getattr(self._schedule(0), "backend", None)
