@@ -135,3 +135,22 @@ def test_the_batch_splits_work_counts_what_fused_groups_compute():
     fused, n_fused = work(full)
     assert n_fused < n_unfused
     assert fused >= unfused
+
+
+def test_a_copy_never_reads_through_a_view_an_array_written_before_it():
+    """v = x - p (p read through a reshape) is read before and after p is
+    written: a copy of v placed after the write would read the new p."""
+    def f(p, x):
+        v = x - p.reshape(1, 40)
+        before = avalon.sum(v * v, axis=0)
+        avalon.assign(p, p * 0.5 + 1.0)
+        return before, avalon.relu(v) * 2.0 + 0.5
+
+    p = rng.standard_normal(40).astype(np.float32)
+    v = X - p.reshape(1, 40)
+    want = (np.sum(v * v, axis=0), np.maximum(v, 0) * 2.0 + 0.5)
+    p_run = p.copy()
+    got = avalon.jit(f)(p_run, X)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(p_run, p * 0.5 + 1.0, rtol=1e-6)

@@ -117,13 +117,25 @@ def _recomputable(value, readers, outputs, epoch, written):
     if stored > 1 and len(readers) * stored >= stored + 1 + len(readers):
         return False         # the copies would read more than storing it reads and writes
     moves = any(epoch[r] != epoch[value] for r in readers)
-    if moves and any(i in written for i in value.inputs):
+    if moves and any(_reads_written(i, written) for i in value.inputs):
         return False         # a copy after the write would read the new value
     for r in readers:
         domain = r.inputs[0].shape if reduction_of(r) is not None else r.shape
         if not (_fusible(r) or reduction_of(r) is not None) or domain != value.shape:
             return False
     return True
+
+
+def _reads_written(node, written) -> bool:
+    """Whether node is an array some op writes, or a view of one (a reshape, a
+    transpose, a broadcast of it: reading it reads the written memory)."""
+    while True:
+        if node in written:
+            return True
+        prim = PRIMITIVES.get(node.op)
+        if prim is None or not prim.view or not node.inputs:
+            return False
+        node = node.inputs[0]
 
 
 def fuse_elementwise(graph):
