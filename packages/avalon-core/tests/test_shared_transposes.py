@@ -89,3 +89,29 @@ def test_contiguous_copies_a_view_and_passes_gradients_and_batches_through():
     np.testing.assert_allclose(g, 2 * a, rtol=1e-6)
     batched = avalon.vmap(lambda r: bind(contiguous_p, (r,), {}) + 1.0)(a)
     np.testing.assert_array_equal(batched, a + 1.0)
+
+
+def test_products_after_a_write_to_the_weight_read_the_written_weight():
+    """h @ w.T before and after w is written in place: one copy made before the
+    write must not serve the products after it."""
+    def f(w, x):
+        wt = w.T                     # a view taken before the write, read after it too
+        h = x
+        for _ in range(4):
+            h = avalon.tanh(h @ wt)
+        avalon.assign(w, w * 0.5)
+        for _ in range(4):
+            h = avalon.tanh(h @ wt)
+        return avalon.sum(h * h)
+
+    w, x = case(batch=64)
+    x = x[0]
+    w_run = w.copy()
+    got = avalon.jit(f, parallel=False)(w_run, x)
+    h = x
+    for _ in range(4):
+        h = np.tanh(h @ w.T)
+    for _ in range(4):
+        h = np.tanh(h @ (w * 0.5).T)
+    np.testing.assert_allclose(got, np.sum(h * h), rtol=1e-4)
+    np.testing.assert_allclose(w_run, w * 0.5)

@@ -79,7 +79,7 @@ def recompute_cheap(graph):
     users = graph.uses()
     outputs = set(graph.outputs)
     epoch = write_epochs(graph)
-    written = {n.inputs[0] for n in graph.nodes if getattr(PRIMITIVES.get(n.op), "writes_input", False)}
+    written = written_arrays(graph)
     before: dict = {}          # reader -> copies placed just before it
     removed = set()
     for value in reversed(graph.nodes):
@@ -117,7 +117,7 @@ def _recomputable(value, readers, outputs, epoch, written):
     if stored > 1 and len(readers) * stored >= stored + 1 + len(readers):
         return False         # the copies would read more than storing it reads and writes
     moves = any(epoch[r] != epoch[value] for r in readers)
-    if moves and any(_reads_written(i, written) for i in value.inputs):
+    if moves and any(reads_written(i, written) for i in value.inputs):
         return False         # a copy after the write would read the new value
     for r in readers:
         domain = r.inputs[0].shape if reduction_of(r) is not None else r.shape
@@ -126,7 +126,12 @@ def _recomputable(value, readers, outputs, epoch, written):
     return True
 
 
-def _reads_written(node, written) -> bool:
+def written_arrays(graph) -> set:
+    """The arrays some node of the graph writes in place (assign's destinations)."""
+    return {n.inputs[0] for n in graph.nodes if getattr(PRIMITIVES.get(n.op), "writes_input", False)}
+
+
+def reads_written(node, written) -> bool:
     """Whether node is an array some op writes, or a view of one (a reshape, a
     transpose, a broadcast of it: reading it reads the written memory)."""
     while True:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ..graph import Node
+from .fusion import reads_written, write_epochs, written_arrays
 
 __all__ = ["transposed_products", "shared_transposed_operands", "SHARED_TRANSPOSE_MIN_ROWS"]
 
@@ -68,13 +69,18 @@ def shared_transposed_operands(graph):
     multiplies by a transposed right operand 20-50% slower than by a C-ordered
     one (a 32x128 by 128x512 product: 61 us against 40), and the copy costs
     one pass over the matrix; a CPU pass (cuBLAS has no such gap)."""
+    epoch = write_epochs(graph)
+    written = written_arrays(graph)
     readers: dict = {}
     for n in graph.nodes:
         if n.op != "matmul" or n.attrs or len(n.inputs) != 2 or any(x.ndim != 2 for x in n.inputs):
             continue
         b = n.inputs[1]
-        if b.op == "transpose" and tuple(b.attrs["perm"]) == (1, 0):
-            readers.setdefault(b, []).append(n)
+        if b.op != "transpose" or tuple(b.attrs["perm"]) != (1, 0):
+            continue
+        if epoch[n] != epoch[b] and reads_written(b, written):
+            continue     # a product after a write into the matrix reads the written values: not the copy
+        readers.setdefault(b, []).append(n)
     copies = {}
     for t, products in readers.items():
         if len(products) < 2 or sum(m.inputs[0].shape[0] for m in products) < SHARED_TRANSPOSE_MIN_ROWS:
