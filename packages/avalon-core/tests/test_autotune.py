@@ -75,12 +75,19 @@ def test_reading_the_candidates_compiles_them_all():
     assert all(isinstance(c, _Schedule) for _, c in tuned.candidates)
 
 
+def _first_round(call_a, call_b, log, names=("a", "b")):
+    """Two schedules of call_a and call_b seconds, through their first round of
+    trials (no work between the calls); returns (tuned, schedule a, schedule b)."""
+    a, b = _Schedule(call_a, 0.0, log), _Schedule(call_b, 0.0, log)
+    tuned = Autotuned([(names[0], a), (names[1], b)])
+    _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
+    return tuned, a, b
+
+
 def test_the_choice_is_checked_again_when_the_load_changes(monkeypatch):
     monkeypatch.setattr(Autotuned, "RECHECK", 12)
     log = {}
-    a, b = _Schedule(0.001, 0.0, log), _Schedule(0.0025, 0.0, log)
-    tuned = Autotuned([("a", a), ("b", b)])
-    _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
+    tuned, a, b = _first_round(0.001, 0.0025, log)
     assert tuned.label == "a"
     a.call_s = 0.006        # another process now slows schedule a
     _train(tuned, log, 12 + 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
@@ -91,9 +98,7 @@ def test_the_choice_is_checked_again_when_the_load_changes(monkeypatch):
 def test_a_schedule_far_slower_than_the_choice_is_given_up_in_a_later_round(monkeypatch):
     monkeypatch.setattr(Autotuned, "RECHECK", 12)
     log = {}
-    fast, awful = _Schedule(0.001, 0.0, log), _Schedule(0.002, 0.0, log)
-    tuned = Autotuned([("fast", fast), ("awful", awful)])
-    _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
+    tuned, fast, awful = _first_round(0.001, 0.002, log, names=("fast", "awful"))
     awful.call_s = 0.02     # its BLAS threads now starve: 20x the choice
     calls_before = tuned.calls[1]
     _train(tuned, log, 12 + 2 * (Autotuned.WARMUP + Autotuned.TRIALS), update_s=0.0)
@@ -104,9 +109,7 @@ def test_a_schedule_far_slower_than_the_choice_is_given_up_in_a_later_round(monk
 def test_a_later_round_keeps_the_choice_unless_another_is_clearly_faster(monkeypatch):
     monkeypatch.setattr(Autotuned, "RECHECK", 12)
     log = {}
-    a, b = _Schedule(0.004, 0.0, log), _Schedule(0.008, 0.0, log)
-    tuned = Autotuned([("a", a), ("b", b)])
-    _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
+    tuned, a, b = _first_round(0.004, 0.008, log)
     assert tuned.label == "a"
     b.call_s = 0.0038       # now a little faster than a (5 %): within the noise of a round
     _train(tuned, log, 12 + 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
