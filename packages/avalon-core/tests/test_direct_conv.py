@@ -287,3 +287,21 @@ def test_a_weight_that_is_not_finite_makes_the_border_nan_as_the_columns_do(any_
         np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
         assert np.isnan(ref).any() or op == "conv_csn_input_grad"   # col2im drops what falls outside
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2)], ids=["stride 1", "stride 2"])
+def test_a_cotangent_that_is_not_finite_makes_the_weight_gradient_nan_as_the_columns_do(any_row, bad, stride):
+    """An inf in the cotangent where a tap reads padding: the columns multiply it by
+    their zeros (NaN); the direct weight gradient multiplies that tap by zeros too."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 6, 6, 16)).astype(np.float32)
+    ho = 6 // stride[0]
+    g = rng.standard_normal((4, ho, ho, 16)).astype(np.float32)
+    g[1, 0, 0, 5] = bad          # the top-left output: taps dy = 0 and dx = 0 read padding
+    attrs = dict(stride=stride, padding=((1, 1), (1, 1)), dilation=(1, 1), tile_rows=6, weight_shape=(4, 3, 3, 3))
+    got, ref = _c_and_numpy("conv_csn_weight_grad", [x, g], attrs, (4, 3, 3, 3), np.float32)
+    assert np.isnan(ref[1, :, 0, :]).all() and np.isnan(ref[1, :, :, 0]).all()   # taps reading the padding
+    assert np.isfinite(np.delete(ref, 1, axis=0)).all()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)

@@ -23,7 +23,6 @@ from .graph import short_loc, type_str
 from .memory import MemoryPlan, plan_memory
 from .primitive import PRIMITIVES
 
-_UINT8 = np.dtype(np.uint8)
 
 
 class CompiledGraph:
@@ -189,7 +188,7 @@ def _allocate_slots(graph, plan, backend):
     slots = []
     for s, nbytes in enumerate(plan.slot_nbytes):
         try:
-            slots.append(backend.empty((nbytes,), _UINT8))
+            slots.append(backend.buffer(nbytes))
         except MemoryError as e:
             users = [n for n, slot in plan.slot_of.items() if slot == s]
             raise OutOfMemoryError(

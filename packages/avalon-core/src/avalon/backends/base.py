@@ -58,6 +58,11 @@ class Backend:
     def zeros(self, shape, dtype):
         return self.xp.zeros(shape, dtype=dtype)
 
+    def buffer(self, nbytes: int):
+        """A flat uint8 buffer of nbytes that a compiled function's memory plan
+        places its values in (each value starts at the buffer's start)."""
+        return self.xp.empty((nbytes,), dtype=np.uint8)
+
     def synchronize(self) -> None:
         """Wait until queued work is done (for timing); CPU work is synchronous."""
 

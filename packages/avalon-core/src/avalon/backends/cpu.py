@@ -13,6 +13,10 @@ from ..kernels import conv_csn
 from .cpu_fused import compile_fused_numpy
 
 
+#: bytes a compiled function's buffers are aligned to: a cache line, one AVX-512 vector
+BUFFER_ALIGNMENT = 64
+
+
 class CpuBackend(Backend):
     name = "cpu"
     package = "avalon-core"
@@ -25,6 +29,14 @@ class CpuBackend(Backend):
         _own_blas_threads()
         from ..runtime.threads import shard_count
         self.parallel_shards = shard_count()
+
+    def buffer(self, nbytes: int):
+        """A cache-line-aligned buffer: NumPy aligns large arrays to 16 bytes, and
+        the C kernels' 64-byte vector loads that straddle two cache lines made a
+        direct convolution's weight gradient 25-40% slower."""
+        raw = np.empty(nbytes + BUFFER_ALIGNMENT, dtype=np.uint8)
+        start = -raw.ctypes.data % BUFFER_ALIGNMENT
+        return raw[start:start + nbytes]
 
     @classmethod
     def passes(cls):
