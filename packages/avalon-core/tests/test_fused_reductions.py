@@ -309,6 +309,33 @@ def test_a_reduction_rule_is_what_the_pass_reads():
     assert PRIMITIVES["argmax"].rule("reduction", None) is None   # an index, not a fold
 
 
+def test_a_lone_reduction_is_a_group_of_its_own_for_the_cpu():
+    def f(x):
+        e = avalon.exp(x) * 2.0
+        return avalon.sum(e, axis=0), avalon.max(x, axis=1), e
+    g = passes.fuse_elementwise(avalon.trace(f, X))
+    assert ops_of(g) == ["fused", "sum", "max"]
+    g = passes.fusion.fuse_lone_reductions(g)
+    g.check()
+    assert ops_of(g) == ["fused", "fused", "fused"]
+    assert [ops_of(n.attrs["body"]) for n in g.nodes[-2:]] == [["sum"], ["max"]]
+    cpu_passes = [name for name, _, _ in CPU.passes()]
+    assert "fuse_lone_reductions" in cpu_passes
+
+
+def test_lone_reductions_run_as_c_kernels_in_a_jitted_function():
+    x = np.random.default_rng(11).standard_normal((16, 7, 7, 40)).astype(np.float32)
+    f = avalon.jit(lambda x: (avalon.sum(x, axis=(1, 2, 3), keepdims=True), avalon.sum(x, axis=0),
+                              avalon.min(x, axis=3)), parallel=False)
+    rows, columns, minima = f(x)
+    np.testing.assert_allclose(rows, x.astype(np.float64).sum(axis=(1, 2, 3), keepdims=True), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(columns, x.astype(np.float64).sum(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(minima, x.min(axis=3))
+    env = f._last().compiled.fn.__globals__
+    kernels = [k for name, k in env.items() if name.startswith("fused_")]
+    assert len(kernels) == 3 and all(getattr(k, "native", False) for k in kernels)
+
+
 @pytest.mark.parametrize("native_on", [True, False], ids=["C", "NumPy"])
 def test_fused_reductions_run_in_jitted_functions(native_on, monkeypatch):
     monkeypatch.setenv("AVALON_NATIVE", "1" if native_on else "0")
