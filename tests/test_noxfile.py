@@ -135,3 +135,18 @@ def test_nox_no_install_leaves_no_stamp(noxfile, tmp_path):
     later = FakeSession(tmp_path)
     noxfile.install_packages(later)
     assert later.installs, "an install nox skipped must not count as done"
+
+
+def test_the_bench_byte_compiles_every_package_as_an_install_would(noxfile):
+    class Recorder:
+        def __init__(self):
+            self.runs = []
+
+        def run(self, *args, **kwargs):
+            self.runs.append(args)
+    session = Recorder()
+    noxfile._compile_bytecode(session)
+    (args,) = session.runs
+    assert args[:3] == ("python", "-m", "compileall")
+    compiled = {Path(a).parent.name for a in args[3:] if not a.startswith("-")}
+    assert compiled == {p.parent.name for p in (ROOT / "packages").glob("*/pyproject.toml")}
