@@ -22,6 +22,7 @@ from .errors import GraphError, OutOfMemoryError, at
 from .graph import short_loc, type_str
 from .memory import MemoryPlan, plan_memory
 from .primitive import PRIMITIVES
+from .runtime.code_cache import code_of
 
 
 
@@ -137,7 +138,7 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
     body = "\n".join("        " + line for line in lines)
     src = (f"def {fname}({params}):\n    try:\n{body}\n"
            f"    except MemoryError as e:\n        raise _out_of_memory(e) from e\n")
-    code = compile(src, f"<avalon {fname}>", "exec")
+    code = code_of(src, f"<avalon {fname}>")
     env["__avalon_source__"] = src
     exec(code, env)
     compiled = CompiledGraph(env[fname], src, graph, plan, backend)

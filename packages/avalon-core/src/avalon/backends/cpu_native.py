@@ -65,6 +65,7 @@ import numpy as np
 from ..kernel_ir import CRenderer, Unfusable, lower
 from ..kernel_ir.ir import DTYPES
 from ..runtime import native
+from ..runtime.code_cache import code_of
 from ..runtime.native import NativeBuildError, NativeUnavailable
 from .cpu_fused import compile_fused_numpy
 from ..passes.fusion import body_reduces
@@ -125,11 +126,11 @@ def compile_fused_many(bodies, backend):
     return fns
 
 
-@functools.lru_cache(maxsize=1024)
 def _code(src, filename):
-    """The code object of a wrapper's source: the same kernel wrapped again (each
-    schedule of a step, each thread's copy) is not compiled by Python again."""
-    return compile(src, filename, "exec")
+    """The code object of a wrapper's source, compiled once (runtime.code_cache: in
+    memory, each schedule of a step and each thread's copy wrap the same kernels;
+    on disk, for the next process)."""
+    return code_of(src, filename)
 
 
 _BODY_KERNELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # body Graph -> its Kernel

@@ -406,7 +406,8 @@ class _Verifier:
         self.where = ""
 
     def fail(self, msg):
-        raise KernelIRError(f"kernel {self.k.name}: {self.where}{msg}")
+        where = self.where() if callable(self.where) else self.where
+        raise KernelIRError(f"kernel {self.k.name}: {where}{msg}")
 
     def run(self):
         names = set()
@@ -435,8 +436,10 @@ class _Verifier:
         self.stmts(self.k.body, {}, {})
 
     def dtype_ok(self, dtype, what):
+        """what: the thing's name, or a function giving it (formatted only for the message)."""
         if np.dtype(dtype) not in DTYPES:
-            self.fail(f"{what} has dtype {np.dtype(dtype).name}, which kernels do not compute in")
+            self.fail(f"{what() if callable(what) else what} has dtype {np.dtype(dtype).name}, which kernels "
+                      f"do not compute in")
 
     def stmts(self, stmts, scope, extents):
         scope = dict(scope)
@@ -458,7 +461,7 @@ class _Verifier:
                 self.define(s.var, scope)
             elif isinstance(s, (Store, Update)):
                 kind = "store" if isinstance(s, Store) else "update"
-                self.where = f"{kind} {s.buffer.name}[{format_index(s.index)}]: "
+                self.where = lambda s=s, kind=kind: f"{kind} {s.buffer.name}[{format_index(s.index)}]: "
                 if isinstance(s, Update) and s.op not in UPDATE_OPS:
                     self.fail(f"unknown update op {s.op!r}; ops are {', '.join(UPDATE_OPS)}")
                 self.buffer(s.buffer, ("out", "local"), "stored to")
@@ -507,7 +510,7 @@ class _Verifier:
             fail(f"{e!r} is not an expression")
         if isinstance(e, Index):
             fail("an index expression used as a value")
-        self.dtype_ok(e.dtype, format_expr(e))
+        self.dtype_ok(e.dtype, lambda: format_expr(e))
         if isinstance(e, Var):
             if e.name not in scope:
                 fail(f"{e.name} is used but not defined" + (" here (out of scope)" if e.name in self.defined
