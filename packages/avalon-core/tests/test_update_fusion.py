@@ -124,6 +124,26 @@ def test_a_write_whose_result_is_used_elsewhere_is_not_merged():
     assert "fused_update" not in ops_of(g)
 
 
+def writes_and_returns_the_last(p, m, g):
+    avalon.assign(m, m * np.float32(0.9) + g)
+    return avalon.assign(p, p - np.float32(0.1) * m)
+
+
+@pytest.mark.parametrize("returned", ["the last write", "a destination"])
+def test_a_function_returning_what_it_wrote_compiles_and_returns_the_new_value(returned):
+    """The returned write is not merged (the merged node stands for no single write's
+    result): compiling it used to fail inside the memory planner."""
+    def returns_dest(p, m, g):
+        writes_and_returns_the_last(p, m, g)
+        return p
+    f = writes_and_returns_the_last if returned == "the last write" else returns_dest
+    p, m, g = np.ones(1000, np.float32), np.zeros(1000, np.float32), np.full(1000, 2.0, np.float32)
+    out = avalon.jit(f, parallel=False)(p, m, g)
+    np.testing.assert_allclose(out, 0.8, rtol=1e-6)
+    np.testing.assert_allclose(p, 0.8, rtol=1e-6)
+    np.testing.assert_allclose(m, 2.0, rtol=1e-6)
+
+
 def test_the_c_entry_refuses_destinations_that_overlap():
     p, grad, m, v = _arrays()
     g = _pipeline(avalon.trace(adam_like, p, grad, m, v, np.float32(0.01)))

@@ -56,6 +56,7 @@ import ctypes
 import functools
 from concurrent.futures import ThreadPoolExecutor
 import os
+import pickle
 import threading
 import warnings
 import weakref
@@ -63,9 +64,11 @@ import weakref
 import numpy as np
 
 from ..kernel_ir import CRenderer, Unfusable, lower
+from ..kernel_ir.keys import body_key, node_key
 from ..kernel_ir.ir import DTYPES
 from ..runtime import native
 from ..runtime.code_cache import code_of
+from ..runtime.disk_memo import DiskMemo
 from ..runtime.native import NativeBuildError, NativeUnavailable
 from .cpu_fused import compile_fused_numpy
 from ..passes.fusion import body_reduces
@@ -137,11 +140,38 @@ _BODY_KERNELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # bod
 
 
 def _lowered_body(body):
-    """lower(body), once per body graph (the threads' copies of a step share theirs)."""
+    """lower(body), once per body graph (the threads' copies of a step share theirs),
+    and from the disk for a body lowered in an earlier process."""
     kernel = _BODY_KERNELS.get(body)
     if kernel is None:
-        kernel = _BODY_KERNELS[body] = lower(body, exprs=CRenderer.EXPR)
+        kernel = _BODY_KERNELS[body] = _remembered(body_key(body, "c"), lambda: lower(body, exprs=CRenderer.EXPR))
     return kernel
+
+
+#: lowered kernels of earlier processes: lowering and verifying a step's kernels costs
+#: ~10 ms of its first call when its shared objects are already built
+_LOWERINGS = DiskMemo("lowered", ".kernel", functools.partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL),
+                      pickle.loads)
+
+
+def _remembered(key, lower_now):
+    """lower_now(), or what it returned before for the same key (None: no key), in this
+    process or an earlier one."""
+    if key is None:
+        return lower_now()
+    if key in _REMEMBERED:
+        return _REMEMBERED[key]
+    found, kernel = _LOWERINGS.get(key)
+    if not found:
+        kernel = lower_now()
+        _LOWERINGS.put(key, kernel)
+    if len(_REMEMBERED) >= _LOWERED_MAX:
+        _REMEMBERED.clear()
+    _REMEMBERED[key] = kernel
+    return kernel
+
+
+_REMEMBERED: dict = {}    # key -> kernel, for this process
 
 
 def _compile(body, backend):
@@ -234,15 +264,19 @@ _LOWERED_MAX = 4096
 def _lowered(node, rule):
     """rule(node), remembered by the node's signature (op, attributes, operand and
     result types): each schedule of a step (one thread, each thread's share, ...)
-    compiles the same ops, and lowering and verifying a glue kernel costs ms."""
-    if not all(_plain(v) for v in node.attrs.values()):   # an array, a graph: no faithful key
-        return rule(node)
-    key = (node.op, tuple(sorted(node.attrs.items())), tuple((i.shape, i.dtype.str) for i in node.inputs),
-           node.shape, node.dtype.str)
+    compiles the same ops, and lowering and verifying a glue kernel costs ms; on
+    disk (kernel_ir.keys) for the next process."""
+    if all(_plain(v) for v in node.attrs.values()):
+        key = (node.op, tuple(sorted(node.attrs.items())), tuple((i.shape, i.dtype.str) for i in node.inputs),
+               node.shape, node.dtype.str)
+    else:   # a graph (a fused update's body): its text is the key
+        key = node_key(node)
+        if key is None:     # an array: no faithful key
+            return rule(node)
     if key not in _LOWERED:
         if len(_LOWERED) >= _LOWERED_MAX:
             _LOWERED.clear()
-        _LOWERED[key] = rule(node)
+        _LOWERED[key] = _remembered(key if isinstance(key, str) else node_key(node), lambda: rule(node))
     return _LOWERED[key]
 
 

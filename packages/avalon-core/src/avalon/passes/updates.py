@@ -84,7 +84,9 @@ def _candidate(a, users, outputs):
     # an elementwise value: a fused group that does not end in a reduction, or one op
     computed = ((src.op == "fused" and not body_reduces(src.attrs["body"]))
                 or (prim is not None and prim.elementwise and prim.expr and not prim.effectful))
-    if (dest.op != "input" or not computed or users.get(src) != [a] or src in outputs
+    # a write whose result the function returns stays a node of its own: the merged
+    # node stands for no single write's result
+    if (dest.op != "input" or not computed or users.get(src) != [a] or src in outputs or a in outputs
             or tuple(src.shape) != tuple(dest.shape) or src.dtype != dest.dtype):
         return None
     return dest, src

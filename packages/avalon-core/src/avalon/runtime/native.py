@@ -486,9 +486,9 @@ def _cache_path() -> Path:
 
 
 def clear_cache() -> int:
-    """Remove the cached shared objects (and kept failing sources, the cached code objects
-    of generated Python, and temp files that dead processes left); return how many shared
-    objects were removed.
+    """Remove the cached shared objects (and kept failing sources, what runtime.disk_memo
+    keeps: code objects of generated Python, lowered kernels; and temp files that dead
+    processes left); return how many shared objects were removed.
 
     Libraries already loaded in this process stay loaded and usable."""
     directory = _cache_path()
@@ -500,10 +500,10 @@ def clear_cache() -> int:
             removed += _unlink(path)
         elif path.name.startswith(_TMP_PREFIX) and _is_orphan(path):
             _unlink(path)
-    for sub in ("failed", "python"):   # kept failing sources; generated Python's code objects (code_cache)
-        if (directory / sub).is_dir():
-            for path in (directory / sub).iterdir():
-                _unlink(path)
+    # kept failing sources; what runtime.disk_memo keeps (code objects, lowered kernels)
+    for sub in [p for p in directory.iterdir() if p.is_dir()]:
+        for path in sub.iterdir():
+            _unlink(path)
     return removed
 
 
