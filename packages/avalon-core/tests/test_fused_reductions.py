@@ -315,12 +315,30 @@ def test_a_lone_reduction_is_a_group_of_its_own_for_the_cpu():
         return avalon.sum(e, axis=0), avalon.max(x, axis=1), e
     g = passes.fuse_elementwise(avalon.trace(f, X))
     assert ops_of(g) == ["fused", "sum", "max"]
-    g = passes.fusion.fuse_lone_reductions(g)
+    g = passes.fusion.fuse_lone_ops(g)
     g.check()
     assert ops_of(g) == ["fused", "fused", "fused"]
     assert [ops_of(n.attrs["body"]) for n in g.nodes[-2:]] == [["sum"], ["max"]]
     cpu_passes = [name for name, _, _ in CPU.passes()]
-    assert "fuse_lone_reductions" in cpu_passes
+    assert "fuse_lone_ops" in cpu_passes
+
+
+def test_a_lone_elementwise_op_is_a_group_of_its_own_and_runs_in_the_segments():
+    """tanh(x) is returned and read by a later group: fusion leaves it alone, and as a
+    NumPy call it cut the step's segment (one C driver call) in two."""
+    def f(x, y):
+        t = avalon.tanh(x)
+        return t, avalon.exp(t * y) + 1.0
+    x, y = np.random.default_rng(12).standard_normal((2, 64, 128)).astype(np.float32)
+    g = passes.fuse_elementwise(avalon.trace(f, x, y))
+    assert ops_of(g) == ["tanh", "fused"]
+    assert ops_of(passes.fusion.fuse_lone_ops(g)) == ["fused", "fused"]
+    jf = avalon.jit(f, parallel=False)
+    t, e = jf(x, y)
+    np.testing.assert_allclose(t, np.tanh(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(e, np.exp(np.tanh(x) * y) + 1.0, rtol=1e-5)
+    compiled = jf._last().compiled
+    assert len(compiled.segments) == 1 and "tanh_" not in compiled.source
 
 
 def test_lone_reductions_run_as_c_kernels_in_a_jitted_function():

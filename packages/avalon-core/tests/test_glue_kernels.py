@@ -154,3 +154,54 @@ def test_kernel_ir_text_of_a_max_pooling_kernel():
     }
   }
 }"""
+
+
+# -- scatter_slices: the gradient of an array read through several basic slices ----------------------------------
+
+def _slice(a, b, c=1):
+    return ("slice", a, b, c)
+
+
+@pytest.mark.parametrize("shape, indices", [
+    ((64, 512), tuple((_slice(0, 64), _slice(128 * j, 128 * (j + 1))) for j in range(4))),   # an LSTM's gates
+    ((28, 6, 16), tuple((("int", t),) for t in range(28))),                                 # every step of a sequence
+    ((6, 8), ((_slice(0, 6, 2), _slice(1, 5)), (_slice(0, 3), _slice(2, 8)),                # overlaps, gaps,
+              (("int", 5), _slice(7, -1, -2)))),                                             # a reversed slice
+    ((3, 4), ((("new",), _slice(0, 3), ("int", 1)), (("int", 2),))),                          # a new axis
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_scatter_slices_as_a_c_kernel_equals_numpy(shape, indices, dtype):
+    from avalon.ops.indexing import _Aval, _getitem_rule
+    rng = np.random.default_rng(13)
+    values = [(rng.standard_normal(_getitem_rule(_Aval(shape, np.dtype(dtype)), index=ix)[0]) * 10).astype(dtype)
+              for ix in indices]
+    got, want = _both("scatter_slices", values, {"shape": shape, "indices": indices}, shape, dtype)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_scatter_slices_run_in_the_segments_of_an_rnn_gradient():
+    import avalon
+    x = np.random.default_rng(14).standard_normal((5, 3, 8)).astype(np.float32)
+    w = np.random.default_rng(15).standard_normal((8, 8)).astype(np.float32)
+
+    def loss(w, x):
+        h = avalon.zeros((3, 2), np.float32)
+        total = 0.0
+        for t in range(5):
+            g = x[t] @ w
+            h = avalon.tanh(g[:, :2] + h) * avalon.sigmoid(g[:, 2:4])
+            total = total + (h * g[:, 4:6]).sum()
+        return total
+    f = avalon.value_and_grad(loss, argnums=(0, 1), parallel=False)
+    (value, (gw, gx)) = f(w, x)
+    ops = [n.op for n in f.graph.nodes]
+    assert "scatter_slices" in ops
+    import re
+    calls = [line for line in f.source.splitlines() if re.match(r"\s*v\d+ = scatter_slices_\d+\(", line)]
+    assert calls and all(line.startswith(" " * 12) for line in calls)   # only on the driver's fallback path
+    eps, k = 1e-3, (2, 1)
+    wp, wm = w.copy(), w.copy()
+    wp[k] += eps
+    wm[k] -= eps
+    fd = (float(avalon.jit(loss)(wp, x)) - float(avalon.jit(loss)(wm, x))) / (2 * eps)
+    np.testing.assert_allclose(gw[k], fd, rtol=2e-2, atol=2e-3)

@@ -136,7 +136,7 @@ def test_cpu_only_passes_come_from_the_cpu_backend():
     cpu, gpu = _names(passes.default_pipeline(CpuBackend)), _names(passes.default_pipeline(_GpuLike))
     # fuse_views: C kernels read slices in place; shared transposes: OpenBLAS's slower transposed operands;
     # lone reductions: NumPy's sums are slower than C's
-    cpu_only = ("layout", "shared_transposed_operands", "fuse_lone_reductions", "fuse_views", "fuse_updates")
+    cpu_only = ("layout", "shared_transposed_operands", "fuse_lone_ops", "fuse_views", "fuse_updates")
     assert all(n in cpu and n not in gpu for n in cpu_only)
     assert [n for n in cpu if n not in cpu_only] == gpu == _names(passes.BUILTIN)
     assert _names(passes.forward_pipeline(CpuBackend)) == ["pool_first"]

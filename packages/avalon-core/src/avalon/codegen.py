@@ -85,7 +85,7 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
         kname = f"{_ident(n.op)}_{k}"
         env[kname] = _compile_fused(backend, n, k) if n.op == "fused" else backend.node_kernel(n)
         args = ", ".join(names[i] for i in n.inputs)
-        comment = f"  # {type_str(n.shape, n.dtype)}"
+        comment = f"  # {type_str(n.shape, n.dtype)}{_body_ops(n)}"
         if n.loc:
             comment += f" {short_loc(n.loc)}"
         step = Step(k, n, kname, var)
@@ -198,6 +198,15 @@ def _allocate_slots(graph, plan, backend):
                 f"values: {_largest(users)}. Make these values smaller (a smaller batch, fewer features) or "
                 f"run on a device with more memory.") from e
     return slots
+
+
+def _body_ops(node, most=6) -> str:
+    """What a fused group computes, for its line's comment: " = relu", " = mul, add, sum"."""
+    body = node.attrs.get("body") if node.op == "fused" else None
+    if body is None:
+        return ""
+    ops = [n.op for n in body.nodes if n.op not in ("input", "const")]
+    return " = " + ", ".join(ops[:most]) + (", ..." if len(ops) > most else "")
 
 
 def _op_name(node):

@@ -69,7 +69,7 @@ def plan_memory(graph, backend) -> MemoryPlan:
         dying_here = [r for r in dies_at.get(k, ()) if r in plan.slot_of]
         if plannable:
             donor = None
-            if prim.inplace:
+            if _writes_over(prim, n):
                 for i in n.inputs:
                     if i in dying_here and i.shape == n.shape and i.dtype == n.dtype:
                         donor = i
@@ -87,6 +87,11 @@ def plan_memory(graph, backend) -> MemoryPlan:
         if plannable and n not in last:
             free.append(plan.slot_of[n])
     return plan
+
+
+def _writes_over(prim, node) -> bool:
+    rule = prim.rule("writes_over", None)
+    return rule(node) if rule is not None else prim.inplace
 
 
 def _take_slot(plan, free, nbytes):

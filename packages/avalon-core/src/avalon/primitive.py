@@ -40,6 +40,8 @@ RULE_KINDS = {
                     "the input's C order, or None (avalon.passes.views: kernels read the view in place)",
     "reduction": "the op as a fold of its input's elements over `axes` into an accumulator, a "
                  "avalon.ops.reduce.Reduction (avalon.passes.fusion ends a fused group with it; kernel_ir lowers it)",
+    "writes_over": "whether a node's output may be written over an input of its shape that dies there, node -> "
+                   "bool (avalon.memory's in-place reuse; without the rule, the primitive's `inplace`)",
     "merge_sum": "a sum of several nodes of the op as fewer, cheaper nodes, nodes -> (new nodes, merged) or "
                  "None (avalon.passes.sums)",
 }

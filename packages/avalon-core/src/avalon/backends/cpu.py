@@ -49,12 +49,13 @@ class CpuBackend(Backend):
         # a transposed weight many products read (an RNN's), copied once: OpenBLAS's
         # products by a transposed right operand are 20-50% slower
         from ..passes.products import shared_transposed_operands
-        # a reduction alone as a C kernel: NumPy's pairwise sum is 2-2.5x slower
-        from ..passes.fusion import fuse_lone_reductions
+        # an op or a reduction alone as a C kernel: in the segments' driver calls (no
+        # Python dispatch between them), and NumPy's pairwise sum is 2-2.5x slower
+        from ..passes.fusion import fuse_lone_ops
         return [("layout", _cpu_layout, "after:dce_2"),
                 ("shared_transposed_operands", shared_transposed_operands, "after:dce_3"),
-                ("fuse_lone_reductions", fuse_lone_reductions, "after:fuse_elementwise"),
-                ("fuse_views", fuse_views, "after:fuse_lone_reductions"),
+                ("fuse_lone_ops", fuse_lone_ops, "after:fuse_elementwise"),
+                ("fuse_views", fuse_views, "after:fuse_lone_ops"),
                 ("fuse_updates", fuse_updates, "after:fuse_views")]
 
     @classmethod

@@ -30,6 +30,7 @@ Batching (avalon.vmap): the ops along an axis shift it past the batch axis
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import numpy as np
 
@@ -667,8 +668,49 @@ def _merge_slice_sum(nodes):
     return [merged], used
 
 
+def _scatter_slices_lower(node):
+    """The op as one loop-level kernel: zeros where the plan says so, then each value
+    written (or added, where it overlaps an earlier one) at its slice, a loop nest per
+    value whose innermost loop runs along the slice's last axis.  None for a dtype
+    kernels do not compute in."""
+    from ..kernel_ir.ir import Buffer, Const, Index, Kernel, Load, Loop, Store, Update, Var, verify
+    from ..kernel_ir.lower import Unfusable, kernel_dtype
+    shape, indices = tuple(node.attrs["shape"]), tuple(node.attrs["indices"])
+    try:
+        dtype = kernel_dtype(node.dtype)
+    except Unfusable:
+        return None
+    zero, adds = _scatter_plan(shape, indices)
+    size = int(np.prod(shape, dtype=np.int64))
+    out = Buffer("out", dtype, size, "out")
+    ins = [Buffer(f"in{k}", dtype, int(np.prod(v.shape, dtype=np.int64)), "in") for k, v in enumerate(node.inputs)]
+    strides = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
+    stmts = []
+    if zero:
+        z = Var("z")
+        stmts.append(Loop(z, size, (Store(out, Index(((z.name, 1),)), Const(0, dtype)),)))
+    for k, (index, add) in enumerate(zip(indices, adds)):
+        ranges = _axis_ranges(index, shape)
+        lens = [len(r) for r in ranges]
+        if 0 in lens:
+            continue
+        kept = [d for d, n in enumerate(lens) if n > 1]    # axes of length 1 need no loop
+        var = {d: Var(f"i{k}_{d}") for d in kept}
+        dst = Index(tuple((var[d].name, ranges[d].step * strides[d]) for d in kept),
+                    sum(r.start * st for r, st in zip(ranges, strides)))
+        src = Index(tuple((var[d].name, int(np.prod(lens[d + 1:], dtype=np.int64))) for d in kept), 0)
+        body = (Update(out, dst, "add", Load(ins[k], src)) if add else Store(out, dst, Load(ins[k], src)),)
+        for d in reversed(kept):
+            body = (Loop(var[d], lens[d], body),)
+        stmts += body
+    sig = repr((shape, indices, [tuple(i.shape) for i in node.inputs], dtype.str))
+    return verify(Kernel(f"avl_scatter_slices_{hashlib.sha1(sig.encode()).hexdigest()[:12]}", tuple(ins) + (out,),
+                         tuple(stmts)))
+
+
 scatter_slices_p = defprim("scatter_slices", shape=_scatter_slices_rule, impl=_scatter_slices_impl,
                            accepts_out=True, vjp=_scatter_slices_vjp, batching=_scatter_slices_batch,
+                           lower=_scatter_slices_lower,
                            merge_sum=_merge_slice_sum,
                            sharding=on_sharded(_scatter_slices_sharding, reads_partials=True),
                            shard_attrs=_scatter_slices_shard_attrs,

@@ -33,7 +33,17 @@ def _fused_sharding(node, states, ctx):
     return ctx.sub_graph(node, body, states)[body.outputs[0]]
 
 
+def _fused_writes_over(node):
+    """A group of one op (fuse_lone_ops) writes over a dying input where the op would:
+    each element read before it is written, at the same index (a body reading a view
+    of an input reads it elsewhere: never)."""
+    ops = [n for n in node.attrs["body"].nodes if n.op not in ("input", "const")]
+    return (len(ops) == 1 and PRIMITIVES[ops[0].op].inplace
+            and all(i.op in ("input", "const") for i in ops[0].inputs))
+
+
 fused_p = defprim("fused", shape=_fused_rule, impl=None, accepts_out=True, sharding=_fused_sharding,
+                  writes_over=_fused_writes_over,
                   doc="A group of elementwise ops compiled as one kernel (see passes.fusion).")
 
 MIN_GROUP = 2
@@ -217,15 +227,19 @@ def _make_fused(graph, root, members):
     return Node("fused", ext_inputs, {"body": body}, root.shape, root.dtype, root.loc)
 
 
-def fuse_lone_reductions(graph):
-    """A reduction that no elementwise group ends in (a BatchNorm's sum of a
-    convolution's output, a bias gradient) as a fused group of its own: one
-    loop nest of the backend's compiled kernels instead of the library's.  A
-    CPU pass: its C row reduction (per-lane accumulators) sums 2-2.5x faster
-    than NumPy's pairwise sum over a channel's values."""
+def fuse_lone_ops(graph):
+    """An elementwise op or a reduction that fusion left alone (a value several
+    groups read, an RNN cell's tanh(c); a BatchNorm's sum of a convolution's
+    output, a bias gradient) as a fused group of its own: a kernel of the
+    backend's, not the library's.  A CPU pass: the C kernels run inside the
+    segments' driver calls, where a NumPy call between them cut a step's
+    segment in two and cost a Python dispatch (an LSTM step: 55 of them), and
+    the C row reduction (per-lane accumulators) sums 2-2.5x faster than
+    NumPy's pairwise sum over a channel's values."""
     replaced = {}
     for n in graph.nodes:
-        if n.op != "fused" and reduction_of(n) is not None and n.inputs and _reads_an_array([n]):
+        if (n.op != "fused" and (_fusible(n) or reduction_of(n) is not None) and n.inputs
+                and _reads_an_array([n])):
             replaced[n] = _make_fused(graph, n, {n})
     if not replaced:
         return graph
