@@ -235,7 +235,11 @@ def fuse_lone_ops(graph):
     segments' driver calls, where a NumPy call between them cut a step's
     segment in two and cost a Python dispatch (an LSTM step: 55 of them), and
     the C row reduction (per-lane accumulators) sums 2-2.5x faster than
-    NumPy's pairwise sum over a channel's values."""
+    NumPy's pairwise sum over a channel's values.  Only in a graph that builds
+    fused kernels anyway: there a group more joins the same build, where alone
+    it would be a C build of its own (0.1-0.2 s) for one library call."""
+    if not any(n.op == "fused" for n in graph.nodes):
+        return graph
     replaced = {}
     for n in graph.nodes:
         if (n.op != "fused" and (_fusible(n) or reduction_of(n) is not None) and n.inputs
