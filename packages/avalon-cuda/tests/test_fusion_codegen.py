@@ -258,7 +258,7 @@ def _inputs(body, rng):
     out = []
     for n in body.inputs:
         if n.dtype.kind == "f":
-            a = rng.standard_normal(n.shape).astype(n.dtype) * 2
+            a = np.array(rng.standard_normal(n.shape) * 2, dtype=n.dtype)   # an array even of shape ()
             specials = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1.5, -1.5], dtype=n.dtype)
             mask = rng.random(n.shape) < 0.4     # each input its own positions: NaN meets numbers
             a[mask] = rng.choice(specials, int(mask.sum()))
