@@ -20,6 +20,7 @@ from avalon.backends.cpu_fused import compile_fused_numpy
 from avalon.primitive import PRIMITIVES
 from avalon.runtime import native
 from avalon.testing.bodies import body_of
+from avalon.testing.calls import record_calls
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
@@ -439,14 +440,7 @@ def test_grad_of_models_agrees_with_the_numpy_path(model, monkeypatch):
 # -- building: lazily, one shared object per batch ----------------------------------------------------------------
 
 def _count_builds(monkeypatch):
-    calls = []
-    real = native.build
-
-    def counting(source, **kw):
-        calls.append(source)
-        return real(source, **kw)
-    monkeypatch.setattr(native, "build", counting)
-    return calls
+    return record_calls(monkeypatch, native, "build")
 
 
 def test_groups_compiled_together_build_as_one_shared_object(monkeypatch):

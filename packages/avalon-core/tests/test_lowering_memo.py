@@ -9,10 +9,11 @@ import pytest
 
 import avalon
 from avalon.backends import cpu_native, get_backend
-from avalon.kernel_ir import glue, keys, lower
+from avalon.kernel_ir import glue, keys
 from avalon.primitive import PRIMITIVES
 from avalon.runtime import native
 from avalon.testing.bodies import body_of
+from avalon.testing.calls import record_calls
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 
@@ -71,14 +72,7 @@ def test_a_primitive_from_a_plugin_has_no_key(monkeypatch):
 
 
 def _counting_lower(monkeypatch):
-    calls = []
-    real = cpu_native.lower
-
-    def counting(body, **kwargs):
-        calls.append(body)
-        return real(body, **kwargs)
-    monkeypatch.setattr(cpu_native, "lower", counting)
-    return calls
+    return record_calls(monkeypatch, cpu_native, "lower")
 
 
 def test_a_body_lowered_in_an_earlier_process_is_read_back(fresh_process, monkeypatch):
@@ -119,13 +113,7 @@ def test_a_node_rule_declining_is_remembered_too(fresh_process):
 
 def test_a_fused_update_is_lowered_once_for_its_body(fresh_process, monkeypatch):
     calls = _counting_lower(monkeypatch)
-    calls_in_rule = []
-    real = lower
-
-    def counting(body, **kwargs):
-        calls_in_rule.append(body)
-        return real(body, **kwargs)
-    monkeypatch.setattr(importlib.import_module("avalon.kernel_ir.lower"), "lower", counting)
+    calls_in_rule = record_calls(monkeypatch, importlib.import_module("avalon.kernel_ir.lower"), "lower")
 
     def step(p, m, g):
         avalon.assign(m, m * 0.9 + g)
