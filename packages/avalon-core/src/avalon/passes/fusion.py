@@ -194,7 +194,13 @@ def fuse_elementwise(graph):
             new_nodes.append(n)
         elif n is owner:
             new_nodes.append(replaced[n])
-    graph.nodes = new_nodes
+    return _substitute(graph, new_nodes, replaced)
+
+
+def _substitute(graph, nodes, replaced):
+    """graph with `nodes` as its nodes, every use of a key of `replaced` (outputs,
+    inputs of nodes) made a use of its value."""
+    graph.nodes = nodes
     graph.outputs = [replaced.get(o, o) for o in graph.outputs]
     for n in graph.nodes:
         n.inputs = [replaced.get(i, i) for i in n.inputs]
@@ -247,8 +253,4 @@ def fuse_lone_ops(graph):
             replaced[n] = _make_fused(graph, n, {n})
     if not replaced:
         return graph
-    graph.nodes = [replaced.get(n, n) for n in graph.nodes]
-    graph.outputs = [replaced.get(o, o) for o in graph.outputs]
-    for n in graph.nodes:
-        n.inputs = [replaced.get(i, i) for i in n.inputs]
-    return graph
+    return _substitute(graph, [replaced.get(n, n) for n in graph.nodes], replaced)
