@@ -126,6 +126,33 @@ class _Entry:
         self.shared.primary = value
 
 
+class BoundCall:
+    """A compiled function bound to one signature (CompiledFunction.bind).
+
+    `leaves` are the flat arguments it was bound with (tree.flatten order); a
+    caller copies that list, puts new arrays at the positions that change from
+    call to call and runs `call(leaves)`, which returns the flat outputs.
+    `matches(leaves, positions)` says whether the arrays at those positions
+    still have the signature's type, shape and dtype; `current()` whether a call
+    of the function with such arguments would still run this compilation (no
+    pass registered and no anomaly mode turned on or off since)."""
+    __slots__ = ("function", "entry", "key", "leaves", "_keys")
+
+    def __init__(self, function, entry, key, leaves):
+        self.function, self.entry, self.key, self.leaves = function, entry, key, list(leaves)
+        self._keys = key[1]
+
+    def current(self) -> bool:
+        return self.key[2] == (pipeline_version(), anomaly.is_enabled())
+
+    def matches(self, leaves, positions) -> bool:
+        keys = self._keys
+        return all(_leaf_key(leaves[k]) == keys[k] for k in positions)
+
+    def call(self, leaves):
+        return self.function._run(self.entry, leaves)
+
+
 class _Inlined:
     """One signature's transformed graph kept for inlining into enclosing traces;
     `captures` are the enclosing traces' tracers its extra inputs stand for."""
@@ -191,7 +218,19 @@ class CompiledFunction:
                 return entry.shared.fn(*leaves)
         return entry.shared.fn(*leaves)
 
+    def bind(self, *args) -> "BoundCall":
+        """This function compiled for the signature of `args` (compiling it if
+        needed), as a BoundCall: a loop that calls it again and again with arrays
+        of that signature can skip the flattening of its arguments and the
+        signature lookup of every call."""
+        entry, leaves, key = self._find(args)
+        return BoundCall(self, entry, key, leaves)
+
     def _lookup(self, args):
+        entry, leaves, _ = self._find(args)
+        return entry, leaves
+
+    def _find(self, args):
         try:
             leaves, treedef = tree.flatten(args)
         except tree.ForeignArrayError:
@@ -203,7 +242,7 @@ class CompiledFunction:
             with self._compiling:  # two threads missing at once compile once
                 entry = self._cache.get(key) or self._compile(key, leaves, treedef)
         self._last_key = key
-        return entry, leaves
+        return entry, leaves, key
 
     def _compile(self, key, leaves, treedef):
         if self._cache:

@@ -166,6 +166,7 @@ class Optimizer:
         self._plans: dict = {}
         self._complete: set = set()  # (key, options) whose state has every array the options need
         self._flat = None       # the FlatGroup of the model being trained (see avalon_layers.flat)
+        self._repeat = None     # the last flat step, to repeat while nothing it depends on changed (_RepeatStep)
         self._given = params is not None
         self._index: dict = {}  # id(parameter) -> (position over all groups, group index)
         self._indexed: tuple = ()  # the ids of the parameters _index was built from, in order
@@ -280,7 +281,10 @@ class Optimizer:
             if entries:
                 self._apply_groups(entries)
             return
-        entries = self._collect(model, grads, frozenset(ignore))
+        ignore = frozenset(ignore)
+        if not self._given and self._repeat is not None and self._repeat.run(self, model, grads, ignore):
+            return
+        entries = self._collect(model, grads, ignore)
         if self._given:
             entries = self._own(entries, what=f"the model ({type(model).__name__})")
             if entries:
@@ -289,15 +293,19 @@ class Optimizer:
         if not entries:
             self._check_has_parameters(model)
             return
-        self._apply_functional(model, entries)
+        self._apply_functional(model, grads, ignore, entries)
 
     # -- applying the update -----------------------------------------------------------------
-    def _apply_functional(self, model, entries):
+    def _apply_functional(self, model, grads, ignore, entries):
+        self._repeat = None
         group = self.param_groups[0]
         hp = self._static(group)
         self._flat = flat_group_for(model, entries, self._flat)
-        if self._flat is not None and self._step_flat(self._flat, entries, hp, group):
-            return
+        if self._flat is not None:
+            call = self._step_flat(self._flat, entries, hp, group)
+            if call is not None:
+                self._repeat = _RepeatStep.after(self, model, grads, ignore, entries, hp, call)
+                return
         self._apply_group(entries, group, hp)
 
     def _apply_groups(self, entries):
@@ -321,28 +329,30 @@ class Optimizer:
         for st, step in steps:
             st["step"] = step
 
-    def _step_flat(self, flat, entries, hp, group) -> bool:
-        """One compiled update over the flat buffers; False (nothing done) when the
-        parameters are at different step counts (state loaded for some only)."""
+    def _step_flat(self, flat, entries, hp, group):
+        """One compiled update over the flat buffers: the arguments it was called
+        with, or None (nothing done) when the parameters are at different step
+        counts (state loaded for some only)."""
         per_path = [self._state_of(e, group, hp) for e in entries]
         step = per_path[0]["step"] + 1
         if any(st["step"] + 1 != step for st in per_path):
-            return False
+            return None
         states = flat.flat_states(per_path, self.state_names)
         if len(states) != sum(1 for k in self.state_names if k in per_path[0]):
-            return False
+            return None
         coefs = self._coefficient_arrays(step, flat.params, {}, group)
         if flat.size >= READ_GRADIENTS_IN_PLACE * len(entries):
             # one kernel per parameter over the views of the flat buffers, reading each
             # gradient where the gradient step wrote it (no copy into the flat gradient)
             views = [{name: flat.state_views[name][k] for name in states} for k in range(len(entries))]
-            self.update_fn(hp, flat.param_views, [e.grads[0] for e in entries], views, coefs)
+            args = (hp, flat.param_views, [e.grads[0] for e in entries], views, coefs)
         else:
             flat.gather_gradients(entries)
-            self.update_fn(hp, [flat.params], [(flat.grad,)], [states], [coefs])
+            args = (hp, [flat.params], [(flat.grad,)], [states], [coefs])
+        self.update_fn(*args)
         for st in per_path:
             st["step"] = step
-        return True
+        return args
 
     # -- finding each parameter's gradient ------------------------------------------------------
     def _entries_from_gradients(self, grads, ignore):
@@ -717,6 +727,91 @@ class Optimizer:
             if type(v) is not type(e.param) or v.dtype != e.param.dtype:
                 st[k] = backend_of(e.param).asarray(_host_copy(v).astype(e.param.dtype))
         return st
+
+
+class _RepeatStep:
+    """A flat update (Optimizer._step_flat) made ready to run again: its compiled
+    update bound to the step's signature (avalon.jit's bind), and where the
+    gradients and the per-step coefficients go among its flat arguments.
+
+    The next opt.step(model, grads) runs it without collecting the gradients
+    again, checking its state, or looking the update's signature up, as long as
+    nothing the full path would decide differently on has changed: the same
+    model, of the same structure, whose arrays are still the flat buffer's
+    views; a gradient of the same structure, each array of the signature's type,
+    shape and dtype; the same fixed hyperparameters; every parameter's state
+    the same dict, holding the flat buffers' views at the same step count; and
+    the same compilation (no pass registered, no anomaly mode changed).
+    Anything else takes the full path, which raises what it raises."""
+    __slots__ = ("model", "ignore", "td", "gtd", "params", "grad_leaves", "paths", "states", "views", "step",
+                 "hp", "bound", "grad_slots", "coef_slots", "gather", "flat")
+
+    @classmethod
+    def after(cls, opt, model, grads, ignore, entries, hp, args):
+        if any(e.param is not v for e, v in zip(entries, opt._flat.param_views)):
+            return None
+        self = cls()
+        self.model, self.ignore, self.hp, self.flat = model, ignore, dict(hp), opt._flat
+        leaves, self.td = tree.flatten(model)
+        gleaves, self.gtd = tree.flatten(grads)
+        where, gwhere = {id(x): i for i, x in enumerate(leaves)}, {id(g): j for j, g in enumerate(gleaves)}
+        grads_now = [e.grads[0] for e in entries]
+        if any(id(e.param) not in where for e in entries) or any(id(g) not in gwhere for g in grads_now):
+            return None
+        self.params = [(where[id(e.param)], e.param) for e in entries]
+        self.grad_leaves = [gwhere[id(g)] for g in grads_now]
+        self.paths = [e.path for e in entries]
+        self.states = [opt.state[e.path] for e in entries]
+        self.step = self.states[0]["step"]
+        names = [n for n in opt.state_names if n in opt._flat.state_views]
+        self.views = [[(n, opt._flat.state_views[n][k]) for n in names] for k in range(len(entries))]
+        self.bound = opt.update_fn.bind(*args)
+        slot = {id(x): k for k, x in enumerate(self.bound.leaves)}
+        coefs = args[4] if isinstance(args[4], dict) else args[4][0]
+        self.gather = args[1] is not opt._flat.param_views   # the gradients copied into the flat one
+        self.grad_slots = [] if self.gather else [slot[id(g)] for g in grads_now]
+        self.coef_slots = [(name, slot[id(a)]) for name, a in coefs.items()]
+        return self
+
+    def run(self, opt, model, grads, ignore) -> bool:
+        """Repeat the step with these gradients: True when done, False when the
+        full path must decide (nothing was changed)."""
+        if model is not self.model or ignore != self.ignore or not self.bound.current():
+            return False
+        leaves, td = tree.flatten(model)
+        gleaves, gtd = tree.flatten(grads)
+        group = opt.param_groups[0]
+        if td != self.td or gtd != self.gtd or opt._static(group) != self.hp or opt._flat is not self.flat:
+            return False
+        if any(leaves[i] is not p for i, p in self.params):
+            return False
+        state = opt.state
+        for path, st, views in zip(self.paths, self.states, self.views):
+            if state.get(path) is not st or st["step"] != self.step or any(st.get(n) is not v for n, v in views):
+                return False
+        grads_now = [gleaves[j] for j in self.grad_leaves]
+        call = list(self.bound.leaves)
+        if self.gather:
+            if any(type(g) is not type(p) or g.shape != p.shape or g.dtype != p.dtype
+                   for g, (_, p) in zip(grads_now, self.params)):
+                return False
+        else:
+            for k, g in zip(self.grad_slots, grads_now):
+                call[k] = g
+            if not self.bound.matches(call, self.grad_slots):
+                return False
+        step = self.step + 1
+        coefs = opt._coefficient_arrays(step, self.flat.params, {}, group)
+        for name, k in self.coef_slots:
+            call[k] = coefs[name]
+        if self.gather:
+            for view, g in zip(self.flat.grad_views, grads_now):
+                view[...] = g
+        self.bound.call(call)
+        for st in self.states:
+            st["step"] = step
+        self.step = step
+        return True
 
 
 def _plan(model, leaves, td, gtd, grads, ignore):
