@@ -128,3 +128,17 @@ def test_a_fused_update_is_lowered_once_for_its_body(fresh_process, monkeypatch)
     avalon.jit(step, parallel=False)(q, n, g)
     np.testing.assert_allclose(q, 0.8, rtol=1e-6)
     assert len(calls_in_rule) == lowered and len(calls) == bodies
+
+
+def test_a_kernel_read_back_brings_its_c_source(fresh_process, monkeypatch):
+    """The C text is rendered before a new kernel is kept, so a later process
+    neither lowers nor renders it again."""
+    from avalon.kernel_ir import CRenderer
+    first = cpu_native._c_text(cpu_native._lowered_body(_body()))
+    fresh_process()
+    rendered = record_calls(monkeypatch, CRenderer, "render_kernel")
+    again = cpu_native._lowered_body(_body())
+    assert cpu_native._c_text(again) == first and rendered == []
+    monkeypatch.setattr(cpu_native, "VECTOR_MATH", not cpu_native.VECTOR_MATH)   # another renderer setting
+    assert cpu_native._c_text(again) == CRenderer(vector_math=cpu_native._vector_math(
+        cpu_native.VECTOR_MATH)).render_kernel(again) and len(rendered) == 2

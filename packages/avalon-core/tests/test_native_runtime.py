@@ -139,6 +139,39 @@ def test_the_cache_key_covers_source_compiler_flags_format_and_native_cpu(monkey
     assert native._cache_key("int a;", gcc12, FLAGS) != base
 
 
+def _version_runs(log):
+    return sum(line.strip() == "--version" for line in log.read_text().splitlines()) if log.exists() else 0
+
+
+@needs_cc
+def test_a_compilers_version_is_asked_once_per_program_then_read_from_the_cache(tmp_path, monkeypatch, cache):
+    log = tmp_path / "cc.log"
+    body = f'echo "$@" >> "{log}"\nexec "{REAL_CC}" "$@"\n'
+    wrapper = write_script(tmp_path / "versioned-cc", body)
+    monkeypatch.setenv("CC", str(wrapper))
+    native._reset_for_tests()
+    first = native.compiler()
+    assert _version_runs(log) == 1 and first.version
+    native._reset_for_tests()                        # as a new process would
+    assert native.compiler() == first and _version_runs(log) == 1
+    write_script(wrapper, body + "# another build of the program\n")   # its size changes
+    native._reset_for_tests()
+    assert native.compiler() == first and _version_runs(log) == 2
+
+
+@needs_cc
+def test_is_built_says_whether_a_build_would_only_load(cache):
+    assert not native.is_built(ADD_ONE)
+    lib = native.build(ADD_ONE)
+    assert native.is_built(ADD_ONE) and not native.is_built(ADD_ONE, flags=("-O1", "-fPIC", "-shared"))
+    native._reset_for_tests()                        # as a new process would: from the disk
+    assert native.is_built(ADD_ONE)
+    for entry in entries(cache):
+        entry.unlink()
+    native._reset_for_tests()
+    assert not native.is_built(ADD_ONE) and lib is not None
+
+
 # -- processes ---------------------------------------------------------------------------------
 
 CHILD = r"""

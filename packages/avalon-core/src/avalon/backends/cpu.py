@@ -10,6 +10,7 @@ import numpy as np
 from ..plugins import hookimpl
 from .base import Backend
 from ..kernels import conv_csn
+from ..runtime.blas import loaded_blas
 from .cpu_fused import compile_fused_numpy
 
 
@@ -187,9 +188,8 @@ def _own_blas_threads():
     every other thread of the process, which made a CNN training step several
     times slower than with one BLAS thread; Avalon schedules its own threads
     instead.  threadpoolctl is the maintained way to set this at run time."""
-    from threadpoolctl import ThreadpoolController
     if not _blas_libs:
-        _blas_libs.extend(ThreadpoolController().select(user_api="blas").lib_controllers)
+        _blas_libs.extend(loaded_blas())
     for lib in _blas_libs:
         lib.set_num_threads(int(os.environ.get("AVALON_BLAS_THREADS", "1")))
 

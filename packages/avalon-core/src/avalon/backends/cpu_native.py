@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from concurrent.futures import ThreadPoolExecutor
 import os
 import pickle
 import threading
@@ -111,6 +110,23 @@ def _renderer():
     return CRenderer(vector_math=_vector_math(VECTOR_MATH))
 
 
+def _c_text(kernel) -> str:
+    """The kernel's C source, rendered once per kernel and renderer setting and
+    kept on the kernel: a kernel lowered now is rendered before it is stored
+    (`_with_text`), so one read of the disk memo of lowerings gives both."""
+    texts = kernel.__dict__.setdefault("_c_texts", {})
+    text = texts.get(VECTOR_MATH)
+    if text is None:
+        text = texts[VECTOR_MATH] = _renderer().render_kernel(kernel)
+    return text
+
+
+def _with_text(kernel):
+    if kernel is not None:
+        _c_text(kernel)
+    return kernel
+
+
 def compile_fused_c(body, backend):
     """The fused group as one C kernel, built lazily: the kernel joins the
     pending batch, and the first call of any pending group builds the whole
@@ -144,7 +160,8 @@ def _lowered_body(body):
     and from the disk for a body lowered in an earlier process."""
     kernel = _BODY_KERNELS.get(body)
     if kernel is None:
-        kernel = _BODY_KERNELS[body] = _remembered(body_key(body, "c"), lambda: lower(body, exprs=CRenderer.EXPR))
+        kernel = _BODY_KERNELS[body] = _remembered(body_key(body, "c"),
+                                                   lambda: _with_text(lower(body, exprs=CRenderer.EXPR)))
     return kernel
 
 
@@ -186,7 +203,7 @@ def _compile(body, backend):
             if entry is None:
                 # a reduction's kernel reads inputs after it wrote its output (a column's
                 # accumulators): an output that IS an input takes the slow path
-                entry = _pending[key] = _Pending(kernel, _renderer().render_kernel(kernel), OBJECT_CALLS,
+                entry = _pending[key] = _Pending(kernel, _c_text(kernel), OBJECT_CALLS,
                                                  in_place=not body_reduces(body))
             source = entry.source
         else:
@@ -225,7 +242,7 @@ def compile_node_c(node, fallback):
         if built is None:
             entry = _pending.get(key)
             if entry is None:
-                entry = _pending[key] = _Pending(kernel, _renderer().render_kernel(kernel), True, in_place=in_place)
+                entry = _pending[key] = _Pending(kernel, _c_text(kernel), True, in_place=in_place)
             source = entry.source
         else:
             source = built.source
@@ -276,7 +293,7 @@ def _lowered(node, rule):
     if key not in _LOWERED:
         if len(_LOWERED) >= _LOWERED_MAX:
             _LOWERED.clear()
-        _LOWERED[key] = _remembered(key if isinstance(key, str) else node_key(node), lambda: rule(node))
+        _LOWERED[key] = _remembered(key if isinstance(key, str) else node_key(node), lambda: _with_text(rule(node)))
     return _LOWERED[key]
 
 
@@ -376,18 +393,32 @@ def _build(entries):
     k = parts - len(chunks)
     chunks += [others[j::k] for j in range(k)]
     chunks = [c for c in chunks if c]
-    with ThreadPoolExecutor(len(chunks)) as pool:   # each thread waits on its compiler process
-        built = list(pool.map(_build_one, chunks))
+    sources = [_object_source(c) for c in chunks]
+    if all(native.is_built(source, flags=flags()) for source in sources):
+        # nothing to compile, only to load: threads would only take turns at the GIL
+        built = [_build_one(c, source) for c, source in zip(chunks, sources)]
+    else:
+        # imported here: a process whose kernels are all built never needs it (~2 ms to import)
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(len(chunks)) as pool:   # each thread waits on its compiler process
+            built = list(pool.map(_build_one, chunks, sources))
     where = {id(e): r for chunk, rs in zip(chunks, built) for e, r in zip(chunk, rs)}
     return [where[id(e)] for e in entries]
 
 
-def _build_one(entries):
-    renderer = _renderer()
-    source = renderer.assemble([e.source for e in entries])
+def _object_source(entries) -> str:
+    """The C source of one shared object holding the entries' kernels."""
+    source = _renderer().assemble([e.source for e in entries])
     objects = [e for e in entries if e.object_calls]
     if objects:
         source += _ENTRY_PRELUDE + "".join(_entry_source(e.kernel, e.in_place) for e in objects)
+    return source
+
+
+def _build_one(entries, source=None):
+    if source is None:
+        source = _object_source(entries)
+    objects = [e for e in entries if e.object_calls]
     name = entries[0].kernel.name if len(entries) == 1 else f"fused{len(entries)}"
     lib = native.build(source, flags=flags(), name=name)
     if objects:

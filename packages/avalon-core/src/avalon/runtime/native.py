@@ -87,7 +87,7 @@ from typing import NamedTuple
 from ..errors import AvalonError, warn_at_user
 
 __all__ = ["NativeUnavailable", "NativeBuildError", "CompilerInfo", "compiler", "available",
-           "default_flags", "build", "bind", "cache_dir", "clear_cache", "warn_fallback_once",
+           "default_flags", "build", "is_built", "bind", "cache_dir", "clear_cache", "warn_fallback_once",
            "simd_math_declarations", "FORMAT_VERSION"]
 
 #: part of every cache key: bump when the entry format or the build protocol changes
@@ -183,7 +183,48 @@ def _find_compiler() -> tuple[CompilerInfo | None, str]:
 
 
 def _identify(path: str, extra: list[str]) -> tuple[CompilerInfo | None, str]:
+    """The compiler at `path`: the first line of its --version, run once per compiler
+    program (kept on disk by the program's real path, size and modification time;
+    running it cost ~3 ms of every process's first compilation)."""
     argv = (path, *extra)
+    memo, key = _versions(), _program_key(argv)
+    if key is not None:
+        found, version = memo.get(key)
+        if found:
+            return CompilerInfo(path=path, version=version, argv=argv), ""
+    info, reason = _run_version(argv)
+    if info is not None and key is not None:
+        memo.put(key, info.version)
+    return info, reason
+
+
+def _versions():
+    """The disk memo of compilers' versions (a DiskMemo: without a usable cache
+    directory it finds and keeps nothing)."""
+    from .disk_memo import DiskMemo    # disk_memo reads cache_dir from this module
+    global _version_memo
+    if _version_memo is None:
+        _version_memo = DiskMemo("compilers", ".version", str.encode, bytes.decode)
+    return _version_memo
+
+
+_version_memo = None
+
+
+def _program_key(argv) -> str | None:
+    """What identifies a compiler program's --version: its command and the real path,
+    size, modification time and inode of the program it runs; None when it cannot be read."""
+    try:
+        real = os.path.realpath(argv[0])
+        st = os.stat(real)
+    except OSError:
+        return None
+    text = f"{FORMAT_VERSION}\0{argv!r}\0{real}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _run_version(argv) -> tuple[CompilerInfo | None, str]:
+    path = argv[0]
     try:
         result = subprocess.run([*argv, "--version"], capture_output=True, text=True,
                                 errors="replace", timeout=60)
@@ -286,6 +327,22 @@ def build(source: str, *, flags: tuple[str, ...] | None = None, name: str = "ker
             with _memory_lock:
                 _loaded[memo] = lib
     return lib
+
+
+def is_built(source: str, *, flags: tuple[str, ...] | None = None) -> bool:
+    """Whether `build(source, flags=flags)` would find its shared object without compiling:
+    loaded in this process already, or in the disk cache (checked when it loads)."""
+    info, _ = _detect()
+    if info is None:
+        return False
+    flags = default_flags() if flags is None else tuple(flags)
+    with _memory_lock:
+        if (info, flags, source) in _loaded:
+            return True
+    try:
+        return (cache_dir() / f"{_cache_key(source, info, flags)}.so").is_file()
+    except NativeBuildError:
+        return False
 
 
 def _key_lock(key: str) -> threading.Lock:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..primitive import PRIMITIVES
+from .blas import loaded_blas
 
 __all__ = ["enabled", "blas_gemm", "blas_gemv", "driver", "Layout", "SegmentBuilder", "MAX_DYN", "MAX_ARGS"]
 
@@ -215,8 +216,7 @@ def _numpy_cblas() -> dict:
     """{(routine, dtype): address} of the 64-bit-integer cblas ?gemm and ?gemv of
     the OpenBLAS NumPy uses (found through threadpoolctl), or {} when there is none."""
     try:
-        from threadpoolctl import ThreadpoolController
-        libs = ThreadpoolController().select(internal_api="openblas").lib_controllers
+        libs = [c for c in loaded_blas() if c.internal_api == "openblas"]
     except Exception:  # noqa: BLE001 - no BLAS found: no products in segments
         return {}
     # NumPy's own copy (numpy.libs); another OpenBLAS (torch's, the system's) only
