@@ -49,12 +49,14 @@ class CpuBackend(Backend):
         # in-place updates (an optimizer's) as one multi-output C kernel: one pass over memory
         # a transposed weight many products read (an RNN's), copied once: OpenBLAS's
         # products by a transposed right operand are 20-50% slower
-        from ..passes.products import shared_transposed_operands
+        from ..passes.products import shared_transposed_operands, wide_products
         # an op or a reduction alone as a C kernel: in the segments' driver calls (no
         # Python dispatch between them), and NumPy's pairwise sum is 2-2.5x slower
         from ..passes.fusion import fuse_lone_ops
         return [("layout", _cpu_layout, "after:dce_2"),
                 ("shared_transposed_operands", shared_transposed_operands, "after:dce_3"),
+                # products with fewer rows than columns computed transposed: OpenBLAS runs them faster
+                ("wide_products", wide_products, "after:shared_transposed_operands"),
                 ("fuse_lone_ops", fuse_lone_ops, "after:fuse_elementwise"),
                 ("fuse_views", fuse_views, "after:fuse_lone_ops"),
                 ("fuse_updates", fuse_updates, "after:fuse_views")]
