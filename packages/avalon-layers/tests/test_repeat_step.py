@@ -152,3 +152,17 @@ def test_anomaly_mode_turned_on_between_steps_takes_the_full_path(monkeypatch):
     with avalon.detect_anomaly():
         opt.step(model, _grads(model, rng))
     assert looked_up, "the bound update ran"
+
+
+def test_the_repeated_step_does_not_keep_a_dropped_model_alive():
+    import gc
+    import weakref
+    model, opt = Net(), optim.Adam(lr=1e-2)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        opt.step(model, _grads(model, rng))
+    assert opt._repeat is not None
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

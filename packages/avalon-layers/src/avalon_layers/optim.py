@@ -64,6 +64,7 @@ import functools
 import inspect
 import math
 import numbers
+import weakref
 from collections.abc import Iterable
 
 import numpy as np
@@ -751,7 +752,11 @@ class _RepeatStep:
         if any(e.param is not v for e, v in zip(entries, opt._flat.param_views)):
             return None
         self = cls()
-        self.model, self.ignore, self.hp, self.flat = model, ignore, dict(hp), opt._flat
+        try:
+            self.model = weakref.ref(model)   # the optimizer does not keep a dropped model alive
+        except TypeError:
+            return None
+        self.ignore, self.hp, self.flat = ignore, dict(hp), opt._flat
         leaves, self.td = tree.flatten(model)
         gleaves, self.gtd = tree.flatten(grads)
         where, gwhere = {id(x): i for i, x in enumerate(leaves)}, {id(g): j for j, g in enumerate(gleaves)}
@@ -771,12 +776,14 @@ class _RepeatStep:
         self.gather = args[1] is not opt._flat.param_views   # the gradients copied into the flat one
         self.grad_slots = [] if self.gather else [slot[id(g)] for g in grads_now]
         self.coef_slots = [(name, slot[id(a)]) for name, a in coefs.items()]
+        for k in self.grad_slots + [k for _, k in self.coef_slots]:
+            self.bound.leaves[k] = None       # filled at each step: this step's arrays are not kept
         return self
 
     def run(self, opt, model, grads, ignore) -> bool:
         """Repeat the step with these gradients: True when done, False when the
         full path must decide (nothing was changed)."""
-        if model is not self.model or ignore != self.ignore or not self.bound.current():
+        if model is not self.model() or ignore != self.ignore or not self.bound.current():
             return False
         leaves, td = tree.flatten(model)
         gleaves, gtd = tree.flatten(grads)
