@@ -49,10 +49,16 @@ def transposed_products(graph):
     """Rewrite each transpose of a 2-D matrix product used only there into the
     product of the transposed operands (see the module's docstring)."""
     uses = _uses(graph)
+    return _rewrite_nodes(graph, lambda n: _transposed_product(n, uses))
+
+
+def _rewrite_nodes(graph, rewrite):
+    """Replace each node n for which rewrite(n) gives new nodes by them (the last
+    one takes n's place in its users and the outputs)."""
     rename, out = {}, []
     for n in graph.nodes:
         n.inputs = [rename.get(i, i) for i in n.inputs]
-        new = _transposed_product(n, uses)
+        new = rewrite(n)
         if new is None:
             out.append(n)
             continue
@@ -116,18 +122,12 @@ def wide_products(graph):
     for n in graph.nodes:
         for i in n.inputs:
             users.setdefault(i, []).append(n)
-    rename, out = {}, []
-    for n in graph.nodes:
-        n.inputs = [rename.get(i, i) for i in n.inputs]
-        reads_in_place = n not in outputs and all(_reads_transposed_in_place(u) for u in users.get(n, ()))
-        new = _wide_product(n) if reads_in_place else None
-        if new is None:
-            out.append(n)
-            continue
-        out.extend(new)
-        rename[n] = new[-1]
-    graph.nodes = out
-    return graph
+
+    def rewrite(n):
+        if n in outputs or not all(_reads_transposed_in_place(u) for u in users.get(n, ())):
+            return None
+        return _wide_product(n)
+    return _rewrite_nodes(graph, rewrite)
 
 
 def _reads_transposed_in_place(user) -> bool:
