@@ -51,7 +51,10 @@ step (the learning rate, bias corrections) are passed as 0-d arrays, so they
 never retrace; fixed hyperparameters (betas, momentum, ...) are static
 arguments, so changing one retraces once.  Without parameters at construction
 an nn.Module's parameters are moved into flat buffers (avalon_layers.flat) and
-updated in one pass.
+updated in one pass; from the second step on, while nothing it depends on has
+changed, that update is called again through its bound compilation
+(`avalon.jit(...).bind`), without collecting the gradients or looking the
+update's signature up again (_RepeatStep).
 
 Hyperparameters are checked where they are set (the constructor,
 add_param_group, load_state_dict) with PyTorch's rules and wording ("Invalid
