@@ -198,6 +198,9 @@ def _identify(path: str, extra: list[str]) -> tuple[CompilerInfo | None, str]:
     return info, reason
 
 
+_version_memo = None
+
+
 def _versions():
     """The disk memo of compilers' versions (a DiskMemo: without a usable cache
     directory it finds and keeps nothing)."""
@@ -206,9 +209,6 @@ def _versions():
     if _version_memo is None:
         _version_memo = DiskMemo("compilers", ".version", str.encode, bytes.decode)
     return _version_memo
-
-
-_version_memo = None
 
 
 def _program_key(argv) -> str | None:
