@@ -72,6 +72,13 @@ def test_step_rows_compare_models_the_benchmarks_never_saw(run, name):
                                       "independent parts across threads", "one thread (the only schedule compiled)",
                                       "(still timing)")
     assert f"| {row['avalon_schedule']} |" in table
+    # and what the autotuner timed each schedule at, once it chose
+    timings = row["avalon_schedule_timings"]
+    assert all(seconds > 0 for seconds in timings.values())
+    if timings:
+        from avalon_bench.report import schedule_timings_text
+        assert row["avalon_schedule"] in timings
+        assert f"- {row['workload']['name']}: {schedule_timings_text(timings)}" in table
 
 
 @pytest.mark.parametrize("name", ["cnn", "vae"])
@@ -102,6 +109,7 @@ def test_every_figure_and_ratio_is_there(run, name):
         schedule = result["step_breakdown"]["schedule"]
         assert schedule.startswith(("batch split", "one thread", "BLAS on", "independent parts")), schedule
         assert f'run as "{schedule}"' in (out / "results.md").read_text(encoding="utf-8")
+        assert isinstance(result["step_breakdown"]["timings"], dict)
     if any(m.startswith("prediction") for m in missed):
         assert "profile of" in result["profile_predict"]
 

@@ -140,3 +140,18 @@ def test_step_rows_take_turns_in_blocks(monkeypatch):
                                           + [("a", i) for i in range(block, 2 * block)])
     assert order[4 * block:] == [("a", 2 * block), ("a", 2 * block + 1), ("b", 2 * block), ("b", 2 * block + 1)]
     assert figures["a"]["steps_timed"] == figures["b"]["steps_timed"] == 2 * block
+
+
+def test_the_steps_table_states_what_each_schedule_was_timed_at():
+    from avalon_bench.steps import markdown
+
+    def row(name, schedule, timings):
+        step = {"step_s": 0.008, "first_step_s": 0.5}
+        return {"workload": {"name": name, "title": f"{name} model"}, "warmup_steps": 20, "ratio": 1.3, "goal": 1.0,
+                "met": False, "max_relative_loss_difference": 1e-5, "avalon_schedule": schedule,
+                "avalon_schedule_timings": timings, "frameworks": {"avalon": step, "torch_eager": step}}
+    table = markdown({"lstm": row("lstm", "batch split across threads",
+                                  {"one thread": 0.011, "batch split across threads": 0.0084}),
+                      "resnet": row("resnet", "(still timing)", {})})
+    assert "- lstm: batch split across threads 8.40 ms, one thread 11.00 ms" in table
+    assert "- resnet:" not in table

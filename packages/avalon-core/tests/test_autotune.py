@@ -141,3 +141,13 @@ def test_a_caller_that_always_idles_still_gets_a_choice(monkeypatch):
     tuned = Autotuned([("a", _Schedule(0.001, 0.0, log)), ("b", _Schedule(0.003, 0.0, log))])
     _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS + 2) + 1, update_s=0.04)
     assert tuned.label == "a"
+
+
+def test_the_timings_the_choice_was_made_on_are_readable():
+    log = {}
+    tuned = Autotuned([("slow", _Schedule(0.008, 0.0, log)), ("fast", _Schedule(0.002, 0.0, log))])
+    assert tuned.timings == {}
+    _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1)
+    timings = tuned.timings
+    assert set(timings) == {"slow", "fast"} and timings["fast"] < timings["slow"]
+    assert timings["slow"] >= 0.008 + 0.002 and min(timings, key=timings.get) == tuned.label

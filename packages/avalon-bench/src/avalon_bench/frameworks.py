@@ -97,7 +97,7 @@ class AvalonTrainer:
             t2 = time.perf_counter()
             grad_s.append(t1 - t0)
             update_s.append(t2 - t1)
-        return {"schedule": self.step_schedule(),
+        return {"schedule": self.step_schedule(), "timings": self.step_timings(),
                 "gradient_s": statistics.median(grad_s), "optimizer_s": statistics.median(update_s),
                 "calls": repeats}
 
@@ -105,6 +105,12 @@ class AvalonTrainer:
         """The schedule the compiled gradient step runs (what its calls timed fastest)."""
         compiled = self.avalon.value_and_grad(self.loss_fn, argnums=0)._last().compiled
         return getattr(compiled, "label", "one thread (the only schedule compiled)")
+
+    def step_timings(self) -> dict:
+        """{schedule: median seconds of an iteration} the gradient step's first calls
+        timed its schedules at ({} with a single schedule)."""
+        compiled = self.avalon.value_and_grad(self.loss_fn, argnums=0)._last().compiled
+        return dict(getattr(compiled, "timings", {}))
 
     def forward_schedule(self) -> str:
         """The schedule the last prediction's compiled forward runs (what its first calls timed fastest)."""

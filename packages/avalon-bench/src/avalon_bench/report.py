@@ -18,6 +18,12 @@ LOSS_TOLERANCE = 0.05          # "within noise": relative difference of mean los
 CURVE_WINDOW = 50              # steps per window when comparing the first-epoch curves
 
 
+def schedule_timings_text(timings: dict) -> str:
+    """'batch split across threads 8.41 ms, one thread 11.02 ms, ...', fastest first."""
+    return ", ".join(f"{label} {seconds * 1e3:.2f} ms" for label, seconds in sorted(timings.items(),
+                                                                                   key=lambda kv: kv[1]))
+
+
 def fmt_seconds(s) -> str:
     if s is None or (isinstance(s, float) and math.isnan(s)):
         return "—"
@@ -180,7 +186,8 @@ def workload_markdown(result: dict, device: str) -> str:
         b = result.get("step_breakdown")
         if b:
             # the schedule the first calls chose: the batch split, one thread, or BLAS's own threads
-            split = (f"run as \"{b['schedule']}\" (the schedule its first calls timed fastest)"
+            timed = f": {schedule_timings_text(b['timings'])}" if b.get("timings") else ""
+            split = (f"run as \"{b['schedule']}\" (the schedule its first calls timed fastest{timed})"
                      + ("; the kernels below are one thread's share" if "shards" in b["profiled"] else ""))
             lines += [f"- One step = the compiled gradient call, {fmt_seconds(b['gradient_s'])}, + the optimizer "
                       f"update, {fmt_seconds(b['optimizer_s'])} (medians of {b['calls']} calls after training).",

@@ -22,6 +22,7 @@ from avalon_zoo.datasets import Batches
 from .data import BenchData
 from .measure import settle
 from .progressbar import epoch_bar
+from .report import schedule_timings_text
 from .workloads import BATCH_SEED, WEIGHT_SEED
 
 
@@ -156,6 +157,7 @@ def run_step_workload(wl: StepWorkload, data: BenchData, steps: int, warmup: int
             break
     figures = measure_steps(trainers, batches, warmup, desc=f"{wl.name} steps (both frameworks)")
     schedule = trainers["avalon"].step_schedule()
+    timings = trainers["avalon"].step_timings()
     a, t = figures["avalon"], figures["torch_eager"]
     ratio = a["step_s"] / t["step_s"]
     drift = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a["losses"], t["losses"]))
@@ -165,7 +167,8 @@ def run_step_workload(wl: StepWorkload, data: BenchData, steps: int, warmup: int
                          "optimizer": wl.optimizer, "lr": wl.lr},
             "warmup_steps": warmup, "frameworks": figures, "ratio": ratio, "goal": wl.step_goal,
             "met": bool(ratio <= wl.step_goal), "max_relative_loss_difference": drift,
-            "losses_agree": bool(drift < 1e-2), "avalon_schedule": schedule}
+            "losses_agree": bool(drift < 1e-2), "avalon_schedule": schedule,
+            "avalon_schedule_timings": timings}
 
 
 def markdown(results: dict) -> str:
@@ -184,4 +187,9 @@ def markdown(results: dict) -> str:
                      f"{r['ratio']:.2f}x | <= {r['goal']:.2f}x | {'yes' if r['met'] else 'no'} | "
                      f"{a['first_step_s']:.2f} s | {r['max_relative_loss_difference']:.1e} | "
                      f"{r.get('avalon_schedule', '—')} |")
+    timed = [(r["workload"]["name"], r.get("avalon_schedule_timings")) for r in results.values()]
+    if any(t for _, t in timed):
+        lines += ["", "What Avalon's first calls timed each schedule at (median iteration, the choice made on it):", ""]
+        lines += [f"- {name}: {schedule_timings_text(t)}" for name, t in timed if t]
     return "\n".join(lines) + "\n"
+

@@ -346,6 +346,7 @@ class Autotuned:
         self._open = None                     # (candidate, call start, call end) of the iteration being timed
         self._since, self._next_check = 0, self.RECHECK   # calls since the choice; when to check it
         self._best = None                     # the winning median of the last round
+        self._timings: dict = {}              # label -> median seconds per iteration, last round
         self.fn = self.__call__
 
     @property
@@ -366,6 +367,13 @@ class Autotuned:
     graph = property(lambda self: self.current().graph)
     plan = property(lambda self: self.current().plan)
     source = property(lambda self: self.current().source)
+
+    @property
+    def timings(self) -> dict:
+        """{label: median seconds of an iteration} of the schedules the last completed
+        round timed (a schedule given up: its first iteration), what the choice was
+        made on; {} before the first choice."""
+        return dict(self._timings)
 
     @property
     def label(self):
@@ -404,6 +412,7 @@ class Autotuned:
         full = {i: t for i, t in enumerate(self.times) if len(t) >= self.TRIALS}
         timed = full or {i: t for i, t in enumerate(self.times) if t}   # all given up: their first times
         medians = {i: sorted(t)[len(t) // 2] for i, t in timed.items()}
+        self._timings = {self._candidates[i][0]: medians[i] for i in sorted(medians)}
         best = min(medians, key=medians.get)
         kept = self._chosen
         if kept is not None and kept in medians and medians[best] > self.SWITCH_GAIN * medians[kept]:
