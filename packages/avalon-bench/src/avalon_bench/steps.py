@@ -192,4 +192,3 @@ def markdown(results: dict) -> str:
         lines += ["", "What Avalon's first calls timed each schedule at (median iteration, the choice made on it):", ""]
         lines += [f"- {name}: {schedule_timings_text(t)}" for name, t in timed if t]
     return "\n".join(lines) + "\n"
-
