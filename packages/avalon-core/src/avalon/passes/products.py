@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import Counter
 
 from ..graph import Node
-from ..primitive import PRIMITIVES
 from .fusion import reads_written, write_epochs, written_arrays
+from .views import elementwise_kernel_op
 
 __all__ = ["transposed_products", "shared_transposed_operands", "wide_products", "SHARED_TRANSPOSE_MIN_ROWS"]
 
@@ -136,8 +136,7 @@ def _reads_transposed_in_place(user) -> bool:
     product (BLAS's transpose flag)."""
     if user.op == "matmul":
         return not user.attrs and all(x.ndim == 2 for x in user.inputs)
-    prim = PRIMITIVES.get(user.op)
-    return prim is not None and prim.elementwise and not prim.effectful and prim.expr is not None
+    return elementwise_kernel_op(user)
 
 
 def _wide_product(m):

@@ -55,7 +55,8 @@ def _kernel_view(n) -> bool:
     return _contiguous(n.inputs[0])
 
 
-def _lone_elementwise(n) -> bool:
+def elementwise_kernel_op(n) -> bool:
+    """n is an elementwise op a C kernel computes: this pass moves a view it reads into it."""
     prim = PRIMITIVES.get(n.op)
     return prim is not None and prim.elementwise and not prim.effectful and prim.expr is not None
 
@@ -65,7 +66,7 @@ def fuse_views(graph):
     nodes = []
     for n in graph.nodes:
         n.inputs = [replaced.get(i, i) for i in n.inputs]
-        if (n.op == "fused" or _lone_elementwise(n)) and any(_kernel_view(i) for i in n.inputs):
+        if (n.op == "fused" or elementwise_kernel_op(n)) and any(_kernel_view(i) for i in n.inputs):
             new = _absorb_views(n)
             replaced[n] = new
             nodes.append(new)
