@@ -55,6 +55,9 @@ BASE_REQUIREMENTS = [
     "torch==2.13.0",
     "tqdm",
     "threadpoolctl",
+    # avalon-core's `mkl` extra: the BLAS its compiled CPU code calls when installed
+    # (avalon.runtime.blas), so the tests and the benchmarks run what users get
+    "mkl>=2024; platform_machine == 'x86_64' and sys_platform == 'linux'",
 ]
 
 

@@ -2,7 +2,11 @@
 2-D products and static views called as ONE C driver call.  A step compiled
 with segments gives the same bits as the node-by-node code, in one thread and
 split across the engine's threads; arrays the driver was not compiled for run
-the nodes one by one; profile and detect_anomaly keep per-node code."""
+the nodes one by one; profile and detect_anomaly keep per-node code.
+
+The bit-for-bit claims hold for products through NumPy's own OpenBLAS
+(AVALON_BLAS=numpy, set for every test here); MKL's products, the default
+where the mkl package is installed, are checked in test_blas_choice.py."""
 import numpy as np
 import pytest
 
@@ -19,6 +23,7 @@ rng = np.random.default_rng(11)
 @pytest.fixture(autouse=True)
 def small_threshold(monkeypatch):
     monkeypatch.setattr(parallel, "MIN_SHARD_ELEMENTS", 0)
+    monkeypatch.setenv("AVALON_BLAS", "numpy")
 
 
 def mlp_loss(m, x, y):

@@ -68,6 +68,10 @@ def _git_commit() -> str | None:
     return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
+#: versions() key of the BLAS Avalon's compiled code calls
+AVALON_BLAS_KEY = "avalon BLAS"
+
+
 def versions() -> dict:
     import numpy
     import torch
@@ -83,8 +87,19 @@ def versions() -> dict:
         "avalon-bench": _version("avalon-bench"),
         "matplotlib": _version("matplotlib"),
         "numpy BLAS": _numpy_blas(),
+        AVALON_BLAS_KEY: _avalon_blas(),
         "git commit": _git_commit(),
     }
+
+
+def _avalon_blas() -> str | None:
+    """The BLAS Avalon's compiled CPU code calls (AVALON_BLAS; MKL when installed)."""
+    from avalon.runtime.blas import generated_code_blas
+    try:
+        chosen = generated_code_blas()
+    except Exception as e:  # noqa: BLE001 - reported, not fatal: the run says what it could not load
+        return f"unavailable ({e})"
+    return chosen.name if chosen is not None else "none (products run as NumPy calls)"
 
 
 def _numpy_blas() -> str | None:

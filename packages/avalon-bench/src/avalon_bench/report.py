@@ -9,6 +9,7 @@ import math
 import re
 import statistics
 
+from .machine import AVALON_BLAS_KEY
 from .measure import LATENCY_BLOCK, LATENCY_WARMUP
 
 FRAMEWORK_ORDER = ("avalon", "torch_eager", "torch_tuned_malloc", "torch_compile")
@@ -240,6 +241,8 @@ def header_markdown(info: dict) -> str:
              f"- Versions: python {v['python']}, numpy {v['numpy']} ({v['numpy BLAS']}), torch {v['torch']}, "
              f"avalon {v['avalon']}, avalon-layers {v['avalon-layers']}, avalon-zoo {v['avalon-zoo']}, "
              f"commit {v['git commit']}",
+             f"- Avalon's compiled code multiplies matrices with "
+             f"{v.get(AVALON_BLAS_KEY) or 'NumPy calls'} (AVALON_BLAS; PyTorch uses its own MKL)",
              f"- Data: {info['data']['description']}",
              f"- Threads: PyTorch {info['threads']['torch']} (torch.set_num_threads; = cores); Avalon up to "
              f"{info['threads']['avalon']} (its own threads, each on a share of the batch with a "

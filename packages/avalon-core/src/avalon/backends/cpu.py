@@ -103,7 +103,17 @@ class CpuBackend(Backend):
             return compile_fused_numpy(body, self)
 
     def set_blas_threads(self, n: int) -> None:
-        """Threads of the BLAS library for the calls that follow (a C call: cheap)."""
+        """Threads for the matrix products of the calls that follow (C calls: cheap).
+
+        Where the segment driver is built, the products of compiled segments are
+        split across its helper threads, each piece a one-thread BLAS call (they
+        rest between steps, where BLAS's own threads busy-wait ~0.1 s after each
+        call and slow the work that follows); BLAS's own thread count stays as
+        _own_blas_threads set it.  Without the driver, BLAS's threads serve."""
+        from ..runtime.segments import driver, set_product_threads
+        if driver() is not None:
+            set_product_threads(n)
+            return
         for lib in _blas_libs:
             lib.set_num_threads(n)
 

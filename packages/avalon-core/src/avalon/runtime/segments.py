@@ -11,11 +11,13 @@ pointer, with the GIL released for the whole run.  C-able nodes:
 
 * fused groups and glue kernels built by backends.cpu_native (their C
   function's address, read once the batch is built);
-* 2-D float32/float64 matrix products, through the cblas ?gemm of the OpenBLAS
-  NumPy itself uses (transposed operands as transpose flags), made the way
-  NumPy's matmul makes them, so results are the same bits; a product with a
-  vector operand (one row times a matrix, a matrix times one column: a
-  one-sample prediction's layers) through ?gemv, as NumPy's matmul calls it;
+* 2-D float32/float64 matrix products, through the cblas ?gemm of the BLAS
+  that AVALON_BLAS selects (runtime.blas: MKL when installed, else the OpenBLAS
+  NumPy itself uses), transposed operands as transpose flags; with NumPy's
+  OpenBLAS they are made the way NumPy's matmul makes them, so results are the
+  same bits.  A product with a vector operand (one row times a matrix, a
+  matrix times one column: a one-sample prediction's layers) goes through
+  ?gemv, as NumPy's matmul calls it;
 * views of static layout (reshape of a C-contiguous value, transpose): pointer
   and strides known at compile time, no call at all.
 
@@ -41,9 +43,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..primitive import PRIMITIVES
-from .blas import loaded_blas
+from .blas import generated_code_blas
 
-__all__ = ["enabled", "blas_gemm", "blas_gemv", "driver", "Layout", "SegmentBuilder", "MAX_DYN", "MAX_ARGS"]
+__all__ = ["enabled", "blas_gemm", "blas_gemv", "set_product_threads", "driver", "Layout", "SegmentBuilder", "MAX_DYN", "MAX_ARGS"]
 
 #: most arrays one segment takes per call, and most pointer arguments of one kernel
 MAX_DYN = 48
@@ -61,6 +63,222 @@ def enabled() -> bool:
 
 
 # -- the C driver ---------------------------------------------------------------------------------------------
+
+_PRODUCT_THREADS_C = r"""/* -- products split across helper threads ------------------------------------------------------
+   A thread that set avl_set_product_threads(n > 1) runs each large product of its segments
+   in n pieces (rows or columns of the result), n - 1 of them on helper threads.  A helper
+   spins for AVL_SPIN_NS after its piece (the next product of the step is usually that
+   close), then sleeps on a condition variable: it does not busy-wait between steps and
+   slow what the caller does next.  One caller at a time uses the helpers; another one
+   meanwhile runs its products whole.  Pieces are independent products with the same
+   inner dimension, so each element is summed as in the whole product. */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+#if defined(__x86_64__) || defined(__i386__)
+#define AVL_RELAX() __builtin_ia32_pause()
+#else
+#define AVL_RELAX() ((void)0)
+#endif
+#define AVL_MAX_HELPERS 15
+#define AVL_SPIN_NS 100000
+#define AVL_MIN_GEMM_WORK 262144    /* M*N*K below this: whole (a hand-off costs ~1-2 us) */
+#define AVL_MIN_GEMV_WORK 32768     /* M*N */
+#define AVL_PIECE_ALIGN 16
+
+typedef struct {
+    const int64_t* q; const char* a; const char* b; char* c; int axis; int64_t lo, hi;
+} avl_piece;
+
+typedef struct {
+    _Atomic uint64_t go, done;
+    _Atomic int sleeping;
+    avl_piece piece;
+    pthread_mutex_t m;
+    pthread_cond_t c;
+    char pad[64];
+} avl_helper;
+
+static avl_helper avl_helpers[AVL_MAX_HELPERS];
+static int avl_n_helpers;
+static pthread_mutex_t avl_pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static int avl_atfork_done;
+static __thread int avl_product_threads = 1;
+
+AVL_EXPORT int avl_set_product_threads(int n)
+{
+    int old = avl_product_threads;
+    avl_product_threads = n < 1 ? 1 : (n > AVL_MAX_HELPERS + 1 ? AVL_MAX_HELPERS + 1 : n);
+    return old;
+}
+
+AVL_EXPORT int avl_product_helpers(void)
+{
+    return avl_n_helpers;
+}
+
+static void avl_run_piece(const avl_piece* w)
+{
+    const int64_t* q = w->q;
+    const int64_t es = q[2] == 0 ? 4 : 8, n = w->hi - w->lo;
+    if (q[0] == AVL_OP_GEMV) {  /* gemv, transposed A: y (length N) = A^T x; a piece is a range of y */
+        const char* a = w->a + w->lo * es * (q[3] == AVL_ROW_MAJOR ? 1 : q[6]);
+        char* y = w->c + w->lo * es * q[8];
+        if (q[2] == 0)
+            ((avl_sgemv)q[1])((int)q[3], AVL_TRANS, q[4], n, 1.0f, (const float*)a, q[6], (const float*)w->b, q[7],
+                              0.0f, (float*)y, q[8]);
+        else
+            ((avl_dgemv)q[1])((int)q[3], AVL_TRANS, q[4], n, 1.0, (const double*)a, q[6], (const double*)w->b, q[7],
+                              0.0, (double*)y, q[8]);
+        return;
+    }
+    /* gemm, row-major: a piece is a range of rows (axis 0) or of columns (axis 1) of C */
+    const char* a = w->a;
+    const char* b = w->b;
+    char* c = w->c;
+    int64_t m = q[5], nn = q[6];
+    if (w->axis == 0) {
+        a += w->lo * es * (q[3] == AVL_NO_TRANS ? q[8] : 1);
+        c += w->lo * es * q[10];
+        m = n;
+    } else {
+        b += w->lo * es * (q[4] == AVL_NO_TRANS ? 1 : q[9]);
+        c += w->lo * es;
+        nn = n;
+    }
+    if (q[2] == 0)
+        ((avl_sgemm)q[1])(AVL_ROW_MAJOR, (int)q[3], (int)q[4], m, nn, q[7], 1.0f, (const float*)a, q[8],
+                          (const float*)b, q[9], 0.0f, (float*)c, q[10]);
+    else
+        ((avl_dgemm)q[1])(AVL_ROW_MAJOR, (int)q[3], (int)q[4], m, nn, q[7], 1.0, (const double*)a, q[8],
+                          (const double*)b, q[9], 0.0, (double*)c, q[10]);
+}
+
+static int64_t avl_now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void* avl_helper_loop(void* arg)
+{
+    avl_helper* h = (avl_helper*)arg;
+    uint64_t seen = 0;   /* go is 0 when the thread is made; a piece may be handed over before it runs */
+    for (;;) {
+        uint64_t g = atomic_load_explicit(&h->go, memory_order_acquire);
+        if (g == seen) {
+            const int64_t start = avl_now_ns();
+            unsigned spins = 0;
+            while ((g = atomic_load_explicit(&h->go, memory_order_acquire)) == seen) {
+                AVL_RELAX();
+                if ((++spins & 63u) == 0 && avl_now_ns() - start > AVL_SPIN_NS) {
+                    pthread_mutex_lock(&h->m);
+                    atomic_store(&h->sleeping, 1);
+                    while ((g = atomic_load(&h->go)) == seen)
+                        pthread_cond_wait(&h->c, &h->m);
+                    atomic_store(&h->sleeping, 0);
+                    pthread_mutex_unlock(&h->m);
+                    break;
+                }
+            }
+        }
+        seen = g;
+        avl_run_piece(&h->piece);
+        atomic_store_explicit(&h->done, g, memory_order_release);
+    }
+    return 0;
+}
+
+static void avl_fork_prepare(void) { pthread_mutex_lock(&avl_pool_lock); }
+static void avl_fork_parent(void) { pthread_mutex_unlock(&avl_pool_lock); }
+static void avl_fork_child(void)
+{
+    /* the helpers do not exist in the child: start afresh */
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    avl_pool_lock = fresh;
+    avl_n_helpers = 0;
+}
+
+/* helpers for n pieces (caller holds the pool lock); 0 when they cannot be started */
+static int avl_ensure_helpers(int n)
+{
+    if (!avl_atfork_done) {
+        if (pthread_atfork(avl_fork_prepare, avl_fork_parent, avl_fork_child) != 0)
+            return 0;
+        avl_atfork_done = 1;
+    }
+    while (avl_n_helpers < n - 1) {
+        avl_helper* h = &avl_helpers[avl_n_helpers];
+        pthread_t t;
+        atomic_store(&h->go, 0);
+        atomic_store(&h->done, 0);
+        atomic_store(&h->sleeping, 0);
+        pthread_mutex_init(&h->m, 0);
+        pthread_cond_init(&h->c, 0);
+        if (pthread_create(&t, 0, avl_helper_loop, h) != 0)
+            return 0;
+        pthread_detach(t);
+        avl_n_helpers++;
+    }
+    return 1;
+}
+
+/* the op at q on pointers a, b, c: in pieces across the helpers when it is worth it,
+   else whole; 1 when it ran */
+static int avl_product_in_pieces(const int64_t* q, const char* a, const char* b, char* c)
+{
+    const int n = avl_product_threads;
+    int axis;
+    int64_t extent;
+    if (n < 2)
+        return 0;
+    if (q[0] == AVL_OP_GEMV) {
+        if (q[4] * q[5] < AVL_MIN_GEMV_WORK)
+            return 0;
+        axis = 1;
+        extent = q[5];
+    } else {
+        if (q[5] * q[6] * q[7] < AVL_MIN_GEMM_WORK)
+            return 0;
+        axis = q[5] >= q[6] ? 0 : 1;
+        extent = axis == 0 ? q[5] : q[6];
+    }
+    int64_t step = (extent + n - 1) / n;
+    step = (step + AVL_PIECE_ALIGN - 1) / AVL_PIECE_ALIGN * AVL_PIECE_ALIGN;
+    const int pieces = (int)((extent + step - 1) / step);
+    if (pieces < 2 || pthread_mutex_trylock(&avl_pool_lock) != 0)
+        return 0;
+    if (!avl_ensure_helpers(pieces)) {
+        pthread_mutex_unlock(&avl_pool_lock);
+        return 0;
+    }
+    for (int k = 1; k < pieces; k++) {
+        avl_helper* h = &avl_helpers[k - 1];
+        const int64_t lo = k * step, hi = lo + step < extent ? lo + step : extent;
+        h->piece = (avl_piece){q, a, b, c, axis, lo, hi};
+        atomic_store(&h->go, atomic_load(&h->go) + 1);
+        if (atomic_load(&h->sleeping)) {
+            pthread_mutex_lock(&h->m);
+            pthread_cond_signal(&h->c);
+            pthread_mutex_unlock(&h->m);
+        }
+    }
+    const avl_piece mine = {q, a, b, c, axis, 0, step};
+    avl_run_piece(&mine);
+    for (int k = 1; k < pieces; k++) {
+        avl_helper* h = &avl_helpers[k - 1];
+        const uint64_t g = atomic_load(&h->go);
+        unsigned spins = 0;
+        while (atomic_load_explicit(&h->done, memory_order_acquire) != g)
+            if (++spins > 4096) sched_yield(); else AVL_RELAX();
+    }
+    pthread_mutex_unlock(&avl_pool_lock);
+    return 1;
+}
+"""
+
 
 def _driver_source(header: int) -> str:
     calls = []
@@ -81,6 +299,10 @@ def _driver_source(header: int) -> str:
 #else
 #define AVL_EXPORT
 #endif
+#define AVL_OP_GEMV {_OP_GEMV}
+#define AVL_NO_TRANS {_NO_TRANS}
+#define AVL_TRANS {_TRANS}
+#define AVL_ROW_MAJOR {_ROW_MAJOR}
 typedef struct {{
     char head[{header}];
     const void* type; char* data; int nd; const intptr_t* dims; const intptr_t* strides;
@@ -95,6 +317,7 @@ typedef void (*avl_sgemv)(int, int, int64_t, int64_t, float, const float*, int64
 typedef void (*avl_dgemv)(int, int, int64_t, int64_t, double, const double*, int64_t, const double*, int64_t,
                           double, double*, int64_t);
 
+{_PRODUCT_THREADS_C}
 static int avl_disjoint(const char* a, int64_t na, const char* b, int64_t nb)
 {{
     return na == 0 || nb == 0 || (uintptr_t)a + (uintptr_t)na <= (uintptr_t)b
@@ -149,7 +372,9 @@ static int avl_run(const int64_t* p, const void* const* objs)
             const char* a = r[q[9]] + q[10];
             const char* x = r[q[11]] + q[12];
             char* y = r[q[13]] + q[14];
-            if (q[2] == 0)
+            if (avl_product_in_pieces(q, a, x, y))
+                ;
+            else if (q[2] == 0)
                 ((avl_sgemv)q[1])((int)q[3], {_TRANS}, q[4], q[5], 1.0f, (const float*)a, q[6], (const float*)x, q[7],
                                   0.0f, (float*)y, q[8]);
             else
@@ -161,7 +386,9 @@ static int avl_run(const int64_t* p, const void* const* objs)
             const char* a = r[q[11]] + q[12];
             const char* b = r[q[13]] + q[14];
             char* c = r[q[15]] + q[16];
-            if (q[2] == 0)
+            if (avl_product_in_pieces(q, a, b, c))
+                ;
+            else if (q[2] == 0)
                 ((avl_sgemm)q[1])({_ROW_MAJOR}, (int)q[3], (int)q[4], q[5], q[6], q[7], 1.0f, (const float*)a, q[8],
                                   (const float*)b, q[9], 0.0f, (float*)c, q[10]);
             else
@@ -196,7 +423,7 @@ def driver_flags() -> tuple:
     vectorize, and -O1 builds it in a quarter of -O3's time (part of a first
     compilation on each machine)."""
     from . import native
-    return tuple("-O1" if f.startswith("-O") else f for f in native.default_flags())
+    return tuple("-O1" if f.startswith("-O") else f for f in native.default_flags()) + ("-pthread",)
 
 
 def _build_driver():
@@ -211,42 +438,28 @@ def _build_driver():
         return None
 
 
-@functools.lru_cache(maxsize=1)
-def _numpy_cblas() -> dict:
-    """{(routine, dtype): address} of the 64-bit-integer cblas ?gemm and ?gemv of
-    the OpenBLAS NumPy uses (found through threadpoolctl), or {} when there is none."""
-    try:
-        libs = [c for c in loaded_blas() if c.internal_api == "openblas"]
-    except Exception:  # noqa: BLE001 - no BLAS found: no products in segments
-        return {}
-    # NumPy's own copy (numpy.libs); another OpenBLAS (torch's, the system's) only
-    # when it is the one loaded, as when NumPy links the system's
-    ours = [c for c in libs if "numpy" in (c.filepath or "")]
-    if not ours and len(libs) == 1:
-        ours = libs
-    for controller in ours:
-        try:
-            lib = ctypes.CDLL(controller.filepath)
-        except OSError:
-            continue
-        for prefix in ("scipy_", ""):
-            try:
-                return {(routine, np.dtype(dt)): ctypes.cast(lib[f"{prefix}cblas_{letter}{routine}64_"],
-                                                             ctypes.c_void_p).value
-                        for routine in ("gemm", "gemv") for letter, dt in (("s", np.float32), ("d", np.float64))}
-            except AttributeError:
-                continue
-    return {}
+def set_product_threads(n: int) -> None:
+    """Split the large products of the segments the calling thread runs next
+    across n threads (1: whole); see the driver's helper threads."""
+    lib = driver()
+    if lib is not None:
+        lib.avl_set_product_threads(int(n))
 
 
 def blas_gemm() -> dict:
-    """{dtype: address} of NumPy's cblas sgemm/dgemm, or {} (no products in segments)."""
-    return {dt: a for (routine, dt), a in _numpy_cblas().items() if routine == "gemm"}
+    """{dtype: address} of the cblas sgemm/dgemm compiled code calls (the BLAS
+    AVALON_BLAS selects: runtime.blas), or {} (no products in segments)."""
+    return _routines("gemm")
 
 
 def blas_gemv() -> dict:
-    """{dtype: address} of NumPy's cblas sgemv/dgemv, or {} (vector products stay NumPy calls)."""
-    return {dt: a for (routine, dt), a in _numpy_cblas().items() if routine == "gemv"}
+    """{dtype: address} of its cblas sgemv/dgemv, or {} (vector products stay NumPy calls)."""
+    return _routines("gemv")
+
+
+def _routines(name: str) -> dict:
+    blas = generated_code_blas()
+    return {dt: a for (routine, dt), a in blas.routines.items() if routine == name} if blas else {}
 
 
 # -- layouts known at compile time ----------------------------------------------------------------------------

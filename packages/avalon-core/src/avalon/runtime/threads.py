@@ -275,14 +275,17 @@ class _Workers:
 
 
 class BlasThreads:
-    """A compiled graph run with the backend's BLAS on `threads` threads (and
+    """A compiled graph run with its matrix products on `threads` threads (and
     back to one afterwards): for steps whose time is mostly a few large
-    matrix products, where splitting the batch gains less."""
+    matrix products, where splitting the batch gains less.  The backend
+    decides how (CpuBackend.set_blas_threads: the products of compiled
+    segments split across the segment driver's helper threads, each piece a
+    one-thread BLAS call; without the driver, BLAS's own threads)."""
 
     def __init__(self, compiled, backend, threads):
         self.compiled, self.backend, self.threads = compiled, backend, threads
         self.graph, self.plan, self.source = compiled.graph, compiled.plan, (
-            f"# BLAS on {threads} threads\n" + compiled.source)
+            f"# BLAS on {threads} threads (each large product in {threads} pieces)\n" + compiled.source)
         self.fn = self.__call__
 
     def __call__(self, *args):

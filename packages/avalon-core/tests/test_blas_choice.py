@@ -1,0 +1,211 @@
+"""The BLAS compiled code calls (avalon.runtime.blas: AVALON_BLAS, MKL when the mkl
+package is installed, else NumPy's OpenBLAS), and the segment driver's helper
+threads that split one product into pieces (the "BLAS on N threads" schedule)."""
+import multiprocessing
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import avalon
+from avalon.backends.cpu import CpuBackend
+from avalon.runtime import blas, segments
+
+rng = np.random.default_rng(5)
+
+needs_driver = pytest.mark.skipif(segments.driver() is None, reason="no C compiler: no segment driver")
+needs_mkl = pytest.mark.skipif(blas.mkl_reason() is not None,
+                               reason=f"MKL cannot be loaded here: {blas.mkl_reason()}")
+
+
+def products(a, b, c, v):
+    """Every form the driver calls BLAS for: NN, TN, NT products and a vector times a matrix."""
+    return a @ b, a.T @ c, (b.T @ a.T).T, v @ a
+
+
+def operands(m, k, n, dtype):
+    return (rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype),
+            rng.standard_normal((m, n)).astype(dtype), rng.standard_normal((1, m)).astype(dtype))
+
+
+def reference(a, b, c, v):
+    a64, b64, c64, v64 = (x.astype(np.float64) for x in (a, b, c, v))
+    return a64 @ b64, a64.T @ c64, a64 @ b64, v64 @ a64
+
+
+def assert_close(got, want, dtype):
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.abs(w).max())
+
+
+def compiled_products(monkeypatch, choice):
+    """A fresh jit of `products` compiled with AVALON_BLAS=choice, and the BLAS it called."""
+    monkeypatch.setenv("AVALON_BLAS", choice)
+    monkeypatch.setenv("AVALON_C_DRIVER", "1")
+    return avalon.jit(lambda *xs: products(*xs), parallel=False), blas.generated_code_blas()
+
+
+def test_avalon_blas_rejects_an_unknown_name_and_says_what_is_accepted(monkeypatch):
+    monkeypatch.setenv("AVALON_BLAS", "atlas")
+    with pytest.raises(ValueError, match=r"AVALON_BLAS='atlas' is not one of auto, mkl, numpy"):
+        blas.generated_code_blas()
+
+
+def test_numpy_choice_is_numpys_openblas(monkeypatch):
+    monkeypatch.setenv("AVALON_BLAS", "numpy")
+    chosen = blas.generated_code_blas()
+    if chosen is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS with a 64-bit cblas")
+    assert chosen.name.startswith("OpenBLAS") and "NumPy's" in chosen.name
+    assert segments.blas_gemm() == {np.dtype(np.float32): chosen.address("gemm", np.float32),
+                                    np.dtype(np.float64): chosen.address("gemm", np.float64)}
+
+
+@needs_mkl
+def test_auto_and_mkl_choose_mkl_when_it_is_installed(monkeypatch):
+    for choice in ("auto", "mkl", "MKL "):
+        monkeypatch.setenv("AVALON_BLAS", choice)
+        chosen = blas.generated_code_blas()
+        assert chosen.name.startswith("MKL ") and "sequential" in chosen.name
+        assert segments.blas_gemv()[np.dtype(np.float64)] == chosen.address("gemv", np.float64)
+
+
+def test_mkl_asked_for_but_missing_is_an_error_naming_the_package(monkeypatch):
+    from importlib import metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(metadata, "distribution", missing)
+    monkeypatch.setattr(blas, "_mkl", blas._mkl.__wrapped__)     # not the process's cached MKL
+    monkeypatch.setenv("AVALON_BLAS", "mkl")
+    with pytest.raises(blas.BlasUnavailable, match=r'pip install -e "packages/avalon-core\[mkl\]"'):
+        blas.generated_code_blas()
+    monkeypatch.setenv("AVALON_BLAS", "auto")       # auto falls back to NumPy's
+    fallback = blas.generated_code_blas()
+    assert fallback is None or fallback.name.startswith("OpenBLAS")
+
+
+@needs_driver
+@pytest.mark.parametrize("choice", ["numpy", pytest.param("mkl", marks=needs_mkl)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_products_in_segments_match_float64_numpy_with_each_blas(choice, dtype, monkeypatch):
+    fn, chosen = compiled_products(monkeypatch, choice)
+    if chosen is None:
+        pytest.skip("no BLAS for segments")
+    args = operands(37, 129, 515, dtype)
+    got = fn(*args)
+    compiled = fn._last().compiled
+    listing = "\n".join(s.source for s in compiled.segments)
+    letter = "s" if dtype == np.float32 else "d"
+    assert f"cblas_{letter}gemm" in listing and f"cblas_{letter}gemv" in listing
+    assert_close(got, reference(*args), dtype)
+
+
+@needs_driver
+@pytest.mark.parametrize("choice", ["numpy", pytest.param("mkl", marks=needs_mkl)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(100, 784, 500), (512, 64, 33), (33, 300, 70), (1, 300, 200)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_products_split_across_helper_threads_give_the_whole_products(shape, dtype, choice, monkeypatch):
+    fn, chosen = compiled_products(monkeypatch, choice)
+    if chosen is None:
+        pytest.skip("no BLAS for segments")
+    args = operands(*shape, dtype)
+    whole = fn(*args)
+    previous = segments.driver().avl_set_product_threads(2)
+    try:
+        split = fn(*args)
+        assert segments.driver().avl_set_product_threads(previous) == 2
+    finally:
+        segments.set_product_threads(previous)
+    assert_close(split, reference(*args), dtype)
+    if chosen.name.startswith("MKL"):     # pieces sum over k as the whole product does
+        for s, w in zip(split, whole):
+            np.testing.assert_array_equal(s, w)
+    if shape[0] * shape[1] * shape[2] >= 262144:
+        assert segments.driver().avl_product_helpers() >= 1
+
+
+@needs_driver
+def test_two_threads_splitting_products_at_once_both_get_the_right_results(monkeypatch):
+    # one caller uses the helpers, the other runs its products whole meanwhile
+    fn, chosen = compiled_products(monkeypatch, "auto")
+    if chosen is None:
+        pytest.skip("no BLAS for segments")
+    cases = [operands(96, 200, 160, np.float32) for _ in range(2)]
+    failures = []
+
+    def worker(args):
+        segments.set_product_threads(2)     # per thread
+        try:
+            want = reference(*args)
+            for _ in range(40):
+                assert_close(fn(*args), want, np.float32)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failures.append(e)
+        finally:
+            segments.set_product_threads(1)
+    threads = [threading.Thread(target=worker, args=(c,)) for c in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert not failures, failures[0]
+
+
+def _split_products_in_child(queue):
+    try:
+        fn = avalon.jit(lambda *xs: products(*xs), parallel=False)
+        args = operands(64, 128, 256, np.float32)
+        segments.set_product_threads(2)
+        got = fn(*args)
+        assert_close(got, reference(*args), np.float32)
+        queue.put(("ok", segments.driver().avl_product_helpers()))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        queue.put(("error", repr(e)))
+
+
+@needs_driver
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_starts_its_own_helper_threads(monkeypatch):
+    fn, chosen = compiled_products(monkeypatch, "auto")
+    if chosen is None:
+        pytest.skip("no BLAS for segments")
+    args = operands(64, 128, 256, np.float32)
+    segments.set_product_threads(2)
+    try:
+        fn(*args)              # the parent has helpers
+    finally:
+        segments.set_product_threads(1)
+    assert segments.driver().avl_product_helpers() >= 1
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_split_products_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung on its first split product")
+    status, detail = queue.get(timeout=10)
+    assert status == "ok", detail
+    assert detail == 1         # started afresh: the parent's helpers are not in the child
+
+
+@needs_driver
+def test_blas_threads_split_segment_products_and_leave_blas_itself_on_one_thread():
+    # BLAS's own threads busy-wait ~0.1 s after each threaded call and slowed the
+    # optimizer update that follows a "BLAS on 2 threads" gradient step
+    from threadpoolctl import threadpool_info
+    backend = CpuBackend()
+    backend.set_blas_threads(2)
+    try:
+        assert segments.driver().avl_set_product_threads(2) == 2
+        openblas = [p for p in threadpool_info() if p.get("internal_api") == "openblas"]
+        assert openblas and all(p["num_threads"] == 1 for p in openblas)
+    finally:
+        backend.set_blas_threads(1)
+    assert segments.driver().avl_set_product_threads(1) == 1
