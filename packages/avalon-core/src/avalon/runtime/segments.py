@@ -67,11 +67,14 @@ def enabled() -> bool:
 _PRODUCT_THREADS_C = r"""/* -- products split across helper threads ------------------------------------------------------
    A thread that set avl_set_product_threads(n > 1) runs each large product of its segments
    in n pieces (rows or columns of the result), n - 1 of them on helper threads.  A helper
-   spins for AVL_SPIN_NS after its piece (the next product of the step is usually that
-   close), then sleeps on a condition variable: it does not busy-wait between steps and
-   slow what the caller does next.  One caller at a time uses the helpers; another one
-   meanwhile runs its products whole.  Pieces are independent products with the same
-   inner dimension, so each element is summed as in the whole product. */
+   spins after its piece for AVL_SPIN_NS: AVL_YIELD_NS with the CPU's pause instruction,
+   then yielding the core to any other runnable thread at each turn; then it sleeps on a
+   condition variable, so it does not busy-wait between steps.  (Sleeping as soon as a
+   call's products are over cost more: a virtual CPU woken after a halt ran a VAE
+   prediction's products at half speed or worse for tens of milliseconds; OpenBLAS's own
+   threads spin ~0.1 s.)  One caller at a time uses the helpers; another one meanwhile
+   runs its products whole.  Pieces are independent products with the same inner
+   dimension, so each element is summed as in the whole product. */
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -82,7 +85,8 @@ _PRODUCT_THREADS_C = r"""/* -- products split across helper threads ------------
 #define AVL_RELAX() ((void)0)
 #endif
 #define AVL_MAX_HELPERS 15
-#define AVL_SPIN_NS 100000
+#define AVL_SPIN_NS 1000000
+#define AVL_YIELD_NS 100000
 #define AVL_MIN_GEMM_WORK 262144    /* M*N*K below this: whole (a hand-off costs ~1-2 us) */
 #define AVL_MIN_GEMV_WORK 32768     /* M*N */
 #define AVL_PIECE_ALIGN 16
@@ -171,9 +175,17 @@ static void* avl_helper_loop(void* arg)
         if (g == seen) {
             const int64_t start = avl_now_ns();
             unsigned spins = 0;
+            int yielding = 0;
             while ((g = atomic_load_explicit(&h->go, memory_order_acquire)) == seen) {
-                AVL_RELAX();
-                if ((++spins & 63u) == 0 && avl_now_ns() - start > AVL_SPIN_NS) {
+                if (yielding)
+                    sched_yield();
+                else
+                    AVL_RELAX();
+                if ((++spins & 63u) != 0)
+                    continue;
+                const int64_t waited = avl_now_ns() - start;
+                yielding = waited > AVL_YIELD_NS;
+                if (waited > AVL_SPIN_NS) {
                     pthread_mutex_lock(&h->m);
                     atomic_store(&h->sleeping, 1);
                     while ((g = atomic_load(&h->go)) == seen)
