@@ -64,17 +64,23 @@ def enabled() -> bool:
 
 # -- the C driver ---------------------------------------------------------------------------------------------
 
-_PRODUCT_THREADS_C = r"""/* -- products split across helper threads ------------------------------------------------------
+_PRODUCT_THREADS_C = r"""
+/* -- products split across helper threads ------------------------------------------------------
    A thread that set avl_set_product_threads(n > 1) runs each large product of its segments
-   in n pieces (rows or columns of the result), n - 1 of them on helper threads.  A helper
-   spins after its piece for AVL_SPIN_NS: AVL_YIELD_NS with the CPU's pause instruction,
-   then yielding the core to any other runnable thread at each turn; then it sleeps on a
-   condition variable, so it does not busy-wait between steps.  (Sleeping as soon as a
-   call's products are over cost more: a virtual CPU woken after a halt ran a VAE
-   prediction's products at half speed or worse for tens of milliseconds; OpenBLAS's own
-   threads spin ~0.1 s.)  One caller at a time uses the helpers; another one meanwhile
-   runs its products whole.  Pieces are independent products with the same inner
-   dimension, so each element is summed as in the whole product. */
+   in n pieces (rows or columns of the result).  The pieces are claimed from a counter: the
+   caller runs the first and then claims the rest itself as long as no helper has, so it
+   never waits for a helper to wake up, only for pieces a helper is running.  (On a virtual
+   machine a helper woken from sleep can take milliseconds to start: a VAE prediction's
+   products ran at half speed after a pause while the caller waited for it.)  A helper spins
+   after its piece for the next product of the same call, up to AVL_SPIN_NS.  Once the caller
+   sets one thread again (its call is over) it spins only as long as the last pause between
+   two calls lasted, twice over: a loop of predictions keeps its helpers awake (a virtual CPU
+   woken from sleep ran the next products at a fraction of its speed for milliseconds), a
+   training loop, whose optimizer update lies between two calls, lets them sleep and does not
+   share its cores with a spinning thread.  One caller at a
+   time uses the helpers; another one meanwhile runs its products whole.  Pieces are
+   independent products with the same inner dimension, so each element is summed as in
+   the whole product. */
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -86,23 +92,31 @@ _PRODUCT_THREADS_C = r"""/* -- products split across helper threads ------------
 #endif
 #define AVL_MAX_HELPERS 15
 #define AVL_SPIN_NS 1000000
-#define AVL_YIELD_NS 100000
 #define AVL_MIN_GEMM_WORK 262144    /* M*N*K below this: whole (a hand-off costs ~1-2 us) */
 #define AVL_MIN_GEMV_WORK 32768     /* M*N */
 #define AVL_PIECE_ALIGN 16
 
 typedef struct {
-    const int64_t* q; const char* a; const char* b; char* c; int axis; int64_t lo, hi;
-} avl_piece;
-
-typedef struct {
-    _Atomic uint64_t go, done;
+    _Atomic uint64_t go;            /* the generation of the last product handed over */
     _Atomic int sleeping;
-    avl_piece piece;
     pthread_mutex_t m;
     pthread_cond_t c;
     char pad[64];
 } avl_helper;
+
+/* the product being split: written by its caller before it publishes avl_claim, stable
+   until every piece is done */
+static struct {
+    const int64_t* q; const char* a; const char* b; char* c;
+    int axis; int64_t step, extent;
+} avl_job;
+static _Atomic uint64_t avl_claim;   /* generation << 32 | next piece to claim */
+static _Atomic int avl_pieces;       /* pieces of the product of that generation */
+static _Atomic int avl_done;         /* pieces the helpers have finished */
+static _Atomic uint64_t avl_rest;    /* bumped when a caller is done with the helpers */
+static _Atomic int64_t avl_rest_at;  /* when (avl_now_ns) */
+static _Atomic int64_t avl_pause_ns; /* how long the last pause between two calls lasted */
+static uint64_t avl_generation;
 
 static avl_helper avl_helpers[AVL_MAX_HELPERS];
 static int avl_n_helpers;
@@ -110,10 +124,23 @@ static pthread_mutex_t avl_pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static int avl_atfork_done;
 static __thread int avl_product_threads = 1;
 
+static int64_t avl_now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
 AVL_EXPORT int avl_set_product_threads(int n)
 {
     int old = avl_product_threads;
     avl_product_threads = n < 1 ? 1 : (n > AVL_MAX_HELPERS + 1 ? AVL_MAX_HELPERS + 1 : n);
+    if (old > 1 && avl_product_threads == 1) {
+        atomic_store(&avl_rest_at, avl_now_ns());
+        atomic_fetch_add(&avl_rest, 1);
+    } else if (old == 1 && avl_product_threads > 1 && atomic_load(&avl_rest_at) != 0) {
+        atomic_store(&avl_pause_ns, avl_now_ns() - atomic_load(&avl_rest_at));
+    }
     return old;
 }
 
@@ -122,33 +149,34 @@ AVL_EXPORT int avl_product_helpers(void)
     return avl_n_helpers;
 }
 
-static void avl_run_piece(const avl_piece* w)
+static void avl_run_piece(int64_t piece)
 {
-    const int64_t* q = w->q;
-    const int64_t es = q[2] == 0 ? 4 : 8, n = w->hi - w->lo;
+    const int64_t* q = avl_job.q;
+    const int64_t es = q[2] == 0 ? 4 : 8, lo = piece * avl_job.step;
+    const int64_t n = (lo + avl_job.step < avl_job.extent ? lo + avl_job.step : avl_job.extent) - lo;
     if (q[0] == AVL_OP_GEMV) {  /* gemv, transposed A: y (length N) = A^T x; a piece is a range of y */
-        const char* a = w->a + w->lo * es * (q[3] == AVL_ROW_MAJOR ? 1 : q[6]);
-        char* y = w->c + w->lo * es * q[8];
+        const char* a = avl_job.a + lo * es * (q[3] == AVL_ROW_MAJOR ? 1 : q[6]);
+        char* y = avl_job.c + lo * es * q[8];
         if (q[2] == 0)
-            ((avl_sgemv)q[1])((int)q[3], AVL_TRANS, q[4], n, 1.0f, (const float*)a, q[6], (const float*)w->b, q[7],
-                              0.0f, (float*)y, q[8]);
+            ((avl_sgemv)q[1])((int)q[3], AVL_TRANS, q[4], n, 1.0f, (const float*)a, q[6],
+                              (const float*)avl_job.b, q[7], 0.0f, (float*)y, q[8]);
         else
-            ((avl_dgemv)q[1])((int)q[3], AVL_TRANS, q[4], n, 1.0, (const double*)a, q[6], (const double*)w->b, q[7],
-                              0.0, (double*)y, q[8]);
+            ((avl_dgemv)q[1])((int)q[3], AVL_TRANS, q[4], n, 1.0, (const double*)a, q[6],
+                              (const double*)avl_job.b, q[7], 0.0, (double*)y, q[8]);
         return;
     }
     /* gemm, row-major: a piece is a range of rows (axis 0) or of columns (axis 1) of C */
-    const char* a = w->a;
-    const char* b = w->b;
-    char* c = w->c;
+    const char* a = avl_job.a;
+    const char* b = avl_job.b;
+    char* c = avl_job.c;
     int64_t m = q[5], nn = q[6];
-    if (w->axis == 0) {
-        a += w->lo * es * (q[3] == AVL_NO_TRANS ? q[8] : 1);
-        c += w->lo * es * q[10];
+    if (avl_job.axis == 0) {
+        a += lo * es * (q[3] == AVL_NO_TRANS ? q[8] : 1);
+        c += lo * es * q[10];
         m = n;
     } else {
-        b += w->lo * es * (q[4] == AVL_NO_TRANS ? 1 : q[9]);
-        c += w->lo * es;
+        b += lo * es * (q[4] == AVL_NO_TRANS ? 1 : q[9]);
+        c += lo * es;
         nn = n;
     }
     if (q[2] == 0)
@@ -159,33 +187,42 @@ static void avl_run_piece(const avl_piece* w)
                           (const double*)b, q[9], 0.0, (double*)c, q[10]);
 }
 
-static int64_t avl_now_ns(void)
+/* claims the next unclaimed piece of generation gen: its index, or -1 when none is left
+   (or the product of gen is over) */
+static int64_t avl_claim_piece(uint64_t gen)
 {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+    uint64_t w = atomic_load(&avl_claim);
+    for (;;) {
+        const int64_t k = (int64_t)(w & 0xffffffffu);
+        if ((w >> 32) != (gen & 0xffffffffu) || k >= atomic_load(&avl_pieces))
+            return -1;
+        if (atomic_compare_exchange_weak(&avl_claim, &w, w + 1))
+            return k;
+    }
 }
 
 static void* avl_helper_loop(void* arg)
 {
     avl_helper* h = (avl_helper*)arg;
-    uint64_t seen = 0;   /* go is 0 when the thread is made; a piece may be handed over before it runs */
+    uint64_t seen = 0;   /* go is 0 when the thread is made; a product may be handed over before it runs */
+    uint64_t rest = atomic_load(&avl_rest);
     for (;;) {
-        uint64_t g = atomic_load_explicit(&h->go, memory_order_acquire);
+        uint64_t g = atomic_load(&h->go);
         if (g == seen) {
             const int64_t start = avl_now_ns();
             unsigned spins = 0;
-            int yielding = 0;
-            while ((g = atomic_load_explicit(&h->go, memory_order_acquire)) == seen) {
-                if (yielding)
-                    sched_yield();
-                else
-                    AVL_RELAX();
+            int64_t limit = AVL_SPIN_NS;    /* ns after start */
+            int over = 0;
+            while ((g = atomic_load(&h->go)) == seen) {
+                AVL_RELAX();
                 if ((++spins & 63u) != 0)
                     continue;
-                const int64_t waited = avl_now_ns() - start;
-                yielding = waited > AVL_YIELD_NS;
-                if (waited > AVL_SPIN_NS) {
+                if (!over && atomic_load(&avl_rest) != rest) {  /* the call is over */
+                    const int64_t bridge = 2 * atomic_load(&avl_pause_ns);
+                    over = 1;
+                    limit = bridge <= AVL_SPIN_NS ? atomic_load(&avl_rest_at) - start + bridge : 0;
+                }
+                if (avl_now_ns() - start > limit) {
                     pthread_mutex_lock(&h->m);
                     atomic_store(&h->sleeping, 1);
                     while ((g = atomic_load(&h->go)) == seen)
@@ -197,8 +234,11 @@ static void* avl_helper_loop(void* arg)
             }
         }
         seen = g;
-        avl_run_piece(&h->piece);
-        atomic_store_explicit(&h->done, g, memory_order_release);
+        rest = atomic_load(&avl_rest);   /* the call this product belongs to is not over */
+        for (int64_t k; (k = avl_claim_piece(g)) >= 0;) {
+            avl_run_piece(k);
+            atomic_fetch_add(&avl_done, 1);
+        }
     }
     return 0;
 }
@@ -225,7 +265,6 @@ static int avl_ensure_helpers(int n)
         avl_helper* h = &avl_helpers[avl_n_helpers];
         pthread_t t;
         atomic_store(&h->go, 0);
-        atomic_store(&h->done, 0);
         atomic_store(&h->sleeping, 0);
         pthread_mutex_init(&h->m, 0);
         pthread_cond_init(&h->c, 0);
@@ -266,26 +305,28 @@ static int avl_product_in_pieces(const int64_t* q, const char* a, const char* b,
         pthread_mutex_unlock(&avl_pool_lock);
         return 0;
     }
-    for (int k = 1; k < pieces; k++) {
-        avl_helper* h = &avl_helpers[k - 1];
-        const int64_t lo = k * step, hi = lo + step < extent ? lo + step : extent;
-        h->piece = (avl_piece){q, a, b, c, axis, lo, hi};
-        atomic_store(&h->go, atomic_load(&h->go) + 1);
+    const uint64_t gen = ++avl_generation;
+    avl_job.q = q; avl_job.a = a; avl_job.b = b; avl_job.c = c;
+    avl_job.axis = axis; avl_job.step = step; avl_job.extent = extent;
+    atomic_store(&avl_done, 0);
+    atomic_store(&avl_pieces, pieces);
+    atomic_store(&avl_claim, (gen & 0xffffffffu) << 32 | 1);   /* piece 0 is the caller's */
+    for (int k = 0; k < pieces - 1; k++) {
+        avl_helper* h = &avl_helpers[k];
+        atomic_store(&h->go, gen);
         if (atomic_load(&h->sleeping)) {
             pthread_mutex_lock(&h->m);
             pthread_cond_signal(&h->c);
             pthread_mutex_unlock(&h->m);
         }
     }
-    const avl_piece mine = {q, a, b, c, axis, 0, step};
-    avl_run_piece(&mine);
-    for (int k = 1; k < pieces; k++) {
-        avl_helper* h = &avl_helpers[k - 1];
-        const uint64_t g = atomic_load(&h->go);
-        unsigned spins = 0;
-        while (atomic_load_explicit(&h->done, memory_order_acquire) != g)
-            if (++spins > 4096) sched_yield(); else AVL_RELAX();
-    }
+    int mine = 1;
+    avl_run_piece(0);
+    for (int64_t k; (k = avl_claim_piece(gen)) >= 0; mine++)
+        avl_run_piece(k);
+    unsigned spins = 0;
+    while (atomic_load(&avl_done) != pieces - mine)   /* pieces a helper claimed and runs */
+        if (++spins > 4096) sched_yield(); else AVL_RELAX();
     pthread_mutex_unlock(&avl_pool_lock);
     return 1;
 }
