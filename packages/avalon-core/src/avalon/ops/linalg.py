@@ -138,12 +138,26 @@ def matmul(a, b):
     if a_nd == 1 and b_nd == 1 and a.shape[-1] != b.shape[-2]:
         raise ShapeError(f"matmul: shapes ({a.shape[-1]},) and ({b.shape[-2]},) do not align")
     from .elementwise import _promote
-    r = bind(matmul_p, _promote(a, b))
+    if len(a.shape) > 2 and len(b.shape) == 2 and a.shape[-1] == b.shape[-2]:   # (else the shape rule says why not)
+        r = _stack_times_matrix(a, b, _promote)
+    else:
+        r = bind(matmul_p, _promote(a, b))
     if a_nd == 1:
         r = reshape(r, r.shape[:-2] + r.shape[-1:])
     if b_nd == 1:
         r = reshape(r, r.shape[:-1])
     return r
+
+
+def _stack_times_matrix(a, b, promote):
+    """A stack of matrices times one matrix as ONE 2-D product over all their rows,
+    reshaped back: one GEMM where a batched product makes one per matrix, and in
+    reverse mode the matrix's gradient is one product over all the rows too, not a
+    batched product summed over the stack (a recurrent layer's input projection over
+    all its time steps: 28 products and a sum -> 1 product)."""
+    rows = int(np.prod(a.shape[:-1], dtype=np.int64))
+    flat = bind(matmul_p, promote(reshape(a, (rows, a.shape[-1])), b))
+    return reshape(flat, tuple(a.shape[:-1]) + (b.shape[-1],))
 
 
 def linear(x, weight, bias=None):
