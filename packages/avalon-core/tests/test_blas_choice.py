@@ -1,6 +1,7 @@
 """The BLAS compiled code calls (avalon.runtime.blas: AVALON_BLAS, MKL when the mkl
 package is installed, else NumPy's OpenBLAS), and the segment driver's helper
 threads that split one product into pieces (the "BLAS on N threads" schedule)."""
+import functools
 import multiprocessing
 import os
 import threading
@@ -73,13 +74,15 @@ def test_auto_and_mkl_choose_mkl_when_it_is_installed(monkeypatch):
         assert segments.blas_gemv()[np.dtype(np.float64)] == chosen.address("gemv", np.float64)
 
 
-def test_mkl_asked_for_but_missing_is_an_error_naming_the_package(monkeypatch):
+def test_mkl_asked_for_but_missing_is_an_error_naming_the_package(monkeypatch, tmp_path):
+    import sys
     from importlib import metadata
 
     def missing(name):
         raise metadata.PackageNotFoundError(name)
     monkeypatch.setattr(metadata, "distribution", missing)
-    monkeypatch.setattr(blas, "_mkl", blas._mkl.__wrapped__)     # not the process's cached MKL
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))                   # no lib/libmkl_rt.so there
+    monkeypatch.setattr(blas, "_load_mkl", blas._load_mkl.__wrapped__)  # not the process's cached MKL
     monkeypatch.setenv("AVALON_BLAS", "mkl")
     with pytest.raises(blas.BlasUnavailable, match=r'pip install -e "packages/avalon-core\[mkl\]"'):
         blas.generated_code_blas()
@@ -209,3 +212,28 @@ def test_blas_threads_split_segment_products_and_leave_blas_itself_on_one_thread
     finally:
         backend.set_blas_threads(1)
     assert segments.driver().avl_set_product_threads(1) == 1
+
+
+@pytest.mark.parametrize("choice", ["auto", "numpy", "nonsense"])
+def test_prefetch_loads_the_chosen_blas_in_a_background_thread(choice, monkeypatch):
+    started = []
+    real_thread = threading.Thread
+
+    def recording_thread(*args, **kwargs):
+        t = real_thread(*args, **kwargs)
+        started.append(t)
+        return t
+    monkeypatch.setattr(blas.threading, "Thread", recording_thread)
+    fresh = functools.lru_cache(maxsize=1)(blas._load_mkl.__wrapped__)    # empty: not the process's MKL
+    monkeypatch.setattr(blas, "_load_mkl", fresh)
+    monkeypatch.setenv("AVALON_BLAS", choice)
+    blas.prefetch()          # never raises: a bad AVALON_BLAS is said when a graph is compiled
+    if choice != "auto":
+        assert started == []
+        return
+    (thread,) = started
+    assert thread.name == "avalon-blas-prefetch" and thread.daemon
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    if blas.mkl_reason() is None:      # the thread loaded MKL: a compilation finds it loaded
+        assert fresh.cache_info().currsize == 1 and fresh.cache_info().hits >= 1

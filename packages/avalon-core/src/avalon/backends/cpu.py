@@ -10,7 +10,7 @@ import numpy as np
 from ..plugins import hookimpl
 from .base import Backend
 from ..kernels import conv_csn
-from ..runtime.blas import loaded_blas
+from ..runtime.blas import loaded_blas, prefetch as prefetch_blas
 from .cpu_fused import compile_fused_numpy
 
 
@@ -28,6 +28,9 @@ class CpuBackend(Backend):
     def __init__(self, index: int = 0):
         super().__init__(index)
         _own_blas_threads()
+        if not _prefetched:
+            _prefetched.append(True)
+            prefetch_blas()        # loads while the first graph is traced
         from ..runtime.threads import shard_count
         self.parallel_shards = shard_count()
 
@@ -191,6 +194,7 @@ def _builds_c_kernels() -> bool:
 
 
 _blas_libs: list = []
+_prefetched: list = []
 
 
 def _own_blas_threads():

@@ -29,6 +29,7 @@ import ctypes
 import functools
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,7 +37,7 @@ import numpy as np
 
 from .._install import install_hint
 
-__all__ = ["loaded_blas", "GeneratedCodeBlas", "BlasUnavailable", "generated_code_blas", "mkl_reason",
+__all__ = ["loaded_blas", "GeneratedCodeBlas", "BlasUnavailable", "generated_code_blas", "mkl_reason", "prefetch",
            "choice", "CHOICES"]
 
 CHOICES = ("auto", "mkl", "numpy")
@@ -100,8 +101,45 @@ def mkl_reason() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=1)
+def prefetch() -> None:
+    """Load the BLAS AVALON_BLAS selects in a background thread, with one tiny
+    product so that MKL maps its kernels' libraries (~7 ms, a seventh of a warm
+    first compilation), while the first graph is being traced: compiling it then
+    finds the library ready.  Errors are left for the compilation to raise."""
+    try:
+        if choice() == "numpy":
+            return
+    except ValueError:
+        return               # said when a graph is compiled
+    threading.Thread(target=_warm, name="avalon-blas-prefetch", daemon=True).start()
+
+
+def _warm() -> None:
+    try:
+        blas = generated_code_blas()
+        address = blas.address("gemm", np.float32) if blas is not None else None
+        if address:
+            gemm = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                    ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
+                                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
+                                    ctypes.c_int64)(address)
+            one = np.ones(1, np.float32)
+            out = np.empty(1, np.float32)
+            gemm(101, 111, 111, 1, 1, 1, 1.0, one.ctypes.data, 1, one.ctypes.data, 1, 0.0, out.ctypes.data, 1)
+    except Exception:  # noqa: BLE001 - a compilation asking for this BLAS raises it
+        pass
+
+
+_mkl_lock = threading.Lock()
+
+
 def _mkl() -> GeneratedCodeBlas:
+    with _mkl_lock:          # the prefetch thread and a compilation may ask at once
+        return _load_mkl()
+
+
+@functools.lru_cache(maxsize=1)
+def _load_mkl() -> GeneratedCodeBlas:
     path = _mkl_rt_path()
     try:
         lib = ctypes.CDLL(path)
@@ -119,6 +157,14 @@ def _mkl() -> GeneratedCodeBlas:
 
 
 def _mkl_rt_path() -> str:
+    """libmkl_rt of the installed mkl package: where pip puts its libraries
+    (<prefix>/lib), else as the distribution's files say (importlib.metadata
+    costs ~30 ms in a first compilation when nothing has imported it yet)."""
+    import glob
+    import sys
+    found = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    if found:
+        return os.path.realpath(found[-1])
     from importlib import metadata
     try:
         dist = metadata.distribution("mkl")
