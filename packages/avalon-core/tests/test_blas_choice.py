@@ -91,6 +91,26 @@ def test_mkl_asked_for_but_missing_is_an_error_naming_the_package(monkeypatch, t
     assert fallback is None or fallback.name.startswith("OpenBLAS")
 
 
+def test_without_mkl_auto_looks_for_it_once_not_at_every_compilation(monkeypatch, tmp_path):
+    import sys
+    from importlib import metadata
+    lookups = []
+
+    def missing(name):
+        lookups.append(name)
+        raise metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(metadata, "distribution", missing)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(blas, "_load_mkl", functools.lru_cache(maxsize=1)(blas._load_mkl.__wrapped__))
+    monkeypatch.setenv("AVALON_BLAS", "auto")
+    chosen = [blas.generated_code_blas() for _ in range(4)]
+    assert lookups == ["mkl"]
+    assert all(c is chosen[0] for c in chosen) and (chosen[0] is None or chosen[0].name.startswith("OpenBLAS"))
+    monkeypatch.setenv("AVALON_BLAS", "mkl")
+    with pytest.raises(blas.BlasUnavailable, match="mkl package is not installed"):
+        blas.generated_code_blas()
+
+
 @needs_driver
 @pytest.mark.parametrize("choice", ["numpy", pytest.param("mkl", marks=needs_mkl)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

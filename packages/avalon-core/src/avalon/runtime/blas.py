@@ -125,6 +125,7 @@ def _warm() -> None:
                                     ctypes.c_int64)(address)
             one = np.ones(1, np.float32)
             out = np.empty(1, np.float32)
+            # row-major, neither operand transposed (the CBLAS enums): 1x1 times 1x1
             gemm(101, 111, 111, 1, 1, 1, 1.0, one.ctypes.data, 1, one.ctypes.data, 1, 0.0, out.ctypes.data, 1)
     except Exception:  # noqa: BLE001 - a compilation asking for this BLAS raises it
         pass
@@ -135,11 +136,23 @@ _mkl_lock = threading.Lock()
 
 def _mkl() -> GeneratedCodeBlas:
     with _mkl_lock:          # the prefetch thread and a compilation may ask at once
-        return _load_mkl()
+        loaded = _load_mkl()
+    if isinstance(loaded, BlasUnavailable):
+        raise loaded
+    return loaded
 
 
 @functools.lru_cache(maxsize=1)
-def _load_mkl() -> GeneratedCodeBlas:
+def _load_mkl():
+    """MKL, or why not (kept as well: every compilation asks again, and without MKL
+    the answer would cost a search of the installed distributions each time)."""
+    try:
+        return _open_mkl()
+    except BlasUnavailable as e:
+        return e
+
+
+def _open_mkl() -> GeneratedCodeBlas:
     path = _mkl_rt_path()
     try:
         lib = ctypes.CDLL(path)
