@@ -149,28 +149,25 @@ AVL_EXPORT int avl_product_helpers(void)
     return avl_n_helpers;
 }
 
-static void avl_run_piece(int64_t piece)
+/* the product at q (a gemv or a gemm op of a program) on pointers a, b, c, restricted
+   to n of the result's rows (axis 0) or columns (axis 1) from lo: a gemv's are the
+   elements of y = A^T x; the whole product is lo = 0 and n = all of them */
+static void avl_product(const int64_t* q, const char* a, const char* b, char* c, int axis, int64_t lo, int64_t n)
 {
-    const int64_t* q = avl_job.q;
-    const int64_t es = q[2] == 0 ? 4 : 8, lo = piece * avl_job.step;
-    const int64_t n = (lo + avl_job.step < avl_job.extent ? lo + avl_job.step : avl_job.extent) - lo;
-    if (q[0] == AVL_OP_GEMV) {  /* gemv, transposed A: y (length N) = A^T x; a piece is a range of y */
-        const char* a = avl_job.a + lo * es * (q[3] == AVL_ROW_MAJOR ? 1 : q[6]);
-        char* y = avl_job.c + lo * es * q[8];
+    const int64_t es = q[2] == 0 ? 4 : 8;
+    if (q[0] == AVL_OP_GEMV) {
+        a += lo * es * (q[3] == AVL_ROW_MAJOR ? 1 : q[6]);
+        c += lo * es * q[8];
         if (q[2] == 0)
-            ((avl_sgemv)q[1])((int)q[3], AVL_TRANS, q[4], n, 1.0f, (const float*)a, q[6],
-                              (const float*)avl_job.b, q[7], 0.0f, (float*)y, q[8]);
+            ((avl_sgemv)q[1])((int)q[3], AVL_TRANS, q[4], n, 1.0f, (const float*)a, q[6], (const float*)b, q[7],
+                              0.0f, (float*)c, q[8]);
         else
-            ((avl_dgemv)q[1])((int)q[3], AVL_TRANS, q[4], n, 1.0, (const double*)a, q[6],
-                              (const double*)avl_job.b, q[7], 0.0, (double*)y, q[8]);
+            ((avl_dgemv)q[1])((int)q[3], AVL_TRANS, q[4], n, 1.0, (const double*)a, q[6], (const double*)b, q[7],
+                              0.0, (double*)c, q[8]);
         return;
     }
-    /* gemm, row-major: a piece is a range of rows (axis 0) or of columns (axis 1) of C */
-    const char* a = avl_job.a;
-    const char* b = avl_job.b;
-    char* c = avl_job.c;
-    int64_t m = q[5], nn = q[6];
-    if (avl_job.axis == 0) {
+    int64_t m = q[5], nn = q[6];     /* gemm, row-major */
+    if (axis == 0) {
         a += lo * es * (q[3] == AVL_NO_TRANS ? q[8] : 1);
         c += lo * es * q[10];
         m = n;
@@ -185,6 +182,13 @@ static void avl_run_piece(int64_t piece)
     else
         ((avl_dgemm)q[1])(AVL_ROW_MAJOR, (int)q[3], (int)q[4], m, nn, q[7], 1.0, (const double*)a, q[8],
                           (const double*)b, q[9], 0.0, (double*)c, q[10]);
+}
+
+static void avl_run_piece(int64_t piece)
+{
+    const int64_t lo = piece * avl_job.step;
+    const int64_t hi = lo + avl_job.step < avl_job.extent ? lo + avl_job.step : avl_job.extent;
+    avl_product(avl_job.q, avl_job.a, avl_job.b, avl_job.c, avl_job.axis, lo, hi - lo);
 }
 
 /* claims the next unclaimed piece of generation gen: its index, or -1 when none is left
@@ -425,28 +429,16 @@ static int avl_run(const int64_t* p, const void* const* objs)
             const char* a = r[q[9]] + q[10];
             const char* x = r[q[11]] + q[12];
             char* y = r[q[13]] + q[14];
-            if (avl_product_in_pieces(q, a, x, y))
-                ;
-            else if (q[2] == 0)
-                ((avl_sgemv)q[1])((int)q[3], {_TRANS}, q[4], q[5], 1.0f, (const float*)a, q[6], (const float*)x, q[7],
-                                  0.0f, (float*)y, q[8]);
-            else
-                ((avl_dgemv)q[1])((int)q[3], {_TRANS}, q[4], q[5], 1.0, (const double*)a, q[6], (const double*)x, q[7],
-                                  0.0, (double*)y, q[8]);
+            if (!avl_product_in_pieces(q, a, x, y))
+                avl_product(q, a, x, y, 1, 0, q[5]);
             q += 15;
         }} else {{
             /* fn, dtype, transA, transB, M, N, K, lda, ldb, ldc, A, offA, B, offB, C, offC */
             const char* a = r[q[11]] + q[12];
             const char* b = r[q[13]] + q[14];
             char* c = r[q[15]] + q[16];
-            if (avl_product_in_pieces(q, a, b, c))
-                ;
-            else if (q[2] == 0)
-                ((avl_sgemm)q[1])({_ROW_MAJOR}, (int)q[3], (int)q[4], q[5], q[6], q[7], 1.0f, (const float*)a, q[8],
-                                  (const float*)b, q[9], 0.0f, (float*)c, q[10]);
-            else
-                ((avl_dgemm)q[1])({_ROW_MAJOR}, (int)q[3], (int)q[4], q[5], q[6], q[7], 1.0, (const double*)a, q[8],
-                                  (const double*)b, q[9], 0.0, (double*)c, q[10]);
+            if (!avl_product_in_pieces(q, a, b, c))
+                avl_product(q, a, b, c, 0, 0, q[5]);
             q += 17;
         }}
     }}
