@@ -113,9 +113,8 @@ class CpuBackend(Backend):
         rest between steps, where BLAS's own threads busy-wait ~0.1 s after each
         call and slow the work that follows); BLAS's own thread count stays as
         _own_blas_threads set it.  Without the driver, BLAS's threads serve."""
-        from ..runtime.segments import driver, set_product_threads
-        if driver() is not None:
-            set_product_threads(n)
+        from ..runtime.segments import set_product_threads
+        if set_product_threads(n):
             return
         for lib in _blas_libs:
             lib.set_num_threads(n)

@@ -483,12 +483,15 @@ def _build_driver():
         return None
 
 
-def set_product_threads(n: int) -> None:
+def set_product_threads(n: int) -> bool:
     """Split the large products of the segments the calling thread runs next
-    across n threads (1: whole); see the driver's helper threads."""
+    across n threads (1: whole); see the driver's helper threads.  False when
+    there is no driver (nothing set)."""
     lib = driver()
-    if lib is not None:
-        lib.avl_set_product_threads(int(n))
+    if lib is None:
+        return False
+    lib.avl_set_product_threads(int(n))
+    return True
 
 
 def blas_gemm() -> dict:
