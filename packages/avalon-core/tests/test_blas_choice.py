@@ -257,3 +257,26 @@ def test_prefetch_loads_the_chosen_blas_in_a_background_thread(choice, monkeypat
     assert not thread.is_alive()
     if blas.mkl_reason() is None:      # the thread loaded MKL: a compilation finds it loaded
         assert fresh.cache_info().currsize == 1 and fresh.cache_info().hits >= 1
+
+
+def _schedule_labels(x, w):
+    f = avalon.jit(lambda x, w: avalon.relu(x @ w.T))
+    f(x, w)
+    compiled = f._last().compiled
+    return [label for label, _ in getattr(compiled, "candidates", [("one thread", compiled)])]
+
+
+@needs_driver
+def test_a_matrix_vector_product_the_helpers_split_gets_a_blas_threads_schedule(monkeypatch):
+    """A one-sample prediction's products have few flops (0.8 M here) but a weight
+    the driver's helpers split in two halves: ran on two threads, it took half the time."""
+    monkeypatch.setenv("AVALON_C_DRIVER", "1")
+    threads = CpuBackend().blas_threads_available
+    if threads < 2:
+        pytest.skip("one CPU: no BLAS threads schedule")
+    w = rng.standard_normal((500, 784)).astype(np.float32)
+    assert segments.splits_product(1, 500, 784)
+    assert f"BLAS on {threads} threads" in _schedule_labels(rng.standard_normal((1, 784)).astype(np.float32), w)
+    small = rng.standard_normal((10, 16)).astype(np.float32)
+    assert not segments.splits_product(1, 10, 16)
+    assert _schedule_labels(rng.standard_normal((1, 16)).astype(np.float32), small) == ["one thread"]

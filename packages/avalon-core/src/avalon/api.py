@@ -36,22 +36,6 @@ def _fname(f) -> str:
     return getattr(f, "__qualname__", None) or getattr(f, "__name__", None) or type(f).__name__
 
 
-#: a graph gets a schedule with BLAS on several threads only from this many
-#: floating-point operations in its matrix products: below, the products are too
-#: small to gain from threads, and the BLAS threads' spinning after each call
-#: would only slow the schedules timed after it
-BLAS_THREADS_MIN_FLOPS = 4_000_000
-
-
-def _product_flops(products) -> int:
-    """2 * m * n * k summed over matmul nodes (batched: times the batch)."""
-    total = 0
-    for n in products:
-        a = n.inputs[0]
-        total += 2 * int(np.prod(n.shape)) * (int(a.shape[-1]) if a.ndim else 1)
-    return total
-
-
 def _fdef(f) -> str:
     code = getattr(f, "__code__", None) or getattr(getattr(f, "__call__", None), "__code__", None)
     return f"{code.co_filename}:{code.co_firstlineno}" if code else "<unknown>"
@@ -301,7 +285,7 @@ class CompiledFunction:
         # the real workload weighs that in
         blas = getattr(backend, "blas_threads_available", 1)
         products = [n for n in graph.nodes if n.op == "matmul"]
-        if blas > 1 and _product_flops(products) >= BLAS_THREADS_MIN_FLOPS:
+        if blas > 1 and backend.product_threads_pay(products):
             candidates.append((f"BLAS on {blas} threads", Later(lambda: BlasThreads(whole(), backend, blas))))
         if len(candidates) == 1:
             return whole()

@@ -14,6 +14,21 @@ import numpy as np
 
 from ..errors import MissingRuleError
 
+#: a graph gets a schedule with BLAS on several threads only from this many
+#: floating-point operations in its matrix products: below, the products are too
+#: small to gain from threads, and the BLAS threads' spinning after each call
+#: would only slow the schedules timed after it
+BLAS_THREADS_MIN_FLOPS = 4_000_000
+
+
+def product_flops(products) -> int:
+    """2 * m * n * k summed over matmul nodes (batched: times the batch)."""
+    total = 0
+    for n in products:
+        a = n.inputs[0]
+        total += 2 * int(np.prod(n.shape)) * (int(a.shape[-1]) if a.ndim else 1)
+    return total
+
 
 class Backend:
     name = "base"          # the device kind: avalon.device("<name>[:index]")
@@ -182,6 +197,11 @@ class Backend:
     def k_allreduce_sum(self, x, *, key):
         """Sum over the threads of a split step (see avalon.runtime.threads)."""
         return self._reducers[key].reduce(self._shard_index, x)
+
+    def product_threads_pay(self, products) -> bool:
+        """Whether a schedule running these matmul nodes on several BLAS threads is
+        worth timing against the others (avalon.runtime.threads.Autotuned)."""
+        return product_flops(products) >= BLAS_THREADS_MIN_FLOPS
 
     def wrap_compiled(self, compiled):
         """A chance to wrap a freshly compiled graph (a GPU backend captures it

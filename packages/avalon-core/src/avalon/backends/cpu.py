@@ -52,14 +52,14 @@ class CpuBackend(Backend):
         # in-place updates (an optimizer's) as one multi-output C kernel: one pass over memory
         # a transposed weight many products read (an RNN's), copied once: OpenBLAS's
         # products by a transposed right operand are 20-50% slower
-        from ..passes.products import shared_transposed_operands, wide_products
+        from ..passes.products import shared_transposed_operands
         # an op or a reduction alone as a C kernel: in the segments' driver calls (no
         # Python dispatch between them), and NumPy's pairwise sum is 2-2.5x slower
         from ..passes.fusion import fuse_lone_ops
         return [("layout", _cpu_layout, "after:dce_2"),
                 ("shared_transposed_operands", shared_transposed_operands, "after:dce_3"),
-                # products with fewer rows than columns computed transposed: OpenBLAS runs them faster
-                ("wide_products", wide_products, "after:shared_transposed_operands"),
+                # products with fewer rows than columns computed transposed where OpenBLAS runs them
+                ("wide_products", _wide_products_on_openblas, "after:shared_transposed_operands"),
                 ("fuse_lone_ops", fuse_lone_ops, "after:fuse_elementwise"),
                 ("fuse_views", fuse_views, "after:fuse_lone_ops"),
                 ("fuse_updates", fuse_updates, "after:fuse_views")]
@@ -118,6 +118,18 @@ class CpuBackend(Backend):
             return
         for lib in _blas_libs:
             lib.set_num_threads(n)
+
+    def product_threads_pay(self, products) -> bool:
+        """With the segment driver, its helper threads split every 2-D product big
+        enough (segments.splits_product) and rest between calls, so one such product
+        is reason enough: a one-sample VAE prediction, matrix-vector products with a
+        784x500 weight, took 78 us on two threads against 155 us on one.  Without the
+        driver, BLAS's own threads spin after each call (Backend's rule)."""
+        if not _segments_split_products():
+            return super().product_threads_pay(products)
+        from ..runtime.segments import splits_product
+        return any(n.ndim == 2 and n.dtype in (np.float32, np.float64) and n.inputs[0].ndim == 2
+                   and splits_product(n.shape[0], n.shape[1], n.inputs[0].shape[1]) for n in products)
 
     @property
     def blas_threads_available(self) -> int:
@@ -182,6 +194,31 @@ def _cpu_layout(graph):
     kept, AVALON_NATIVE is read per compilation)."""
     from ..passes.layout import layout
     return layout(graph, direct_convs=_builds_c_kernels())
+
+
+def _wide_products_on_openblas(graph):
+    """passes.products.wide_products when the graph's products run on OpenBLAS
+    (NumPy's matmul, or segments calling NumPy's OpenBLAS), whose products by a
+    transposed right operand gain from more rows.  MKL, which segments call when
+    it is installed (runtime.blas), shows no such gap: the VAE's training step took
+    the same time either way, and the transposed view only cost its elementwise
+    readers strided loads (the VAE decoder's bias + sigmoid over 100x784: a batch
+    prediction 0.80 ms as it is against 0.87 ms rewritten, on two threads).
+    Asked at each compilation, like AVALON_BLAS."""
+    from ..passes.products import wide_products
+    from ..runtime.blas import generated_code_blas
+    if _segments_split_products():
+        blas = generated_code_blas()
+        if blas is not None and not blas.name.startswith("OpenBLAS"):
+            return graph
+    return wide_products(graph)
+
+
+def _segments_split_products() -> bool:
+    """Whether compiled graphs run their 2-D products in segments (the C driver
+    builds and AVALON_C_DRIVER allows it), with segments' BLAS and product threads."""
+    from ..runtime import segments
+    return segments.enabled() and segments.driver() is not None
 
 
 def _builds_c_kernels() -> bool:

@@ -64,6 +64,21 @@ def enabled() -> bool:
 
 # -- the C driver ---------------------------------------------------------------------------------------------
 
+#: the smallest products split across the product threads (set_product_threads):
+#: a matrix product's M*N*K, a matrix-vector product's M*N (a smaller one runs
+#: whole: a hand-off costs ~1-2 us)
+MIN_SPLIT_GEMM_WORK = 1 << 18
+MIN_SPLIT_GEMV_WORK = 1 << 15
+
+
+def splits_product(rows: int, cols: int, inner: int) -> bool:
+    """Whether the driver's product threads split a (rows x inner) @ (inner x cols)
+    product: one row or column is BLAS's matrix-vector product."""
+    if rows == 1 or cols == 1:
+        return rows * cols * inner >= MIN_SPLIT_GEMV_WORK
+    return rows * cols * inner >= MIN_SPLIT_GEMM_WORK
+
+
 _PRODUCT_THREADS_C = r"""
 /* -- products split across helper threads ------------------------------------------------------
    A thread that set avl_set_product_threads(n > 1) runs each large product of its segments
@@ -92,8 +107,8 @@ _PRODUCT_THREADS_C = r"""
 #endif
 #define AVL_MAX_HELPERS 15
 #define AVL_SPIN_NS 1000000
-#define AVL_MIN_GEMM_WORK 262144    /* M*N*K below this: whole (a hand-off costs ~1-2 us) */
-#define AVL_MIN_GEMV_WORK 32768     /* M*N */
+#define AVL_MIN_GEMM_WORK @MIN_GEMM_WORK@    /* M*N*K below this: whole (a hand-off costs ~1-2 us) */
+#define AVL_MIN_GEMV_WORK @MIN_GEMV_WORK@     /* M*N */
 #define AVL_PIECE_ALIGN 16
 
 typedef struct {
@@ -334,7 +349,7 @@ static int avl_product_in_pieces(const int64_t* q, const char* a, const char* b,
     pthread_mutex_unlock(&avl_pool_lock);
     return 1;
 }
-"""
+""".replace("@MIN_GEMM_WORK@", str(MIN_SPLIT_GEMM_WORK)).replace("@MIN_GEMV_WORK@", str(MIN_SPLIT_GEMV_WORK))
 
 
 def _driver_source(header: int) -> str:
