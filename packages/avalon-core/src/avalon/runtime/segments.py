@@ -84,9 +84,10 @@ _PRODUCT_THREADS_C = r"""
    A thread that set avl_set_product_threads(n > 1) runs each large product of its segments
    in n pieces (rows or columns of the result).  The pieces are claimed from a counter: the
    caller runs the first and then claims the rest itself as long as no helper has, so it
-   never waits for a helper to wake up, only for pieces a helper is running.  (On a virtual
-   machine a helper woken from sleep can take milliseconds to start: a VAE prediction's
-   products ran at half speed after a pause while the caller waited for it.)  A helper spins
+   never waits for a helper to wake up, only for pieces a helper is running.  Helpers are
+   kept off the caller's CPU (avl_keep_off): Linux wakes a sleeping thread on its waker's
+   CPU when the other one looks busy (a virtual CPU after a pause), and the two then shared
+   one CPU for tens of milliseconds before the balancer moved one.  A helper spins
    after its piece for the next product of the same call, up to AVL_SPIN_NS.  Once the caller
    sets one thread again (its call is over) it spins only as long as the last pause between
    two calls lasted, twice over: a loop of predictions keeps its helpers awake (a virtual CPU
@@ -98,6 +99,8 @@ _PRODUCT_THREADS_C = r"""
    the whole product. */
 #include <pthread.h>
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdatomic.h>
 #include <time.h>
 #if defined(__x86_64__) || defined(__i386__)
@@ -116,6 +119,9 @@ typedef struct {
     _Atomic int sleeping;
     pthread_mutex_t m;
     pthread_cond_t c;
+    pthread_t thread;
+    _Atomic int tid;                /* its kernel thread id, once it runs */
+    int off;                        /* the CPU it is kept off (-1: none) */
     char pad[64];
 } avl_helper;
 
@@ -135,6 +141,15 @@ static uint64_t avl_generation;
 
 static avl_helper avl_helpers[AVL_MAX_HELPERS];
 static int avl_n_helpers;
+static cpu_set_t avl_allowed;         /* the CPUs the process may use, when the driver was loaded */
+
+/* read when the driver is loaded: later, a caller may be pinned to one CPU for a call
+   (avalon.runtime.threads) */
+__attribute__((constructor)) static void avl_read_allowed(void)
+{
+    if (sched_getaffinity(0, sizeof avl_allowed, &avl_allowed) != 0)
+        CPU_ZERO(&avl_allowed);     /* unknown: helpers left where the system puts them */
+}
 static pthread_mutex_t avl_pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static int avl_atfork_done;
 static __thread int avl_product_threads = 1;
@@ -162,6 +177,12 @@ AVL_EXPORT int avl_set_product_threads(int n)
 AVL_EXPORT int avl_product_helpers(void)
 {
     return avl_n_helpers;
+}
+
+/* helper k's kernel thread id (0 before it runs, -1 when there is no such helper) */
+AVL_EXPORT int avl_product_helper_tid(int k)
+{
+    return k >= 0 && k < avl_n_helpers ? atomic_load(&avl_helpers[k].tid) : -1;
 }
 
 /* the product at q (a gemv or a gemm op of a program) on pointers a, b, c, restricted
@@ -223,6 +244,7 @@ static int64_t avl_claim_piece(uint64_t gen)
 static void* avl_helper_loop(void* arg)
 {
     avl_helper* h = (avl_helper*)arg;
+    atomic_store(&h->tid, (int)syscall(SYS_gettid));
     uint64_t seen = 0;   /* go is 0 when the thread is made; a product may be handed over before it runs */
     uint64_t rest = atomic_load(&avl_rest);
     for (;;) {
@@ -272,6 +294,18 @@ static void avl_fork_child(void)
     avl_n_helpers = 0;
 }
 
+/* helper h allowed on every CPU the caller may use but the one it runs on now, when that
+   changed since the last call (a system call then; else nothing) */
+static void avl_keep_off(avl_helper* h, int cpu)
+{
+    if (cpu < 0 || cpu == h->off || cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, &avl_allowed))
+        return;
+    cpu_set_t others = avl_allowed;
+    CPU_CLR(cpu, &others);
+    if (CPU_COUNT(&others) > 0 && pthread_setaffinity_np(h->thread, sizeof others, &others) == 0)
+        h->off = cpu;
+}
+
 /* helpers for n pieces (caller holds the pool lock); 0 when they cannot be started */
 static int avl_ensure_helpers(int n)
 {
@@ -280,16 +314,22 @@ static int avl_ensure_helpers(int n)
             return 0;
         avl_atfork_done = 1;
     }
+
     while (avl_n_helpers < n - 1) {
         avl_helper* h = &avl_helpers[avl_n_helpers];
         pthread_t t;
         atomic_store(&h->go, 0);
         atomic_store(&h->sleeping, 0);
+        atomic_store(&h->tid, 0);
         pthread_mutex_init(&h->m, 0);
         pthread_cond_init(&h->c, 0);
         if (pthread_create(&t, 0, avl_helper_loop, h) != 0)
             return 0;
         pthread_detach(t);
+        h->thread = t;
+        h->off = -1;
+        if (CPU_COUNT(&avl_allowed) > 0)    /* not the one CPU of a caller pinned for its call */
+            pthread_setaffinity_np(t, sizeof avl_allowed, &avl_allowed);
         avl_n_helpers++;
     }
     return 1;
@@ -330,8 +370,10 @@ static int avl_product_in_pieces(const int64_t* q, const char* a, const char* b,
     atomic_store(&avl_done, 0);
     atomic_store(&avl_pieces, pieces);
     atomic_store(&avl_claim, (gen & 0xffffffffu) << 32 | 1);   /* piece 0 is the caller's */
+    const int cpu = sched_getcpu();
     for (int k = 0; k < pieces - 1; k++) {
         avl_helper* h = &avl_helpers[k];
+        avl_keep_off(h, cpu);
         atomic_store(&h->go, gen);
         if (atomic_load(&h->sleeping)) {
             pthread_mutex_lock(&h->m);
@@ -365,6 +407,7 @@ def _driver_source(header: int) -> str:
         entries.append(f"AVL_EXPORT int avl_segment_{n}(const int64_t* p{params})\n"
                        f"{{\n    const void* objs[{max(n, 1)}] = {{{objs}}};\n    return avl_run(p, objs);\n}}")
     return f"""/* avalon segment driver: runs a program of kernel calls (avalon.runtime.segments) */
+#define _GNU_SOURCE         /* sched_getcpu, pthread_setaffinity_np */
 #include <stdint.h>
 #if defined(__GNUC__)
 #define AVL_EXPORT __attribute__((visibility("default")))

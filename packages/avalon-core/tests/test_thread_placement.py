@@ -1,0 +1,85 @@
+"""The engine's threads and the segment driver's product helpers run on other CPUs
+than their caller: Linux may wake a sleeping thread on its waker's CPU, and a split
+step's two threads then shared one CPU for milliseconds (avalon.runtime.threads
+._OffCaller; the driver's avl_keep_off)."""
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import avalon
+from avalon.runtime import segments, threads
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2 or threads.current_cpu() is None,
+    reason="thread placement needs Linux and two CPUs")
+
+
+def _one_cpu_of_ours():
+    return min(threads._PROCESS_CPUS)
+
+
+def test_workers_run_off_the_callers_cpu_and_the_caller_gets_its_cpus_back():
+    pool = threads._Workers(1)
+    seen = {}
+
+    def worker_job():
+        seen["worker"] = os.sched_getaffinity(0)
+        return threads.current_cpu()
+
+    def caller_job():
+        seen["caller"] = os.sched_getaffinity(0)
+        return threads.current_cpu()
+
+    before = os.sched_getaffinity(0)
+    worker_cpu, caller_cpu = pool.run([(worker_job, ()), (caller_job, ())])
+    assert seen["caller"] == {caller_cpu}                  # held on its CPU for the call
+    assert caller_cpu not in seen["worker"] and worker_cpu != caller_cpu
+    assert seen["worker"] == threads._PROCESS_CPUS - {caller_cpu}
+    assert os.sched_getaffinity(0) == before               # and given back after it
+
+
+def test_a_worker_started_by_a_pinned_caller_may_use_every_cpu_of_the_process():
+    cpu = _one_cpu_of_ours()
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        pool = threads._Workers(1)          # its thread inherits the caller's one CPU
+    finally:
+        os.sched_setaffinity(0, before)
+    assert os.sched_getaffinity(pool.off_caller.tids[0]) == threads._PROCESS_CPUS
+
+
+def test_a_failed_share_still_gives_the_caller_its_cpus_back():
+    pool = threads._Workers(1)
+    before = os.sched_getaffinity(0)
+
+    def fails():
+        raise ValueError("a share failed")
+    with pytest.raises(ValueError, match="a share failed"):
+        pool.run([(lambda: None, ()), (fails, ())])
+    assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.skipif(segments.driver() is None, reason="no C compiler: no segment driver")
+def test_product_helpers_run_off_the_callers_cpu(monkeypatch):
+    monkeypatch.setenv("AVALON_C_DRIVER", "1")
+    f = avalon.jit(lambda a, b: avalon.relu(a @ b) + a @ b, parallel=False)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((256, 128)).astype(np.float32), rng.standard_normal((128, 256)).astype(np.float32)
+    assert segments.splits_product(256, 256, 128)
+    before = os.sched_getaffinity(0)
+    for cpu in sorted(threads._PROCESS_CPUS)[:2]:
+        os.sched_setaffinity(0, {cpu})        # the caller on `cpu`: its helpers elsewhere
+        segments.set_product_threads(2)
+        try:
+            got = f(a, b)
+        finally:
+            segments.set_product_threads(1)
+            os.sched_setaffinity(0, before)
+        np.testing.assert_allclose(got, np.maximum(a @ b, 0) + a @ b, rtol=1e-4, atol=1e-4)
+        driver = segments.driver()
+        assert driver.avl_product_helpers() >= 1
+        tid = driver.avl_product_helper_tid(0)
+        assert tid > 0 and os.sched_getaffinity(tid) == threads._PROCESS_CPUS - {cpu}
