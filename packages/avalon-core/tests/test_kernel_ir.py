@@ -56,10 +56,10 @@ kernel bcast(in0: f32[4], in1: f32[8]) -> (out: f32[32]) {
       let x0: f32 = in0[i0]
       let x1: f32 = in1[i1]
       let t2: f32 = (x0 - x1)
-      let t3_0: f32 = -abs(t2)
-      let t3_1: f32 = -abs(t2)
-      let t3_2: f32 = -abs(t2)
-      let t3: f32 = select((t2 >= 0.0:f32), (1.0:f32 / (1.0:f32 + exp(t3_0))), (exp(t3_1) / (1.0:f32 + exp(t3_2))))
+      let t3_0: f32 = abs(t2)
+      let t3_1: f32 = -t3_0
+      let t3_2: f32 = exp(t3_1)
+      let t3: f32 = (select((t2 >= 0.0:f32), 1.0:f32, t3_2) / (1.0:f32 + t3_2))
       out[i0*8 + i1] = t3
     }
   }
@@ -356,3 +356,11 @@ def test_c_output_compiles_with_cc_and_matches_numpy(tmp_path):
         fn.argtypes = (ctypes.c_void_p,) * len(kernel.params)
         fn(*[a.ctypes.data for a in inputs], got.ctypes.data)
         np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str(kernel))
+
+
+def test_a_call_a_template_repeats_is_computed_once():
+    body = body_of([((16,), F32)], lambda op, x: op("tanh", x))
+    text = str(lower(body, name="twice", exprs={"tanh": "tanh(-abs({0})) * (1 + tanh(-abs({0})))"}))
+    assert text.count("tanh(") == 1 and text.count("abs(") == 1
+    lines = [line.strip() for line in text.splitlines()]
+    assert "let t1_2: f32 = tanh(t1_1)" in lines and "let t1: f32 = (t1_2 * (1.0:f32 + t1_2))" in lines

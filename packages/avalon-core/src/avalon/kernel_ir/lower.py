@@ -390,28 +390,40 @@ def node_expr(node, operands, exprs=None) -> Expr:
     return e if e.dtype == dtype else Cast(e, dtype)
 
 
-def _atomize(e, lets, fresh):
-    """e with every Call operand an atom (Var or Const), via new Lets."""
+def _atomize(e, lets, fresh, memo=None, root=True):
+    """e with every call's operands atoms (Var or Const) and every call inside it
+    computed by a Let of its own, via new Lets appended to `lets`; an expression
+    met twice is computed once (`memo`: expression -> its Var).  A template that
+    names exp(-abs(x)) three times (the stable sigmoid) costs one exp, and a call
+    in a branch of a select is computed in any case, as vector code does (the
+    calls are pure: -fno-math-errno, no traps)."""
+    memo = {} if memo is None else memo
     if isinstance(e, (Var, Const, Load, Index)):
         return e
     if isinstance(e, Call):
-        args = []
-        for a in e.args:
-            a = _atomize(a, lets, fresh)
-            if not isinstance(a, (Var, Const)):
-                v = Var(fresh(), a.dtype)
-                lets.append(Let(v, a))
-                a = v
-            args.append(a)
-        return replace(e, args=tuple(args))
+        call = replace(e, args=tuple(_atom(a, lets, fresh, memo) for a in e.args))
+        return call if root else _let(call, lets, fresh, memo)
     if isinstance(e, (Unary, Cast)):
-        return replace(e, a=_atomize(e.a, lets, fresh))
+        return replace(e, a=_atomize(e.a, lets, fresh, memo, False))
     if isinstance(e, Binary):
-        return replace(e, a=_atomize(e.a, lets, fresh), b=_atomize(e.b, lets, fresh))
+        return replace(e, a=_atomize(e.a, lets, fresh, memo, False), b=_atomize(e.b, lets, fresh, memo, False))
     if isinstance(e, Select):
-        return replace(e, cond=_atomize(e.cond, lets, fresh), a=_atomize(e.a, lets, fresh),
-                       b=_atomize(e.b, lets, fresh))
+        return replace(e, cond=_atomize(e.cond, lets, fresh, memo, False), a=_atomize(e.a, lets, fresh, memo, False),
+                       b=_atomize(e.b, lets, fresh, memo, False))
     return e
+
+
+def _atom(e, lets, fresh, memo):
+    e = _atomize(e, lets, fresh, memo, False)
+    return e if isinstance(e, (Var, Const)) else _let(e, lets, fresh, memo)
+
+
+def _let(e, lets, fresh, memo):
+    v = memo.get(e)
+    if v is None:
+        v = memo[e] = Var(fresh(), e.dtype)
+        lets.append(Let(v, e))
+    return v
 
 
 # -- the body -> a kernel ----------------------------------------------------------------------------------------------
