@@ -103,10 +103,15 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
             step.lines.append(f"{var} = {kname}({args}{sep}out={names[plan.write_into[n]]}){comment}")
         elif n in plan.slot_of:
             bname = f"b{k}"
-            s = plan.slot_of[n]
-            env[bname] = slots[s][:n.nbytes].view(n.dtype).reshape(n.shape)
-            step.out, step.target = "slot", bname
-            step.lines.append(f"{var} = {kname}({args}{sep}out={bname}){comment}")
+            s, offset = plan.slot_of[n], plan.offset_of.get(n, 0)
+            env[bname] = slots[s][offset:offset + n.nbytes].view(n.dtype).reshape(n.shape)
+            step.target = bname
+            if n in plan.assembled:
+                step.out = "assembled"
+                step.lines.append(f"{var} = {bname}  # {n.op}, its inputs written in place:{comment[3:]}")
+            else:
+                step.out = "slot"
+                step.lines.append(f"{var} = {kname}({args}{sep}out={bname}){comment}")
         else:
             step.lines.append(f"{var} = {kname}({args}){comment}")
         if profile:
@@ -150,7 +155,8 @@ def generate(graph, backend, name: str = "compiled", plan=None, profile: bool = 
 class Step:
     """One node's line(s) of generated code, and where its result goes: "slot" (the
     plan's buffer `target`), "write_into" (the array of node `target`), "elided"
-    (an assign made free) or "fresh" (the kernel allocates it)."""
+    (an assign made free), "assembled" (the plan's buffer `target`, its inputs
+    written there: no op runs) or "fresh" (the kernel allocates it)."""
 
     def __init__(self, k, node, kname, var):
         self.k, self.node, self.kname, self.var = k, node, kname, var

@@ -11,7 +11,11 @@ a slot in a set of buffers preallocated once per compiled signature:
 * values that leave the function (outputs, and what they are views of) never
   live in a slot: each call returns fresh arrays the caller may keep;
 * assign(dst, src) (an optimizer's update) lets the op computing src write
-  straight into dst, when nothing reads dst afterwards: no copy at all.
+  straight into dst, when nothing reads dst afterwards: no copy at all;
+* an op that only lays its inputs end to end (a primitive with an `assembles`
+  rule: a concatenation along time of an RNN's per-step gradients) runs no
+  kernel: each input is written straight into its place in the op's buffer,
+  which is taken when the first of them is made and lives as long as any.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ class MemoryPlan:
     inplace: dict = field(default_factory=dict)      # node -> input node it overwrites
     write_into: dict = field(default_factory=dict)   # node -> array node it writes (for assign)
     elided: set = field(default_factory=set)         # assign nodes made free by write_into
+    offset_of: dict = field(default_factory=dict)    # node -> byte offset in its slot (an assembled part)
+    assembled: set = field(default_factory=set)      # nodes whose inputs were written in place: no op runs
 
     @property
     def total_bytes(self) -> int:
@@ -35,7 +41,8 @@ class MemoryPlan:
     def summary(self) -> str:
         return (f"{len(self.slot_of)} values in {len(self.slot_nbytes)} buffers "
                 f"({self.total_bytes / 2**20:.2f} MiB), {len(self.inplace)} written in place, "
-                f"{len(self.write_into)} written straight into assigned arrays")
+                f"{len(self.write_into)} written straight into assigned arrays, "
+                f"{len(self.assembled)} assembled in place")
 
 
 def plan_memory(graph, backend) -> MemoryPlan:
@@ -57,6 +64,15 @@ def plan_memory(graph, backend) -> MemoryPlan:
 
     plan = MemoryPlan()
     _plan_assign_targets(graph, backend, plan, root, index)
+
+    def plannable(n):
+        prim = PRIMITIVES.get(n.op)
+        return (prim is not None and not prim.view and root[n] is n and n not in escaping
+                and n.nbytes > 0 and backend.supports_out(prim) and n not in plan.write_into)
+    part_of = _plan_assembled(graph, plan, plannable, index)
+    for part, (whole, _) in part_of.items():
+        # a part's memory is its whole's: freed when the whole and every part are dead
+        last[whole] = max(last.get(whole, index[whole]), last.pop(part, index[part]))
     free: list[int] = []
     dies_at: dict[int, list] = {}
     for r, k in last.items():
@@ -64,10 +80,15 @@ def plan_memory(graph, backend) -> MemoryPlan:
 
     for k, n in enumerate(nodes):
         prim = PRIMITIVES.get(n.op)
-        plannable = (prim is not None and not prim.view and root[n] is n and n not in escaping
-                     and n.nbytes > 0 and backend.supports_out(prim) and n not in plan.write_into)
         dying_here = [r for r in dies_at.get(k, ()) if r in plan.slot_of]
-        if plannable:
+        if n in part_of:
+            whole, offset = part_of[n]
+            if whole not in plan.slot_of:
+                plan.slot_of[whole] = _take_slot(plan, free, whole.nbytes)
+            plan.slot_of[n], plan.offset_of[n] = plan.slot_of[whole], offset
+        elif n in plan.assembled:
+            pass                      # its slot was taken with its first part
+        elif plannable(n):
             donor = None
             if _writes_over(prim, n):
                 for i in n.inputs:
@@ -84,9 +105,39 @@ def plan_memory(graph, backend) -> MemoryPlan:
             if r is not n:
                 free.append(plan.slot_of[r])
         # a planned value nobody reads is dead at once
-        if plannable and n not in last:
+        if n in plan.slot_of and n not in part_of and n not in last:
             free.append(plan.slot_of[n])
     return plan
+
+
+#: parts are placed at offsets that keep a cache line's alignment (the C kernels'
+#: vector loads; backends' buffers are aligned so)
+PART_ALIGNMENT = 64
+
+
+def _plan_assembled(graph, plan, plannable, index) -> dict:
+    """part -> (whole, byte offset) for each op whose `assembles` rule lays its inputs
+    end to end, where each input can be written in its place: made by a kernel
+    writing an `out` of its own (plannable) before the op, of the op's dtype, an
+    input of no other such op, and never written again (an assign's destination)."""
+    taken: dict = {}
+    written = {a.inputs[0] for a in graph.nodes if getattr(PRIMITIVES.get(a.op), "writes_input", False)}
+    for whole in graph.nodes:
+        prim = PRIMITIVES.get(whole.op)
+        rule = prim.rule("assembles", None) if prim is not None else None
+        if rule is None or not plannable(whole):
+            continue
+        offsets = rule(whole)
+        parts = whole.inputs
+        if (offsets is None or len(parts) < 2 or len(set(parts)) != len(parts)
+                or any(off % PART_ALIGNMENT for off in offsets)
+                or any(p in taken or p in written or p.dtype != whole.dtype or index[p] > index[whole]
+                       or not plannable(p) or p.op in ("input", "const") for p in parts)):
+            continue
+        for p, off in zip(parts, offsets):
+            taken[p] = (whole, off)
+        plan.assembled.add(whole)
+    return taken
 
 
 def _writes_over(prim, node) -> bool:

@@ -44,6 +44,8 @@ RULE_KINDS = {
                    "bool (avalon.memory's in-place reuse; without the rule, the primitive's `inplace`)",
     "merge_sum": "a sum of several nodes of the op as fewer, cheaper nodes, nodes -> (new nodes, merged) or "
                  "None (avalon.passes.sums)",
+    "assembles": "the op's output as its inputs laid end to end, node -> the byte offset of each input in the "
+                 "output, or None (avalon.memory writes the inputs there and runs no op)",
 }
 
 _NO_DEFAULT = object()

@@ -806,9 +806,23 @@ def _concat_sharding(node, states, ctx):
     return s
 
 
+def _concat_assembles(node):
+    """Byte offsets of the inputs in the output where they are consecutive blocks of
+    it (every axis before the joined one of size 1: an RNN's per-step values joined
+    along time), else None."""
+    axis = node.attrs["axis"]
+    if any(int(d) != 1 for d in node.shape[:axis]):
+        return None
+    offsets, at = [], 0
+    for x in node.inputs:
+        offsets.append(at)
+        at += x.nbytes
+    return offsets
+
+
 concatenate_p = defprim("concatenate", shape=_concat_rule, impl=_concat_impl, accepts_out=True,
                         vjp=_concat_vjp, batching=shifted_axis_rule("concatenate"),
-                        sharding=on_sharded(_concat_sharding))
+                        sharding=on_sharded(_concat_sharding), assembles=_concat_assembles)
 
 
 @_located

@@ -804,7 +804,7 @@ class SegmentBuilder:
         """The layout of a step's result when known at compile time (a buffer of
         the plan, an assigned array), before deciding anything else."""
         n = step.node
-        if step.out == "slot":
+        if step.out in ("slot", "assembled"):
             return contiguous_layout(("fixed", self.env[step.target].ctypes.data), n)
         if step.out == "write_into":
             lay = self.loc.get(step.target)
@@ -817,6 +817,8 @@ class SegmentBuilder:
         if step.out == "elided":
             lay = self.loc.get(n.inputs[0])
             return ([], lay, False) if lay is not None else None
+        if step.out == "assembled":          # its inputs were written in place: nothing to run
+            return [], self.result_layout(step), False
         view = VIEWS.get(n.op)
         if view is not None:
             src = self.loc.get(n.inputs[0])
@@ -984,7 +986,12 @@ class SegmentBuilder:
                 if o.base[0] == "dyn":
                     seg.written.add(o.base[1])
             seg.ops.append((kind, payload))
-        what = self.listing_line if ops else f"{n.op}: a view, {_show(lay, self.names)}"
+        if ops:
+            what = self.listing_line
+        elif step.out == "assembled":
+            what = f"{n.op}: its inputs written in place, {_show(lay, self.names)}"
+        else:
+            what = f"{n.op}: a view, {_show(lay, self.names)}"
         seg.listing.append(f"/* v{step.k} */ {what};")
 
     def note_python(self, step):
@@ -1093,7 +1100,7 @@ def _fast_lines(builder, seg, steps, last_use, outputs):
             continue
         if VIEWS.get(n.op) is not None:
             lines.append(step.lines[0])
-        elif step.out == "slot":
+        elif step.out in ("slot", "assembled"):
             lines.append(f"{step.var} = {step.target}")
         elif step.out == "write_into":
             lines.append(f"{step.var} = {names[step.target]}")
