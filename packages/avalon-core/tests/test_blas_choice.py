@@ -280,3 +280,15 @@ def test_a_matrix_vector_product_the_helpers_split_gets_a_blas_threads_schedule(
     small = rng.standard_normal((10, 16)).astype(np.float32)
     assert not segments.splits_product(1, 10, 16)
     assert _schedule_labels(rng.standard_normal((1, 16)).astype(np.float32), small) == ["one thread"]
+
+
+@pytest.mark.parametrize("choice", ["auto", "mkl", "numpy"])
+def test_whether_mkl_will_be_used_is_known_without_loading_it(choice, monkeypatch):
+    """A compilation's passes ask which BLAS will multiply while prefetch still loads
+    MKL: the answer must not wait for (or start) the load."""
+    installed = blas.mkl_reason() is None         # the process's own answer, before the fresh cache
+    fresh = functools.lru_cache(maxsize=1)(blas._load_mkl.__wrapped__)
+    monkeypatch.setattr(blas, "_load_mkl", fresh)
+    monkeypatch.setenv("AVALON_BLAS", choice)
+    assert blas.will_use_mkl() == (choice != "numpy" and installed)
+    assert fresh.cache_info().currsize == 0       # nothing loaded

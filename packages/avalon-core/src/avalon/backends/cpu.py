@@ -204,13 +204,12 @@ def _wide_products_on_openblas(graph):
     the same time either way, and the transposed view only cost its elementwise
     readers strided loads (the VAE decoder's bias + sigmoid over 100x784: a batch
     prediction 0.80 ms as it is against 0.87 ms rewritten, on two threads).
-    Asked at each compilation, like AVALON_BLAS."""
+    Asked at each compilation, like AVALON_BLAS, without waiting for MKL to load
+    (runtime.blas.prefetch loads it meanwhile)."""
     from ..passes.products import wide_products
-    from ..runtime.blas import generated_code_blas
-    if _segments_split_products():
-        blas = generated_code_blas()
-        if blas is not None and not blas.name.startswith("OpenBLAS"):
-            return graph
+    from ..runtime.blas import will_use_mkl
+    if _segments_split_products() and will_use_mkl():     # not waiting for MKL to load
+        return graph
     return wide_products(graph)
 
 

@@ -92,6 +92,23 @@ def generated_code_blas() -> Optional[GeneratedCodeBlas]:
     return _numpy_openblas()
 
 
+def will_use_mkl() -> bool:
+    """Whether compiled code will multiply with MKL, without waiting for it to load
+    (a compilation's passes ask while prefetch loads it): the loaded answer once
+    there is one, else whether AVALON_BLAS asks for MKL and its library is
+    installed.  A guess for choosing rewrites, never for calling."""
+    wanted = choice()
+    if wanted == "numpy":
+        return False
+    if _load_mkl.cache_info().currsize:
+        return not isinstance(_load_mkl(), BlasUnavailable)
+    try:
+        _mkl_rt_path()
+    except BlasUnavailable:
+        return False
+    return True
+
+
 def mkl_reason() -> Optional[str]:
     """Why MKL cannot be loaded here, or None when it can."""
     try:
