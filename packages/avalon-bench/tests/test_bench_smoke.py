@@ -98,6 +98,9 @@ def test_every_figure_and_ratio_is_there(run, name):
     t, a = result["frameworks"]["torch_eager"], result["frameworks"]["avalon"]
     assert result["ratios"]["time_per_epoch_s"] == pytest.approx(a["time_per_epoch_s"] / t["time_per_epoch_s"])
     assert {t["met"] for t in result["targets"]} <= {True, False, None}
+    (compile_target,) = [t for t in result["targets"] if t["target"].startswith("compile (")]
+    assert isinstance(a["compile_builds"], int) and a["compile_builds"] >= 0
+    assert ("warm" in compile_target["target"]) == (a["compile_builds"] == 0)
     names = " / ".join(t["target"] for t in result["targets"])
     for what in ("vs PyTorch eager", "tuned malloc", "torch.compile", "compile (", "prediction latency, batch",
                  "prediction latency, one sample", "final training loss", "per-epoch mean losses"):

@@ -155,3 +155,17 @@ def test_the_steps_table_states_what_each_schedule_was_timed_at():
                       "resnet": row("resnet", "(still timing)", {})})
     assert "- lstm: batch split across threads 8.40 ms, one thread 11.00 ms" in table
     assert "- resnet:" not in table
+
+
+@pytest.mark.parametrize("builds, compile_s, goal, met", [
+    (0, 0.045, "< 50 ms", True), (0, 0.060, "< 50 ms", False),      # warm: every kernel from the disk cache
+    (3, 0.600, "< 1 s", True), (1, 1.200, "< 1 s", False),          # cold: the C compiler ran
+    (None, 0.600, "< 1 s", True)])                                  # not counted: the cold goal
+def test_the_compile_goal_is_the_warm_one_when_no_kernel_was_built(builds, compile_s, goal, met):
+    from avalon_bench import report
+    avalon = {"compile_s": compile_s, **({} if builds is None else {"compile_builds": builds})}
+    t = report.compile_target(avalon)
+    assert t["goal"] == goal and t["met"] is met
+    assert ("warm" in t["target"]) == (builds == 0)
+    if builds:
+        assert f"{builds} C compiler run" in t["target"]

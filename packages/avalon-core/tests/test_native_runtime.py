@@ -90,13 +90,15 @@ def test_build_loads_a_library_whose_functions_run(cache):
 
 @needs_cc
 def test_a_disk_hit_does_not_run_the_compiler_and_a_flag_change_misses(compiles, cache):
+    runs = native.compiler_runs()
     assert call_answer(native.build(answer_source(7), flags=FLAGS)) == 7
-    assert compiles() == 1
+    assert compiles() == 1 and native.compiler_runs() == runs + 1
     native._reset_for_tests()                                         # forget the loaded library
     assert call_answer(native.build(answer_source(7), flags=FLAGS)) == 7
-    assert compiles() == 1                                            # loaded from disk
+    assert compiles() == 1 and native.compiler_runs() == runs + 1     # loaded from disk
     other = native.build(answer_source(7), flags=FLAGS + ("-DSOMETHING",))
     assert call_answer(other) == 7 and compiles() == 2 and len(entries(cache)) == 2
+    assert native.compiler_runs() == runs + 2
     native._reset_for_tests()
     native.build(answer_source(7), flags=FLAGS + ("-DSOMETHING",))
     assert compiles() == 2

@@ -38,6 +38,7 @@ class AvalonTrainer:
             self.model.to(self.device)
         self.loss_fn = workload.avalon_loss()
         self.opt = workload.avalon_optimizer()
+        self.first_step_builds = None       # C compiler runs in the first step, once it ran
         self.forward = avalon.jit(_forward)
         self.eval_loss = avalon.jit(self.loss_fn)
 
@@ -51,9 +52,21 @@ class AvalonTrainer:
         return self.avalon.tree.tree_map(lambda a: backend_of(a).to_host(a), out)
 
     def step(self, batch) -> float:
+        if self.first_step_builds is None:
+            return self._first_step(batch)
         loss, grads = self.avalon.grad(self.loss_fn, self.model, *self._put(batch), argnums=0)
         self.opt.step(self.model, grads[0])
         return float(loss)
+
+    def _first_step(self, batch) -> float:
+        """The first step, counting the C compiler's runs in it: none means every
+        kernel it compiled came from the disk cache (a warm compile)."""
+        from avalon.runtime import native
+        before = native.compiler_runs()
+        self.first_step_builds = 0
+        loss = self.step(batch)
+        self.first_step_builds = native.compiler_runs() - before
+        return loss
 
     def predictor(self, x):
         self.model.eval()

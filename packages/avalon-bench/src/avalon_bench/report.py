@@ -97,6 +97,24 @@ def _target(name, goal, value_text, met):
     return {"target": name, "goal": goal, "value": value_text, "met": met}
 
 
+#: the first step's compilation: cold (C compiler runs) and warm (every kernel from the disk cache)
+COLD_COMPILE_GOAL_S, WARM_COMPILE_GOAL_S = 1.0, 0.050
+
+
+def compile_target(avalon: dict) -> dict:
+    """The compile target of the first step: warm when it ran no C compiler (its
+    kernels all came from the disk cache), cold otherwise; unknown: the cold goal."""
+    builds = avalon.get("compile_builds")
+    if builds == 0:
+        what, goal = "warm: every kernel from the disk cache", WARM_COMPILE_GOAL_S
+    else:
+        what = f"cold: {builds} C compiler run{'s' if builds != 1 else ''}" if builds else "cold"
+        goal = COLD_COMPILE_GOAL_S
+    goal_text = f"< {goal * 1e3:.0f} ms" if goal < 1 else f"< {goal:.0f} s"
+    return _target(f"compile (trace + codegen of the training step; {what})", goal_text,
+                   fmt_seconds(avalon["compile_s"]), avalon["compile_s"] < goal)
+
+
 def targets(result: dict, device: str, epoch_goal: float) -> list:
     fw, r = result["frameworks"], result["ratios"]
     avalon = fw["avalon"]
@@ -110,8 +128,7 @@ def targets(result: dict, device: str, epoch_goal: float) -> list:
             out.append(_target(f"time per epoch vs {LABELS[key]}", "< 1.00x", f"not measured ({why})", None))
         else:
             out.append(_target(f"time per epoch vs {LABELS[key]}", "< 1.00x", fmt_ratio(ratio), ratio < 1.0))
-    out.append(_target("compile (trace + codegen of the training step)", "< 1 s",
-                       fmt_seconds(avalon["compile_s"]), avalon["compile_s"] < 1.0))
+    out.append(compile_target(avalon))
     for key, what in (("predict_batch_s", "batch"), ("predict_sample_s", "one sample")):
         ratio = r[key]
         out.append(_target(f"prediction latency, {what}, vs PyTorch eager", "<= 1.00x", fmt_ratio(ratio),
@@ -252,8 +269,9 @@ def header_markdown(info: dict) -> str:
              "How each figure is measured (all frameworks in one process unless said otherwise):",
              "",
              "- compile: first training step minus the median step (Avalon: trace + differentiation + "
-             "code generation of the step; torch.compile: Dynamo/Inductor compilation; PyTorch eager: "
-             "first-call warm-up).",
+             "code generation of the step, warm when the C compiler did not run (every kernel from the "
+             "disk cache), goal 50 ms, else cold, goal 1 s; torch.compile: Dynamo/Inductor compilation; "
+             "PyTorch eager: first-call warm-up).",
              "- time/epoch: median over epochs of the epoch's wall time (batch slicing included), the "
              "first epoch without the compile overhead; epochs interleaved (Avalon epoch 1, PyTorch "
              "epoch 1, ..., Avalon epoch 2, ...).",

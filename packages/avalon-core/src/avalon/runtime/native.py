@@ -426,7 +426,17 @@ def _trailer_ok(data: bytes, key: str) -> bool:
     return data[-32:] == _digest(key, data[:-_TRAILER_LEN])
 
 
+_compiler_runs = [0]
+
+
+def compiler_runs() -> int:
+    """How many times this process ran the C compiler: shared objects not found in
+    the disk cache (a compilation that ran none was warm)."""
+    return _compiler_runs[0]
+
+
 def _compile_entry(source, info, flags, key, entry: Path, name: str) -> ctypes.CDLL:
+    _compiler_runs[0] += 1
     stem = f"{_TMP_PREFIX}{key[:16]}-{os.getpid()}-{secrets.token_hex(6)}"
     src, obj = entry.parent / f"{stem}.c", entry.parent / f"{stem}.so"
     try:
