@@ -53,10 +53,12 @@ class ShardedFunction:
         self.copies = []
         self.reducers = {n.attrs["key"]: _Reducer(plan.shards) for n in plan.graph.nodes
                          if n.op == "allreduce_sum"}
+        memory = None           # one memory plan for all copies (the same graph and backend)
         for index in range(plan.shards):
             b = private_backend(backend)
             b._shard_index, b._reducers = index, self.reducers
-            self.copies.append((b, generate(plan.graph, b, name)))
+            self.copies.append((b, generate(plan.graph, b, name, plan=memory)))
+            memory = self.copies[-1][1].plan
         self.compiled = self.copies[0][1]
         self.graph, self.plan_memory = plan.graph, self.compiled.plan
         self.source = (f"# runs in {plan.shards} threads, each on 1/{plan.shards} of the batch; outputs "
