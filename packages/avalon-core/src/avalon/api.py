@@ -22,6 +22,7 @@ from .graph import Graph
 from .passes import forward_pipeline, pipeline_version, run_pipeline
 from .passes.sharding import split_batch, split_components
 from .primitive import Tracer, active_graph, inline, is_tracer, leaked_tracer_error, node_in, tracing
+from .runtime.gc_pause import gc_paused
 from .runtime.native import denormals_flushed
 from .runtime.threads import Autotuned, BlasThreads, ComponentParallel, Later, ShardedFunction
 from .threadsafe import SharedCompiled, private_backend
@@ -96,10 +97,11 @@ def _leaf_key(x):
 class _Entry:
     """One compiled signature.  `shared` runs it, safe for concurrent callers;
     `compiled` is the schedule it runs when free (profiles and tests read it)."""
-    __slots__ = ("shared", "out_tree", "wrt", "in_tree")
+    __slots__ = ("shared", "out_tree", "wrt", "in_tree", "fresh")
 
     def __init__(self, shared, out_tree, wrt, in_tree):
         self.shared, self.out_tree, self.wrt, self.in_tree = shared, out_tree, wrt, in_tree
+        self.fresh = True       # not called yet
 
     @property
     def compiled(self):
@@ -196,7 +198,12 @@ class CompiledFunction:
 
     def _run(self, entry, leaves):
         """The compiled code of `entry` called on the flat leaves, in this
-        function's floating-point mode."""
+        function's floating-point mode.  Its first call finishes compiling (the
+        first schedule's code, its kernels loaded): with the collector paused."""
+        if entry.fresh:
+            entry.fresh = False
+            with gc_paused():
+                return self._run(entry, leaves)
         if self.flush_denormals:
             with denormals_flushed():
                 return entry.shared.fn(*leaves)
@@ -223,7 +230,7 @@ class CompiledFunction:
         key = (treedef, tuple(map(_leaf_key, leaves)), (pipeline_version(), anomaly.is_enabled()))
         entry = self._cache.get(key)
         if entry is None:
-            with self._compiling:  # two threads missing at once compile once
+            with self._compiling, gc_paused():  # two threads missing at once compile once
                 entry = self._cache.get(key) or self._compile(key, leaves, treedef)
         self._last_key = key
         return entry, leaves, key

@@ -28,6 +28,7 @@ import numpy as np
 from ..ops._sharding import P, R
 from ..primitive import PRIMITIVES
 from ..threadsafe import private_backend
+from .gc_pause import gc_paused
 from .native import fp_mode, in_fp_mode
 
 __all__ = ["ShardedFunction", "ComponentParallel", "BlasThreads", "Autotuned", "shard_count", "kernel_threads"]
@@ -463,7 +464,8 @@ class Autotuned:
     def _schedule(self, k):
         entry = self._candidates[k]
         if isinstance(entry[1], Later):
-            entry[1] = entry[1].build()
+            with gc_paused():
+                entry[1] = entry[1].build()
         return entry[1]
 
     def current(self):
