@@ -83,3 +83,37 @@ def test_product_helpers_run_off_the_callers_cpu(monkeypatch):
         assert driver.avl_product_helpers() >= 1
         tid = driver.avl_product_helper_tid(0)
         assert tid > 0 and os.sched_getaffinity(tid) == threads._PROCESS_CPUS - {cpu}
+
+
+def test_avalon_pin_threads_0_leaves_the_threads_where_the_system_puts_them(monkeypatch):
+    monkeypatch.setenv("AVALON_PIN_THREADS", "0")
+    pool = threads._Workers(1)
+    before = os.sched_getaffinity(0)
+    seen = {}
+
+    def caller_job():
+        seen["caller"] = os.sched_getaffinity(0)
+    pool.run([(lambda: None, ()), (caller_job, ())])
+    assert seen["caller"] == before and os.sched_getaffinity(pool.off_caller.tids[0]) == threads._PROCESS_CPUS
+
+
+def test_the_driver_reads_avalon_pin_threads_when_it_loads(tmp_path):
+    """A process started with AVALON_PIN_THREADS=0: its product helper may run anywhere."""
+    import subprocess
+    import sys
+    code = (
+        "import os, numpy as np, avalon\n"
+        "from avalon.runtime import segments\n"
+        "if segments.driver() is None: print('no driver'); raise SystemExit\n"
+        "f = avalon.jit(lambda a, b: avalon.relu(a @ b) + a @ b, parallel=False)\n"
+        "a = np.ones((256, 128), np.float32); b = np.ones((128, 256), np.float32)\n"
+        "before = os.sched_getaffinity(0)\n"
+        "segments.set_product_threads(2); f(a, b); segments.set_product_threads(1)\n"
+        "tid = segments.driver().avl_product_helper_tid(0)\n"
+        "print(sorted(os.sched_getaffinity(tid)) == sorted(before))\n")
+    env = {**os.environ, "AVALON_PIN_THREADS": "0", "AVALON_C_DRIVER": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.strip() == "no driver":
+        pytest.skip("no C compiler: no segment driver")
+    assert out.stdout.strip().splitlines()[-1] == "True"

@@ -99,6 +99,8 @@ _PRODUCT_THREADS_C = r"""
    the whole product. */
 #include <pthread.h>
 #include <sched.h>
+#include <stdlib.h>
+#include <strings.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <stdatomic.h>
@@ -147,8 +149,11 @@ static cpu_set_t avl_allowed;         /* the CPUs the process may use, when the 
    (avalon.runtime.threads) */
 __attribute__((constructor)) static void avl_read_allowed(void)
 {
-    if (sched_getaffinity(0, sizeof avl_allowed, &avl_allowed) != 0)
-        CPU_ZERO(&avl_allowed);     /* unknown: helpers left where the system puts them */
+    const char* pin = getenv("AVALON_PIN_THREADS");    /* "0", "false", "off", "no": not placed */
+    if ((pin && (!strcasecmp(pin, "0") || !strcasecmp(pin, "false") || !strcasecmp(pin, "off")
+                 || !strcasecmp(pin, "no")))
+        || sched_getaffinity(0, sizeof avl_allowed, &avl_allowed) != 0)
+        CPU_ZERO(&avl_allowed);     /* helpers left where the system puts them */
 }
 static pthread_mutex_t avl_pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static int avl_atfork_done;

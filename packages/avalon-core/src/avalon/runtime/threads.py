@@ -305,7 +305,7 @@ class _OffCaller:
         self._lock = threading.Lock()
         self.started = threading.Event()
         self.off = None
-        self.allowed = _PROCESS_CPUS
+        self.allowed = _PROCESS_CPUS if placing_threads() else frozenset()
 
     def register(self, k):
         self.tids[k] = threading.get_native_id()
@@ -356,6 +356,13 @@ def _process_cpus() -> frozenset:
 
 
 _PROCESS_CPUS = _process_cpus()
+
+
+def placing_threads() -> bool:
+    """Whether the engine keeps its threads off their caller's CPU: yes unless
+    AVALON_PIN_THREADS says no ("0", "false", "off", "no"; read when a pool of
+    threads starts, and by the segment driver when it is loaded)."""
+    return os.environ.get("AVALON_PIN_THREADS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def current_cpu():
