@@ -3,7 +3,6 @@ than their caller: Linux may wake a sleeping thread on its waker's CPU, and a sp
 step's two threads then shared one CPU for milliseconds (avalon.runtime.threads
 ._OffCaller; the driver's avl_keep_off)."""
 import os
-import threading
 
 import numpy as np
 import pytest
