@@ -221,12 +221,33 @@ def _workers(n):
     return _pools[n]
 
 
+#: bumped in a forked child, whose pools of workers have no threads (only the
+#: forking thread is copied) and whose locks may be held by threads that are gone
+_fork_generation = 0
+_restart_lock = threading.Lock()
+
+
+def _after_fork_in_child():
+    global _fork_generation, _restart_lock
+    _fork_generation += 1
+    _restart_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Workers:
     """n persistent worker threads; the calling thread runs the last task.  Each
     task runs in the caller's floating-point mode (denormals flushed or not), as
-    if the caller ran it.  The workers are kept off the caller's CPU (_OffCaller)."""
+    if the caller ran it.  The workers are kept off the caller's CPU (_OffCaller).
+    In a forked child the first run starts the threads again."""
 
     def __init__(self, n):
+        self._start(n)
+
+    def _start(self, n):
+        self.generation = _fork_generation
         self.lock = threading.Lock()
         self.tasks = [None] * n
         self.results = [None] * n
@@ -251,6 +272,10 @@ class _Workers:
             self.done[k].set()
 
     def run(self, jobs):
+        if self.generation != _fork_generation:     # a forked child: the parent's threads are not here
+            with _restart_lock:
+                if self.generation != _fork_generation:
+                    self._start(len(self.tasks))
         with self.lock:
             return self._run(jobs)
 
