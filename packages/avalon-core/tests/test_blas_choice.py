@@ -292,3 +292,36 @@ def test_whether_mkl_will_be_used_is_known_without_loading_it(choice, monkeypatc
     monkeypatch.setenv("AVALON_BLAS", choice)
     assert blas.will_use_mkl() == (choice != "numpy" and installed)
     assert fresh.cache_info().currsize == 0       # nothing loaded
+
+
+def _blas_in_child(queue):
+    queue.put(blas.generated_code_blas().name)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_fork_while_the_blas_is_loading_leaves_the_child_a_working_lock():
+    """The prefetch thread holds the loader's lock for ~20 ms after the CPU backend is
+    made; a fork then copied it held, and the child's first compilation waited forever."""
+    want = blas.generated_code_blas().name
+    held, release = threading.Event(), threading.Event()
+
+    def loading():
+        with blas._mkl_lock:
+            held.set()
+            release.wait(30)
+    t = threading.Thread(target=loading)
+    t.start()
+    try:
+        assert held.wait(10)
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_blas_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+            pytest.fail("the forked child waited for a lock no thread of it holds")
+    finally:
+        release.set()
+        t.join(10)
+    assert queue.get(timeout=10) == want

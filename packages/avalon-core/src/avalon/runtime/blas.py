@@ -151,6 +151,17 @@ def _warm() -> None:
 _mkl_lock = threading.Lock()
 
 
+def _after_fork_in_child():
+    # a fork while the prefetch thread loaded MKL copied the lock held, by a thread
+    # the child does not have: the child's first compilation would wait forever
+    global _mkl_lock
+    _mkl_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _mkl() -> GeneratedCodeBlas:
     with _mkl_lock:          # the prefetch thread and a compilation may ask at once
         loaded = _load_mkl()
