@@ -63,3 +63,32 @@ def test_nested_and_concurrent_pauses_resume_once_the_last_ends():
     release.set()
     t.join(10)
     assert gc.isenabled()
+
+
+def _collector_state(queue):
+    queue.put(gc.isenabled())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork here")
+def test_a_child_forked_while_another_thread_compiles_gets_the_collector_back():
+    import multiprocessing
+    inside, release = threading.Event(), threading.Event()
+
+    def compiling():
+        with gc_paused():
+            inside.set()
+            release.wait(30)
+    t = threading.Thread(target=compiling)
+    t.start()
+    try:
+        assert inside.wait(10) and not gc.isenabled()
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_collector_state, args=(queue,))
+        child.start()
+        child.join(60)
+        assert queue.get(timeout=10) is True
+    finally:
+        release.set()
+        t.join(10)
+    assert gc.isenabled()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import threading
 
 __all__ = ["gc_paused"]
@@ -21,6 +22,21 @@ __all__ = ["gc_paused"]
 _lock = threading.Lock()
 _depth = 0              # compilations running now, in any thread
 _resume = False         # whether the collector was enabled when the first of them began
+
+
+def _after_fork_in_child():
+    # a fork while another thread compiled: that thread is not in the child, so
+    # no block of it will end there; the child gets the collector back
+    global _depth, _lock
+    _lock = threading.Lock()
+    if _depth:
+        _depth = 0
+        if _resume:
+            gc.enable()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextlib.contextmanager
