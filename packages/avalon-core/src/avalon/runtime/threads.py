@@ -29,7 +29,7 @@ from ..ops._sharding import P, R
 from ..primitive import PRIMITIVES
 from ..threadsafe import private_backend
 from .gc_pause import gc_paused
-from .native import fp_mode, in_fp_mode
+from .native import fp_mode, in_fp_mode, process_cpus
 
 __all__ = ["ShardedFunction", "ComponentParallel", "BlasThreads", "Autotuned", "shard_count", "kernel_threads"]
 
@@ -371,16 +371,7 @@ class _OffCaller:
                 pass
 
 
-def _process_cpus() -> frozenset:
-    """The CPUs this process may run on, as its importing thread saw them (a caller
-    pinned for a call later sees one)."""
-    try:
-        return frozenset(os.sched_getaffinity(0))
-    except (AttributeError, OSError):       # not Linux
-        return frozenset()
-
-
-_PROCESS_CPUS = _process_cpus()
+_PROCESS_CPUS = process_cpus()
 
 
 def placing_threads() -> bool:
