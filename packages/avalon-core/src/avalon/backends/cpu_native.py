@@ -81,7 +81,7 @@ EXTRA_FLAGS = ("-ffp-contract=off",)
 
 def enabled() -> bool:
     """False when AVALON_NATIVE=0 (or "false", "off", "no") asks for NumPy kernels only."""
-    return os.environ.get("AVALON_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+    return native.env_switch("AVALON_NATIVE")
 
 
 def flags() -> tuple:

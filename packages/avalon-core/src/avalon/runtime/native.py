@@ -524,6 +524,19 @@ def _read_process_cpus() -> frozenset:
 _PROCESS_CPUS = _read_process_cpus()
 
 
+def env_switch(name: str) -> bool:
+    """Whether the switch `name` of the environment is on: unset, or anything but
+    "0", "false", "off", "no" (any case)."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def placing_threads() -> bool:
+    """Whether the engine keeps its threads off their caller's CPU (runtime.threads,
+    the segment driver's product helpers): yes unless AVALON_PIN_THREADS says no;
+    read when a pool of threads starts, and when the segment driver is loaded."""
+    return env_switch("AVALON_PIN_THREADS")
+
+
 def process_cpus() -> frozenset:
     """The CPUs this process may run on, as the thread that imported Avalon saw them
     (a thread held to one CPU for a call later sees one); empty where unknown."""

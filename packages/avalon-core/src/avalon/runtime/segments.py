@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..primitive import PRIMITIVES
+from . import native
 from .blas import generated_code_blas
 
 __all__ = ["enabled", "blas_gemm", "blas_gemv", "set_product_threads", "driver", "Layout", "SegmentBuilder", "MAX_DYN", "MAX_ARGS"]
@@ -59,7 +60,7 @@ _NO_TRANS, _TRANS, _ROW_MAJOR, _COL_MAJOR = 111, 112, 101, 102      # CBLAS enum
 def enabled() -> bool:
     """Whether compiled graphs use segments: yes unless AVALON_C_DRIVER says no
     ("0", "false", "off", "no")."""
-    return os.environ.get("AVALON_C_DRIVER", "1").strip().lower() not in ("0", "false", "off", "no")
+    return native.env_switch("AVALON_C_DRIVER")
 
 
 # -- the C driver ---------------------------------------------------------------------------------------------
@@ -99,8 +100,6 @@ _PRODUCT_THREADS_C = r"""
    the whole product. */
 #include <pthread.h>
 #include <sched.h>
-#include <stdlib.h>
-#include <strings.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <stdatomic.h>
@@ -149,11 +148,15 @@ static cpu_set_t avl_allowed;         /* the CPUs the process may use, when the 
    (avalon.runtime.threads) */
 __attribute__((constructor)) static void avl_read_allowed(void)
 {
-    const char* pin = getenv("AVALON_PIN_THREADS");    /* "0", "false", "off", "no": not placed */
-    if ((pin && (!strcasecmp(pin, "0") || !strcasecmp(pin, "false") || !strcasecmp(pin, "off")
-                 || !strcasecmp(pin, "no")))
-        || sched_getaffinity(0, sizeof avl_allowed, &avl_allowed) != 0)
-        CPU_ZERO(&avl_allowed);     /* helpers left where the system puts them */
+    if (sched_getaffinity(0, sizeof avl_allowed, &avl_allowed) != 0)
+        CPU_ZERO(&avl_allowed);     /* unknown: helpers left where the system puts them */
+}
+
+/* whether helpers are placed off their caller's CPU (AVALON_PIN_THREADS, read in Python) */
+AVL_EXPORT void avl_place_helpers(int on)
+{
+    if (!on)
+        CPU_ZERO(&avl_allowed);
 }
 static pthread_mutex_t avl_pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static int avl_atfork_done;
@@ -530,20 +533,21 @@ def driver_flags() -> tuple:
     """The kernels' flags at -O1: the driver is a dispatch loop with nothing to
     vectorize, and -O1 builds it in a quarter of -O3's time (part of a first
     compilation on each machine)."""
-    from . import native
     return tuple("-O1" if f.startswith("-O") else f for f in native.default_flags()) + ("-pthread",)
 
 
 def _build_driver():
     from ..backends import cpu_native
-    from . import native
     if not cpu_native.OBJECT_CALLS or not native.available():
         return None
     header = object.__basicsize__ - ctypes.sizeof(ctypes.c_void_p)
     try:
-        return native.build(_driver_source(header), flags=driver_flags(), name="segments")
+        lib = native.build(_driver_source(header), flags=driver_flags(), name="segments")
     except (native.NativeBuildError, native.NativeUnavailable):
         return None
+    lib.avl_place_helpers.argtypes = [ctypes.c_int]
+    lib.avl_place_helpers(int(native.placing_threads()))
+    return lib
 
 
 def set_product_threads(n: int) -> bool:

@@ -29,7 +29,7 @@ from ..ops._sharding import P, R
 from ..primitive import PRIMITIVES
 from ..threadsafe import private_backend
 from .gc_pause import gc_paused
-from .native import fp_mode, in_fp_mode, process_cpus
+from .native import fp_mode, in_fp_mode, placing_threads, process_cpus
 
 __all__ = ["ShardedFunction", "ComponentParallel", "BlasThreads", "Autotuned", "shard_count", "kernel_threads"]
 
@@ -372,13 +372,6 @@ class _OffCaller:
 
 
 _PROCESS_CPUS = process_cpus()
-
-
-def placing_threads() -> bool:
-    """Whether the engine keeps its threads off their caller's CPU: yes unless
-    AVALON_PIN_THREADS says no ("0", "false", "off", "no"; read when a pool of
-    threads starts, and by the segment driver when it is loaded)."""
-    return os.environ.get("AVALON_PIN_THREADS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def current_cpu():
