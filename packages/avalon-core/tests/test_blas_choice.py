@@ -2,7 +2,6 @@
 package is installed, else NumPy's OpenBLAS), and the segment driver's helper
 threads that split one product into pieces (the "BLAS on N threads" schedule)."""
 import functools
-import multiprocessing
 import os
 import threading
 
@@ -180,21 +179,17 @@ def test_two_threads_splitting_products_at_once_both_get_the_right_results(monke
     assert not failures, failures[0]
 
 
-def _split_products_in_child(queue):
-    try:
-        fn = avalon.jit(lambda *xs: products(*xs), parallel=False)
-        args = operands(64, 128, 256, np.float32)
-        segments.set_product_threads(2)
-        got = fn(*args)
-        assert_close(got, reference(*args), np.float32)
-        queue.put(("ok", segments.driver().avl_product_helpers()))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        queue.put(("error", repr(e)))
+def _split_products_in_child():
+    fn = avalon.jit(lambda *xs: products(*xs), parallel=False)
+    args = operands(64, 128, 256, np.float32)
+    segments.set_product_threads(2)
+    got = fn(*args)
+    assert_close(got, reference(*args), np.float32)
+    return segments.driver().avl_product_helpers()
 
 
 @needs_driver
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
-def test_a_forked_child_starts_its_own_helper_threads(monkeypatch):
+def test_a_forked_child_starts_its_own_helper_threads(monkeypatch, in_forked_child):
     fn, chosen = compiled_products(monkeypatch, "auto")
     if chosen is None:
         pytest.skip("no BLAS for segments")
@@ -205,33 +200,8 @@ def test_a_forked_child_starts_its_own_helper_threads(monkeypatch):
     finally:
         segments.set_product_threads(1)
     assert segments.driver().avl_product_helpers() >= 1
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_split_products_in_child, args=(queue,))
-    child.start()
-    child.join(timeout=120)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("the forked child hung on its first split product")
-    status, detail = queue.get(timeout=10)
-    assert status == "ok", detail
-    assert detail == 1         # started afresh: the parent's helpers are not in the child
-
-
-@needs_driver
-def test_blas_threads_split_segment_products_and_leave_blas_itself_on_one_thread():
-    # BLAS's own threads busy-wait ~0.1 s after each threaded call and slowed the
-    # optimizer update that follows a "BLAS on 2 threads" gradient step
-    from threadpoolctl import threadpool_info
-    backend = CpuBackend()
-    backend.set_blas_threads(2)
-    try:
-        assert segments.driver().avl_set_product_threads(2) == 2
-        openblas = [p for p in threadpool_info() if p.get("internal_api") == "openblas"]
-        assert openblas and all(p["num_threads"] == 1 for p in openblas)
-    finally:
-        backend.set_blas_threads(1)
-    assert segments.driver().avl_set_product_threads(1) == 1
+    helpers = in_forked_child(_split_products_in_child)
+    assert helpers == 1        # started afresh: the parent's helpers are not in the child
 
 
 @pytest.mark.parametrize("choice", ["auto", "numpy", "nonsense"])
@@ -294,34 +264,11 @@ def test_whether_mkl_will_be_used_is_known_without_loading_it(choice, monkeypatc
     assert fresh.cache_info().currsize == 0       # nothing loaded
 
 
-def _blas_in_child(queue):
-    queue.put(blas.generated_code_blas().name)
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
-def test_a_fork_while_the_blas_is_loading_leaves_the_child_a_working_lock():
+def test_a_fork_while_the_blas_is_loading_leaves_the_child_a_working_lock(in_forked_child,
+                                                                          held_by_another_thread):
     """The prefetch thread holds the loader's lock for ~20 ms after the CPU backend is
     made; a fork then copied it held, and the child's first compilation waited forever."""
     want = blas.generated_code_blas().name
-    held, release = threading.Event(), threading.Event()
-
-    def loading():
-        with blas._mkl_lock:
-            held.set()
-            release.wait(30)
-    t = threading.Thread(target=loading)
-    t.start()
-    try:
-        assert held.wait(10)
-        ctx = multiprocessing.get_context("fork")
-        queue = ctx.Queue()
-        child = ctx.Process(target=_blas_in_child, args=(queue,))
-        child.start()
-        child.join(timeout=60)
-        if child.is_alive():
-            child.kill()
-            pytest.fail("the forked child waited for a lock no thread of it holds")
-    finally:
-        release.set()
-        t.join(10)
-    assert queue.get(timeout=10) == want
+    with held_by_another_thread(blas._mkl_lock):
+        got = in_forked_child(lambda: blas.generated_code_blas().name, timeout=60)
+    assert got == want

@@ -2,7 +2,6 @@
 in a process holding PyTorch took 10-13 ms of a 40 ms first step) and resumed
 after, also when the compilation fails; a collector the user turned off stays off."""
 import gc
-import threading
 
 import numpy as np
 import pytest
@@ -45,50 +44,19 @@ def test_a_collector_turned_off_by_the_user_stays_off():
     assert not gc.isenabled()
 
 
-def test_nested_and_concurrent_pauses_resume_once_the_last_ends():
-    inside, release = threading.Event(), threading.Event()
-
-    def other():
+def test_nested_and_concurrent_pauses_resume_once_the_last_ends(held_by_another_thread):
+    with held_by_another_thread(gc_paused()):
         with gc_paused():
-            inside.set()
-            release.wait(10)
-    t = threading.Thread(target=other)
-    with gc_paused():
-        t.start()
-        assert inside.wait(10)
-        with gc_paused():
+            with gc_paused():
+                assert not gc.isenabled()
             assert not gc.isenabled()
-        assert not gc.isenabled()
-    assert not gc.isenabled()             # the other thread still compiles
-    release.set()
-    t.join(10)
+        assert not gc.isenabled()         # the other thread still compiles
     assert gc.isenabled()
 
 
-def _collector_state(queue):
-    queue.put(gc.isenabled())
-
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork here")
-def test_a_child_forked_while_another_thread_compiles_gets_the_collector_back():
-    import multiprocessing
-    inside, release = threading.Event(), threading.Event()
-
-    def compiling():
-        with gc_paused():
-            inside.set()
-            release.wait(30)
-    t = threading.Thread(target=compiling)
-    t.start()
-    try:
-        assert inside.wait(10) and not gc.isenabled()
-        ctx = multiprocessing.get_context("fork")
-        queue = ctx.Queue()
-        child = ctx.Process(target=_collector_state, args=(queue,))
-        child.start()
-        child.join(60)
-        assert queue.get(timeout=10) is True
-    finally:
-        release.set()
-        t.join(10)
+def test_a_child_forked_while_another_thread_compiles_gets_the_collector_back(in_forked_child,
+                                                                             held_by_another_thread):
+    with held_by_another_thread(gc_paused()):
+        assert not gc.isenabled()
+        assert in_forked_child(gc.isenabled, timeout=60) is True
     assert gc.isenabled()

@@ -398,19 +398,9 @@ def test_a_conv_batchnorm_net_split_across_threads_matches_torch(cheap_barriers)
         assert int(ours.num_batches_tracked) == 1
 
 
-def _split_step_in_child(fn, m, x, y, queue):
-    try:
-        v, g = fn(m, x, y)
-        queue.put(("ok", float(v), np.asarray(g[0]["w1"])))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        queue.put(("error", repr(e), None))
-
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork here")
-def test_a_forked_child_runs_a_split_step_the_parent_compiled():
+def test_a_forked_child_runs_a_split_step_the_parent_compiled(in_forked_child):
     """Only the forking thread exists in a child: the engine's workers start again
     there (they did not, and the child waited for them forever)."""
-    import multiprocessing
     from avalon.runtime import threads
     m, x, y = mlp(), rng.standard_normal((64, 8)).astype(np.float32), rng.integers(0, 4, 64)
     fn = avalon.value_and_grad(mean_loss, argnums=(0,))
@@ -422,15 +412,10 @@ def test_a_forked_child_runs_a_split_step_the_parent_compiled():
     tuned._since, tuned._next_check = 0, 10 ** 9
     v, g = fn(m, x, y)
     assert threads._pools, "the split step ran on the engine's workers"
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_split_step_in_child, args=(fn, m, x, y, queue))
-    child.start()
-    child.join(timeout=120)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("the forked child hung on the split step")
-    status, value, grad = queue.get(timeout=10)
-    assert status == "ok", value
+
+    def split_step():
+        value, grads = fn(m, x, y)
+        return float(value), np.asarray(grads[0]["w1"])
+    value, grad = in_forked_child(split_step)
     assert value == pytest.approx(float(v), rel=1e-6)
     np.testing.assert_allclose(grad, g[0]["w1"], rtol=1e-5, atol=1e-7)
