@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import avalon
-from avalon.runtime import segments, threads
+from avalon.runtime import native, segments, threads
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2 or threads.current_cpu() is None,
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _one_cpu_of_ours():
-    return min(threads._PROCESS_CPUS)
+    return min(native.process_cpus())
 
 
 def test_workers_run_off_the_callers_cpu_and_the_caller_gets_its_cpus_back():
@@ -35,7 +35,7 @@ def test_workers_run_off_the_callers_cpu_and_the_caller_gets_its_cpus_back():
     worker_cpu, caller_cpu = pool.run([(worker_job, ()), (caller_job, ())])
     assert seen["caller"] == {caller_cpu}                  # held on its CPU for the call
     assert caller_cpu not in seen["worker"] and worker_cpu != caller_cpu
-    assert seen["worker"] == threads._PROCESS_CPUS - {caller_cpu}
+    assert seen["worker"] == native.process_cpus() - {caller_cpu}
     assert os.sched_getaffinity(0) == before               # and given back after it
 
 
@@ -47,7 +47,7 @@ def test_a_worker_started_by_a_pinned_caller_may_use_every_cpu_of_the_process():
         pool = threads._Workers(1)          # its thread inherits the caller's one CPU
     finally:
         os.sched_setaffinity(0, before)
-    assert os.sched_getaffinity(pool.off_caller.tids[0]) == threads._PROCESS_CPUS
+    assert os.sched_getaffinity(pool.off_caller.tids[0]) == native.process_cpus()
 
 
 def test_a_failed_share_still_gives_the_caller_its_cpus_back():
@@ -69,7 +69,7 @@ def test_product_helpers_run_off_the_callers_cpu(monkeypatch):
     a, b = rng.standard_normal((256, 128)).astype(np.float32), rng.standard_normal((128, 256)).astype(np.float32)
     assert segments.splits_product(256, 256, 128)
     before = os.sched_getaffinity(0)
-    for cpu in sorted(threads._PROCESS_CPUS)[:2]:
+    for cpu in sorted(native.process_cpus())[:2]:
         os.sched_setaffinity(0, {cpu})        # the caller on `cpu`: its helpers elsewhere
         segments.set_product_threads(2)
         try:
@@ -81,7 +81,7 @@ def test_product_helpers_run_off_the_callers_cpu(monkeypatch):
         driver = segments.driver()
         assert driver.avl_product_helpers() >= 1
         tid = driver.avl_product_helper_tid(0)
-        assert tid > 0 and os.sched_getaffinity(tid) == threads._PROCESS_CPUS - {cpu}
+        assert tid > 0 and os.sched_getaffinity(tid) == native.process_cpus() - {cpu}
 
 
 def test_avalon_pin_threads_0_leaves_the_threads_where_the_system_puts_them(monkeypatch):
@@ -93,7 +93,7 @@ def test_avalon_pin_threads_0_leaves_the_threads_where_the_system_puts_them(monk
     def caller_job():
         seen["caller"] = os.sched_getaffinity(0)
     pool.run([(lambda: None, ()), (caller_job, ())])
-    assert seen["caller"] == before and os.sched_getaffinity(pool.off_caller.tids[0]) == threads._PROCESS_CPUS
+    assert seen["caller"] == before and os.sched_getaffinity(pool.off_caller.tids[0]) == native.process_cpus()
 
 
 def test_the_driver_reads_avalon_pin_threads_when_it_loads(tmp_path):
@@ -123,9 +123,8 @@ def test_a_compiler_started_from_a_thread_held_to_one_cpu_runs_on_every_cpu():
     the compiler and its own processes (cc1, as, ld) inherit their starter's CPUs,
     and a CNN step's compilers, one per core, took 1.9 s instead of 1.3 s."""
     import sys
-    from avalon.runtime import native
     before = os.sched_getaffinity(0)
-    cpu = min(threads._PROCESS_CPUS)
+    cpu = min(native.process_cpus())
     child = [sys.executable, "-c", "import os, subprocess, sys; print(sorted(os.sched_getaffinity(0))); "
              "print(subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'], "
              "capture_output=True, text=True).stdout.strip())"]
@@ -137,4 +136,4 @@ def test_a_compiler_started_from_a_thread_held_to_one_cpu_runs_on_every_cpu():
     finally:
         os.sched_setaffinity(0, before)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines() == [str(sorted(threads._PROCESS_CPUS))] * 2   # and its children
+    assert out.stdout.strip().splitlines() == [str(sorted(native.process_cpus()))] * 2   # and its children

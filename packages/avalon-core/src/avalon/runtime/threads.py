@@ -330,7 +330,7 @@ class _OffCaller:
         self._lock = threading.Lock()
         self.started = threading.Event()
         self.off = None
-        self.allowed = _PROCESS_CPUS if placing_threads() else frozenset()
+        self.allowed = process_cpus() if placing_threads() else frozenset()
 
     def register(self, k):
         self.tids[k] = threading.get_native_id()
@@ -369,9 +369,6 @@ class _OffCaller:
                 os.sched_setaffinity(0, saved)
             except OSError:
                 pass
-
-
-_PROCESS_CPUS = process_cpus()
 
 
 def current_cpu():
