@@ -204,6 +204,22 @@ def test_a_forked_child_starts_its_own_helper_threads(monkeypatch, in_forked_chi
     assert helpers == 1        # started afresh: the parent's helpers are not in the child
 
 
+@needs_driver
+def test_blas_threads_split_segment_products_and_leave_blas_itself_on_one_thread():
+    # BLAS's own threads busy-wait ~0.1 s after each threaded call and slowed the
+    # optimizer update that follows a "BLAS on 2 threads" gradient step
+    from threadpoolctl import threadpool_info
+    backend = CpuBackend()
+    backend.set_blas_threads(2)
+    try:
+        assert segments.driver().avl_set_product_threads(2) == 2
+        openblas = [p for p in threadpool_info() if p.get("internal_api") == "openblas"]
+        assert openblas and all(p["num_threads"] == 1 for p in openblas)
+    finally:
+        backend.set_blas_threads(1)
+    assert segments.driver().avl_set_product_threads(1) == 1
+
+
 @pytest.mark.parametrize("choice", ["auto", "numpy", "nonsense"])
 def test_prefetch_loads_the_chosen_blas_in_a_background_thread(choice, monkeypatch):
     started = []
