@@ -25,7 +25,8 @@ Each segment has a *program*: an int64 table holding the kernels' addresses,
 the memory plan's buffers' addresses (fixed per compiled copy: each thread's
 copy has its own table) and the layout expected of every array passed per call
 (graph inputs, values made by Python kernels, fresh results allocated in
-Python before the call).  The C source holds no address, so the disk cache of
+Python before the call: the results the call returns, recycled once the caller
+lets go of them, runtime.recycled).  The C source holds no address, so the disk cache of
 native builds hits across processes.  When an array passed per call is not what
 the program was compiled for (another dtype, size or array type, not
 C-contiguous, not aligned) or a written graph input overlaps another array, the
@@ -45,6 +46,7 @@ import numpy as np
 from ..primitive import PRIMITIVES
 from . import native
 from .blas import generated_code_blas
+from .recycled import RecycledArrays, recycles
 
 __all__ = ["enabled", "blas_gemm", "blas_gemv", "set_product_threads", "driver", "Layout", "SegmentBuilder", "MAX_DYN", "MAX_ARGS"]
 
@@ -1073,9 +1075,7 @@ def _segment_lines(builder, seg, steps, last_use, outputs, env):
     env.setdefault("_refused", Refusals(env))
     lines = [f"# segment {i}: nodes {seg.nodes[0]}..{seg.nodes[-1]} in one C call (compiled.segments[{i}].source)"]
     for n in seg.fresh:
-        dt = f"_dt_{np.dtype(n.dtype).name}"
-        env[dt] = np.dtype(n.dtype)
-        lines.append(f"{names[n]} = _empty({tuple(n.shape)!r}, {dt})")
+        lines.append(_fresh_line(env, names[n], n))
     args = "".join(f", _id({names[n]})" for n in seg.dyn)
     lines.append(f"if {fn_name}({table_name}{args}):")
     lines.append(f"    _refused({i})")
@@ -1085,6 +1085,18 @@ def _segment_lines(builder, seg, steps, last_use, outputs, env):
     lines.append("else:")
     lines += ["    " + line for line in fast] or ["    pass"]
     return lines
+
+
+def _fresh_line(env, var, node):
+    """The line allocating a result the segment writes and the call returns: from
+    the node's RecycledArrays when it is large enough to be worth it."""
+    if recycles(node.shape, node.dtype):
+        name = f"_fresh_{var}"
+        env[name] = RecycledArrays(node.shape, node.dtype)
+        return f"{var} = {name}()"
+    dt = f"_dt_{np.dtype(node.dtype).name}"
+    env[dt] = np.dtype(node.dtype)
+    return f"{var} = _empty({tuple(node.shape)!r}, {dt})"
 
 
 def _fast_lines(builder, seg, steps, last_use, outputs):
