@@ -7,6 +7,12 @@ the nodes one by one; profile and detect_anomaly keep per-node code.
 The bit-for-bit claims hold for products through NumPy's own OpenBLAS
 (AVALON_BLAS=numpy, set for every test here); MKL's products, the default
 where the mkl package is installed, are checked in test_blas_choice.py."""
+import os
+import subprocess
+import sys
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -326,3 +332,42 @@ def test_vector_products_go_through_gemv_with_the_bits_of_numpys_matmul(dtype, m
     for _ in range(2):
         for g, w in zip(leaves(fast(*args)), want):
             np.testing.assert_array_equal(g, w)
+
+
+def _driver_loaded():
+    return segments.driver() is not None
+
+
+def test_a_child_forked_while_another_thread_loads_the_driver_gets_one(in_forked_child):
+    """The CPU backend loads the driver in a background thread: a fork meanwhile
+    waits for it, so the child does not inherit its lock held forever."""
+    expected = segments.driver() is not None
+    inside = threading.Event()
+
+    def load_slowly():
+        with segments._lock:
+            inside.set()
+            time.sleep(0.3)
+    holder = threading.Thread(target=load_slowly)
+    holder.start()
+    try:
+        assert inside.wait(10)
+        assert in_forked_child(_driver_loaded, timeout=30) == expected
+    finally:
+        holder.join()
+
+
+def test_the_cpu_backend_loads_the_driver_before_any_compilation():
+    if segments.driver() is None:
+        pytest.skip("no C compiler here: no driver to load")
+    code = ("import time, avalon\n"
+            "from avalon.runtime import native, segments\n"
+            "avalon.device('cpu')\n"
+            "t = time.monotonic()\n"
+            "while not segments._driver_lib and time.monotonic() - t < 20:\n"
+            "    time.sleep(0.001)\n"
+            "print(bool(segments._driver_lib and segments._driver_lib[0] is not None))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"

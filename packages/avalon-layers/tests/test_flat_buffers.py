@@ -64,7 +64,9 @@ def model_attr(model, path):
 
 
 @pytest.mark.parametrize("factory", [lambda: optim.Adam(lr=1e-2), lambda: optim.SGD(lr=0.1, momentum=0.9),
-                                     lambda: optim.RMSprop(lr=1e-2, centered=True)])
+                                     lambda: optim.RMSprop(lr=1e-2, centered=True),
+                                     lambda: optim.Adam(lr=1e-2, amsgrad=True),
+                                     lambda: optim.Adagrad(lr=0.1, initial_accumulator_value=0.3)])
 def test_flat_update_equals_the_per_parameter_update_bit_for_bit(factory):
     model = Net()
     reference_model = copy.deepcopy(model)
@@ -156,3 +158,24 @@ def test_a_model_that_is_not_a_module_is_updated_per_parameter():
     opt.step(arrays, {"w": np.ones((3, 2), np.float32), "b": np.ones(2, np.float32)})
     assert opt._flat is None and {k: id(v) for k, v in arrays.items()} == ids
     assert tree.flatten(arrays)[0][0][0, 0] != 1.0
+
+
+def test_state_loaded_before_the_first_step_is_what_the_flat_buffers_start_from():
+    """Fresh zero state is not copied into the flat buffers (they start zeroed);
+    state loaded before the first step is."""
+    model = Net()
+    reference_model = copy.deepcopy(model)
+    opt, reference = optim.Adam(lr=1e-2), optim.Adam(lr=1e-2)
+    _train(reference_model, reference, 1)
+    loaded = copy.deepcopy(reference.state_dict())
+    opt.load_state_dict(loaded)
+    for k, v in _params(reference_model).items():
+        model_attr(model, k)[...] = v
+    _train(model, opt, 2, seed=1)
+    _train(reference_model, reference, 2, seed=1)
+    for k, v in _params(model).items():
+        np.testing.assert_array_equal(v, _params(reference_model)[k], err_msg=k)
+    for path, st in opt.state.items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            np.testing.assert_array_equal(st[name], reference.state[path][name], err_msg=f"{path} {name}")
+            assert st[name].base is opt._flat.states[name]

@@ -76,25 +76,34 @@ class FlatGroup:
         for e, view in zip(entries, self.grad_views):
             view[...] = e.grads[0]
 
-    def flat_states(self, per_path_states, names) -> dict:
+    def flat_states(self, per_path_states, names, zeros=frozenset()) -> dict:
         """The flat state buffers, after copying in any per-parameter state that is
         not already a view of them (fresh, or loaded); the per-path dicts then
-        hold the views."""
+        hold the views.  `zeros`: ids of per-path arrays known to hold zeros, not
+        copied into a buffer made here (it is made zero-filled): the copy read
+        every page of the fresh zeros and wrote the buffer's, ~2 ms of an Adam's
+        first step over 0.8 M parameters."""
         for name in names:
             arrays = [st.get(name) for st in per_path_states]
             if any(a is None for a in arrays):
                 continue
+            made_here = name not in self.states
             views = self._state_views(name)
             for st, a, view in zip(per_path_states, arrays, views):
                 if a is not view:
-                    view[...] = a
+                    if not (made_here and id(a) in zeros):
+                        view[...] = a
                     st[name] = view
         return {name: self.states[name] for name in names if name in self.states
                 and all(st.get(name) is v for st, v in zip(per_path_states, self.state_views[name]))}
 
     def _state_views(self, name):
         if name not in self.states:
+            # written here, not left to calloc: the update's threads then met its pages
+            # unmapped, each page faulting twice (read, then write), and the first
+            # update over 0.8 M parameters took 25 ms more
             self.states[name] = self.backend.empty((self.offsets[-1],), self.dtype)
+            self.states[name][...] = 0
             self.state_views[name] = self._views(self.states[name])
         return self.state_views[name]
 

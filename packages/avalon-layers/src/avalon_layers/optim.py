@@ -337,11 +337,13 @@ class Optimizer:
         """One compiled update over the flat buffers: the arguments it was called
         with, or None (nothing done) when the parameters are at different step
         counts (state loaded for some only)."""
+        made_now = [e.path not in self.state for e in entries]
         per_path = [self._state_of(e, group, hp) for e in entries]
         step = per_path[0]["step"] + 1
         if any(st["step"] + 1 != step for st in per_path):
             return None
-        states = flat.flat_states(per_path, self.state_names)
+        zeros = _made_as_zeros([st for st, now in zip(per_path, made_now) if now], self.state_names)
+        states = flat.flat_states(per_path, self.state_names, zeros)
         if len(states) != sum(1 for k in self.state_names if k in per_path[0]):
             return None
         coefs = self._coefficient_arrays(step, flat.params, {}, group)
@@ -877,10 +879,23 @@ def _host_copy(x):
     return np.array(backend_of(x).to_host(x))
 
 
+#: arrays _zeros_like made as zeros, by id (Optimizer._step_flat does not copy them)
+_ZEROS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+def _made_as_zeros(states, names) -> set:
+    """Ids of the arrays in `states` (made by this step's _init_state, untouched
+    since) that _zeros_like made as zeros."""
+    return {id(a) for st in states for n in names
+            if (a := st.get(n)) is not None and _ZEROS.get(id(a)) is a}
+
+
 def _zeros_like(p, value=0.0):
     z = backend_of(p).zeros(tuple(p.shape), p.dtype)
     if value:
         z[...] = value
+    else:
+        _ZEROS[id(z)] = z
     return z
 
 

@@ -31,6 +31,7 @@ class CpuBackend(Backend):
         if not _prefetched:
             _prefetched.append(True)
             prefetch_blas()        # loads while the first graph is traced
+            _prefetch_driver()
         from ..runtime.threads import shard_count
         self.parallel_shards = shard_count()
 
@@ -230,6 +231,24 @@ def _builds_c_kernels() -> bool:
 
 _blas_libs: list = []
 _prefetched: list = []
+
+
+def _prefetch_driver():
+    """Load the segments' driver (runtime.segments.driver: a shared object from the
+    disk cache, or built on a machine's first compilation) in a background thread
+    while the first graph is traced (3-4 ms of a warm first compilation).  The
+    modules it needs are imported here, in the caller's thread: the background
+    thread imports nothing, so a fork meanwhile finds no import half done."""
+    from ..runtime import disk_memo, segments  # noqa: F401
+    from . import cpu_native  # noqa: F401
+
+    def load():
+        try:
+            if _segments_split_products():
+                segments.driver()
+        except Exception:  # noqa: BLE001 - a compilation asking for the driver meets the error again
+            pass
+    threading.Thread(target=load, name="avalon-driver-prefetch", daemon=True).start()
 
 
 def _own_blas_threads():

@@ -520,6 +520,31 @@ static int avl_run(const int64_t* p, const void* const* objs)
 _lock = threading.Lock()
 _driver_lib: list = []     # [CDLL] once built, [None] when it cannot be
 
+#: longest a fork waits for a driver being loaded (backends.cpu loads it in a background thread)
+FORK_WAIT_S = 30.0
+_held_for_fork: list = []
+
+
+def _before_fork():
+    # a child forked while another thread loads the driver would find the lock held forever
+    _held_for_fork.append(_lock.acquire(timeout=FORK_WAIT_S))
+
+
+def _after_fork_in_parent():
+    if _held_for_fork.pop():
+        _lock.release()
+
+
+def _after_fork_in_child():
+    global _lock
+    _held_for_fork.clear()
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
+
 
 def driver():
     """The driver's shared object (built once per machine, cached on disk), or
