@@ -3,6 +3,7 @@
 each page of it, at every call; an array the caller still holds, directly or
 through a view, a container or a weak reference, is never written again."""
 import gc
+from contextlib import nullcontext
 import resource
 import weakref
 
@@ -153,3 +154,21 @@ def test_arrays_alternate_while_the_caller_holds_the_last_one():
 def test_small_results_are_left_to_numpy():
     assert not recycled.recycles((16, 16), np.float32)
     assert recycled.recycles((32, 32), np.float32)
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype", "strides"])
+def test_an_array_changed_in_place_before_it_was_dropped_is_not_handed_out_again(change):
+    arrays = RecycledArrays((64, 32), np.float32)
+    a = arrays()
+    address = a.ctypes.data
+    if change == "shape":
+        a.shape = (32, 64)
+    elif change == "dtype":
+        a.dtype = np.int32
+    else:
+        with pytest.warns(DeprecationWarning) if np.lib.NumpyVersion(np.__version__) >= "2.4.0" else nullcontext():
+            a.strides = (4, 256)      # a transposed view of the same memory, in place
+    del a
+    b = arrays()
+    assert b.shape == (64, 32) and b.dtype == np.float32 and b.flags.c_contiguous
+    assert b.ctypes.data != address

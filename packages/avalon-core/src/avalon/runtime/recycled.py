@@ -59,8 +59,7 @@ class RecycledArrays:
     def __call__(self) -> np.ndarray:
         kept = self.kept
         for k in range(len(kept)):
-            if _references(kept, k) == _ONLY_KEPT and not weakref.getweakrefcount(kept[k]) \
-                    and kept[k].flags.writeable:
+            if _references(kept, k) == _ONLY_KEPT and self._as_made(kept[k]):
                 return kept[k]
         fresh = np.empty(self.shape, self.dtype)
         if len(kept) < KEPT:
@@ -70,6 +69,13 @@ class RecycledArrays:
             kept.pop(0)
             kept.append(fresh)
         return fresh
+
+    def _as_made(self, a) -> bool:
+        """Whether `a`, referred to by nothing else, is still what it was made as: the
+        caller may have reshaped it in place (a.shape = ...), changed its dtype or
+        made it read-only before letting go of it, or keep a weak reference to it."""
+        return (a.shape == self.shape and a.dtype == self.dtype and a.flags.c_contiguous and a.flags.writeable
+                and not weakref.getweakrefcount(a))
 
     def __repr__(self):
         return f"RecycledArrays({self.shape}, {self.dtype.name}, kept={len(self.kept)})"
