@@ -9,7 +9,8 @@ a slot in a set of buffers preallocated once per compiled signature:
   over that input: this is how gradient contributions accumulate in place
   (add(g1, g2) -> add(g1, g2, out=g1));
 * values that leave the function (outputs, and what they are views of) never
-  live in a slot: each call returns fresh arrays the caller may keep;
+  live in a slot: each call returns arrays the caller may keep (recycled
+  only once the caller lets go of them: runtime.recycled);
 * assign(dst, src) (an optimizer's update) lets the op computing src write
   straight into dst, when nothing reads dst afterwards: no copy at all;
 * an op that only lays its inputs end to end (a primitive with an `assembles`
