@@ -8,6 +8,8 @@ import threading
 
 import pytest
 
+from avalon.testing.fixtures import fresh_tuning_turn  # noqa: F401  (autouse)
+
 
 def _report(target, args, queue):
     try:
@@ -61,3 +63,4 @@ def held_by_another_thread():
             release.set()
             t.join(10)
     return held
+

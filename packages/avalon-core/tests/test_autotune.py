@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from avalon.runtime import threads
 from avalon.runtime.threads import Autotuned
 
 
@@ -127,8 +128,9 @@ def test_iterations_in_which_the_caller_idles_are_not_trials():
     tuned = Autotuned([("fast", fast), ("slow", slow)])
     for call in range(1, 40):
         tuned(1)
-        # pauses after three of the fast schedule's five timed calls (calls 2-6), none of the slow one's
-        time.sleep(0.05 if call in (2, 3, 4) else 0.001)
+        # pauses after three of the fast schedule's five timed calls, none of the slow one's
+        first_timed = Autotuned.WARMUP + 1
+        time.sleep(0.05 if first_timed <= call < first_timed + 3 else 0.001)
         if tuned.choice is not None:
             break
     assert tuned.label == "fast"
@@ -151,3 +153,29 @@ def test_the_timings_the_choice_was_made_on_are_readable():
     timings = tuned.timings
     assert set(timings) == {"slow", "fast"} and timings["fast"] < timings["slow"]
     assert timings["slow"] >= 0.008 + 0.002 and min(timings, key=timings.get) == tuned.label
+
+
+def test_two_tuners_called_in_one_loop_take_turns():
+    """A gradient step and an optimizer update: the second one's schedules are timed
+    only once the first has chosen, with the first's choice running meanwhile."""
+    log = {}
+    grad = Autotuned([("g0", _Schedule(0.003, 0.0, log)), ("g1", _Schedule(0.001, 0.0, log))])
+    update = Autotuned([("u0", _Schedule(0.002, 0.0, log)), ("u1", _Schedule(0.0005, 0.0, log))])
+    per_tuner = 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1
+    for step in range(2 * per_tuner + 2):
+        grad(1)
+        if step < per_tuner - 1:
+            assert update.calls == [0, 0], "the update's schedules are not tried while the step's are"
+        update(1)
+    assert grad.label == "g1" and update.label == "u1"
+
+
+def test_a_turn_held_by_a_tuner_no_longer_called_is_taken_over():
+    log = {}
+    abandoned = Autotuned([("a0", _Schedule(0.0, 0.0, log)), ("a1", _Schedule(0.0, 0.0, log))])
+    abandoned(1)                      # holds the turn, then is never called again
+    keeper = abandoned                # (still referred to: not collected)
+    tuned = Autotuned([("slow", _Schedule(0.004, 0.0, log)), ("fast", _Schedule(0.001, 0.0, log))])
+    _train(tuned, log, threads._TuningTurn.STALE + 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 2, update_s=0.0)
+    assert tuned.label == "fast"
+    assert keeper.choice is None

@@ -22,6 +22,7 @@ import functools
 import os
 import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -421,6 +422,46 @@ class Later:
         self.build = build
 
 
+class _TuningTurn:
+    """Which Autotuned times its schedules now: one at a time in the process.
+
+    A training loop calls two tuned functions, the gradient step and the
+    optimizer's update, and each one's iteration holds the other's call: timed
+    together, each would time its schedules while the other switched between
+    its own, and a schedule's trials would carry the other's slowest one (the
+    VAE's "BLAS on 2 threads" was timed at 4.9 ms against 3.1 ms steady and
+    lost to a schedule 0.7 ms slower).  So a tuner waits for its turn, running
+    its current schedule untimed meanwhile.  A turn held by a tuner not called
+    for STALE calls of the others is taken over: in a loop each tuner is called
+    every few calls, and one called once (a prediction between epochs) or no
+    longer must not keep the loop's tuners waiting."""
+
+    STALE = 8
+
+    def __init__(self):
+        self._owner = None        # weak reference to the tuner timing now
+        self._owner_tick = 0
+        self._tick = 0
+
+    def take(self, tuner) -> bool:
+        """Whether `tuner` may time its schedules at this call (it then holds the turn)."""
+        self._tick += 1
+        owner = self._owner() if self._owner is not None else None
+        if owner is not tuner and owner is not None and self._tick - self._owner_tick <= self.STALE:
+            return False
+        if owner is not tuner:
+            self._owner = weakref.ref(tuner)
+        self._owner_tick = self._tick
+        return True
+
+    def give_back(self, tuner) -> None:
+        if self._owner is not None and self._owner() is tuner:
+            self._owner = None
+
+
+_turn = _TuningTurn()
+
+
 class Autotuned:
     """Several compiled schedules of one graph (split across threads or not,
     BLAS threads or not): the first calls try each in turn, then the fastest
@@ -432,7 +473,12 @@ class Autotuned:
     does in between (the optimizer update, the next batch).  A schedule whose
     call is quick but leaves threads spinning afterwards (BLAS's) slows that
     work, and timing the call alone would pick it wrongly.  Each schedule gets
-    WARMUP calls, then TRIALS timed iterations, and the median decides.
+    WARMUP calls, then TRIALS timed iterations, and the median decides.  Two
+    calls are not timed: a schedule's first calls after another's are slower
+    (its helper threads start or wake, BLAS sets up their buffers); the VAE's
+    "BLAS on 2 threads" took 4.3, 3.5, 3.4, 3.1 ms in its first calls.  One
+    tuner times at a time (_TuningTurn): in a training loop the gradient
+    step's and the update's each hold the other's call.
 
     The machine's load changes (another process takes a core, and BLAS's
     spinning threads then starve), so the choice is checked again after
@@ -450,7 +496,7 @@ class Autotuned:
     instead (at most MAX_IDLE such per schedule and round, so that a caller who
     always works that long between calls still gets a choice)."""
 
-    WARMUP, TRIALS = 1, 5
+    WARMUP, TRIALS = 2, 5
     RECHECK, GIVE_UP = 400, 3.0
     SWITCH_GAIN = 0.9
     IDLE_FACTOR, IDLE_S, MAX_IDLE = 10.0, 0.02, 10
@@ -467,7 +513,12 @@ class Autotuned:
         self._since, self._next_check = 0, self.RECHECK   # calls since the choice; when to check it
         self._best = None                     # the winning median of the last round
         self._timings: dict = {}              # label -> median seconds per iteration, last round
-        self.fn = self.__call__
+
+    @property
+    def fn(self):
+        # a property, not an attribute holding the bound method: that would be a reference
+        # cycle, and a dropped tuner would hold the tuning turn until the cyclic collector ran
+        return self.__call__
 
     @property
     def candidates(self):
@@ -506,7 +557,13 @@ class Autotuned:
             self._since += 1
             if self._since < self._next_check:
                 return self._candidates[self.choice][1].fn(*args)
+            if not _turn.take(self):
+                return self._candidates[self.choice][1].fn(*args)   # another tuner is timing: later
             self._start_round()
+        elif not _turn.take(self):
+            # another tuner is timing its schedules: the first one runs meanwhile, untimed
+            self._open = None
+            return self._schedule(self._waiting_schedule()).fn(*args)
         start = time.perf_counter()
         self._close_iteration(start)
         if all(self._done(i) for i in range(len(self.times))):
@@ -540,6 +597,15 @@ class Autotuned:
             best = kept       # a later round: not clearly faster, so no switch
         self.choice = self._chosen = best
         self._best = medians[best]
+        _turn.give_back(self)
+
+    def _waiting_schedule(self) -> int:
+        """The schedule run while another tuner times its own: the last choice, or
+        the one being tried (compiled already), or the first."""
+        if self._chosen is not None:
+            return self._chosen
+        tried = [k for k, n in enumerate(self.calls) if n]
+        return tried[-1] if tried else 0
 
     def _start_round(self):
         """Time every schedule again (the choice is kept for reading until then)."""
