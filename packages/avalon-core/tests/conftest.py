@@ -44,16 +44,17 @@ def in_forked_child():
 
 @pytest.fixture
 def held_by_another_thread():
-    """held(context): a context manager inside which another thread is inside
-    `context` (entered before the block starts, left after it ends)."""
+    """held(context, for_s=None): a context manager inside which another thread is
+    inside `context` (entered before the block starts, left after it ends, or
+    after for_s seconds: a holder that is slow, not stuck)."""
     @contextlib.contextmanager
-    def held(context):
+    def held(context, for_s=None):
         inside, release = threading.Event(), threading.Event()
 
         def hold():
             with context:
                 inside.set()
-                release.wait(60)
+                release.wait(60 if for_s is None else for_s)
         t = threading.Thread(target=hold)
         t.start()
         try:

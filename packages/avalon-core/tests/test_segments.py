@@ -10,8 +10,6 @@ where the mkl package is installed, are checked in test_blas_choice.py."""
 import os
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -338,23 +336,12 @@ def _driver_loaded():
     return segments.driver() is not None
 
 
-def test_a_child_forked_while_another_thread_loads_the_driver_gets_one(in_forked_child):
+def test_a_child_forked_while_another_thread_loads_the_driver_gets_one(in_forked_child, held_by_another_thread):
     """The CPU backend loads the driver in a background thread: a fork meanwhile
     waits for it, so the child does not inherit its lock held forever."""
     expected = segments.driver() is not None
-    inside = threading.Event()
-
-    def load_slowly():
-        with segments._lock:
-            inside.set()
-            time.sleep(0.3)
-    holder = threading.Thread(target=load_slowly)
-    holder.start()
-    try:
-        assert inside.wait(10)
+    with held_by_another_thread(segments._lock, for_s=0.3):     # a load taking 0.3 s
         assert in_forked_child(_driver_loaded, timeout=30) == expected
-    finally:
-        holder.join()
 
 
 def test_the_cpu_backend_loads_the_driver_before_any_compilation():
