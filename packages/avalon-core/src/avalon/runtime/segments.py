@@ -26,8 +26,8 @@ the memory plan's buffers' addresses (fixed per compiled copy: each thread's
 copy has its own table) and the layout expected of every array passed per call
 (graph inputs, values made by Python kernels, fresh results allocated in
 Python before the call: the results the call returns, recycled once the caller
-lets go of them, runtime.recycled).  The C source holds no address, so the disk cache of
-native builds hits across processes.  When an array passed per call is not what
+lets go of them, runtime.recycled).  The C source holds no address, so the
+disk cache of native builds hits across processes.  When an array passed per call is not what
 the program was compiled for (another dtype, size or array type, not
 C-contiguous, not aligned) or a written graph input overlaps another array, the
 driver returns nonzero before running anything and the generated code runs the
