@@ -312,6 +312,31 @@ def test_writing_a_value_that_differs_between_shards_keeps_the_step_whole(cheap_
     assert compiled_kind(f) is not ShardedFunction
 
 
+def two_connected_statistics(state, x):
+    """Two running statistics written from one batch mean, the second reading
+    the first's new value: passes.fuse_updates makes them ONE fused_update."""
+    m, v = state
+    m2 = avalon.assign(m, m * np.float32(0.9) + avalon.mean(x, axis=0) * np.float32(0.1))
+    avalon.assign(v, v * np.float32(0.9) + m2 * m2 * np.float32(0.1))
+    return avalon.sum(avalon.tanh(x))
+
+
+def test_a_fused_update_of_a_batch_statistic_keeps_the_step_whole(cheap_barriers):
+    """The batch split defers an assign's value past the shards; a fused_update
+    writes several arrays from one body and has no single value to defer (it
+    once handed its second destination's old value over as the first's)."""
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    m, v = np.ones(16, np.float32), np.ones(16, np.float32)
+    want_m = m * np.float32(0.9) + x.mean(axis=0) * np.float32(0.1)
+    want_v = v * np.float32(0.9) + want_m * want_m * np.float32(0.1)
+    f = avalon.jit(two_connected_statistics)
+    f((m, v), x)
+    np.testing.assert_allclose(m, want_m, rtol=1e-6)
+    np.testing.assert_allclose(v, want_v, rtol=1e-6)
+    assert compiled_kind(f) is not ShardedFunction
+    assert any(n.op == "fused_update" for n in f.graph.nodes)
+
+
 def deep_bn(m, x):
     h = x
     for _ in range(6):    # 6 layers of batch statistics: more all-reduces than MAX_REDUCTIONS

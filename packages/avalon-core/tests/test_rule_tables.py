@@ -135,9 +135,10 @@ def _names(pipeline):
 def test_cpu_only_passes_come_from_the_cpu_backend():
     cpu, gpu = _names(passes.default_pipeline(CpuBackend)), _names(passes.default_pipeline(_GpuLike))
     # fuse_views: C kernels read slices in place; shared transposes: OpenBLAS's slower transposed operands;
-    # lone reductions: NumPy's sums are slower than C's; wide products: OpenBLAS's row-count gap
+    # lone reductions: NumPy's sums are slower than C's; wide products: OpenBLAS's row-count gap;
+    # updates: one C kernel per run of in-place writes, each moved up to just after its gradient
     cpu_only = ("layout", "shared_transposed_operands", "wide_products", "fuse_lone_ops", "fuse_views",
-                "fuse_updates")
+                "fuse_updates", "early_updates")
     assert all(n in cpu and n not in gpu for n in cpu_only)
     assert [n for n in cpu if n not in cpu_only] == gpu == _names(passes.BUILTIN)
     assert _names(passes.forward_pipeline(CpuBackend)) == ["pool_first"]

@@ -6,11 +6,15 @@ measuring code treats them alike:
     trainer.evaluate(x, y) -> float     the workload's test metric
     trainer.train()                     back to training mode
 
-AvalonTrainer: avalon.grad of the zoo loss (gradients for the model only) and
-an avalon.optim optimizer; predictions by avalon.jit of the forward.
+AvalonTrainer: the zoo loss's gradient (for the model only) and an
+avalon.optim optimizer's update compiled as one call (avalon.optim.train_step,
+what JAX users write as a jitted training step); predictions by avalon.jit of
+the forward.
 TorchTrainer: the torch twin, eager or through torch.compile.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -38,6 +42,9 @@ class AvalonTrainer:
             self.model.to(self.device)
         self.loss_fn = workload.avalon_loss()
         self.opt = workload.avalon_optimizer()
+        with warnings.catch_warnings():     # experimental (its API may change): the bench knows
+            warnings.simplefilter("ignore", avalon.ExperimentalWarning)
+            self.train_step = avalon.optim.train_step(self.loss_fn, self.opt)
         self.first_step_builds = None       # C compiler runs in the first step, once it ran
         self.forward = avalon.jit(_forward)
         self.eval_loss = avalon.jit(self.loss_fn)
@@ -54,9 +61,7 @@ class AvalonTrainer:
     def step(self, batch) -> float:
         if self.first_step_builds is None:
             return self._first_step(batch)
-        loss, grads = self.avalon.grad(self.loss_fn, self.model, *self._put(batch), argnums=0)
-        self.opt.step(self.model, grads[0])
-        return float(loss)
+        return float(self.train_step(self.model, *self._put(batch)))
 
     def _first_step(self, batch) -> float:
         """The first step, counting the C compiler's runs in it: none means every
@@ -90,40 +95,47 @@ class AvalonTrainer:
         self.model.train()
 
     def profile(self, batch):
-        """avalon.profile of the gradient step on one batch (the optimizer update is a second,
-        small compiled function, not included)."""
+        """avalon.profile of the gradient call on one batch (the training step without its
+        optimizer update, whose kernels only add their passes over the parameters)."""
         step = self.avalon.value_and_grad(self.loss_fn, argnums=0)
         return self.avalon.profile(step, self.model, *self._put(batch))
 
     def step_breakdown(self, batch, repeats: int = 30) -> dict:
-        """Median seconds of the two halves of a training step: the compiled gradient
-        call and the optimizer update (to set against the profile's kernel time)."""
+        """Median seconds of a whole training step and of its gradient call alone
+        (to set against the profile's kernel time); `fused`: whether the step ran
+        gradient and update as one compiled call."""
         import statistics
         import time
         args = self._put(batch)
-        grad_s, update_s = [], []
+        step_s, grad_s = [], []
+        grad = self.avalon.value_and_grad(self.loss_fn, argnums=0)
         for _ in range(repeats):
             t0 = time.perf_counter()
-            _, grads = self.avalon.grad(self.loss_fn, self.model, *args, argnums=0)
+            self.train_step(self.model, *args)
             t1 = time.perf_counter()
-            self.opt.step(self.model, grads[0])
+            grad(self.model, *args)
             t2 = time.perf_counter()
-            grad_s.append(t1 - t0)
-            update_s.append(t2 - t1)
+            step_s.append(t1 - t0)
+            grad_s.append(t2 - t1)
         return {"schedule": self.step_schedule(), "timings": self.step_timings(),
-                "gradient_s": statistics.median(grad_s), "optimizer_s": statistics.median(update_s),
-                "calls": repeats}
+                "step_s": statistics.median(step_s), "gradient_s": statistics.median(grad_s),
+                "fused": bool(self.train_step.last_fused), "calls": repeats}
+
+    def _step_compiled(self):
+        """The compiled function the training step ran last: gradient and update as one,
+        or the gradient call alone (when the update ran on its own)."""
+        if self.train_step.last_fused:
+            return self.train_step.function._last().compiled
+        return self.avalon.value_and_grad(self.loss_fn, argnums=0)._last().compiled
 
     def step_schedule(self) -> str:
-        """The schedule the compiled gradient step runs (what its calls timed fastest)."""
-        compiled = self.avalon.value_and_grad(self.loss_fn, argnums=0)._last().compiled
-        return getattr(compiled, "label", "one thread (the only schedule compiled)")
+        """The schedule the compiled training step runs (what its calls timed fastest)."""
+        return getattr(self._step_compiled(), "label", "one thread (the only schedule compiled)")
 
     def step_timings(self) -> dict:
-        """{schedule: median seconds of an iteration} the gradient step's first calls
+        """{schedule: median seconds of an iteration} the training step's first calls
         timed its schedules at ({} with a single schedule)."""
-        compiled = self.avalon.value_and_grad(self.loss_fn, argnums=0)._last().compiled
-        return dict(getattr(compiled, "timings", {}))
+        return dict(getattr(self._step_compiled(), "timings", {}))
 
     def forward_schedule(self) -> str:
         """The schedule the last prediction's compiled forward runs (what its first calls timed fastest)."""

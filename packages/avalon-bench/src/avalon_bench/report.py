@@ -207,11 +207,13 @@ def workload_markdown(result: dict, device: str) -> str:
             timed = f": {schedule_timings_text(b['timings'])}" if b.get("timings") else ""
             split = (f"run as \"{b['schedule']}\" (the schedule its first calls timed fastest{timed})"
                      + ("; the kernels below are one thread's share" if "shards" in b["profiled"] else ""))
-            lines += [f"- One step = the compiled gradient call, {fmt_seconds(b['gradient_s'])}, + the optimizer "
-                      f"update, {fmt_seconds(b['optimizer_s'])} (medians of {b['calls']} calls after training).",
-                      f"- The gradient step is {split}; its kernels take {fmt_seconds(b['kernels_s'])} per call "
-                      "(timed one by one, so slightly more than in the real step); the rest of the call is "
-                      "dispatch, thread hand-offs and Python.", ""]
+            how = ("the gradient and the optimizer update compiled as one call (avalon.optim.train_step)"
+                   if b.get("fused") else "the compiled gradient call, then the optimizer update")
+            lines += [f"- One step = {how}: {fmt_seconds(b['step_s'])}; the gradient call alone takes "
+                      f"{fmt_seconds(b['gradient_s'])} (medians of {b['calls']} calls after training).",
+                      f"- The step is {split}; the gradient call's kernels take {fmt_seconds(b['kernels_s'])} "
+                      "(timed one by one, so slightly more than in the real step); the rest is the update's "
+                      "passes over the parameters, dispatch, thread hand-offs and Python.", ""]
         lines += ["Top 10 kernels of `avalon.profile` of the gradient step:", "", "```", result["profile"], "```"]
     if result.get("profile_predict"):
         lines += ["", "Where the Avalon prediction's time goes (top 10 kernels of `avalon.profile` of the "

@@ -302,13 +302,18 @@ class CompiledFunction:
         """Graph inputs that carry the batch: arrays of the arguments after the
         first (the model), not differentiated, sharing the commonest leading size."""
         owners = _leaf_owner(treedef)
-        skip = set(getattr(self, "argnums", None) or ()) | {0}
+        skip = self._unbatched_arguments(len(treedef.children))
         cands = [k for k, x in enumerate(leaves) if owners[k] not in skip and np.ndim(x) >= 1]
         if not cands:
             return set()
         sizes = [leaves[k].shape[0] for k in cands]
         n = max(set(sizes), key=sizes.count)
         return {graph.inputs[k] for k in cands if leaves[k].shape[0] == n}
+
+    def _unbatched_arguments(self, n_args) -> set:
+        """Positions of the arguments that never carry the batch: the first (the
+        model) and the differentiated ones."""
+        return set(getattr(self, "argnums", None) or ()) | {0}
 
     def _explain_retrace(self, key):
         prev = self._last_key if self._last_key is not None else next(reversed(self._cache))

@@ -56,6 +56,10 @@ changed, that update is called again through its bound compilation
 (`avalon.jit(...).bind`), without collecting the gradients or looking the
 update's signature up again (_RepeatStep).
 
+`avalon.optim.train_step(loss_fn, opt)` compiles the gradient and this update
+as one function, each parameter's update right after its gradient's product
+(avalon_layers.train_step): the same results as `avalon.grad` then `opt.step`.
+
 Hyperparameters are checked where they are set (the constructor,
 add_param_group, load_state_dict) with PyTorch's rules and wording ("Invalid
 epsilon value: -1.0"), and a failed check changes nothing.
@@ -333,10 +337,11 @@ class Optimizer:
         for st, step in steps:
             st["step"] = step
 
-    def _step_flat(self, flat, entries, hp, group):
-        """One compiled update over the flat buffers: the arguments it was called
-        with, or None (nothing done) when the parameters are at different step
-        counts (state loaded for some only)."""
+    def _flat_state(self, flat, entries, hp, group):
+        """(per-parameter state dicts, the step they take now, the flat state
+        buffers by name), each dict holding views of those buffers; None when the
+        parameters are at different step counts (state loaded for some only) or
+        their state cannot all be flat."""
         made_now = [e.path not in self.state for e in entries]
         per_path = [self._state_of(e, group, hp) for e in entries]
         step = per_path[0]["step"] + 1
@@ -346,6 +351,16 @@ class Optimizer:
         states = flat.flat_states(per_path, self.state_names, zeros)
         if len(states) != sum(1 for k in self.state_names if k in per_path[0]):
             return None
+        return per_path, step, states
+
+    def _step_flat(self, flat, entries, hp, group):
+        """One compiled update over the flat buffers: the arguments it was called
+        with, or None (nothing done) when the parameters are at different step
+        counts (state loaded for some only)."""
+        prepared = self._flat_state(flat, entries, hp, group)
+        if prepared is None:
+            return None
+        per_path, step, states = prepared
         coefs = self._coefficient_arrays(step, flat.params, {}, group)
         if flat.size >= READ_GRADIENTS_IN_PLACE * len(entries):
             # one kernel per parameter over the views of the flat buffers, reading each

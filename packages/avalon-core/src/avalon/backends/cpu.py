@@ -47,7 +47,7 @@ class CpuBackend(Backend):
     def passes(cls):
         # convolutional stacks batch-innermost: each convolution a direct C kernel, or
         # im2col and one large matrix product (the shapes NumPy's BLAS runs fastest)
-        from ..passes.updates import fuse_updates
+        from ..passes.updates import early_updates, fuse_updates
         from ..passes.views import fuse_views
         # slices read in place by the C kernels of fused groups (they lower strided loads);
         # in-place updates (an optimizer's) as one multi-output C kernel: one pass over memory
@@ -63,7 +63,9 @@ class CpuBackend(Backend):
                 ("wide_products", _wide_products_on_openblas, "after:shared_transposed_operands"),
                 ("fuse_lone_ops", fuse_lone_ops, "after:fuse_elementwise"),
                 ("fuse_views", fuse_views, "after:fuse_lone_ops"),
-                ("fuse_updates", fuse_updates, "after:fuse_views")]
+                ("fuse_updates", fuse_updates, "after:fuse_views"),
+                # each update right after its gradient, which it then reads from the cache
+                ("early_updates", early_updates, "after:fuse_updates")]
 
     @classmethod
     def forward_passes(cls):

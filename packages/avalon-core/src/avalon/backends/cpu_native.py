@@ -63,6 +63,7 @@ import weakref
 import numpy as np
 
 from ..kernel_ir import CRenderer, Unfusable, lower
+from ..kernel_ir.render_c import PART_SUFFIX, has_part
 from ..kernel_ir.keys import body_key, node_key
 from ..kernel_ir.ir import DTYPES
 from ..runtime import native
@@ -250,6 +251,7 @@ def compile_node_c(node, fallback):
                "_SHAPE": tuple(node.shape), "_DT": np.dtype(node.dtype)}
         env["_entry"] = built.entry if built is not None else _Stub(env, "_entry")
         env["_k"] = built.cfn if built is not None else _Stub(env, "_k")
+        env["_kp"] = built.part if built is not None else None
         if built is None:
             entry.envs.append(env)
     src = _updating_op_source(kernel) if in_place else _node_op_source(kernel)
@@ -336,8 +338,9 @@ class _Pending:
 
 
 class _Built:
-    def __init__(self, source, cfn, entry):
+    def __init__(self, source, cfn, entry, part):
         self.source, self.cfn, self.entry = source, cfn, entry
+        self.part = part     # NAME_part (render_c.has_part), or None
 
 
 _lock = threading.RLock()
@@ -366,10 +369,10 @@ def build_pending(raise_errors=False) -> int:
             warnings.warn(f"avalon: fused kernels did not build, so their groups run on NumPy: {e}",
                           RuntimeWarning, stacklevel=3)
             return 0
-        for (key, entry), (cfn, ent) in zip(batch, fns):
-            _built[key] = _Built(entry.source, cfn, ent)
+        for (key, entry), (cfn, ent, part) in zip(batch, fns):
+            _built[key] = _Built(entry.source, cfn, ent, part)
             for env in entry.envs:
-                _bind(env, cfn, ent)
+                _bind(env, cfn, ent, part)
         return len(batch)
 
 
@@ -431,13 +434,17 @@ def _build_one(entries, source=None):
         if e.object_calls:
             entry = native.bind(lib, e.kernel.name + "_objects", argtypes)
             entry.restype = ctypes.c_int
-        out.append((cfn, entry))
+        part = None
+        if has_part(e.kernel):
+            part = native.bind(lib, e.kernel.name + PART_SUFFIX, (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64))
+        out.append((cfn, entry, part))
     return out
 
 
-def _bind(env, cfn, entry):
+def _bind(env, cfn, entry, part):
     env["_k"] = cfn
     env["_entry"] = entry
+    env["_kp"] = part
 
 
 def _refuse(*args):
@@ -580,9 +587,9 @@ def _wrapper(body, kernel, built, backend):
            "_SHAPE": tuple(out_node.shape), "_DT": np.dtype(out_node.dtype)}
     env["_slow"] = _Slow(body, kernel, env, backend)
     if built is None:
-        env["_k"], env["_entry"] = _Stub(env, "_k"), _Stub(env, "_entry")
+        env["_k"], env["_entry"], env["_kp"] = _Stub(env, "_k"), _Stub(env, "_entry"), None
     else:
-        env["_k"], env["_entry"] = built.cfn, built.entry
+        env["_k"], env["_entry"], env["_kp"] = built.cfn, built.entry, built.part
     allargs = ", ".join(args + ["out"])
     if OBJECT_CALLS:
         lines = [f"def fused({', '.join(args + ['out=None'])}):",

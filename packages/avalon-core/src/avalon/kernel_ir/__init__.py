@@ -21,12 +21,12 @@ The CPU backend builds fused groups with the C renderer when a C compiler is
 available (avalon.backends.cpu_native); AVALON_NATIVE=0 keeps the NumPy path.
 """
 from .ir import (Binary, Buffer, Call, Cast, Const, Expr, Index, Kernel, KernelIRError, Let, Load, Loop,
-                 Select, Store, Unary, Var, verify)
+                 Select, Store, Unary, Var, elementwise_extent, verify)
 from .lower import Unfusable, lower
 from .render_c import CRenderer
 from .render_cstyle import CStyleRenderer
 from .render_cuda import CUDARenderer
 
 __all__ = ["Binary", "Buffer", "Call", "Cast", "Const", "Expr", "Index", "Kernel", "KernelIRError", "Let",
-           "Load", "Loop", "Select", "Store", "Unary", "Var", "verify", "Unfusable", "lower",
+           "Load", "Loop", "Select", "Store", "Unary", "Var", "verify", "elementwise_extent", "Unfusable", "lower",
            "CStyleRenderer", "CRenderer", "CUDARenderer"]

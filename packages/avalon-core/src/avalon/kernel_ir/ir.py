@@ -296,6 +296,48 @@ class Kernel:
         return self.text
 
 
+def elementwise_extent(kernel: Kernel):
+    """N when the kernel is one loop ``for i in [0, N)`` of straight-line code
+    that loads every buffer at [i] or at [0] (a scalar) and stores each output
+    at [i] only (no local buffer, no update): then each range of i computes
+    its elements alone, and the loop can run in pieces on several threads.
+    None for any other kernel."""
+    if kernel.template is not None or kernel.locals or len(kernel.body) != 1:
+        return None
+    loop = kernel.body[0]
+    if not isinstance(loop, Loop) or loop.lanes:
+        return None
+    at_i = ((loop.var.name, 1),)
+    for s in loop.body:
+        if isinstance(s, Store):
+            if s.index.terms != at_i or s.index.offset or s.buffer.size != loop.extent:
+                return None
+            value = s.value
+        elif isinstance(s, Let):
+            value = s.value
+        else:
+            return None
+        if not _loads_elementwise(value, at_i):
+            return None
+    return loop.extent
+
+
+def _loads_elementwise(e, at_i) -> bool:
+    if isinstance(e, Load):
+        return not e.index.offset and e.index.terms in (at_i, ())
+    if isinstance(e, (Var, Const)):
+        return True
+    if isinstance(e, (Unary, Cast)):
+        return _loads_elementwise(e.a, at_i)
+    if isinstance(e, Binary):
+        return _loads_elementwise(e.a, at_i) and _loads_elementwise(e.b, at_i)
+    if isinstance(e, Call):
+        return all(_loads_elementwise(a, at_i) for a in e.args)
+    if isinstance(e, Select):
+        return all(_loads_elementwise(x, at_i) for x in (e.cond, e.a, e.b))
+    return False
+
+
 # -- construction helpers ---------------------------------------------------------------------------------
 
 def binary(op, a, b):

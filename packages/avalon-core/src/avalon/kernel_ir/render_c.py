@@ -19,6 +19,13 @@ dependence between iterations.  (Partial overlaps, an input that is a shifted
 or broadcast view of `out`, are the caller's to avoid: the CPU backend's
 wrapper checks for them.)
 
+An elementwise kernel of at least PIECES_MIN_ELEMENTS elements (one loop
+whose every load and store is at [i] or at a scalar's [0]: ir.elementwise_extent)
+also gets ``NAME_part(void* const* args, int64_t lo, int64_t hi)``, the same
+loop over [lo, hi), its buffers in one array of pointers: the segments' driver
+runs it in pieces across its threads when the caller set product threads
+(avalon.runtime.segments), as it splits large matrix products.
+
 `FLAGS` are the compiler flags the kernels are exact under: no FMA
 contraction (-ffp-contract=off: a*b+c rounds twice, as in NumPy), no errno
 (math calls become pure, so sqrt is one instruction), IEEE semantics
@@ -32,8 +39,20 @@ and does with int.
 """
 from __future__ import annotations
 
-from .ir import KernelIRError, Store, Update
+from .ir import KernelIRError, Store, Update, elementwise_extent
 from .render_cstyle import CStyleRenderer
+
+#: elementwise kernels of at least this many elements also get a NAME_part entry
+#: running a range of the loop, which the segments' driver splits across its threads
+#: (a hand-off costs 1-2 us; a kernel this size streams ~0.4 MB, 15-30 us)
+PIECES_MIN_ELEMENTS = 1 << 15
+PART_SUFFIX = "_part"
+
+
+def has_part(kernel) -> bool:
+    """Whether the C renderer gives `kernel` a NAME_part entry (see render_part)."""
+    extent = elementwise_extent(kernel)
+    return extent is not None and extent >= PIECES_MIN_ELEMENTS
 
 
 #: NumPy's float maximum/minimum as functions of three selects (a NaN first operand
@@ -105,8 +124,8 @@ class CRenderer(CStyleRenderer):
         text = super().load(e)
         return f"({text} != 0)" if e.dtype.kind == "b" else text
 
-    def loop(self, loop, indent):
-        lines = super().loop(loop, indent)
+    def loop(self, loop, indent, start="0", stop=None):
+        lines = super().loop(loop, indent, start, stop)
         if loop.lanes:
             # kept a loop (not unrolled), the lanes loop is what gcc vectorizes: one vector
             # of accumulators, math calls through their vector versions (libmvec); fully
@@ -126,7 +145,21 @@ class CRenderer(CStyleRenderer):
         for s in kernel.body:
             lines += self.statement(s, "    ")
         lines.append("}")
+        if has_part(kernel):
+            lines += self.render_part(kernel)
         return "\n".join(lines) + "\n"
+
+    def render_part(self, kernel) -> list[str]:
+        """NAME_part(args, lo, hi): the elementwise kernel's loop over [lo, hi)
+        only, its buffers passed as one array of pointers (one signature for
+        every kernel: the segments' driver runs the pieces on its threads)."""
+        lines = [f"AVL_EXPORT void {kernel.name}{PART_SUFFIX}(void* const* args, int64_t lo, int64_t hi)", "{"]
+        for k, b in enumerate(kernel.params):
+            t = ("const " if b.role == "in" else "") + self.buffer_type(b.dtype)
+            lines.append(f"    {t}* {b.name} = ({t}*)args[{k}];")
+        lines += self.loop(kernel.body[0], "    ", "lo", "hi")
+        lines.append("}")
+        return lines
 
     def render_template(self, kernel) -> str:
         """A kernel whose body is a C template (kernel_ir.conv_templates): its

@@ -193,9 +193,11 @@ class CStyleRenderer:
         """Declarations of the kernel's local buffers."""
         return [f"{indent}{self.buffer_type(b.dtype)} {b.name}[{max(b.size, 1)}];" for b in kernel.locals]
 
-    def loop(self, loop: Loop, indent: str) -> list[str]:
+    def loop(self, loop: Loop, indent: str, start: str = "0", stop: str | None = None) -> list[str]:
+        """The loop over [start, stop): [0, extent) unless a caller names its bounds."""
         v = loop.var.name
-        lines = [f"{indent}for ({self.INDEX_TYPE} {v} = 0; {v} < {loop.extent}; {v}++) {{"]
+        stop = str(loop.extent) if stop is None else stop
+        lines = [f"{indent}for ({self.INDEX_TYPE} {v} = {start}; {v} < {stop}; {v}++) {{"]
         for s in loop.body:
             lines += self.statement(s, indent + "    ")
         lines.append(f"{indent}}}")

@@ -22,11 +22,11 @@ from .pool_first import pool_first
 from .products import transposed_products
 from .simplify import simplify
 from .sums import merge_sums
-from .updates import fuse_updates
+from .updates import early_updates, fuse_updates
 from .views import fuse_views
 
 __all__ = ["dce", "cse", "constant_fold", "simplify", "transposed_products", "layout", "pool_first",
-           "fuse_elementwise", "recompute_cheap", "merge_sums", "fuse_views", "fuse_updates",
+           "fuse_elementwise", "recompute_cheap", "merge_sums", "fuse_views", "fuse_updates", "early_updates",
            "BUILTIN", "FORWARD", "default_pipeline", "forward_pipeline",
            "add_pass", "remove_pass", "run_pipeline", "reset_pipeline", "pipeline_version"]
 

@@ -118,7 +118,12 @@ class _Propagation:
 
 def _deferred_write(node, states):
     """A write into an input (dst, src) runs after the shards (see the module
-    docstring): the value written must be the same in every shard."""
+    docstring): the value written must be the same in every shard.  Only an
+    assign's write is deferred: a fused_update writes several inputs from one
+    body, and has no single value to hand to the caller."""
+    if node.op != "assign":
+        raise NoSplit(f"{node.op} writes {node.attrs.get('n_dest', 1)} inputs in place (only an assign's "
+                      "write is deferred past the shards)")
     if P in states:
         raise NeedsReduce(node.inputs[states.index(P)])
     if any(s != R for s in states):

@@ -26,7 +26,7 @@ from ..graph import Graph, Node
 from ..primitive import PRIMITIVES, defprim
 from .fusion import body_reduces
 
-__all__ = ["fuse_updates", "fused_update_p"]
+__all__ = ["fuse_updates", "early_updates", "fused_update_p"]
 
 
 def _update_rule(*inputs, body, n_dest):
@@ -226,3 +226,94 @@ def _merge(run):
     last = run.assigns[-1]
     return Node("fused_update", list(run.dests) + list(ext), {"body": body, "n_dest": len(run.dests)},
                 last.shape, last.dtype, last.loc)
+
+
+def early_updates(graph):
+    """Each in-place write, with the values only it uses, moved up to just
+    after the last node it must follow.
+
+    Traced code writes an optimizer's arrays after the whole gradient is
+    computed (the update is called on the gradients), so a parameter's update
+    runs long after the product that made its gradient, and reads it back from
+    memory.  The write and its own computation (the nodes whose values only it
+    uses, pure ones) move up together, to just after the latest of: the nodes
+    computing their other operands, every node reading or writing an array
+    the write writes (through views too: a transposed weight read by a later
+    product is the weight), and every write of an array they read.  There its
+    gradient is still in the cache; reads and writes keep their order wherever
+    they touch the same memory."""
+    writes = [n for n in graph.nodes if getattr(PRIMITIVES.get(n.op), "writes_input", False)]
+    if not writes:
+        return graph
+    root = _view_roots(graph)
+    users = graph.uses()
+    # inputs and constants first: they depend on nothing, and a moved block may read them
+    fixed = [n for n in graph.nodes if n.op in ("input", "const")]
+    nodes = fixed + [n for n in graph.nodes if n.op not in ("input", "const")]
+    for w in writes:
+        block = _own_computation(w, users)
+        written = {root.get(d, d) for d in _destinations(w)}
+        read = {root.get(i, i) for m in block for i in m.inputs}
+        operands = {i for m in block for i in m.inputs} - block
+        cut = None     # the node the block must follow: the first such one before w
+        for n in reversed(nodes[len(fixed):nodes.index(w)]):
+            if n not in block and (n in operands or _conflicts(n, written, read, root)):
+                cut = n
+                break
+        keep = set(nodes[:nodes.index(cut) + 1]) if cut is not None else set()
+        moving = [n for n in nodes if n in block and n not in keep]   # members before the cut stay
+        rest = [n for n in nodes if n not in moving]
+        where = rest.index(cut) + 1 if cut is not None else len(fixed)
+        nodes = rest[:where] + moving + rest[where:]
+    graph.nodes = nodes
+    return graph
+
+
+def _own_computation(w, users):
+    """w and the nodes computing values only it uses (transitively): pure nodes
+    (no write, no random draw, no communication), free to move with it."""
+    block = {w}
+    stack = list(w.inputs)
+    while stack:
+        u = stack.pop()
+        if u in block or u.op in ("input", "const"):
+            continue
+        prim = PRIMITIVES.get(u.op)
+        if prim is None or prim.effectful or prim.collective:
+            continue
+        if all(x in block for x in users.get(u, ())):
+            block.add(u)
+            stack.extend(u.inputs)
+    return block
+
+
+def _view_roots(graph):
+    """view node -> the array it views (a view of a view: the first array)."""
+    root = {}
+    for n in graph.nodes:
+        prim = PRIMITIVES.get(n.op)
+        if prim is not None and prim.view and n.inputs:
+            src = n.inputs[0]
+            root[n] = root.get(src, src)
+    return root
+
+
+def _destinations(node):
+    """The inputs a writing node writes: an assign's first, a fused_update's n_dest."""
+    return node.inputs[:node.attrs.get("n_dest", 1)] if node.op == "fused_update" else node.inputs[:1]
+
+
+def _conflicts(n, written, read, root) -> bool:
+    """Whether node n (earlier) must stay before a write of `written` that reads
+    `read`: n reads or writes what it writes, or writes what it reads; a
+    collective or an unknown op stays where it is."""
+    if n.op in ("input", "const"):
+        return False
+    prim = PRIMITIVES.get(n.op)
+    if prim is None or prim.collective:
+        return True
+    if any(root.get(i, i) in written for i in n.inputs):
+        return True
+    if prim.writes_input:
+        return any(root.get(d, d) in written or root.get(d, d) in read for d in _destinations(n))
+    return False

@@ -21,6 +21,12 @@ pointer, with the GIL released for the whole run.  C-able nodes:
 * views of static layout (reshape of a C-contiguous value, transpose): pointer
   and strides known at compile time, no call at all.
 
+A thread that set product threads (the "BLAS on N threads" schedule) has each
+large product split into pieces across the driver's helper threads, and each
+large elementwise kernel too, through its range entry (NAME_part: a loop over
+[lo, hi), kernel_ir.render_c): an optimizer's update of a large weight is a
+pass over memory that one core's bandwidth alone would bound.
+
 Each segment has a *program*: an int64 table holding the kernels' addresses,
 the memory plan's buffers' addresses (fixed per compiled copy: each thread's
 copy has its own table) and the layout expected of every array passed per call
@@ -43,6 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..kernel_ir.ir import elementwise_extent
 from ..primitive import PRIMITIVES
 from . import native
 from .blas import generated_code_blas
@@ -55,7 +62,7 @@ MAX_DYN = 48
 MAX_ARGS = 64
 
 _C_CONTIGUOUS, _ALIGNED, _WRITEABLE = 0x0001, 0x0100, 0x0400   # NPY_ARRAY_* flags
-_OP_CALL, _OP_GEMM, _OP_GEMV = 0, 1, 2
+_OP_CALL, _OP_GEMM, _OP_GEMV, _OP_PARTS = 0, 1, 2, 3
 _NO_TRANS, _TRANS, _ROW_MAJOR, _COL_MAJOR = 111, 112, 101, 102      # CBLAS enums
 
 
@@ -128,12 +135,16 @@ typedef struct {
     char pad[64];
 } avl_helper;
 
-/* the product being split: written by its caller before it publishes avl_claim, stable
-   until every piece is done */
-static struct {
-    const int64_t* q; const char* a; const char* b; char* c;
-    int axis; int64_t step, extent;
-} avl_job;
+/* what is being split: a product, or an elementwise kernel's loop (its NAME_part entry,
+   kernel_ir.render_c); written by its caller before it publishes avl_claim, stable until
+   every piece is done */
+typedef void (*avl_part_fn)(void* const*, int64_t, int64_t);
+typedef struct {
+    const int64_t* q; const char* a; const char* b; char* c; int axis;     /* a product */
+    avl_part_fn part; void* const* args;                                   /* or a kernel's range */
+    int64_t step, extent;
+} avl_job_t;
+static avl_job_t avl_job;
 static _Atomic uint64_t avl_claim;   /* generation << 32 | next piece to claim */
 static _Atomic int avl_pieces;       /* pieces of the product of that generation */
 static _Atomic int avl_done;         /* pieces the helpers have finished */
@@ -234,7 +245,10 @@ static void avl_run_piece(int64_t piece)
 {
     const int64_t lo = piece * avl_job.step;
     const int64_t hi = lo + avl_job.step < avl_job.extent ? lo + avl_job.step : avl_job.extent;
-    avl_product(avl_job.q, avl_job.a, avl_job.b, avl_job.c, avl_job.axis, lo, hi - lo);
+    if (avl_job.part)
+        avl_job.part(avl_job.args, lo, hi);
+    else
+        avl_product(avl_job.q, avl_job.a, avl_job.b, avl_job.c, avl_job.axis, lo, hi - lo);
 }
 
 /* claims the next unclaimed piece of generation gen: its index, or -1 when none is left
@@ -345,29 +359,15 @@ static int avl_ensure_helpers(int n)
     return 1;
 }
 
-/* the op at q on pointers a, b, c: in pieces across the helpers when it is worth it,
-   else whole; 1 when it ran */
-static int avl_product_in_pieces(const int64_t* q, const char* a, const char* b, char* c)
+/* `job` (all but its step) in pieces across the helpers, of a multiple of `align` each:
+   1 when it ran, 0 when it is the caller's to run whole (one thread, too small, the
+   helpers busy with another caller's or not startable) */
+static int avl_run_in_pieces(avl_job_t job, int64_t align)
 {
     const int n = avl_product_threads;
-    int axis;
-    int64_t extent;
-    if (n < 2)
-        return 0;
-    if (q[0] == AVL_OP_GEMV) {
-        if (q[4] * q[5] < AVL_MIN_GEMV_WORK)
-            return 0;
-        axis = 1;
-        extent = q[5];
-    } else {
-        if (q[5] * q[6] * q[7] < AVL_MIN_GEMM_WORK)
-            return 0;
-        axis = q[5] >= q[6] ? 0 : 1;
-        extent = axis == 0 ? q[5] : q[6];
-    }
-    int64_t step = (extent + n - 1) / n;
-    step = (step + AVL_PIECE_ALIGN - 1) / AVL_PIECE_ALIGN * AVL_PIECE_ALIGN;
-    const int pieces = (int)((extent + step - 1) / step);
+    int64_t step = (job.extent + n - 1) / n;
+    step = (step + align - 1) / align * align;
+    const int pieces = (int)((job.extent + step - 1) / step);
     if (pieces < 2 || pthread_mutex_trylock(&avl_pool_lock) != 0)
         return 0;
     if (!avl_ensure_helpers(pieces)) {
@@ -375,8 +375,8 @@ static int avl_product_in_pieces(const int64_t* q, const char* a, const char* b,
         return 0;
     }
     const uint64_t gen = ++avl_generation;
-    avl_job.q = q; avl_job.a = a; avl_job.b = b; avl_job.c = c;
-    avl_job.axis = axis; avl_job.step = step; avl_job.extent = extent;
+    job.step = step;
+    avl_job = job;
     atomic_store(&avl_done, 0);
     atomic_store(&avl_pieces, pieces);
     atomic_store(&avl_claim, (gen & 0xffffffffu) << 32 | 1);   /* piece 0 is the caller's */
@@ -400,6 +400,35 @@ static int avl_product_in_pieces(const int64_t* q, const char* a, const char* b,
         if (++spins > 4096) sched_yield(); else AVL_RELAX();
     pthread_mutex_unlock(&avl_pool_lock);
     return 1;
+}
+
+/* the product at q on pointers a, b, c: in pieces across the helpers when it is worth it,
+   else whole; 1 when it ran */
+static int avl_product_in_pieces(const int64_t* q, const char* a, const char* b, char* c)
+{
+    avl_job_t job = {q, a, b, c, 1, 0, 0, 0, 0};
+    if (avl_product_threads < 2)
+        return 0;
+    if (q[0] == AVL_OP_GEMV) {
+        if (q[4] * q[5] < AVL_MIN_GEMV_WORK)
+            return 0;
+        job.extent = q[5];
+    } else {
+        if (q[5] * q[6] * q[7] < AVL_MIN_GEMM_WORK)
+            return 0;
+        job.axis = q[5] >= q[6] ? 0 : 1;
+        job.extent = job.axis == 0 ? q[5] : q[6];
+    }
+    return avl_run_in_pieces(job, AVL_PIECE_ALIGN);
+}
+
+/* an elementwise kernel's loop over [0, extent) through its range entry: in pieces of
+   whole cache lines across the helpers when the caller set product threads, else whole */
+static void avl_part_call(avl_part_fn part, void* const* args, int64_t extent)
+{
+    avl_job_t job = {0, 0, 0, 0, 0, part, args, 0, extent};
+    if (avl_product_threads < 2 || !avl_run_in_pieces(job, AVL_PIECE_ALIGN))
+        part(args, 0, extent);
 }
 """.replace("@MIN_GEMM_WORK@", str(MIN_SPLIT_GEMM_WORK)).replace("@MIN_GEMV_WORK@", str(MIN_SPLIT_GEMV_WORK))
 
@@ -492,6 +521,13 @@ static int avl_run(const int64_t* p, const void* const* objs)
             default: return 3;
             }}
             q += 3 + 2 * q[2];
+        }} else if (q[0] == {_OP_PARTS}) {{
+            /* fn (a NAME_part entry), n_args, extent, n_args x (register, offset) */
+            void* a[{MAX_ARGS}];
+            for (int64_t j = 0; j < q[2] && j < {MAX_ARGS}; j++)
+                a[j] = (void*)(r[q[4 + 2 * j]] + q[5 + 2 * j]);
+            avl_part_call((avl_part_fn)q[1], a, q[3]);
+            q += 4 + 2 * q[2];
         }} else if (q[0] == {_OP_GEMV}) {{
             /* fn, dtype, order, M, N, lda, incx, incy, A, offA, X, offX, Y, offY (A transposed) */
             const char* a = r[q[9]] + q[10];
@@ -712,7 +748,7 @@ class Program:
     def __init__(self, segment: Segment):
         self.segment = segment
 
-    def table(self, kernel_address):
+    def table(self, kernel_address, part_address=lambda fn: None):
         seg = self.segment
         fixed, regs = [], {}
         for k, node in enumerate(seg.dyn):
@@ -728,7 +764,11 @@ class Program:
         for kind, payload in seg.ops:
             if kind == "call":
                 fn, operands = payload
-                body += [_OP_CALL, kernel_address(fn), len(operands)]
+                part = part_address(fn)
+                if part is not None:
+                    body += [_OP_PARTS, part, len(operands), elementwise_extent(fn.kernel)]
+                else:
+                    body += [_OP_CALL, kernel_address(fn), len(operands)]
                 for lay in operands:
                     body += [reg(lay.base), lay.offset]
             elif kind == "gemv":
@@ -762,6 +802,15 @@ def _kernel_address(fn):
     if not isinstance(cfn, ctypes._CFuncPtr) or tuple(cfn.argtypes or ()) != (ctypes.c_void_p,) * len(fn.kernel.params):
         raise Unavailable(fn)
     return ctypes.cast(cfn, ctypes.c_void_p).value
+
+
+def _part_address(fn):
+    """The address of the kernel's NAME_part entry (an elementwise loop the driver may
+    run in pieces: kernel_ir.render_c.render_part), or None when it has none."""
+    part = getattr(fn, "__globals__", {}).get("_kp")
+    if not isinstance(part, ctypes._CFuncPtr):
+        return None
+    return ctypes.cast(part, ctypes.c_void_p).value
 
 
 def _node_by_node(*args):
@@ -801,7 +850,7 @@ class FirstCall:
         try:
             if lib is None:
                 raise Unavailable("driver")
-            table = Program(self.segment).table(_kernel_address)
+            table = Program(self.segment).table(_kernel_address, _part_address)
         except Unavailable:
             self.env[self.fn_name] = _node_by_node
             return 1
