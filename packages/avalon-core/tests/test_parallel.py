@@ -337,6 +337,36 @@ def test_a_fused_update_of_a_batch_statistic_keeps_the_step_whole(cheap_barriers
     assert any(n.op == "fused_update" for n in f.graph.nodes)
 
 
+def sgd_step(state, x):
+    """A loss and an update of its weights by their gradient, a sum over the
+    batch: what avalon.optim.train_step traces."""
+    w, m = state
+    loss = avalon.sum(avalon.tanh(x @ w))
+    g = x.T @ (1 - avalon.tanh(x @ w) ** 2)
+    m2 = avalon.assign(m, m * np.float32(0.9) + g)
+    avalon.assign(w, w - np.float32(0.01) * m2)
+    return loss
+
+
+def test_writes_of_summed_gradients_run_once_after_the_shards(cheap_barriers):
+    """The update reads each gradient summed over the shards: it runs after them
+    (ShardPlan.tail), on the combined sums, with no thread barrier inside."""
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    w0, m0 = rng.standard_normal((16, 8)).astype(np.float32), np.ones((16, 8), np.float32)
+    whole = (w0.copy(), m0.copy())
+    want = avalon.jit(sgd_step, parallel=False)(whole, x)
+    f = avalon.jit(sgd_step)
+    f((w0.copy(), m0.copy()), x)                                  # compile the schedules
+    sharded = [c for _, c in f._last().compiled.candidates if isinstance(c, ShardedFunction)][0]
+    assert sharded.plan.tail is not None and not sharded.plan.writes
+    assert not any(n.op in ("assign", "fused_update", "allreduce_sum") for n in sharded.plan.graph.nodes)
+    state = (w0.copy(), m0.copy())
+    got = sharded(*avalon.tree.flatten((state, x))[0])
+    np.testing.assert_allclose(got[0], want, rtol=1e-5)
+    np.testing.assert_allclose(state[1], whole[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state[0], whole[0], rtol=1e-5, atol=1e-6)
+
+
 def deep_bn(m, x):
     h = x
     for _ in range(6):    # 6 layers of batch statistics: more all-reduces than MAX_REDUCTIONS

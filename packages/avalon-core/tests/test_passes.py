@@ -263,6 +263,26 @@ def test_pool_first_moves_bias_and_relu_after_the_pooling():
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
 
 
+def test_a_gradient_inlined_into_another_trace_gets_the_forward_rewrites_too():
+    """jit(grad(f)) differentiates f's forward after the forward passes, as grad(f)
+    compiled alone does: its backward then reads the pooled tensor, not the whole."""
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+
+    def loss(x, w, b):
+        return avalon.sum(_conv_block(x, w, b) ** 2)
+    alone = avalon.value_and_grad(loss, argnums=(1, 2))
+    inlined = avalon.jit(lambda x, w, b: alone(x, w, b))
+    want, got = alone(x, w, b), inlined(x, w, b)
+    traced = avalon.trace(lambda x, w, b: alone(x, w, b), x, w, b)
+    relu_at, pool_at = ops_of(traced).index("relu"), ops_of(traced).index("max_pool")
+    assert pool_at < relu_at      # pool_first ran before differentiation
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, c in zip(got[1][1:], want[1][1:]):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
 def test_pool_first_keeps_ops_that_vary_inside_a_window():
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)

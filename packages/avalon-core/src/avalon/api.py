@@ -352,6 +352,11 @@ class CompiledFunction:
         self.traces += 1
         graph = _trace(self.f, leaves, treedef, self.__name__)
         captures = graph.__dict__.get("captures", ())
+        if self.passes is None:
+            # the forward rewrites a compilation of its own runs before differentiating
+            # (the CPU's pool_first): after it, the backward reads what they removed.  The
+            # enclosing trace's device is not known here; the default one's are exact anywhere
+            graph = run_pipeline(graph, forward_pipeline())
         graph, out_tree, wrt = self._transform(graph, leaves, treedef)
         return _Inlined(graph, out_tree, wrt, treedef, tuple(captures))
 

@@ -59,6 +59,7 @@ from .registry import export
 _STEP_ARGUMENTS = 5
 
 _STALE = object()
+_UNBOUND = object()
 
 
 class _StepFunction(JitFunction):
@@ -180,6 +181,7 @@ class _Plan:
                           for g in groups)
         self.hps = tuple(g.hp for g in groups)
         self.args_key = _signature(args)
+        self.bound = _UNBOUND      # bound at the first call (BoundCall), or None
         return self
 
     @staticmethod
@@ -210,6 +212,36 @@ class _Plan:
             groups.append(_Group(index, hp, members, states, opt.state_names))
         return groups
 
+    def _coefficients(self, opt):
+        """Each group's per-parameter coefficient dicts for its next step (one dict
+        per dtype and device, shared: the compiled step takes each array once)."""
+        coefs = []
+        for g in self.groups:
+            group, cache = opt.param_groups[g.index], {}
+            coefs.append([opt._coefficient_arrays(g.step + 1, e.param, cache, group) for e in g.entries])
+        return coefs
+
+    def _bind(self, model, args, coefs):
+        """The compiled step bound to this call's signature (api.BoundCall): later
+        calls put their batch and coefficients at known positions of its flat
+        arguments instead of flattening all of them and looking the signature up.
+        None when the positions cannot be told apart (an array passed twice)."""
+        bound = self.step.function.bind(self.hps, self.spec, model, [g.arrays for g in self.groups], coefs, *args)
+        model_leaves = tree.flatten(model)[0]
+        arg_leaves, self.args_td = tree.flatten(args)
+        lead = len(bound.leaves) - len(arg_leaves)
+        if (lead < len(model_leaves) or any(a is not b for a, b in zip(bound.leaves, model_leaves))
+                or any(a is not b for a, b in zip(bound.leaves[lead:], arg_leaves))):
+            return None
+        slot = {id(x): k for k, x in enumerate(bound.leaves[:lead])}
+        self.coef_slots = [(gi, ei, name, slot[id(a)]) for gi, per_entry in enumerate(coefs)
+                           for ei, c in enumerate(per_entry) for name, a in c.items()]
+        self.n_model, self.lead = len(model_leaves), lead
+        self.arg_positions = range(lead, len(bound.leaves))
+        for k in [k for *_, k in self.coef_slots] + list(self.arg_positions):
+            bound.leaves[k] = None      # filled at each call: no call's arrays are kept
+        return bound
+
     def run(self, model, args):
         """The step's output, or _STALE (nothing done) when anything planned on changed."""
         opt = self.step.optimizer
@@ -222,21 +254,37 @@ class _Plan:
         leaves, td = tree.flatten(model)
         if td != self.td or any(leaves[i] is not p for i, p in self.params):
             return _STALE
-        if _signature(args) != self.args_key:
-            return _STALE
-        coefs = []
         for g in self.groups:
-            group = opt.param_groups[g.index] if g.index < len(opt.param_groups) else None
-            if group is None or opt._static(group) != g.hp or not _state_unchanged(opt, g):
+            if g.index >= len(opt.param_groups) or opt._static(opt.param_groups[g.index]) != g.hp \
+                    or not _state_unchanged(opt, g):
                 return _STALE
-            cache: dict = {}
-            coefs.append([opt._coefficient_arrays(g.step + 1, e.param, cache, group) for e in g.entries])
-        out = self.step.function(self.hps, self.spec, model, [g.arrays for g in self.groups], coefs, *args)
+        coefs = self._coefficients(opt)
+        if self.bound is _UNBOUND:
+            self.bound = self._bind(model, args, coefs)
+        out = self._call_bound(leaves, args, coefs) if self.bound is not None else _STALE
+        if out is _STALE:
+            if self.bound is not None or _signature(args) != self.args_key:
+                return _STALE
+            out = self.step.function(self.hps, self.spec, model, [g.arrays for g in self.groups], coefs, *args)
         for g in self.groups:
             g.step += 1
             for st in g.states:
                 st["step"] = g.step
         return out
+
+    def _call_bound(self, model_leaves, args, coefs):
+        bound = self.bound
+        arg_leaves, args_td = tree.flatten(args)
+        if args_td != self.args_td or not bound.current() \
+                or any(a is not b for a, b in zip(model_leaves, bound.leaves[:self.n_model])):
+            return _STALE
+        leaves = list(bound.leaves)
+        leaves[self.lead:] = arg_leaves
+        if not bound.matches(leaves, self.arg_positions):
+            return _STALE
+        for gi, ei, name, k in self.coef_slots:
+            leaves[k] = coefs[gi][ei][name]
+        return tree.unflatten(bound.entry.out_tree, bound.call(leaves))
 
 
 def _state_unchanged(opt, group: _Group) -> bool:

@@ -43,6 +43,7 @@ from ..errors import GraphError
 from ..graph import Graph, Node
 from ..ops._sharding import P, R, S, WITHOUT_RULE, NeedsReduce, NoSplit
 from ..primitive import PRIMITIVES, defprim
+from .updates import _destinations, _own_computation, _view_roots, elementwise_node
 
 __all__ = ["split_batch", "split_components", "ShardPlan", "allreduce_sum_p", "R", "P", "S", "NoSplit",
            "NeedsReduce", "MIN_SHARD_ELEMENTS", "MAX_REDUCTIONS", "ELEMENTS_PER_REDUCTION"]
@@ -67,7 +68,7 @@ class ShardPlan:
     """How to run a graph in shards: the shard graph, the batch inputs, and
     how to combine each output ("S", axis) / P / R."""
 
-    def __init__(self, shard_graph, batch_input_index, output_states, shards, writes=()):
+    def __init__(self, shard_graph, batch_input_index, output_states, shards, writes=(), tail=None):
         self.graph = shard_graph
         self.batch_input_index = batch_input_index
         self.output_states = output_states
@@ -75,6 +76,20 @@ class ShardPlan:
         # deferred writes into inputs: (input index, shard graph output index), in
         # graph order; those outputs follow the graph's own (output_states)
         self.writes = list(writes)
+        self.tail = tail            # Tail: the writes run once after the shards, or None
+
+
+class Tail:
+    """The graph's writes into its inputs, with the values only they use, run
+    once after the shards on the combined results (an optimizer's update traced
+    with its gradient: in the shards each gradient would be summed across them
+    at a thread barrier before its update could read it).  `graph` is their own
+    graph; `sources` says what each of its inputs is: ("arg", k), the step's
+    argument k, or ("value", j), the combined shard output j; the shard
+    graph's first `n_outputs` outputs are the step's own."""
+
+    def __init__(self, graph, sources, n_outputs):
+        self.graph, self.sources, self.n_outputs = graph, sources, n_outputs
 
 
 # -- propagation ------------------------------------------------------------------------------
@@ -275,13 +290,22 @@ def split_batch(graph, batch_inputs, shards: int):
     n = _batch_size(batch_inputs, shards)
     if n is None:
         return None
+    whole, (graph, tail) = graph, _after_the_shards(graph)
     reduced: set = set()
     try:
         state, ctx = _propagate(graph, set(batch_inputs), n, reduced)
         _check_joinable(graph, state, n)
+        if tail is not None:
+            if not any(st not in (R, P) for node, st in state.items() if node.op not in ("input", "const")):
+                raise NoSplit("nothing to split but writes into inputs")
+            bad = [graph.outputs[j] for kind, j in tail.sources if kind == "value"
+                   and state[graph.outputs[j]] not in (R, P)]
+            if bad:
+                raise NoSplit(f"writes into an input a value that differs between the shards "
+                              f"({bad[0].op} {tuple(bad[0].shape)}: {state[bad[0]]})")
         _check_worthwhile(sharded_work(state, ctx), reduced)
     except NoSplit as e:
-        log.debug("%s is not split across threads: %s", graph.name, e)
+        log.debug("%s is not split across threads: %s", whole.name, e)
         return None
     shard = _shard_copy(graph, state, shards, ctx.sub_states, reduced)
     writes = _defer_writes(shard)
@@ -291,7 +315,55 @@ def split_batch(graph, batch_inputs, shards: int):
         log.debug("%s is not split across threads: the shard graph is invalid: %s", graph.name, e)
         return None
     index = [k for k, i in enumerate(graph.inputs) if i in batch_inputs]
-    return ShardPlan(shard, index, [state[o] for o in graph.outputs] + [R] * len(writes), shards, writes)
+    return ShardPlan(shard, index, [state[o] for o in graph.outputs] + [R] * len(writes), shards, writes, tail)
+
+
+def _after_the_shards(graph):
+    """(the graph without its writes, their Tail), when every write into an input
+    and the values only it uses can run after the shards: nothing else reads
+    what they compute or, after a write, the array it wrote; else (graph, None)."""
+    writes = [n for n in graph.nodes if getattr(PRIMITIVES.get(n.op), "writes_input", False)]
+    if not writes:
+        return graph, None
+    users = graph.uses()
+    tail: set = set()
+    for w in writes:
+        # elementwise work only: products and sums over the batch stay in the shards
+        tail |= _own_computation(w, users, admit=elementwise_node)
+    if any(u not in tail for t in tail for u in users.get(t, ())) or any(o in tail for o in graph.outputs):
+        return graph, None
+    root = _view_roots(graph)
+    rest = [n for n in graph.nodes if n not in tail]
+    position = {n: k for k, n in enumerate(graph.nodes)}
+    for w in writes:
+        written = {root.get(d, d) for d in _destinations(w)}
+        if any(position[n] > position[w] and any(root.get(i, i) in written for i in n.inputs) for n in rest):
+            return graph, None      # read after the write: the shards would read it unwritten
+    head = Graph(graph.name)
+    head.inputs, head.nodes = list(graph.inputs), rest
+    for attr in ("in_tree", "out_tree"):
+        if attr in graph.__dict__:
+            setattr(head, attr, getattr(graph, attr))
+    t = Graph(graph.name + "_tail")
+    made, sources, extra = {}, [], []
+    for node in (n for n in graph.nodes if n in tail):
+        for i in node.inputs:
+            if i in made or i in tail:
+                continue
+            if i.op == "const":
+                made[i] = t.add_const(i.value, i.loc)
+                continue
+            made[i] = t.add_input(i.shape, i.dtype)
+            if i.op == "input":
+                sources.append(("arg", graph.inputs.index(i)))
+            else:
+                sources.append(("value", len(graph.outputs) + len(extra)))
+                extra.append(i)
+        made[node] = t.add_node(node.op, [made[i] for i in node.inputs], node.attrs, node.shape, node.dtype,
+                                node.loc)
+    t.outputs = [made[w] for w in writes]
+    head.outputs = list(graph.outputs) + extra
+    return head, Tail(t, sources, len(graph.outputs))
 
 
 def _defer_writes(shard):

@@ -269,9 +269,10 @@ def early_updates(graph):
     return graph
 
 
-def _own_computation(w, users):
+def _own_computation(w, users, admit=None):
     """w and the nodes computing values only it uses (transitively): pure nodes
-    (no write, no random draw, no communication), free to move with it."""
+    (no write, no random draw, no communication), free to move with it; with
+    `admit`, only those for which admit(node) holds."""
     block = {w}
     stack = list(w.inputs)
     while stack:
@@ -279,12 +280,20 @@ def _own_computation(w, users):
         if u in block or u.op in ("input", "const"):
             continue
         prim = PRIMITIVES.get(u.op)
-        if prim is None or prim.effectful or prim.collective:
+        if prim is None or prim.effectful or prim.collective or (admit is not None and not admit(u)):
             continue
         if all(x in block for x in users.get(u, ())):
             block.add(u)
             stack.extend(u.inputs)
     return block
+
+
+def elementwise_node(n) -> bool:
+    """An elementwise op, a fused group that does not end in a reduction, or a view."""
+    prim = PRIMITIVES.get(n.op)
+    if n.op == "fused":
+        return not body_reduces(n.attrs["body"])
+    return prim is not None and (prim.elementwise or prim.view)
 
 
 def _view_roots(graph):

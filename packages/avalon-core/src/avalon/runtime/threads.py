@@ -68,6 +68,10 @@ class ShardedFunction:
         self.fn = self.__call__
         self._pool = _workers(plan.shards - 1)
         self._fresh = _fresh_outputs(plan.graph)
+        # the writes into inputs, run once after the shards on their combined results
+        self._tail = generate(plan.tail.graph, backend, name + "_tail") if plan.tail is not None else None
+        if self._tail is not None:
+            self.source += "\n# then, once the shards are combined, the writes into inputs:\n" + self._tail.source
 
     def __call__(self, *args):
         plan = self.plan
@@ -102,7 +106,12 @@ class ShardedFunction:
         outputs = len(plan.output_states) - len(plan.writes)
         for i, j in plan.writes:  # writes into inputs, deferred until no shard reads them (in graph order)
             self.backend.xp.copyto(args[i], results[0][j])
-        return tuple(self._combine(j, st, results) for j, st in enumerate(plan.output_states[:outputs]))
+        combined = tuple(self._combine(j, st, results) for j, st in enumerate(plan.output_states[:outputs]))
+        tail = plan.tail
+        if tail is None:
+            return combined
+        self._tail.fn(*[args[k] if kind == "arg" else combined[k] for kind, k in tail.sources])
+        return combined[:tail.n_outputs]
 
     def _guarded(self, fn, args):
         try:
