@@ -181,6 +181,23 @@ def test_parameters_at_different_step_counts_are_updated_separately_with_the_sam
     _assert_same(model, opt, other, other_opt)
 
 
+def test_a_step_run_separately_learns_the_gradient_structure_once(monkeypatch):
+    """The fallback does not trace the gradient again at every call."""
+    model, opt = Net(), optim.Adam(lr=1e-2)
+    _separately(model, opt, _batches(1)[0])
+    sd = opt.state_dict()
+    sd["state"]["fc2.bias"]["step"] = 5
+    opt.load_state_dict(sd)
+    step = optim.train_step(_loss, opt)
+    traced = []
+    real = step._gradient_structure
+    monkeypatch.setattr(step, "_gradient_structure", lambda m, a: traced.append(1) or real(m, a))
+    for batch in _batches(4):
+        step(model, *batch)
+        assert step.last_fused is False
+    assert len(traced) == 1
+
+
 def test_a_parameter_without_gradient_is_left_alone_without_state():
     model, opt, other, other_opt = _twins(lambda m: optim.Adam(lr=1e-2), unused=True)
     spare = np.array(model.spare.weight)

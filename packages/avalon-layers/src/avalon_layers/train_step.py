@@ -87,6 +87,7 @@ class TrainStep:
         self.function = _StepFunction(self._traced_step)
         self.function.__name__ = "train_step_" + getattr(loss_fn, "__name__", type(loss_fn).__name__)
         self._plan = None
+        self._structures: dict = {}    # signature of (model, *args) -> _gradient_structure's result
         self.last_fused = None     # whether the last call ran gradient and update as one function
 
     def __call__(self, model, *args):
@@ -122,6 +123,15 @@ class TrainStep:
             grads_of = [tuple(gleaves[j] for j in js) for _, js in members]
             self.optimizer._update_all(hp, params, grads_of, group_states, group_coefs)
         return out
+
+    def _structure_of(self, model, args):
+        """_gradient_structure for this signature, traced once (a step that runs
+        separately plans again at every call)."""
+        key = _signature((model,) + tuple(args))
+        found = self._structures.get(key)
+        if found is None:
+            found = self._structures[key] = self._gradient_structure(model, args)
+        return found
 
     def _gradient_structure(self, model, args):
         """What avalon.grad returns for the model on these arguments, with a
@@ -160,7 +170,7 @@ class _Plan:
         opt = step.optimizer
         if opt._given:
             opt._refresh_index()
-        structure = step._gradient_structure(model, args)
+        structure = step._structure_of(model, args)
         entries = opt._collect(model, structure, frozenset())
         if opt._given:
             entries = opt._own(entries, what=f"the model ({type(model).__name__})")
