@@ -155,6 +155,9 @@ def test_the_steps_table_states_what_each_schedule_was_timed_at():
                       "resnet": row("resnet", "(still timing)", {})})
     assert "- lstm: batch split across threads 8.40 ms, one thread 11.00 ms" in table
     assert "- resnet:" not in table
+    kept = row("lstm", "one thread", {"one thread": 0.007, "batch split across threads": 0.0084})
+    kept["avalon_schedule_remembered"] = True
+    assert "- lstm (kept): one thread 7.00 ms, batch split across threads 8.40 ms" in markdown({"lstm": kept})
 
 
 @pytest.mark.parametrize("builds, compile_s, goal, met", [
@@ -169,3 +172,11 @@ def test_the_compile_goal_is_the_warm_one_when_no_kernel_was_built(builds, compi
     assert ("warm" in t["target"]) == (builds == 0)
     if builds:
         assert f"{builds} C compiler run" in t["target"]
+
+
+def test_a_warm_compile_of_a_kept_schedule_says_so():
+    from avalon_bench import report
+    kept = report.compile_target({"compile_s": 0.04, "compile_builds": 0, "compile_remembered": True})
+    timed = report.compile_target({"compile_s": 0.04, "compile_builds": 0, "compile_remembered": False})
+    assert "the schedule an earlier run chose" in kept["target"]
+    assert "earlier run" not in timed["target"] and kept["met"] and timed["met"]

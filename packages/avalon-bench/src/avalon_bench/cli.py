@@ -162,6 +162,7 @@ def run_workload(wl, data, args, cfg) -> dict:
             f["malloc"] = tuned.info.get("malloc", {})
         if getattr(t, "first_step_builds", None) is not None:
             f["compile_builds"] = t.first_step_builds
+            f["compile_remembered"] = t.first_step_remembered
         if t.key in lat_batch:
             f["predict_batch"], f["predict_sample"] = lat_batch[t.key], lat_sample[t.key]
             f["predict_batch_s"] = lat_batch[t.key].get("median_s")

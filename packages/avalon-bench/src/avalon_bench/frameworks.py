@@ -46,6 +46,7 @@ class AvalonTrainer:
             warnings.simplefilter("ignore", avalon.ExperimentalWarning)
             self.train_step = avalon.optim.train_step(self.loss_fn, self.opt)
         self.first_step_builds = None       # C compiler runs in the first step, once it ran
+        self.first_step_remembered = None   # whether it compiled the schedule an earlier run chose
         self.forward = avalon.jit(_forward)
         self.eval_loss = avalon.jit(self.loss_fn)
 
@@ -71,6 +72,7 @@ class AvalonTrainer:
         self.first_step_builds = 0
         loss = self.step(batch)
         self.first_step_builds = native.compiler_runs() - before
+        self.first_step_remembered = self.schedule_remembered()
         return loss
 
     def predictor(self, x):
@@ -119,7 +121,8 @@ class AvalonTrainer:
         schedule, timings, fused = self.step_schedule(), self.step_timings(), bool(self.train_step.last_fused)
         grad_s = [timed(grad) for _ in range(repeats)]
         return {"schedule": schedule, "timings": timings, "step_s": statistics.median(step_s),
-                "gradient_s": statistics.median(grad_s), "fused": fused, "calls": repeats}
+                "gradient_s": statistics.median(grad_s), "fused": fused, "calls": repeats,
+                "remembered": self.schedule_remembered()}
 
     def _step_compiled(self):
         """The compiled function the training step ran last: gradient and update as one,
@@ -131,6 +134,11 @@ class AvalonTrainer:
     def step_schedule(self) -> str:
         """The schedule the compiled training step runs (what its calls timed fastest)."""
         return getattr(self._step_compiled(), "label", "one thread (the only schedule compiled)")
+
+    def schedule_remembered(self) -> bool:
+        """Whether the step runs the schedule an earlier process chose (the tuning
+        cache, avalon.runtime.tuning_memo) rather than one its own calls timed."""
+        return bool(getattr(self._step_compiled(), "remembered", False))
 
     def step_timings(self) -> dict:
         """{schedule: median seconds of an iteration} the training step's first calls

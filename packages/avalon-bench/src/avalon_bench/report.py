@@ -107,6 +107,8 @@ def compile_target(avalon: dict) -> dict:
     builds = avalon.get("compile_builds")
     if builds == 0:
         what, goal = "warm: every kernel from the disk cache", WARM_COMPILE_GOAL_S
+        if avalon.get("compile_remembered"):
+            what += ", and the schedule an earlier run chose, compiled alone"
     else:
         what = f"cold: {builds} C compiler run{'s' if builds != 1 else ''}" if builds else "cold"
         goal = COLD_COMPILE_GOAL_S
@@ -205,7 +207,9 @@ def workload_markdown(result: dict, device: str) -> str:
         if b:
             # the schedule the first calls chose: the batch split, one thread, or BLAS's own threads
             timed = f": {schedule_timings_text(b['timings'])}" if b.get("timings") else ""
-            split = (f"run as \"{b['schedule']}\" (the schedule its first calls timed fastest{timed})"
+            chosen = ("the schedule an earlier run timed fastest, kept in the tuning cache" if b.get("remembered")
+                      else "the schedule its calls timed fastest")
+            split = (f"run as \"{b['schedule']}\" ({chosen}{timed})"
                      + ("; the kernels below are one thread's share" if "shards" in b["profiled"] else ""))
             how = ("the gradient and the optimizer update compiled as one call (avalon.optim.train_step)"
                    if b.get("fused") else "the compiled gradient call, then the optimizer update")
@@ -272,7 +276,9 @@ def header_markdown(info: dict) -> str:
              "",
              "- compile: first training step minus the median step (Avalon: trace + differentiation + "
              "code generation of the step, warm when the C compiler did not run (every kernel from the "
-             "disk cache), goal 50 ms, else cold, goal 1 s; torch.compile: Dynamo/Inductor compilation; "
+             "disk cache), goal 50 ms, else cold, goal 1 s; a step with several schedules compiles one in its "
+             "first call: the one an earlier run chose when the tuning cache holds it, else the first, and the "
+             "others when its autotuner first tries them; torch.compile: Dynamo/Inductor compilation; "
              "PyTorch eager: first-call warm-up).",
              "- time/epoch: median over epochs of the epoch's wall time (batch slicing included), the "
              "first epoch without the compile overhead; epochs interleaved (Avalon epoch 1, PyTorch "

@@ -158,6 +158,7 @@ def run_step_workload(wl: StepWorkload, data: BenchData, steps: int, warmup: int
     figures = measure_steps(trainers, batches, warmup, desc=f"{wl.name} steps (both frameworks)")
     schedule = trainers["avalon"].step_schedule()
     timings = trainers["avalon"].step_timings()
+    remembered = trainers["avalon"].schedule_remembered()
     a, t = figures["avalon"], figures["torch_eager"]
     ratio = a["step_s"] / t["step_s"]
     drift = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a["losses"], t["losses"]))
@@ -168,7 +169,7 @@ def run_step_workload(wl: StepWorkload, data: BenchData, steps: int, warmup: int
             "warmup_steps": warmup, "frameworks": figures, "ratio": ratio, "goal": wl.step_goal,
             "met": bool(ratio <= wl.step_goal), "max_relative_loss_difference": drift,
             "losses_agree": bool(drift < 1e-2), "avalon_schedule": schedule,
-            "avalon_schedule_timings": timings}
+            "avalon_schedule_timings": timings, "avalon_schedule_remembered": remembered}
 
 
 def markdown(results: dict) -> str:
@@ -189,6 +190,9 @@ def markdown(results: dict) -> str:
                      f"{r.get('avalon_schedule', '—')} |")
     timed = [(r["workload"]["name"], r.get("avalon_schedule_timings")) for r in results.values()]
     if any(t for _, t in timed):
-        lines += ["", "What Avalon's first calls timed each schedule at (median iteration, the choice made on it):", ""]
-        lines += [f"- {name}: {schedule_timings_text(t)}" for name, t in timed if t]
+        lines += ["", "What Avalon's autotuner timed each schedule at (median iteration, the choice made on it; "
+                  "\"kept\": timed by an earlier run, whose choice the tuning cache held):", ""]
+        kept = {r["workload"]["name"]: r.get("avalon_schedule_remembered") for r in results.values()}
+        lines += [f"- {name}{' (kept)' if kept.get(name) else ''}: {schedule_timings_text(t)}"
+                  for name, t in timed if t]
     return "\n".join(lines) + "\n"

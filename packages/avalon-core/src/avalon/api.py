@@ -23,6 +23,7 @@ from .passes import forward_pipeline, pipeline_version, run_pipeline
 from .passes.sharding import split_batch, split_components
 from .primitive import Tracer, active_graph, inline, is_tracer, leaked_tracer_error, node_in, tracing
 from .runtime.gc_pause import gc_paused
+from .runtime import tuning_memo
 from .runtime.native import denormals_flushed
 from .runtime.threads import Autotuned, BlasThreads, ComponentParallel, Later, ShardedFunction
 from .threadsafe import SharedCompiled, private_backend
@@ -296,7 +297,7 @@ class CompiledFunction:
             candidates.append((f"BLAS on {blas} threads", Later(lambda: BlasThreads(whole(), backend, blas))))
         if len(candidates) == 1:
             return whole()
-        return Autotuned(candidates)
+        return Autotuned(candidates, memo_key=tuning_memo.key_of(graph, [c[0] for c in candidates], backend))
 
     def _batch_inputs(self, graph, leaves, treedef):
         """Graph inputs that carry the batch: arrays of the arguments after the
@@ -339,14 +340,18 @@ class CompiledFunction:
         optimizes and compiles everything as one graph; returns the output
         leaves and the traced entry."""
         leaves, treedef = tree.flatten(args, is_leaf=is_tracer)
+        entry = self._inlined_entry(leaves, treedef)
+        outs = inline(entry.graph, list(leaves) + list(entry.captures))
+        return outs, entry
+
+    def _inlined_entry(self, leaves, treedef):
         key = (treedef, tuple((tuple(x.shape), np.dtype(x.dtype)) for x in leaves))
         entry = self._inlined.get(key)
         if entry is None:
             entry = self._trace_for_inlining(leaves, treedef)
             if not entry.captures:  # a graph capturing values of one trace is good for that call only
                 self._inlined[key] = entry
-        outs = inline(entry.graph, list(leaves) + list(entry.captures))
-        return outs, entry
+        return entry
 
     def _trace_for_inlining(self, leaves, treedef):
         self.traces += 1
@@ -527,6 +532,25 @@ class GradFunction(CompiledFunction):
             grad_leaves[k] = ops.zeros_like(leaves[k])
         result = tree.unflatten(entry.in_tree, grad_leaves, static=None)
         _record_sources(args, result)
+        return self._with_value(entry, outs, result)
+
+    def output_structure(self, *args):
+        """What self(*args) returns, with a read-only zero-strided NumPy array of
+        each result's shape and dtype in place of its value: the function is
+        traced and differentiated (once per signature: a call inside another
+        trace inlines that same graph), not compiled and not run."""
+        leaves, treedef = tree.flatten(args, is_leaf=is_tracer)
+        entry = self._inlined_entry(leaves, treedef)
+        outs = [_placeholder(o.shape, o.dtype) for o in entry.graph.outputs]
+        n_aux = entry.wrt.n_aux
+        grads = iter(outs[1 + n_aux:])
+        grad_leaves = [next(grads) if w else None for w in entry.wrt]
+        for k in entry.wrt.zeros:
+            grad_leaves[k] = _placeholder(leaves[k].shape, leaves[k].dtype)
+        return self._with_value(entry, outs, tree.unflatten(entry.in_tree, grad_leaves, static=None))
+
+    def _with_value(self, entry, outs, result):
+        n_aux = entry.wrt.n_aux
         if self.has_aux:
             return (outs[0], tree.unflatten(entry.out_tree, list(outs[1:1 + n_aux]))), result
         return outs[0], result
@@ -557,6 +581,10 @@ def _arg_sequences(treedef):
 def _sequences_text(treedef):
     found = _arg_sequences(treedef)
     return " (" + "; ".join(f"{path} is {what}" for path, what in found) + ")" if found else ""
+
+
+def _placeholder(shape, dtype):
+    return np.broadcast_to(np.zeros((), np.dtype(dtype)), tuple(shape))
 
 
 def _distinct(arrays):

@@ -69,13 +69,35 @@ def _is_frozen(frame) -> bool:
 
 
 def _is_internal(frame) -> bool:
-    name = frame.f_globals.get("__name__", "")
-    return (name == "avalon" or name.startswith(("avalon.", "avalon_"))
-            and not name.startswith("avalon_zoo.examples")) or _is_frozen(frame)
+    found = _INTERNAL.get(frame.f_code)
+    if found is None:
+        name = frame.f_globals.get("__name__", "")
+        found = _remember(_INTERNAL, frame, (name == "avalon" or name.startswith(("avalon.", "avalon_"))
+                                             and not name.startswith("avalon_zoo.examples")) or _is_frozen(frame))
+    return found
 
 
 def _is_library(frame) -> bool:
-    return frame.f_globals.get("__name__", "").partition(".")[0] in LIBRARY_PACKAGES or _is_frozen(frame)
+    found = _LIBRARY.get(frame.f_code)
+    if found is None:
+        found = _remember(_LIBRARY, frame, frame.f_globals.get("__name__", "").partition(".")[0] in LIBRARY_PACKAGES
+                          or _is_frozen(frame))
+    return found
+
+
+# Each traced node asks where its user's line is, walking ~15 frames: the answer
+# for a frame is its code's (a function's code runs in its module's globals),
+# remembered.  Bounded: code made at run time (exec) would otherwise pile up.
+_INTERNAL: dict = {}
+_LIBRARY: dict = {}
+_REMEMBERED_MAX = 8192
+
+
+def _remember(table, frame, value: bool) -> bool:
+    if len(table) >= _REMEMBERED_MAX:
+        table.clear()
+    table[frame.f_code] = value
+    return value
 
 
 def user_location(skip_internal: bool = True) -> str | None:

@@ -9,6 +9,7 @@ editable (insert, replace, remove, rewire) and `graph.check()` verifies it.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -32,8 +33,14 @@ def as_const_value(value):
 
 
 def type_str(shape, dtype) -> str:
-    d = DTYPE_NAMES.get(np.dtype(dtype).name, np.dtype(dtype).name)
-    return f"{d}[{','.join(str(s) for s in shape)}]"
+    return f"{_dtype_name(dtype)}[{','.join(str(s) for s in shape)}]"
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype_name(dtype) -> str:
+    # np.dtype.name is computed in Python at each read (~3 us): code generation asks it per node
+    name = np.dtype(dtype).name
+    return DTYPE_NAMES.get(name, name)
 
 
 class Node:

@@ -46,7 +46,7 @@ import numpy as np
 
 import avalon
 from avalon import tree
-from avalon.api import JitFunction, trace
+from avalon.api import JitFunction
 from avalon.errors import AvalonError, at, user_location
 from avalon.primitive import active_graph, is_tracer
 
@@ -135,13 +135,9 @@ class TrainStep:
 
     def _gradient_structure(self, model, args):
         """What avalon.grad returns for the model on these arguments, with a
-        zero-strided placeholder in place of each gradient (traced, not run)."""
-        graph = trace(self._model_gradient, model, *args, name=self.function.__name__)
-        return tree.unflatten(graph.out_tree, [np.broadcast_to(np.zeros((), o.dtype), o.shape)
-                                               for o in graph.outputs])
-
-    def _model_gradient(self, model, *args):
-        return self._grad(model, *args)[1][0]
+        zero-strided placeholder in place of each gradient (traced, not run: the
+        traced gradient is the one the compiled step then inlines)."""
+        return self._grad.output_structure(model, *args)[1][0]
 
     def __repr__(self):
         name = getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__)

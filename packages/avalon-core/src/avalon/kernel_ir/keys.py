@@ -56,7 +56,7 @@ def _digest(kind, parts) -> str:
 
 
 def _type(n) -> str:
-    return f"{n.shape}{np.dtype(n.dtype).str}"
+    return f"{n.shape}{n.dtype.str}"     # a node's dtype is an np.dtype
 
 
 def _graph_text(graph, parts) -> bool:

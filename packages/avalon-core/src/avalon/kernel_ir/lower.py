@@ -34,6 +34,7 @@ its NumPy path for that group.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import replace
 
@@ -503,7 +504,7 @@ def lower(body, *, name=None, exprs=None) -> Kernel:
     domain = tuple(reduction[0].inputs[0].shape) if reduction else out_shape
     # one output is `out`; several (an in-place update of several arrays) out0, out1, ...
     names = ["out"] if len(body.outputs) == 1 else [f"out{j}" for j in range(len(body.outputs))]
-    out_bufs = [Buffer(name, kernel_dtype(o.dtype, "an output"), int(np.prod(out_shape, dtype=np.int64)), "out")
+    out_bufs = [Buffer(name, kernel_dtype(o.dtype, "an output"), int(math.prod(out_shape)), "out")
                 for name, o in zip(names, body.outputs)]
     in_bufs = [Buffer(f"in{k}", kernel_dtype(n.dtype, f"input {k}"), n.size, "in")
                for k, n in enumerate(body.inputs)]
@@ -777,7 +778,7 @@ class _Reducer:
 
     # -- columns ---------------------------------------------------------------------------------------------
     def columns(self, kept, reduced, inner):
-        rest = int(np.prod([self.nest[d][0] for d in reduced[1:]], dtype=np.int64))
+        rest = int(math.prod([self.nest[d][0] for d in reduced[1:]]))
         if self.dtype.kind == "f" and rest < COLUMN_BLOCK < rest * self.nest[reduced[0]][0]:
             return self.nested(kept, self.blocked_columns(kept, reduced, inner, rest))
         init_at = {d: ([(f"i{d}", 1)], 0) for d in kept}

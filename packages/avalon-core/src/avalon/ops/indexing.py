@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 
 import numpy as np
 
@@ -444,7 +445,7 @@ def _getitem_strided(node):
     if len(node.inputs) != 1 or not _basic_index(index):
         return None
     shape = node.inputs[0].shape
-    c_strides = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
+    c_strides = [int(math.prod(shape[d + 1:])) for d in range(len(shape))]
     offset, strides, d = 0, [], 0
     for e in index:
         if e[0] == "new":
@@ -554,8 +555,8 @@ def _scatter_plan(shape, indices):
     ranges = [_axis_ranges(index, shape) for index in indices]
     adds = tuple(any(all(_ranges_meet(a, b) for a, b in zip(r, q)) for q in ranges[:k])
                  for k, r in enumerate(ranges))
-    covered = sum(int(np.prod([len(a) for a in r], dtype=np.int64)) for r in ranges)
-    tiles = not any(adds) and covered == int(np.prod(shape, dtype=np.int64))
+    covered = sum(int(math.prod([len(a) for a in r])) for r in ranges)
+    tiles = not any(adds) and covered == int(math.prod(shape))
     return not tiles, adds
 
 
@@ -681,10 +682,10 @@ def _scatter_slices_lower(node):
     except Unfusable:
         return None
     zero, adds = _scatter_plan(shape, indices)
-    size = int(np.prod(shape, dtype=np.int64))
+    size = int(math.prod(shape))
     out = Buffer("out", dtype, size, "out")
-    ins = [Buffer(f"in{k}", dtype, int(np.prod(v.shape, dtype=np.int64)), "in") for k, v in enumerate(node.inputs)]
-    strides = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
+    ins = [Buffer(f"in{k}", dtype, int(math.prod(v.shape)), "in") for k, v in enumerate(node.inputs)]
+    strides = [int(math.prod(shape[d + 1:])) for d in range(len(shape))]
     stmts = []
     if zero:
         z = Var("z")
@@ -698,7 +699,7 @@ def _scatter_slices_lower(node):
         var = {d: Var(f"i{k}_{d}") for d in kept}
         dst = Index(tuple((var[d].name, ranges[d].step * strides[d]) for d in kept),
                     sum(r.start * st for r, st in zip(ranges, strides)))
-        src = Index(tuple((var[d].name, int(np.prod(lens[d + 1:], dtype=np.int64))) for d in kept), 0)
+        src = Index(tuple((var[d].name, int(math.prod(lens[d + 1:]))) for d in kept), 0)
         body = (Update(out, dst, "add", Load(ins[k], src)) if add else Store(out, dst, Load(ins[k], src)),)
         for d in reversed(kept):
             body = (Loop(var[d], lens[d], body),)

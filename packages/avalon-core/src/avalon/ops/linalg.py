@@ -2,6 +2,8 @@
 multiply, leading axes broadcast)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import ShapeError
@@ -155,7 +157,7 @@ def _stack_times_matrix(a, b, promote):
     reverse mode the matrix's gradient is one product over all the rows too, not a
     batched product summed over the stack (a recurrent layer's input projection over
     all its time steps: 28 products and a sum -> 1 product)."""
-    rows = int(np.prod(a.shape[:-1], dtype=np.int64))
+    rows = int(math.prod(a.shape[:-1]))
     flat = bind(matmul_p, promote(reshape(a, (rows, a.shape[-1])), b))
     return reshape(flat, tuple(a.shape[:-1]) + (b.shape[-1],))
 
@@ -290,7 +292,7 @@ def _contract(a, la, b, lb, keep, sizes):
     summed = [lab for lab in la if lab in lb and lab not in keep]
     a_own = [lab for lab in la if lab not in lb]
     b_own = [lab for lab in lb if lab not in la]
-    size = lambda ls: int(np.prod([sizes[lab] for lab in ls], dtype=np.int64))  # noqa: E731
+    size = lambda ls: int(math.prod([sizes[lab] for lab in ls]))  # noqa: E731
     bshape = [sizes[lab] for lab in batch]
     out_labels = batch + a_own + b_own
     if not summed:  # an outer or elementwise product: broadcasting, no matmul

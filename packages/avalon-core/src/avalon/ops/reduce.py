@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 from ..primitive import PRIMITIVES, bind, defprim
@@ -198,7 +200,7 @@ def argmin(x, axis=None, keepdims=False):
 
 def mean(x, axis=None, keepdims=False):
     axes = normalize_axes("mean", axis, len(x.shape))
-    n = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    n = int(math.prod([x.shape[a] for a in axes]))
     s = sum(x, axes, keepdims)
     if np.dtype(x.dtype).kind not in "fc":
         s = cast(s, np.float32)
@@ -214,7 +216,7 @@ def var(x, axis=None, keepdims=False, correction=None, *, ddof=None, dtype=None)
     if dtype is not None:
         x = cast(x, dtype)
     axes = normalize_axes("var", axis, len(x.shape))
-    n = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    n = int(math.prod([x.shape[a] for a in axes]))
     d = sub(x, mean(x, axes, keepdims=True))
     return div(sum(mul(d, d), axes, keepdims), float(n - ddof))
 

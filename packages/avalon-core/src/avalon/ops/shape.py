@@ -2,6 +2,8 @@
 squeeze, flatten built from them.  Each may return a view of its input."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import AvalonError, ShapeError
@@ -13,7 +15,7 @@ from ._sharding import P, R, S, NeedsReduce, NoSplit, created, on_sharded
 
 
 def _reshape_rule(x, *, shape):
-    if int(np.prod(shape, dtype=np.int64)) != int(np.prod(x.shape, dtype=np.int64)):
+    if int(math.prod(shape)) != int(math.prod(x.shape)):
         raise ShapeError(f"reshape: cannot reshape an array of shape {tuple(x.shape)} "
                          f"({int(np.prod(x.shape))} elements) into shape {tuple(shape)}")
     return tuple(shape), x.dtype
@@ -25,7 +27,7 @@ def _reshape_sharding(node, states, ctx):
     if s == P:
         return P
     src = node.inputs[0]
-    flat = s[2] * int(np.prod(src.shape[s[1] + 1:], dtype=np.int64))  # flat distance of batch entries
+    flat = s[2] * int(math.prod(src.shape[s[1] + 1:]))  # flat distance of batch entries
     after = 1  # product of the output axes after axis b
     for b in range(node.ndim - 1, -1, -1):
         size = node.shape[b]
@@ -73,7 +75,7 @@ def _merge_view_sum(nodes):
 
 
 def _c_strides(shape):
-    return tuple(int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape)))
+    return tuple(int(math.prod(shape[d + 1:])) for d in range(len(shape)))
 
 
 def _reshape_strided(node):
@@ -199,7 +201,7 @@ def _resolve_shape(size, shape, opname="reshape"):
     if shape.count(-1) > 1:
         raise ShapeError(f"{opname}: only one dimension can be -1, got {tuple(shape)}")
     if -1 in shape:
-        known = int(np.prod([s for s in shape if s != -1], dtype=np.int64))
+        known = int(math.prod([s for s in shape if s != -1]))
         if known == 0 or size % known:
             raise ShapeError(f"{opname}: cannot infer the -1 in {tuple(shape)} for {size} elements")
         shape[shape.index(-1)] = size // known
@@ -209,7 +211,7 @@ def _resolve_shape(size, shape, opname="reshape"):
 def reshape(x, *shape):
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = shape[0]
-    size = int(np.prod(x.shape, dtype=np.int64))
+    size = int(math.prod(x.shape))
     shape = _resolve_shape(size, shape)
     if tuple(x.shape) == shape:
         return x
@@ -275,7 +277,7 @@ def flatten(x, start_dim=0, end_dim=-1):
                          f"for an array of shape {tuple(x.shape)}")
     if not x.shape:
         return reshape(x, (1,))
-    shape = tuple(x.shape[:s]) + (int(np.prod(x.shape[s:e + 1], dtype=np.int64)),) + tuple(x.shape[e + 1:])
+    shape = tuple(x.shape[:s]) + (int(math.prod(x.shape[s:e + 1])),) + tuple(x.shape[e + 1:])
     return reshape(x, shape)
 
 

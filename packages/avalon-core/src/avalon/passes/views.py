@@ -16,6 +16,8 @@ are not views themselves move: those are contiguous, as kernels need.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..graph import Graph, Node
@@ -43,7 +45,7 @@ def _contiguous(n) -> bool:
 
 
 def _c_strides(shape):
-    return tuple(int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape)))
+    return tuple(int(math.prod(shape[d + 1:])) for d in range(len(shape)))
 
 
 def _kernel_view(n) -> bool:

@@ -21,6 +21,7 @@ A compiled copy runs one call at a time (avalon.threadsafe), so its
 """
 from __future__ import annotations
 
+import math
 import sys
 import weakref
 
@@ -83,4 +84,4 @@ class RecycledArrays:
 
 def recycles(shape, dtype) -> bool:
     """Whether results of this type are worth recycling (see MIN_BYTES)."""
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize >= MIN_BYTES
+    return int(math.prod(shape)) * np.dtype(dtype).itemsize >= MIN_BYTES

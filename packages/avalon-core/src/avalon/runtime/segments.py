@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -658,7 +659,7 @@ class Layout:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return int(math.prod(self.shape)) * self.dtype.itemsize
 
 
 def _c_strides(shape, itemsize):
@@ -785,7 +786,7 @@ class Program:
         specs = []
         for node in seg.dyn:
             flags = _C_CONTIGUOUS | _ALIGNED | (_WRITEABLE if node in seg.written else 0)
-            specs += [id(np.dtype(node.dtype)), int(np.prod(node.shape, dtype=np.int64)), flags, node.nbytes]
+            specs += [id(np.dtype(node.dtype)), int(math.prod(node.shape)), flags, node.nbytes]
         written = [regs[("dyn", n)] for n in seg.dyn if n in seg.written and n not in seg.fresh]
         head[4] = len(written)
         return np.array(head + specs + fixed + written + body, dtype=np.int64)

@@ -30,6 +30,7 @@ from ..ops._sharding import P, R
 from ..primitive import PRIMITIVES
 from ..threadsafe import private_backend
 from .gc_pause import gc_paused
+from . import tuning_memo
 from .native import fp_mode, in_fp_mode, placing_threads, process_cpus
 
 __all__ = ["ShardedFunction", "ComponentParallel", "BlasThreads", "Autotuned", "shard_count", "kernel_threads"]
@@ -503,17 +504,29 @@ class Autotuned:
     checkpoint, a pause: far more than spinning threads slow its work) says
     nothing of the schedule: it is not a trial, and another call is timed
     instead (at most MAX_IDLE such per schedule and round, so that a caller who
-    always works that long between calls still gets a choice)."""
+    always works that long between calls still gets a choice).
+
+    With `memo_key` (runtime.tuning_memo) each choice is kept on disk, and a
+    tuner of the same step in a later process starts from it: its first call
+    compiles that schedule alone and no call runs trials until the first
+    check, RECHECK calls later (`remembered` is True until a round of its own
+    chooses)."""
 
     WARMUP, TRIALS = 2, 5
     RECHECK, GIVE_UP = 400, 3.0
     SWITCH_GAIN = 0.9
     IDLE_FACTOR, IDLE_S, MAX_IDLE = 10.0, 0.02, 10
 
-    def __init__(self, candidates):
+    def __init__(self, candidates, memo_key=None):
         # [(label, compiled or Later)]: a schedule given as Later is compiled when
         # first tried, so a function's first call compiles one schedule, not all
         self._candidates = [list(c) for c in candidates]
+        # the choice an earlier process made for this step (runtime.tuning_memo)
+        self._memo_key = memo_key
+        self._recalled = tuning_memo.recall(memo_key)
+        if self._recalled is not None and self._recalled["choice"] not in [c[0] for c in candidates]:
+            self._recalled = None
+        self.remembered = False               # whether the choice is the one an earlier process made
         self.calls = [0] * len(candidates)
         self.times = [[] for _ in candidates]  # seconds per iteration (call to next call)
         self.idle = [0] * len(candidates)     # iterations not counted: the caller idled in them
@@ -569,6 +582,8 @@ class Autotuned:
             if not _turn.take(self):
                 return self._candidates[self.choice][1].fn(*args)   # another tuner is timing: later
             self._start_round()
+        elif self._recalled is not None:
+            return self._adopt_recalled().fn(*args)
         elif not _turn.take(self):
             # another tuner is timing its schedules: the first one runs meanwhile, untimed
             self._open = None
@@ -606,7 +621,23 @@ class Autotuned:
             best = kept       # a later round: not clearly faster, so no switch
         self.choice = self._chosen = best
         self._best = medians[best]
+        self.remembered = False
+        tuning_memo.remember(self._memo_key, self._candidates[best][0], self._timings)
         _turn.give_back(self)
+
+    def _adopt_recalled(self):
+        """The schedule an earlier process chose for this step, compiled alone and
+        chosen without trials (checked after RECHECK calls like any choice)."""
+        recalled, self._recalled = self._recalled, None
+        labels = [label for label, _ in self._candidates]
+        k = labels.index(recalled["choice"])
+        schedule = self._schedule(k)
+        self.choice = self._chosen = k
+        self._timings = {label: t for label, t in recalled["timings"].items() if label in labels}
+        self._best = self._timings.get(recalled["choice"])
+        self.remembered = True
+        self._since = 0
+        return schedule
 
     def _waiting_schedule(self) -> int:
         """The schedule run while another tuner times its own: the last choice, or

@@ -1,0 +1,2 @@
+"""Fixtures every test of avalon-bench uses."""
+from avalon.testing.fixtures import fresh_tuning_turn  # noqa: F401  (autouse)
