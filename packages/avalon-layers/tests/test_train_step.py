@@ -253,3 +253,20 @@ def test_what_is_not_an_optimizer_or_a_loss_is_refused():
         optim.train_step(_loss, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
     with pytest.raises(TypeError, match="not a function"):
         optim.train_step(3, optim.SGD(lr=0.1))
+
+
+def test_the_first_call_traces_with_the_collector_paused():
+    """A full collection in the middle of the first call's traces (10-13 ms with
+    PyTorch loaded) would land in the compile time of every first step."""
+    import gc
+    enabled = []
+
+    def loss(m, x, y):
+        enabled.append(gc.isenabled())
+        return _loss(m, x, y)
+    model, opt = Net(), optim.Adam(lr=1e-3)
+    step = optim.train_step(loss, opt)
+    assert gc.isenabled()
+    step(model, *_batches(1)[0])
+    assert step.last_fused and enabled and not any(enabled)
+    assert gc.isenabled(), "resumed after"

@@ -540,7 +540,8 @@ class GradFunction(CompiledFunction):
         traced and differentiated (once per signature: a call inside another
         trace inlines that same graph), not compiled and not run."""
         leaves, treedef = tree.flatten(args, is_leaf=is_tracer)
-        entry = self._inlined_entry(leaves, treedef)
+        with gc_paused():
+            entry = self._inlined_entry(leaves, treedef)
         outs = [_placeholder(o.shape, o.dtype) for o in entry.graph.outputs]
         n_aux = entry.wrt.n_aux
         grads = iter(outs[1 + n_aux:])

@@ -49,6 +49,7 @@ from avalon import tree
 from avalon.api import JitFunction
 from avalon.errors import AvalonError, at, user_location
 from avalon.primitive import active_graph, is_tracer
+from avalon.runtime.gc_pause import gc_paused
 
 from .flat import flat_group_for
 from .optim import Optimizer, OptimizerError
@@ -101,7 +102,8 @@ class TrainStep:
             if out is not _STALE:
                 self.last_fused = True
                 return out
-        plan = self._plan = _Plan.make(self, model, args)
+        with gc_paused():   # planning traces the gradient: no full collection in the middle of it
+            plan = self._plan = _Plan.make(self, model, args)
         if plan is None:
             self.last_fused = False
             return self._separately(model, args)
