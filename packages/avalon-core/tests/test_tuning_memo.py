@@ -62,14 +62,17 @@ def test_a_choice_is_kept_and_a_later_tuner_starts_from_it(memo):
     assert later.calls == [0, 0] and built == ["fast"], "no trials before the first check"
 
 
-def test_a_kept_choice_is_checked_after_recheck_calls_and_the_new_one_kept(monkeypatch, memo):
-    monkeypatch.setattr(Autotuned, "RECHECK", 5)
+def test_a_kept_choice_is_checked_after_a_quarter_of_recheck_calls_and_the_new_one_kept(monkeypatch, memo):
+    monkeypatch.setattr(Autotuned, "RECHECK", 20)
     tuning_memo.remember(KEY, "slow", {"slow": 0.001, "fast": 0.004})   # made under another load
     built = []
     tuned = _tuner(built)
     tuned(1)
     assert tuned.label == "slow" and built == ["slow"]
-    for _ in range(5 + ROUND):
+    for _ in range(4):
+        tuned(1)
+    assert tuned.calls == [0, 0], "no trials before the check"
+    for _ in range(ROUND):
         tuned(1)
     assert tuned.label == "fast" and not tuned.remembered
     assert tuning_memo.recall(KEY)["choice"] == "fast"

@@ -509,8 +509,8 @@ class Autotuned:
     With `memo_key` (runtime.tuning_memo) each choice is kept on disk, and a
     tuner of the same step in a later process starts from it: its first call
     compiles that schedule alone and no call runs trials until the first
-    check, RECHECK calls later (`remembered` is True until a round of its own
-    chooses)."""
+    check, RECHECK // 4 calls later (`remembered` is True until a round of its
+    own chooses)."""
 
     WARMUP, TRIALS = 2, 5
     RECHECK, GIVE_UP = 400, 3.0
@@ -636,7 +636,9 @@ class Autotuned:
         self._timings = {label: t for label, t in recalled["timings"].items() if label in labels}
         self._best = self._timings.get(recalled["choice"])
         self.remembered = True
-        self._since = 0
+        # checked sooner than a choice of its own: it was made in another process, and a
+        # noisy round there (a schedule timed slow once) would otherwise last RECHECK calls
+        self._since, self._next_check = 0, max(1, self.RECHECK // 4)
         return schedule
 
     def _waiting_schedule(self) -> int:

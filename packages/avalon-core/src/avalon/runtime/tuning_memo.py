@@ -5,8 +5,9 @@ on its first calls: each schedule is compiled when first tried, and ~15 calls
 run schedules that lose.  A process that compiles the same step on the same
 machine again starts from the schedule an earlier one chose: its first call
 compiles that schedule alone, and no call runs a losing one.  The choice is
-checked as usual after Autotuned.RECHECK calls (the machine's load may differ
-from the earlier run's), and each new choice is written back.
+checked after a quarter of Autotuned.RECHECK calls (the machine's load may
+differ from the earlier run's, and a noisy trial there may have chosen
+wrongly), and each new choice is written back.
 
 - Key: the sha256 of the step's graph as the passes left it (each node's op,
   operands, type and plain attributes; a fused group's length, not its body:
