@@ -627,7 +627,7 @@ class Autotuned:
 
     def _adopt_recalled(self):
         """The schedule an earlier process chose for this step, compiled alone and
-        chosen without trials (checked after RECHECK calls like any choice)."""
+        chosen without trials (checked after a quarter of RECHECK calls)."""
         recalled, self._recalled = self._recalled, None
         labels = [label for label, _ in self._candidates]
         k = labels.index(recalled["choice"])
