@@ -144,9 +144,10 @@ def test_products_split_across_helper_threads_give_the_whole_products(shape, dty
     finally:
         segments.set_product_threads(previous)
     assert_close(split, reference(*args), dtype)
-    if chosen.name.startswith("MKL"):     # pieces sum over k as the whole product does
-        for s, w in zip(split, whole):
-            np.testing.assert_array_equal(s, w)
+    # the pieces equal the whole product to rounding, not always bit for bit: MKL may pick
+    # another kernel for a piece's row count, summing over k in another order (seen with
+    # float64 on AMD EPYC; on Intel Xeon the bits were the same)
+    assert_close(split, whole, dtype)
     if shape[0] * shape[1] * shape[2] >= 262144:
         assert segments.driver().avl_product_helpers() >= 1
 

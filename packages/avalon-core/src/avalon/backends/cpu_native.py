@@ -12,7 +12,9 @@ shared object with the system compiler (avalon.runtime.native: cached on disk,
 so a batch is compiled once per machine).  A graph's groups are all compiled
 before any runs, so a graph costs one compiler run, not one per group (gcc
 takes ~45 ms to start, ~15 ms per kernel at -O3).  A kernel already built in
-this process is reused at once.  `compile_fused_many(bodies, backend)` builds
+this process is reused at once; a new batch whose kernels are all in objects
+that earlier batches built (the index `objects/` of the disk cache) loads
+those objects instead of compiling.  `compile_fused_many(bodies, backend)` builds
 right away.  A failed build warns (RuntimeWarning) and the groups run their
 NumPy version.
 
@@ -386,7 +388,7 @@ def _build(entries):
     from one per core when the batch is large (compilers run at once)."""
     parts = min(os.cpu_count() or 1, len(entries) // (PARALLEL_BUILD_MIN // 2) or 1)
     if parts < 2:
-        return _build_one(entries)
+        return _build_alone(entries)
     # template kernels (direct convolutions) share one chunk of their own: each object compiles
     # their helpers once (0.35 s at -O3), and a CNN step's templates then take as long as all
     # its other kernels (0.7 s and 0.63 s; with a quarter of the others as well, 1.06 s)
@@ -401,12 +403,81 @@ def _build(entries):
         # nothing to compile, only to load: threads would only take turns at the GIL
         built = [_build_one(c, source) for c, source in zip(chunks, sources)]
     else:
+        found = _from_index(entries)
+        if found is not None:
+            return found
         # imported here: a process whose kernels are all built never needs it (~2 ms to import)
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(len(chunks)) as pool:   # each thread waits on its compiler process
             built = list(pool.map(_build_one, chunks, sources))
+        for chunk, source in zip(chunks, sources):
+            _index(chunk, source)
     where = {id(e): r for chunk, rs in zip(chunks, built) for e, r in zip(chunk, rs)}
     return [where[id(e)] for e in entries]
+
+
+def _build_alone(entries):
+    """_build_one for a batch built as one object: from the index when the batch is
+    new but each kernel is in an object built before."""
+    source = _object_source(entries)
+    if native.is_built(source, flags=flags()):
+        return _build_one(entries, source)
+    found = _from_index(entries)
+    if found is not None:
+        return found
+    built = _build_one(entries, source)
+    _index(entries, source)
+    return built
+
+
+# -- which object holds a kernel: a batch of kernels built before, in other batches, is loaded, not compiled --------
+
+#: kernel (its C text, entry point and flags) -> the cache key of a shared object holding it. An object
+#: holds one build batch, and a step compiled again in another order (the autotuner's kept schedule
+#: alone, another model sharing kernels) makes other batches of the same kernels
+_OBJECTS = DiskMemo("objects", ".key", str.encode, bytes.decode)
+
+
+def _unit_key(entry) -> str | None:
+    """The key of what an entry needs from an object: its kernel's text and, when it is
+    called with array objects, its entry point (for this compiler, flags and machine)."""
+    unit = entry.source
+    if entry.object_calls:
+        unit += _ENTRY_PRELUDE + _entry_source(entry.kernel, entry.in_place)
+    return native.cache_key(unit, flags=flags())
+
+
+def _index(entries, source) -> None:
+    """Record that the object built from `source` holds each entry's kernel."""
+    key = native.cache_key(source, flags=flags())
+    for e in entries:
+        unit = _unit_key(e)
+        if key is not None and unit is not None:
+            _OBJECTS.put(unit, key)
+
+
+def _from_index(entries):
+    """[(kernel function, entry point, part)] of each entry from objects built before,
+    or None when one of them is in none (or its object is gone or damaged)."""
+    groups: dict = {}
+    for e in entries:
+        unit = _unit_key(e)
+        found, key = _OBJECTS.get(unit) if unit is not None else (False, None)
+        if not found:
+            return None
+        groups.setdefault(key, []).append(e)
+    bound = {}
+    for key, group in groups.items():
+        lib = native.load_built(key)
+        if lib is None:
+            return None
+        try:
+            if any(e.object_calls for e in group):
+                _fill_tables(lib)
+            bound.update((id(e), _bind_entry(lib, e)) for e in group)
+        except (NativeBuildError, ValueError):   # an index entry naming an object without the kernel
+            return None
+    return [bound[id(e)] for e in entries]
 
 
 def _object_source(entries) -> str:
@@ -426,19 +497,21 @@ def _build_one(entries, source=None):
     lib = native.build(source, flags=flags(), name=name)
     if objects:
         _fill_tables(lib)
-    out = []
-    for e in entries:
-        argtypes = (ctypes.c_void_p,) * len(e.kernel.params)
-        cfn = native.bind(lib, e.kernel.name, argtypes)
-        entry = None
-        if e.object_calls:
-            entry = native.bind(lib, e.kernel.name + "_objects", argtypes)
-            entry.restype = ctypes.c_int
-        part = None
-        if has_part(e.kernel):
-            part = native.bind(lib, e.kernel.name + PART_SUFFIX, (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64))
-        out.append((cfn, entry, part))
-    return out
+    return [_bind_entry(lib, e) for e in entries]
+
+
+def _bind_entry(lib, e):
+    """(kernel function, entry point or None, part function or None) of entry e in lib."""
+    argtypes = (ctypes.c_void_p,) * len(e.kernel.params)
+    cfn = native.bind(lib, e.kernel.name, argtypes)
+    entry = None
+    if e.object_calls:
+        entry = native.bind(lib, e.kernel.name + "_objects", argtypes)
+        entry.restype = ctypes.c_int
+    part = None
+    if has_part(e.kernel):
+        part = native.bind(lib, e.kernel.name + PART_SUFFIX, (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64))
+    return cfn, entry, part
 
 
 def _bind(env, cfn, entry, part):

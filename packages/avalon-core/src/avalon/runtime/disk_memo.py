@@ -15,6 +15,8 @@ not change (the code objects of generated Python, lowered kernels).
 - Atomic: written to a temporary file of its own, then renamed over the entry.
 - Never fatal: without a writable cache directory `get` finds nothing and
   `put` keeps nothing.
+- Bounded: entries count towards the cache's size limit (runtime.kernel_cache),
+  which removes the least recently used first.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import secrets
 from pathlib import Path
 
 from ..errors import AvalonError
+from . import kernel_cache
 from .native import cache_dir
 
 _log = logging.getLogger(__name__)
@@ -88,6 +91,8 @@ class DiskMemo:
         except OSError as exc:
             _log.debug("cannot write %s (%s): kept in memory only", entry, exc)
             temporary.unlink(missing_ok=True)
+            return
+        kernel_cache.note_write(len(payload) + _DIGEST_LEN)
 
 
 def _digest(key: str, payload: bytes) -> bytes:

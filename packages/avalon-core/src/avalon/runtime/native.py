@@ -33,6 +33,9 @@ hands one a kernel with instructions it lacks) and FORMAT_VERSION.
   "avalon.runtime.native").
 - A failing compile keeps the source and the full compiler output under
   `cache_dir()/failed/` and raises NativeBuildError with the trimmed stderr.
+- Bounded: runtime.kernel_cache keeps the directory under its size limit
+  (AVALON_CACHE_SIZE), removing the least recently used files first; a load
+  from the disk marks an entry used.
 
 In-process: `build` returns the same CDLL for the same (compiler, flags,
 source) without hashing or touching the disk. A lock guards that memory cache
@@ -85,10 +88,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import AvalonError, warn_at_user
+from . import kernel_cache
 
 __all__ = ["NativeUnavailable", "NativeBuildError", "CompilerInfo", "compiler", "available",
-           "default_flags", "build", "is_built", "bind", "cache_dir", "clear_cache", "warn_fallback_once",
-           "simd_math_declarations", "FORMAT_VERSION"]
+           "default_flags", "build", "is_built", "cache_key", "load_built", "bind", "cache_dir", "clear_cache",
+           "warn_fallback_once", "simd_math_declarations", "FORMAT_VERSION"]
 
 #: part of every cache key: bump when the entry format or the build protocol changes
 FORMAT_VERSION = 1
@@ -102,9 +106,6 @@ _MARCH_NATIVE = "-march=native"
 _FLAGS = ("-O3", _MARCH_NATIVE, "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-lm")
 _MAGIC = b"AVALON-KERNEL-v1"          # 16 bytes, then the 32-byte sha256
 _TRAILER_LEN = len(_MAGIC) + 32
-_ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.so")
-_TMP_PREFIX = "tmp-"
-_ORPHAN_AGE_S = 600                   # a temp file this old belongs to a process that died
 _PROBE_SOURCE = "int avalon_probe(void) { return 42; }\n"
 
 _log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ _memory_lock = threading.Lock()       # guards _loaded, _key_locks and _warned
 _detected: tuple[CompilerInfo | None, str] | None = None
 _probed: _Probe | None = None
 _loaded: dict[tuple, ctypes.CDLL] = {}
+_loaded_keys: dict[str, ctypes.CDLL] = {}   # cache key -> library, for load_built
 _key_locks: dict[str, threading.Lock] = {}
 _warned = False
 
@@ -325,7 +327,38 @@ def build(source: str, *, flags: tuple[str, ...] | None = None, name: str = "ker
         if lib is None:
             lib = _load_or_compile(source, info, flags, key, _safe_name(name))
             with _memory_lock:
-                _loaded[memo] = lib
+                _loaded[memo] = _loaded_keys[key] = lib
+    return lib
+
+
+def cache_key(source: str, *, flags: tuple[str, ...] | None = None) -> str | None:
+    """The disk cache's key of building `source` with `flags` (default_flags()) on this
+    machine's compiler; None without a compiler. The key of a text that is not a whole
+    source (one kernel of it, say) names that text for this compiler, flags and machine."""
+    info, _ = _detect()
+    if info is None:
+        return None
+    return _cache_key(source, info, default_flags() if flags is None else tuple(flags))
+
+
+def load_built(key: str) -> ctypes.CDLL | None:
+    """The library that `build` made under `key` (cache_key of its source), loaded in this
+    process already or from the disk cache; None when it is not there or damaged.
+    It never compiles: for finding a function in an object built with other ones."""
+    with _memory_lock:
+        lib = _loaded_keys.get(key)
+    if lib is not None:
+        return lib
+    if not re.fullmatch(r"[0-9a-f]{64}", key):
+        return None
+    with _key_lock(key):
+        try:
+            lib = _load_entry(cache_dir() / f"{key}.so", key)
+        except NativeBuildError:
+            return None
+        if lib is not None:
+            with _memory_lock:
+                lib = _loaded_keys.setdefault(key, lib)
     return lib
 
 
@@ -409,10 +442,12 @@ def _load_entry(entry: Path, key: str) -> ctypes.CDLL | None:
         _log.debug("%s is damaged (%d bytes, checksum mismatch): rebuilding it", entry, len(data))
         return None
     try:
-        return ctypes.CDLL(str(entry))
+        lib = ctypes.CDLL(str(entry))
     except OSError as exc:  # intact but unloadable, e.g. a library it links was removed
         _log.debug("cannot load %s (%s): rebuilding it", entry, exc)
         return None
+    kernel_cache.touch(entry)   # recently used: the last a size-limited cache removes
+    return lib
 
 
 def _digest(key: str, image: bytes) -> bytes:
@@ -437,7 +472,7 @@ def compiler_runs() -> int:
 
 def _compile_entry(source, info, flags, key, entry: Path, name: str) -> ctypes.CDLL:
     _compiler_runs[0] += 1
-    stem = f"{_TMP_PREFIX}{key[:16]}-{os.getpid()}-{secrets.token_hex(6)}"
+    stem = f"{kernel_cache.TMP_PREFIX}{key[:16]}-{os.getpid()}-{secrets.token_hex(6)}"
     src, obj = entry.parent / f"{stem}.c", entry.parent / f"{stem}.so"
     try:
         src.write_text(source, encoding="utf-8")
@@ -445,20 +480,23 @@ def _compile_entry(source, info, flags, key, entry: Path, name: str) -> ctypes.C
         result = _run(command, info, name)
         if result.returncode != 0:
             raise _compile_error(result, command, src, key, name)
-        _seal(obj, key)
+        size = _seal(obj, key)
         lib = _load_fresh(obj, entry, name)
         os.replace(obj, entry)  # published only once it is whole and loads
         lib._name = str(entry)  # for messages and repr: the temp name it was loaded from is gone
+        kernel_cache.note_write(size)
         return lib
     finally:
         src.unlink(missing_ok=True)
         obj.unlink(missing_ok=True)
 
 
-def _seal(obj: Path, key: str) -> None:
+def _seal(obj: Path, key: str) -> int:
+    """Append the trailer; return the entry's size."""
     image = obj.read_bytes()
     with open(obj, "ab") as f:
         f.write(_MAGIC + _digest(key, image))
+    return len(image) + _TRAILER_LEN
 
 
 def _command(info: CompilerInfo, flags, src: Path, obj: Path) -> list[str]:
@@ -573,7 +611,7 @@ def _keep_failure(src: Path, stderr: str, key: str, name: str) -> tuple[Path, Pa
     kept = failed / f"{name}-{key[:16]}.c"
     log = kept.with_suffix(".log")
     os.replace(src, kept)
-    tmp = failed / f"{_TMP_PREFIX}{secrets.token_hex(6)}.log"
+    tmp = failed / f"{kernel_cache.TMP_PREFIX}{secrets.token_hex(6)}.log"
     tmp.write_text(stderr, encoding="utf-8")
     os.replace(tmp, log)
     return kept, log
@@ -591,28 +629,11 @@ def _trim(stderr: str, log: Path) -> str:
 
 def cache_dir() -> Path:
     """$AVALON_CACHE_DIR, else $XDG_CACHE_HOME/avalon/kernels, else ~/.cache/avalon/kernels;
-    created on demand."""
-    path = _cache_path()
+    created on demand (runtime.kernel_cache, which also keeps it under its size limit)."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise NativeBuildError(f"cannot create the kernel cache directory {path} ({exc}); "
-                               f"set AVALON_CACHE_DIR to a writable directory") from None
-    return path
-
-
-def _cache_path() -> Path:
-    explicit = os.environ.get("AVALON_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore a relative path
-        return Path(xdg) / "avalon" / "kernels"
-    try:
-        return Path.home() / ".cache" / "avalon" / "kernels"
-    except RuntimeError:
-        raise NativeBuildError("no home directory to hold the kernel cache; "
-                               "set AVALON_CACHE_DIR to a writable directory") from None
+        return kernel_cache.cache_dir()
+    except kernel_cache.CacheDirError as exc:
+        raise NativeBuildError(str(exc)) from None
 
 
 def clear_cache() -> int:
@@ -621,36 +642,7 @@ def clear_cache() -> int:
     processes left); return how many shared objects were removed.
 
     Libraries already loaded in this process stay loaded and usable."""
-    directory = _cache_path()
-    if not directory.is_dir():
-        return 0
-    removed = 0
-    for path in directory.iterdir():
-        if _ENTRY_NAME.fullmatch(path.name):
-            removed += _unlink(path)
-        elif path.name.startswith(_TMP_PREFIX) and _is_orphan(path):
-            _unlink(path)
-    # kept failing sources; what runtime.disk_memo keeps (code objects, lowered kernels)
-    for sub in [p for p in directory.iterdir() if p.is_dir()]:
-        for path in sub.iterdir():
-            _unlink(path)
-    return removed
-
-
-def _is_orphan(path: Path) -> bool:
-    # younger temp files may belong to a compile running now in another process
-    try:
-        return time.time() - path.stat().st_mtime > _ORPHAN_AGE_S
-    except FileNotFoundError:
-        return False
-
-
-def _unlink(path: Path) -> int:
-    try:
-        path.unlink()
-        return 1
-    except FileNotFoundError:  # another process removed it first
-        return 0
+    return kernel_cache.clear_cache()
 
 
 # -- calling -----------------------------------------------------------------------------------
@@ -815,4 +807,6 @@ def _reset_for_tests() -> None:
     with _probe_lock, _detect_lock, _memory_lock:  # the order _run_probe takes them in
         _detected, _probed, _warned = None, None, False
         _loaded.clear()
+        _loaded_keys.clear()
         _key_locks.clear()
+    kernel_cache._reset_for_tests()
