@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -38,38 +40,55 @@ def entry(directory, n: int):
     return directory / f"{n:064x}.so"
 
 
-def test_prune_removes_the_least_recently_used_down_to_the_low_water_mark(cache):
-    # ten 1000-byte files, the oldest first; limit 6000: down to 4800 (LOW_WATER 0.8)
-    files = [put_file(entry(cache, i) if i % 2 else cache / "lowered" / f"{i}.kernel", 1000, 1000 - i)
+def disk(path) -> int:
+    """The disk space a file takes, as the limit counts it."""
+    return kernel_cache._disk_bytes(os.stat(path))
+
+
+@pytest.fixture
+def unit(tmp_path) -> int:
+    """The disk space of a 4096-byte file here (4096 where blocks are 4 KiB)."""
+    return disk(put_file(tmp_path / "probe", 4096, 0))
+
+
+def test_prune_removes_the_least_recently_used_down_to_the_low_water_mark(cache, unit):
+    # ten files, the oldest first; limit six files: down to four (LOW_WATER 0.8)
+    files = [put_file(entry(cache, i) if i % 2 else cache / "lowered" / f"{i}.kernel", 4096, 1000 - i)
              for i in range(10)]
-    pruned = kernel_cache.prune(6000)
-    assert (pruned.removed, pruned.freed) == (6, 6000)
+    pruned = kernel_cache.prune(6 * unit)
+    assert (pruned.removed, pruned.freed) == (6, 6 * unit)
     assert [f.exists() for f in files] == [False] * 6 + [True] * 4
-    assert pruned.left == kernel_cache.usage() == kernel_cache.Usage(4, 4000)
+    assert pruned.left == kernel_cache.usage() == kernel_cache.Usage(4, 4 * unit)
     assert (cache / kernel_cache.STAMP).is_file()
 
 
-def test_prune_under_the_limit_or_without_one_removes_nothing(cache):
-    files = [put_file(entry(cache, i), 1000, 100) for i in range(3)]
-    assert kernel_cache.prune(3000).removed == 0
+def test_sizes_are_the_disk_space_files_take(cache, unit):
+    small = put_file(cache / "tuning" / "k.json", 300, 0)
+    assert kernel_cache.usage().bytes == disk(small) >= 300
+    assert os.stat(small).st_blocks * 512 == disk(small)
+
+
+def test_prune_under_the_limit_or_without_one_removes_nothing(cache, unit):
+    files = [put_file(entry(cache, i), 4096, 100) for i in range(3)]
+    assert kernel_cache.prune(3 * unit).removed == 0
     assert kernel_cache.prune(None).removed == 0
     assert all(f.exists() for f in files)
 
 
-def test_a_recent_access_counts_as_use(cache):
-    old, read = put_file(entry(cache, 1), 1000, 5000), put_file(entry(cache, 2), 1000, 4000)
+def test_a_recent_access_counts_as_use(cache, unit):
+    old, read = put_file(entry(cache, 1), 4096, 5000), put_file(entry(cache, 2), 4096, 4000)
     write_time = time.time() - 9000
     os.utime(read, (time.time(), write_time))     # read a moment ago, written long ago
-    kernel_cache.prune(1500)
+    kernel_cache.prune(int(1.5 * unit))
     assert read.exists() and not old.exists()
 
 
-def test_writes_running_now_are_neither_counted_nor_removed_and_orphans_are(cache):
-    running = [put_file(cache / "tmp-0123-77-abc.c", 500, 5),
-               put_file(cache / "lowered" / f".{KEY}-77-abc.tmp", 500, 5)]
-    orphan = put_file(cache / "tmp-0456-78-def.so", 500, 3600)
-    foreign = put_file(cache / "README", 500, 3600)
-    assert kernel_cache.usage() == kernel_cache.Usage(1, 500)
+def test_writes_running_now_are_neither_counted_nor_removed_and_orphans_are(cache, unit):
+    running = [put_file(cache / "tmp-0123-77-abc.c", 4096, 5),
+               put_file(cache / "lowered" / f".{KEY}-77-abc.tmp", 4096, 5)]
+    orphan = put_file(cache / "tmp-0456-78-def.so", 4096, 3600)
+    foreign = put_file(cache / "README", 4096, 3600)
+    assert kernel_cache.usage() == kernel_cache.Usage(1, unit)
     assert kernel_cache.prune(100).removed == 1
     assert all(f.exists() for f in running) and foreign.exists() and not orphan.exists()
 
@@ -101,20 +120,19 @@ def _memo_writes(count: int, size: int):
 
 
 def test_writes_past_a_quarter_of_the_limit_prune_in_the_background(cache, monkeypatch):
-    monkeypatch.setenv("AVALON_CACHE_SIZE", "40000")
-    (cache).mkdir()
+    monkeypatch.setenv("AVALON_CACHE_SIZE", "64K")
+    cache.mkdir()
     kernel_cache._stamp(cache)                       # measured just now by some process
-    _memo_writes(40, 1000)                           # 41,280 bytes with the checksums
+    _memo_writes(40, 1000)                           # 40 files of a block each: 160 KiB
     kernel_cache.wait_for_prune(10)
-    held = kernel_cache.usage()
-    assert held.bytes <= 40000 and held.files >= 20
-    newest = cache / "lowered" / f"{39:064x}.kernel"
-    assert newest.exists() and not (cache / "lowered" / f"{0:064x}.kernel").exists()
+    lowered = cache / "lowered"
+    assert not (lowered / f"{0:064x}.kernel").exists() and (lowered / f"{39:064x}.kernel").exists()
+    assert kernel_cache.usage().files < 40
 
 
-def test_a_fresh_stamp_spares_small_writes_the_scan_and_a_stale_one_does_not(cache, monkeypatch):
-    monkeypatch.setenv("AVALON_CACHE_SIZE", "100000")
-    old = [put_file(cache / "python" / f"{i}.code", 10000, 9000 - i) for i in range(12)]   # 120,000 bytes
+def test_a_fresh_stamp_spares_small_writes_the_scan_and_a_stale_one_does_not(cache, monkeypatch, unit):
+    monkeypatch.setenv("AVALON_CACHE_SIZE", str(10 * unit))
+    old = [put_file(cache / "python" / f"{i}.code", 4096, 9000 - i) for i in range(12)]
     kernel_cache._stamp(cache)
     _memo_writes(1, 100)
     kernel_cache.wait_for_prune(10)
@@ -124,7 +142,7 @@ def test_a_fresh_stamp_spares_small_writes_the_scan_and_a_stale_one_does_not(cac
     os.utime(cache / kernel_cache.STAMP, (day_ago, day_ago))
     _memo_writes(1, 100)
     kernel_cache.wait_for_prune(10)
-    assert kernel_cache.usage().bytes <= 80000 and not old[0].exists() and old[-1].exists()
+    assert kernel_cache.usage().bytes <= 8 * unit and not old[0].exists() and old[-1].exists()
 
 
 @needs_cc
@@ -134,7 +152,7 @@ def test_a_loaded_shared_object_counts_as_used_and_survives_a_prune(cache):
     native.build(unused, flags=FLAGS)
     sizes = {}
     for path in cache.glob("*.so"):
-        sizes[path] = path.stat().st_size
+        sizes[path] = disk(path)
         os.utime(path, (time.time() - 7200, time.time() - 7200))
     native._reset_for_tests()
     runs = native.compiler_runs()
@@ -159,16 +177,26 @@ def test_clear_cache_removes_memo_files_too(cache):
     assert kernel_cache.usage() == kernel_cache.Usage(0, 0)
 
 
-def test_the_command_line_shows_prunes_and_clears(cache, capsys, monkeypatch):
+def test_the_command_line_shows_prunes_and_clears(cache, capsys, monkeypatch, unit):
     for i in range(4):
-        put_file(entry(cache, i), 1024, 100 - i)
+        put_file(entry(cache, i), 4096, 100 - i)
+    human = kernel_cache._human
     assert kernel_cache.main([]) == 0
-    assert f"{cache}: 4 files, 4.0 KiB (limit: 2.0 GiB)" in capsys.readouterr().out
-    assert kernel_cache.main(["--prune", "3K"]) == 0
+    assert f"{cache}: 4 files, {human(4 * unit)} (limit: 2.0 GiB)" in capsys.readouterr().out
+    assert kernel_cache.main(["--prune", str(3 * unit)]) == 0
     out = capsys.readouterr().out
-    assert "removed 2 files, 2.0 KiB" in out and ": 2 files, 2.0 KiB" in out
+    assert f"removed 2 files, {human(2 * unit)}" in out and f": 2 files, {human(2 * unit)}" in out
     assert kernel_cache.main(["--clear"]) == 0
     assert ": 0 files, 0 B" in capsys.readouterr().out
     monkeypatch.setenv("AVALON_CACHE_SIZE", "lots")
     assert kernel_cache.main([]) == 2
     assert "AVALON_CACHE_SIZE='lots' is not a size" in capsys.readouterr().err
+
+
+def test_python_m_avalon_cache_runs_the_command_line(cache):
+    put_file(entry(cache, 1), 4096, 0)
+    env = {**os.environ, "AVALON_CACHE_DIR": str(cache)}
+    done = subprocess.run([sys.executable, "-m", "avalon.cache"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert f"{cache}: 1 files" in done.stdout

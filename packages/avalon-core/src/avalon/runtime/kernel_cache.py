@@ -8,7 +8,7 @@ it is, how much it holds, and keeping it under a size limit.
     kernel_cache.prune()              # drop the least recently used files down to the limit
     kernel_cache.clear_cache()        # drop everything
 
-    python -m avalon.runtime.kernel_cache [--prune [SIZE] | --clear]
+    python -m avalon.cache [--prune [SIZE] | --clear]
 
 What it holds: `<key>.so` shared objects at the top (runtime.native), and one
 subdirectory per DiskMemo (lowered kernels, code objects of generated Python,
@@ -56,6 +56,7 @@ PRUNE_INTERVAL_S = 24 * 3600        # how often a process measures the directory
 ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.so")   # runtime.native's shared objects
 TMP_PREFIX = "tmp-"                 # runtime.native's files being compiled
 ORPHAN_AGE_S = 600                  # a temp file this old belongs to a process that died
+_BLOCK = 4096                       # a file's disk space, for note_write's estimate
 STAMP = ".measured"                 # touched by each prune: when the directory was last measured
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -156,11 +157,19 @@ def _file(entry: os.DirEntry) -> _File | None:
         st = entry.stat(follow_symlinks=False)
     except OSError:     # removed by another process meanwhile
         return None
-    return _File(entry.path, st.st_size, max(st.st_mtime, st.st_atime))
+    return _File(entry.path, _disk_bytes(st), max(st.st_mtime, st.st_atime))
+
+
+def _disk_bytes(st: os.stat_result) -> int:
+    """The disk space a file takes (its blocks: a 300-byte memo file holds a whole 4 KiB
+    block), what `du` counts and the limit means; its length where blocks are unknown."""
+    blocks = getattr(st, "st_blocks", None)
+    return blocks * 512 if blocks is not None else st.st_size
 
 
 def usage() -> Usage:
-    """How many files the cache holds and their bytes (0, 0 when it does not exist)."""
+    """How many files the cache holds and the disk space they take, in bytes (0, 0 when
+    it does not exist)."""
     files = _files(cache_path())
     return Usage(len(files), sum(f.size for f in files))
 
@@ -251,7 +260,7 @@ def note_write(nbytes: int) -> None:
     key, now = str(directory), time.monotonic()
     with _lock:
         looked, written = _state.get(key, (-float("inf"), 0))
-        written += nbytes
+        written += -(-nbytes // _BLOCK) * _BLOCK      # whole blocks, as the limit counts them
         due = written > limit // 4
         if not due and now - looked > PRUNE_INTERVAL_S:     # once a day per process: one stat
             looked = now
@@ -324,7 +333,7 @@ def _human(n: int | None) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m avalon.runtime.kernel_cache",
+    parser = argparse.ArgumentParser(prog="python -m avalon.cache",
                                      description="Show, prune or clear Avalon's kernel cache.")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--prune", nargs="?", const="env", metavar="SIZE",
@@ -343,7 +352,3 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
