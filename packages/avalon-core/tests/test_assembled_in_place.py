@@ -72,7 +72,11 @@ def test_gradients_through_an_assembled_concatenation_match_the_unplanned_graph(
     (v, g), (v0, g0) = planned(w, x), avalon.value_and_grad(loss, argnums=(0,), passes=[])(w, x)
     assert any(n in planned._last().compiled.plan.assembled for n in planned.graph.nodes)
     np.testing.assert_allclose(v, v0, rtol=1e-6)
-    np.testing.assert_allclose(g[0], g0[0], rtol=1e-5, atol=1e-6)
+    # The weight gradient sums 32 rows of products; the planned and unplanned graphs
+    # may group that sum differently, so entries near zero differ by float32 rounding
+    # of the gradient's magnitude, not of their own.
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(g[0], g0[0], rtol=1e-5, atol=x.shape[0] * eps * np.abs(g0[0]).max())
 
 
 @pytest.mark.parametrize("case", ["axis 1", "an output part", "an input part", "a part twice"])
