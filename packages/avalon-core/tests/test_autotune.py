@@ -104,7 +104,75 @@ def test_a_schedule_far_slower_than_the_choice_is_given_up_in_a_later_round(monk
     calls_before = tuned.calls[1]
     _train(tuned, log, 12 + 2 * (Autotuned.WARMUP + Autotuned.TRIALS), update_s=0.0)
     assert tuned.label == "fast"
-    assert tuned.calls[1] <= Autotuned.WARMUP + 1 < calls_before   # one warm-up, one timed call: given up
+    assert tuned.calls[1] <= Autotuned.WARMUP + 2 < calls_before   # warm-ups, two timed calls: given up
+
+
+class _SlowOnce(_Schedule):
+    """A schedule whose next `slow_calls` calls take `slow_s` (cold caches, a page fault,
+    a collection), the ones after that `call_s`."""
+
+    def __init__(self, call_s, log):
+        super().__init__(call_s, 0.0, log)
+        self.slow_calls, self.slow_s = 0, 0.0
+
+    def __call__(self, *args):
+        if self.slow_calls:
+            self.slow_calls -= 1
+            time.sleep(self.slow_s)
+            return args
+        return super().__call__(*args)
+
+
+def test_the_choice_is_timed_in_full_in_a_later_round():
+    """One slow iteration of the current choice (here its first timed one) does not
+    end its trials: a later round that gave the choice up would pick a slower schedule."""
+    log = {}
+    a, b = _SlowOnce(0.001, log), _Schedule(0.003, 0.0, log)
+    tuned = Autotuned([("b", b), ("a", a)])
+    _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
+    assert tuned.label == "a"
+    tuned._start_round()
+    _train(tuned, log, Autotuned.WARMUP + Autotuned.TRIALS + Autotuned.WARMUP, update_s=0.0)
+    a.slow_calls, a.slow_s = 1, 0.02     # its first timed call of the round: 20x its median
+    _train(tuned, log, Autotuned.TRIALS + 1, update_s=0.0)
+    assert tuned.choice is not None and tuned.label == "a"
+    assert tuned.timings["a"] < 0.005 and len(tuned.times[1]) == Autotuned.TRIALS
+
+
+def test_one_slow_iteration_does_not_give_a_schedule_up():
+    """A schedule far slower than the choice is given up after two slow timed
+    iterations, not one: one is a spike (a page fault, a collection, an interrupt)."""
+    log = {}
+    a, b = _Schedule(0.004, 0.0, log), _SlowOnce(0.008, log)
+    tuned = Autotuned([("a", a), ("b", b)])
+    _train(tuned, log, 2 * (Autotuned.WARMUP + Autotuned.TRIALS) + 1, update_s=0.0)
+    assert tuned.label == "a"
+    tuned._start_round()
+    b.call_s = 0.001                    # now four times as fast as a, after one spike
+    _train(tuned, log, Autotuned.WARMUP + Autotuned.TRIALS + Autotuned.WARMUP, update_s=0.0)
+    b.slow_calls, b.slow_s = 1, 0.03
+    _train(tuned, log, Autotuned.TRIALS + 1, update_s=0.0)
+    assert tuned.label == "b"
+
+
+def test_the_call_after_a_pause_is_not_a_trial():
+    """After the caller pauses (an evaluation, a benchmark's other framework), the next
+    call runs with cold caches and sleeping threads: neither it nor the iteration that
+    held the pause times the schedule."""
+    log = {}
+    fast, cold = _Schedule(0.002, 0.0, log), _SlowOnce(0.001, log)
+    tuned = Autotuned([("fast", fast), ("cold after pauses", cold)])
+    for call in range(1, 60):
+        paused = call in (Autotuned.WARMUP + Autotuned.TRIALS + 3, Autotuned.WARMUP + Autotuned.TRIALS + 5)
+        if paused:
+            time.sleep(0.05)
+            cold.slow_calls, cold.slow_s = 1, 0.02
+        tuned(1)
+        time.sleep(0.001)
+        if tuned.choice is not None:
+            break
+    assert tuned.label == "cold after pauses"
+    assert max(tuned.times[1]) < 0.015, "a call after a pause was timed"
 
 
 def test_a_later_round_keeps_the_choice_unless_another_is_clearly_faster(monkeypatch):
