@@ -573,8 +573,8 @@ class Autotuned:
     @property
     def timings(self) -> dict:
         """{label: median seconds of an iteration} of the schedules the last completed
-        round timed (a schedule given up: its first iteration), what the choice was
-        made on; {} before the first choice."""
+        round timed (a schedule given up: the slower of its two timed iterations),
+        what the choice was made on; {} before the first choice."""
         return dict(self._timings)
 
     @property
@@ -622,7 +622,7 @@ class Autotuned:
 
     def _choose(self):
         full = {i: t for i, t in enumerate(self.times) if len(t) >= self.TRIALS}
-        timed = full or {i: t for i, t in enumerate(self.times) if t}   # all given up: their first times
+        timed = full or {i: t for i, t in enumerate(self.times) if t}   # none timed in full: the times they had
         medians = {i: sorted(t)[len(t) // 2] for i, t in timed.items()}
         self._timings = {self._candidates[i][0]: medians[i] for i in sorted(medians)}
         best = min(medians, key=medians.get)
