@@ -165,14 +165,14 @@ def test_the_call_after_a_pause_is_not_a_trial():
     for call in range(1, 60):
         paused = call in (Autotuned.WARMUP + Autotuned.TRIALS + 3, Autotuned.WARMUP + Autotuned.TRIALS + 5)
         if paused:
-            time.sleep(0.05)
-            cold.slow_calls, cold.slow_s = 1, 0.02
+            time.sleep(0.06)
+            cold.slow_calls, cold.slow_s = 1, 0.05
         tuned(1)
         time.sleep(0.001)
         if tuned.choice is not None:
             break
     assert tuned.label == "cold after pauses"
-    assert max(tuned.times[1]) < 0.015, "a call after a pause was timed"
+    assert max(tuned.times[1]) < 0.035, "a call after a pause was timed"
 
 
 def test_a_later_round_keeps_the_choice_unless_another_is_clearly_faster(monkeypatch):
